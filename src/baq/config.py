@@ -1,0 +1,79 @@
+"""Run settings as small frozen dataclasses, validated once on creation.
+
+Every field error raises ``ValueError`` with one line that names the field, the bad value and the
+fix; the CLI turns it into exit code 2 before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+Method = Literal["rtn", "gptq", "baq"]
+Sensitivity = Literal["measured", "analytic"]
+
+METHODS: tuple[str, ...] = ("rtn", "gptq", "baq")
+SENSITIVITIES: tuple[str, ...] = ("measured", "analytic")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize each linear layer.
+
+    ``bits`` is the target average bits per weight. RTN and GPTQ use it for every column, so it
+    must be an integer; BAQ distributes it over the columns (DESIGN.md section 1) and accepts any
+    value up to ``log2(max_levels)``, e.g. 2.5.
+    """
+
+    method: Method = "baq"
+    bits: float = 3.0
+    group_size: int | None = None  # None: one range per row
+    sym: bool = False
+    act_order: bool = False
+    percdamp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block_size: int = 128  # GPTQ lazy-batch block
+    integer_bits: bool = False  # BAQ: levels restricted to powers of two
+    sensitivity: Sensitivity = "measured"  # BAQ: where c_j comes from
+    exponent: float = 2.0  # BAQ: t in b_j = B + (1/t) log2(c_j / geomean c); published code 1.95
+    max_levels: int = 256  # BAQ: cap on the level count of one column
+    hessian_dtype: Literal["float32", "float64"] = "float32"
+    skip: tuple[str, ...] = ()  # fnmatch patterns of linear names left in full precision
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: use one of {', '.join(METHODS)}")
+        if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits)):
+            raise ValueError(f"bits={self.bits!r}: use a number in [1, 8], e.g. --bits 3")
+        if not 1.0 <= self.bits <= 8.0:
+            raise ValueError(f"bits={self.bits}: use a value in [1, 8], e.g. --bits 3")
+        if self.method != "baq" and float(self.bits) != int(self.bits):
+            raise ValueError(
+                f"bits={self.bits}: {self.method} gives every weight the same integer bitwidth; "
+                "use an integer, or --method baq for fractional budgets"
+            )
+        if not 2 <= self.max_levels <= 65536:
+            raise ValueError(f"max_levels={self.max_levels}: use a value in [2, 65536], e.g. 256")
+        if self.method == "baq" and self.bits > math.log2(self.max_levels):
+            raise ValueError(
+                f"bits={self.bits} cannot be reached with max_levels={self.max_levels} "
+                f"(at most {math.log2(self.max_levels):g} bits per column): raise --max-levels"
+            )
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size}: use a positive integer, e.g. 128")
+        if not 0.0 < self.percdamp < 1.0:
+            raise ValueError(f"percdamp={self.percdamp}: use a value in (0, 1), e.g. 0.01")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size}: use a positive integer, e.g. 128")
+        if self.integer_bits and self.method != "baq":
+            raise ValueError("integer_bits applies to --method baq only")
+        if self.sensitivity not in SENSITIVITIES:
+            raise ValueError(
+                f"sensitivity={self.sensitivity!r}: use one of {', '.join(SENSITIVITIES)}"
+            )
+        if not self.exponent > 0:
+            raise ValueError(f"exponent={self.exponent}: use a positive value, e.g. 2")
+        if self.hessian_dtype not in ("float32", "float64"):
+            raise ValueError(f"hessian_dtype={self.hessian_dtype!r}: use float32 or float64")
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise ValueError(f"skip={self.skip!r}: use a tuple of name patterns")

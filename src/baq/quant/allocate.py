@@ -1,0 +1,173 @@
+"""BAQ's bit allocation (Zhang, Wang, Lasaulce, Debbah, 2025; DESIGN.md section 1).
+
+The layer loss is modelled as a function of the per-column bitwidths,
+
+    loss(b) = sum_j c_j 2^(-2 b_j),                                                  (BAQ loss model)
+
+and minimised subject to the budget ``mean_j b_j = B``. The problem is convex; its Lagrange
+conditions give the equal-loss solution ``c_j 2^(-2 b_j) = const``, i.e.
+
+    b_j = B + (1/t) log2(c_j / geomean(c)),   t = 2                                 (BAQ closed form)
+
+whose loss over the uniform one is ``geomean(c) / mean(c) <= 1`` (AM-GM): the predicted gain.
+
+Real grids need an integer number of levels per column, ``L_j = round(2^b_j)`` with
+``1 <= L_j <= max_levels``; rounding and the clamp move the realised rate away from ``B``, so
+:func:`allocate_levels` searches the constant of the closed form until the realised nominal rate
+``mean_j log2 L_j`` meets the budget. :func:`allocate_integer_bits` solves the same problem over
+powers of two (hardware-friendly kernels) exactly, by greedy marginal analysis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def closed_form_bits(sens: Tensor, avg_bits: float, exponent: float = 2.0) -> Tensor:
+    """Continuous equal-loss allocation ``b_j = B + (1/t) log2(c_j / geomean(c))``.
+
+    Args:
+        sens: (cols,) sensitivities c_j > 0.
+        avg_bits: budget B, the mean of the result.
+        exponent: t (2 from the loss model; the published code uses 1.95).
+    Returns:
+        (cols,) float64 real bitwidths (may be negative for very insensitive columns).
+    """
+    logc = torch.log2(sens.double())
+    return avg_bits + (logc - logc.mean()) / exponent
+
+
+def predicted_gain(sens: Tensor) -> float:
+    """Modelled optimal-over-uniform loss ratio ``geomean(c) / mean(c)`` over columns with c > 0."""
+    c = sens.double()
+    c = c[c > 0]
+    if c.numel() == 0:
+        return 1.0
+    return float(torch.exp(torch.log(c).mean()) / c.mean())
+
+
+def modelled_loss(sens: Tensor, levels: Tensor) -> float:
+    """The loss model ``sum_j c_j 2^(-2 b_j)`` at ``b_j = log2 L_j``."""
+    return float((sens.double() / levels.double().square()).sum())
+
+
+def _levels_at(logc: Tensor, offset: float, exponent: float, max_levels: int) -> Tensor:
+    """``L_j = clamp(round(2^(offset + log2(c_j)/t)), 1, max_levels)``; c_j = 0 gives 1 level."""
+    b = offset + logc / exponent
+    return torch.exp2(b).round().clamp(1, max_levels).nan_to_num(1.0).to(torch.int64)
+
+
+def allocate_levels(
+    sens: Tensor, avg_bits: float, exponent: float = 2.0, max_levels: int = 256
+) -> Tensor:
+    """Level counts from the closed form with the budget met exactly.
+
+    ``L_j(K) = round(2^(K + log2(c_j)/t))`` is nondecreasing in the constant ``K``; bisection finds
+    the largest ``K`` whose nominal rate ``mean_j log2 L_j`` stays within ``B``, then the columns
+    next in line (lowest threshold for their next level) get one more level while the budget
+    allows. The rate then equals ``B`` up to one column's increment, never above it.
+
+    Args:
+        sens: (cols,) sensitivities c_j >= 0 (0: the column gets one level, i.e. is pruned).
+        avg_bits: target nominal rate B in [0, log2(max_levels)].
+        exponent: t in the closed form.
+        max_levels: cap on L_j.
+    Returns:
+        (cols,) int64 level counts in [1, max_levels].
+    """
+    if not 0 <= avg_bits <= math.log2(max_levels) + 1e-12:
+        raise ValueError(f"avg_bits={avg_bits} outside [0, log2(max_levels={max_levels})]")
+    c = sens.double().cpu()
+    cols = c.numel()
+    budget = avg_bits * cols + 1e-9  # total log2 L allowed; slack for float sums
+    logc = torch.where(c > 0, torch.log2(c), torch.full_like(c, -math.inf))
+    alive = logc[torch.isfinite(logc)]
+    if alive.numel() == 0:
+        return torch.ones(cols, dtype=torch.int64, device=sens.device)
+
+    def rate(levels: Tensor) -> float:
+        return float(torch.log2(levels.double()).sum())
+
+    lo = math.log2(1.0) - float(alive.max()) / exponent - 2.0  # every column at 1 level
+    hi = math.log2(max_levels) - float(alive.min()) / exponent + 2.0  # every live column capped
+    if rate(_levels_at(logc, hi, exponent, max_levels)) <= budget:
+        return _levels_at(logc, hi, exponent, max_levels).to(sens.device)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        if rate(_levels_at(logc, mid, exponent, max_levels)) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    levels = _levels_at(logc, lo, exponent, max_levels)
+
+    # columns whose next rounding threshold lies in (lo, hi] (ties of equal c_j): add them in
+    # threshold order while the budget lasts
+    grow = (levels < max_levels) & torch.isfinite(logc)
+    threshold = torch.log2(levels.double() + 0.5) - logc / exponent
+    threshold = torch.where(grow, threshold, torch.full_like(threshold, math.inf))
+    order = torch.argsort(threshold, stable=True)
+    cost = torch.log2((levels + 1).double() / levels.double())[order]
+    room = budget - rate(levels)
+    take = (torch.cumsum(cost, 0) <= room) & torch.isfinite(threshold[order])
+    levels[order[take]] += 1
+    return levels.to(sens.device)
+
+
+def allocate_integer_bits(sens: Tensor, avg_bits: float, max_bits: int = 8) -> Tensor:
+    """Optimal power-of-two level counts for the modelled loss under the budget.
+
+    Minimises ``sum_j c_j 4^(-b_j)`` over integers ``0 <= b_j <= max_bits`` with
+    ``sum_j b_j <= floor(B * cols)``. The problem is separable and convex in each ``b_j``, so taking
+    bits one at a time by largest marginal reduction ``c_j (4^-b - 4^-(b+1))`` is optimal; since each
+    column's reductions decrease with ``b``, that greedy equals taking the ``floor(B * cols)``
+    largest entries of the (cols, max_bits) table of reductions.
+
+    Args:
+        sens: (cols,) sensitivities c_j >= 0.
+        avg_bits: target mean bits B in [0, max_bits].
+        max_bits: largest bitwidth of one column.
+    Returns:
+        (cols,) int64 level counts ``2^b_j``.
+    """
+    if not 0 <= avg_bits <= max_bits:
+        raise ValueError(f"avg_bits={avg_bits} outside [0, max_bits={max_bits}]")
+    c = sens.double().cpu()
+    cols = c.numel()
+    total = int(math.floor(avg_bits * cols + 1e-9))
+    k = torch.arange(max_bits, dtype=torch.float64)
+    gains = c.unsqueeze(1) * (4.0**-k - 4.0 ** -(k + 1)).unsqueeze(0)  # (cols, max_bits)
+    # stable order on a flattened (column, bit) table keeps each column's picks a prefix on ties
+    flat = gains.flatten()
+    order = torch.argsort(-flat, stable=True)[:total]
+    bits = torch.zeros(cols * max_bits, dtype=torch.int64)
+    bits[order] = 1
+    b = bits.view(cols, max_bits).sum(dim=1)
+    return (2**b).to(sens.device)
+
+
+def uniform_sensitivity(losses: Tensor, bits: float) -> Tensor:
+    """Measured sensitivities ``c_j = l_j 2^(2B)`` from a uniform solve at B bits (BAQ step 2).
+
+    The scale does not change the allocation; it makes ``c_j`` the modelled loss at 0 bits.
+    """
+    return losses.double() * 4.0**bits
+
+
+def analytic_sensitivity(ranges: Tensor, Udiag: Tensor) -> Tensor:
+    """Sensitivities from the loss model alone, no uniform solve needed.
+
+    A uniform quantizer with step ``range / 2^b`` has error variance ``step^2 / 12``; with GPTQ's
+    weighting ``1 / U_jj^2`` the column's expected loss is ``2^(-2b) sum_r range_r^2 / (12 U_jj^2)``.
+
+    Args:
+        ranges: (rows, cols) grid range ``hi - lo`` seen by each column (per row or row-group).
+        Udiag: (cols,) diagonal of the Cholesky factor of ``H^-1`` in the original column order.
+    Returns:
+        (cols,) float64 c_j.
+    """
+    return ranges.double().square().sum(dim=0) / (12.0 * Udiag.double().square())

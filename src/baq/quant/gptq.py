@@ -1,0 +1,213 @@
+"""The GPTQ core with a level count per column (DESIGN.md section 1, "GPTQ core").
+
+GPTQ (Frantar et al., 2023) quantizes the columns of ``W`` in order and lets the columns not yet
+quantized absorb each rounding error through the upper Cholesky factor ``U`` of ``H^-1``:
+
+    e_j = (w_j - q_j) / U_jj,      W[:, j+1:] -= e_j U[j, j+1:]                      (GPTQ eq. 3)
+
+with lazy batch updates: inside a block of ``block_size`` columns the update is applied column by
+column, to the rest of the matrix once per block. The per-column loss
+
+    l_j = sum_rows (w_j - q_j)^2 / U_jj^2 / 2 = ||e_j||^2 / 2
+
+is the share of the layer-output error caused by column ``j``; BAQ (Zhang et al., 2025) uses it as
+the sensitivity of that column.
+
+The Hessian is factorised once (:func:`factor_hessian`) and can serve several solves, which is what
+makes BAQ cost one extra solve per layer rather than an extra pass over the calibration data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .grid import Grid, column_params, fit_grid, quantize
+
+log = logging.getLogger(__name__)
+
+
+class HessianError(ValueError):
+    """The Hessian stays singular even with the largest dampening tried."""
+
+
+@dataclass(frozen=True)
+class HessianFactor:
+    """What the solver needs from ``H``, computed once per layer.
+
+    Attributes:
+        U: (cols, cols) float32 upper Cholesky factor of the dampened ``H^-1``, rows and columns in
+            processing order (``perm``).
+        perm: (cols,) processing order (identity unless act-order).
+        dead: (cols,) bool, inputs that never fired (``H_jj == 0``); their weights are zeroed.
+        percdamp: dampening actually used, as a fraction of mean(diag H).
+    """
+
+    U: Tensor
+    perm: Tensor
+    dead: Tensor
+    percdamp: float
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    """One solved layer, all in the original column order.
+
+    Attributes:
+        weight: (rows, cols) float32 dequantized weights.
+        codes: (rows, cols) int64 codes, column j in [0, levels[j] - 1].
+        grid: the ranges the codes refer to.
+        levels: (cols,) int64 level counts.
+        losses: (cols,) float32 per-column losses l_j (zero for RTN, which has no ``H``).
+    """
+
+    weight: Tensor
+    codes: Tensor
+    grid: Grid
+    levels: Tensor
+    losses: Tensor
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses.double().sum())
+
+
+def factor_hessian(
+    H: Tensor, percdamp: float = 0.01, act_order: bool = False, max_tries: int = 6
+) -> HessianFactor:
+    """Dampen, (optionally) reorder and factorise ``H`` into the upper Cholesky factor of ``H^-1``.
+
+    Dead inputs get ``H_jj = 1`` (their weights are zeroed by the solver). If the Cholesky
+    factorisation fails, the dampening is multiplied by 10 and retried, with a warning each time.
+
+    Args:
+        H: (cols, cols) Hessian proxy ``2 X X^T / n``; solved in float32, or float64 if given so.
+        percdamp: dampening as a fraction of mean(diag H).
+        act_order: process columns by decreasing ``diag H`` (GPTQ's activation order).
+        max_tries: dampening levels tried before giving up.
+    Returns:
+        The :class:`HessianFactor` (``U`` in float32).
+    Raises:
+        HessianError: when every dampening level fails (e.g. NaN or Inf in ``H``).
+    """
+    work_dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
+    H = H.to(work_dtype).clone()
+    if not torch.isfinite(H).all():
+        raise HessianError("Hessian contains NaN or Inf: check the calibration inputs")
+    cols = H.shape[0]
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(cols)
+    perm = perm.to(H.device)
+    H = H[perm][:, perm]
+    mean_diag = float(torch.diagonal(H).mean())
+    damp = percdamp
+    for attempt in range(max_tries):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return HessianFactor(U=U.float(), perm=perm, dead=dead, percdamp=damp)
+        if attempt + 1 < max_tries:
+            log.warning(
+                "Hessian not positive definite with percdamp=%g; retrying with %g", damp, damp * 10
+            )
+            damp *= 10
+    raise HessianError(
+        f"Hessian not positive definite even with percdamp={damp:g}: "
+        "use more calibration samples or a larger --percdamp"
+    )
+
+
+def gptq_solve(
+    W: Tensor,
+    factor: HessianFactor,
+    levels: Tensor,
+    grid: Grid | None = None,
+    block_size: int = 128,
+    group_size: int | None = None,
+    sym: bool = False,
+) -> QuantResult:
+    """Quantize ``W`` column by column with GPTQ error feedback and per-column level counts.
+
+    Args:
+        W: (rows, cols) weights, any float dtype (the solve runs in float32).
+        factor: from :func:`factor_hessian` on this layer's ``H``.
+        levels: (cols,) int level counts L_j >= 1, in the original column order.
+        grid: ranges to quantize against; default: fitted to ``W`` (dead columns zeroed) with
+            ``group_size`` and ``sym``. Groups are fixed on the original column indices and their
+            ranges are taken before any error feedback ("static groups"), so act-order and groups
+            combine without reordering the stored ranges.
+        block_size: lazy-batch block (the result does not depend on it, up to rounding).
+    Returns:
+        The :class:`QuantResult`, in the original column order.
+    """
+    rows, cols = W.shape
+    device = factor.U.device
+    W = W.to(device=device, dtype=torch.float32).clone()
+    W[:, factor.dead] = 0
+    if grid is None:
+        grid = fit_grid(W, group_size=group_size, sym=sym)
+    perm = factor.perm
+    U = factor.U
+    levels = levels.to(device=device, dtype=torch.int64)
+    lv = levels[perm]
+
+    # transposed layout: a column of W is a contiguous row of Wt, and so are the updates
+    Wt = W[:, perm].t().contiguous()  # (cols, rows), processing order
+    Qt = torch.empty_like(Wt)
+    Ct = torch.empty_like(Wt)
+    losses = torch.empty(cols, dtype=torch.float32, device=device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = Wt[i1:i2]  # (b, rows) view, updated in place
+        U1 = U[i1:i2, i1:i2]
+        step, zero = column_params(grid, lv[i1:i2], perm[i1:i2])  # (rows, b)
+        step, zero = step.t().contiguous(), zero.t().contiguous()  # (b, rows)
+        maxq = (lv[i1:i2] - 1).clamp(min=0).float()
+        E1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            w = W1[i]
+            q = torch.clamp(torch.round(w / step[i]) + zero[i], 0, maxq[i])
+            Ct[i1 + i] = q
+            deq = (q - zero[i]) * step[i]
+            Qt[i1 + i] = deq
+            err = (w - deq) / U1[i, i]
+            E1[i] = err
+            # columns i+1.. of this block absorb the error now, the rest once per block
+            W1[i + 1 :] -= U1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0)
+        losses[i1:i2] = E1.square().sum(dim=1) / 2
+        if i2 < cols:
+            Wt[i2:] -= U[i1:i2, i2:].t() @ E1
+
+    inv = torch.argsort(perm)
+    return QuantResult(
+        weight=Qt[inv].t().contiguous(),
+        codes=Ct[inv].t().long().contiguous(),
+        grid=grid,
+        levels=levels,
+        losses=losses[inv],
+    )
+
+
+def rtn_solve(
+    W: Tensor, levels: Tensor, group_size: int | None = None, sym: bool = False
+) -> QuantResult:
+    """Round-to-nearest on the same grid, no error feedback (the baseline GPTQ improves on)."""
+    grid = fit_grid(W, group_size=group_size, sym=sym)
+    codes, weight = quantize(W, grid, levels)
+    zeros = torch.zeros(W.shape[1], dtype=torch.float32, device=W.device)
+    return QuantResult(weight, codes, grid, levels.to(torch.int64), zeros)
+
+
+def proxy_loss(W: Tensor, Q: Tensor, H: Tensor) -> float:
+    """Layer-output error proxy ``trace((W - Q) H (W - Q)^T)`` in float64 (GPTQ eq. 1 with H)."""
+    D = (W.double() - Q.double()).to(H.device)
+    return float(torch.einsum("ij,jk,ik->", D, H.double(), D))

@@ -1,0 +1,133 @@
+"""One linear layer, one method: RTN, GPTQ or BAQ (DESIGN.md section 1, "BAQ algorithm").
+
+BAQ per layer, on one factorised Hessian:
+
+1. GPTQ at a uniform ``B`` bits measures the per-column losses ``l_j`` (skipped with analytic
+   sensitivities, which need only the grid ranges and ``U``);
+2. sensitivities ``c_j ∝ l_j``; level counts from the closed form with the budget met exactly
+   (:mod:`baq.quant.allocate`);
+3. GPTQ again with the allocated level counts.
+
+Both solves share ``H``'s factorisation: the extra cost is one solve, no pass over the data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..config import QuantConfig
+from . import allocate
+from .grid import fit_grid, group_of, nominal_bits, uniform_levels
+from .gptq import QuantResult, factor_hessian, gptq_solve, rtn_solve
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one layer; ``report.py`` writes it as JSON."""
+
+    name: str
+    shape: tuple[int, int]
+    method: str
+    nominal_bits: float
+    loss: float  # sum_j l_j of the final solve (0 for RTN)
+    uniform_loss: float | None = None  # sum_j l_j of the uniform solve at B bits (BAQ, measured)
+    predicted_gain: float | None = None  # geomean(c) / mean(c)
+    modelled_gain: float | None = None  # modelled loss at the allocated levels / uniform
+    percdamp: float | None = None
+    seconds: float = 0.0
+    level_histogram: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def loss_ratio(self) -> float | None:
+        """Measured BAQ / uniform-GPTQ loss, to set against ``predicted_gain``."""
+        if self.uniform_loss is None or self.uniform_loss <= 0:
+            return None
+        return self.loss / self.uniform_loss
+
+
+def level_histogram(levels: Tensor) -> dict[int, int]:
+    values, counts = torch.unique(levels.cpu(), return_counts=True)
+    return {int(v): int(n) for v, n in zip(values, counts)}
+
+
+def uniform_probe_levels(bits: float) -> int:
+    """Level count of BAQ's uniform measuring solve: ``round(2^B)``, at least 2."""
+    return max(2, int(round(2.0**bits)))
+
+
+def quantize_layer(
+    W: Tensor, H: Tensor | None, cfg: QuantConfig, name: str = ""
+) -> tuple[QuantResult, LayerRecord]:
+    """Quantize one weight matrix with ``cfg.method``.
+
+    Args:
+        W: (rows, cols) weights in (out_features, in_features) layout, any float dtype.
+        H: (cols, cols) Hessian proxy ``2 X X^T / n`` (float32 or float64); unused by RTN.
+        cfg: the settings.
+        name: layer name for the record.
+    Returns:
+        The result (original column order) and its :class:`LayerRecord`.
+    """
+    rows, cols = W.shape
+    if cfg.method == "rtn":
+        res = rtn_solve(W, uniform_levels(cols, int(cfg.bits), W.device), cfg.group_size, cfg.sym)
+        return res, _record(name, cfg, res)
+
+    assert H is not None, "GPTQ and BAQ need the layer's Hessian"
+    factor = factor_hessian(H, cfg.percdamp, cfg.act_order)
+    Wd = W.to(factor.U.device, torch.float32).clone()
+    Wd[:, factor.dead] = 0
+    grid = fit_grid(Wd, cfg.group_size, cfg.sym)
+    solve = dict(grid=grid, block_size=cfg.block_size)
+    if cfg.method == "gptq":
+        res = gptq_solve(Wd, factor, uniform_levels(cols, int(cfg.bits), Wd.device), **solve)
+        return res, _record(name, cfg, res, percdamp=factor.percdamp)
+
+    uniform: QuantResult | None = None
+    if cfg.sensitivity == "measured":
+        probe = torch.full((cols,), uniform_probe_levels(cfg.bits), dtype=torch.int64)
+        uniform = gptq_solve(Wd, factor, probe.to(Wd.device), **solve)
+        sens = allocate.uniform_sensitivity(uniform.losses, math.log2(probe[0].item()))
+    else:
+        cols_idx = torch.arange(cols, device=grid.lo.device)
+
+        g = group_of(cols_idx, grid.group_size)
+        ranges = (grid.hi - grid.lo)[:, g]
+        Udiag = torch.empty(cols, dtype=torch.float32, device=factor.U.device)
+        Udiag[factor.perm] = torch.diagonal(factor.U)
+        sens = allocate.analytic_sensitivity(ranges, Udiag)
+        sens[factor.dead.to(sens.device)] = 0
+    if cfg.integer_bits:
+        max_bits = int(math.floor(math.log2(cfg.max_levels)))
+        levels = allocate.allocate_integer_bits(sens, cfg.bits, max_bits)
+    else:
+        levels = allocate.allocate_levels(sens, cfg.bits, cfg.exponent, cfg.max_levels)
+    res = gptq_solve(Wd, factor, levels.to(Wd.device), **solve)
+    uniform_levels_ = torch.full_like(levels, uniform_probe_levels(cfg.bits))
+    rec = _record(
+        name,
+        cfg,
+        res,
+        percdamp=factor.percdamp,
+        uniform_loss=None if uniform is None else uniform.loss,
+        predicted_gain=allocate.predicted_gain(sens),
+        modelled_gain=allocate.modelled_loss(sens, levels)
+        / max(allocate.modelled_loss(sens, uniform_levels_), 1e-300),
+    )
+    return res, rec
+
+
+def _record(name: str, cfg: QuantConfig, res: QuantResult, **extra) -> LayerRecord:
+    return LayerRecord(
+        name=name,
+        shape=tuple(res.weight.shape),
+        method=cfg.method,
+        nominal_bits=nominal_bits(res.levels),
+        loss=res.loss,
+        level_histogram=level_histogram(res.levels),
+        **extra,
+    )
