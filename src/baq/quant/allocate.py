@@ -2,12 +2,12 @@
 
 The layer loss is modelled as a function of the per-column bitwidths,
 
-    loss(b) = sum_j c_j 2^(-2 b_j),                                                  (BAQ loss model)
+    loss(b) = sum_j c_j 2^(-2 b_j)                                  (BAQ loss model)
 
 and minimised subject to the budget ``mean_j b_j = B``. The problem is convex; its Lagrange
 conditions give the equal-loss solution ``c_j 2^(-2 b_j) = const``, i.e.
 
-    b_j = B + (1/t) log2(c_j / geomean(c)),   t = 2                                 (BAQ closed form)
+    b_j = B + (1/t) log2(c_j / geomean(c)),  t = 2                  (BAQ closed form)
 
 whose loss over the uniform one is ``geomean(c) / mean(c) <= 1`` (AM-GM): the predicted gain.
 
@@ -122,10 +122,10 @@ def allocate_integer_bits(sens: Tensor, avg_bits: float, max_bits: int = 8) -> T
     """Optimal power-of-two level counts for the modelled loss under the budget.
 
     Minimises ``sum_j c_j 4^(-b_j)`` over integers ``0 <= b_j <= max_bits`` with
-    ``sum_j b_j <= floor(B * cols)``. The problem is separable and convex in each ``b_j``, so taking
-    bits one at a time by largest marginal reduction ``c_j (4^-b - 4^-(b+1))`` is optimal; since each
-    column's reductions decrease with ``b``, that greedy equals taking the ``floor(B * cols)``
-    largest entries of the (cols, max_bits) table of reductions.
+    ``sum_j b_j <= floor(B * cols)``. The problem is separable and convex in each ``b_j``, so
+    taking bits one at a time by largest marginal reduction ``c_j (4^-b - 4^-(b+1))`` is optimal;
+    since each column's reductions decrease with ``b``, that greedy equals taking the
+    ``floor(B * cols)`` largest entries of the (cols, max_bits) table of reductions.
 
     Args:
         sens: (cols,) sensitivities c_j >= 0.
@@ -161,8 +161,9 @@ def uniform_sensitivity(losses: Tensor, bits: float) -> Tensor:
 def analytic_sensitivity(ranges: Tensor, Udiag: Tensor) -> Tensor:
     """Sensitivities from the loss model alone, no uniform solve needed.
 
-    A uniform quantizer with step ``range / 2^b`` has error variance ``step^2 / 12``; with GPTQ's
-    weighting ``1 / U_jj^2`` the column's expected loss is ``2^(-2b) sum_r range_r^2 / (12 U_jj^2)``.
+    A uniform quantizer with step ``range / 2^b`` has error variance ``step^2 / 12``; with
+    GPTQ's weighting ``1 / U_jj^2`` the column's expected loss is
+    ``2^(-2b) sum_r range_r^2 / (12 U_jj^2)``.
 
     Args:
         ranges: (rows, cols) grid range ``hi - lo`` seen by each column (per row or row-group).

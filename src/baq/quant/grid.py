@@ -1,4 +1,4 @@
-"""Uniform quantization grids with a level count per column (DESIGN.md section 1, "Quantization grid").
+"""Uniform quantization grids with a level count per column (DESIGN.md section 1, "grid").
 
 A grid is one range ``[lo, hi]`` per row, or per row and group of ``group_size`` columns. The range
 always contains 0. Column ``j`` with ``L_j`` levels uses

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from ..config import QuantConfig
 from . import allocate
-from .grid import fit_grid, group_of, nominal_bits, uniform_levels
 from .gptq import QuantResult, factor_hessian, gptq_solve, rtn_solve
+from .grid import fit_grid, group_of, nominal_bits, uniform_levels
 
 
 @dataclass
