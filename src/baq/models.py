@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,13 @@ def reference_model_path() -> tuple[str, str]:
 def _one_line(err: BaseException) -> str:
     """First non-empty line of an exception message (transformers errors span paragraphs)."""
     lines = [s.strip() for s in str(err).splitlines() if s.strip()]
-    text = lines[0] if lines else type(err).__name__
+    text = lines[0].rstrip(":") if lines else type(err).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    return any((folder / name).is_file() for name in names)
 
 
 def _resolve_source(name_or_path: str | None, gguf_file: str | None) -> tuple[str, str | None]:
@@ -134,7 +140,9 @@ def _resolve_source(name_or_path: str | None, gguf_file: str | None) -> tuple[st
     path = Path(name_or_path).expanduser()
     if name_or_path.endswith(".gguf"):
         if gguf_file is not None:
-            raise ValueError(f"{name_or_path} is already a .gguf file: drop gguf_file={gguf_file!r}")
+            raise ValueError(
+                f"{name_or_path} is already a .gguf file: drop gguf_file={gguf_file!r}"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"model file {name_or_path} does not exist")
         return str(path.parent), path.name
@@ -150,7 +158,7 @@ def _resolve_source(name_or_path: str | None, gguf_file: str | None) -> tuple[st
                 "or a .gguf file"
             )
         return str(path), gguf_file
-    if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "~")):
+    if not _HUB_ID.match(name_or_path):
         raise FileNotFoundError(f"model folder {name_or_path} does not exist")
     return name_or_path, gguf_file  # a hub id: transformers downloads or finds it in the cache
 
@@ -160,7 +168,7 @@ def load_model(
     gguf_file: str | None = None,
     dtype: str = "auto",
     device: str | torch.device = "cpu",
-) -> tuple[nn.Module, Any]:
+) -> tuple[PreTrainedModel, Any]:
     """Load a causal LM and its tokenizer, ready for calibration (eval mode, no KV cache).
 
     Args:
@@ -178,15 +186,15 @@ def load_model(
     dev = resolve_device(device) if isinstance(device, str) else device
     source, gguf = _resolve_source(name_or_path, gguf_file)
     label = f"{source}/{gguf}" if gguf else source
-    # transformers is heavy to import: only pay for it when a model is actually loaded
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     extra = {"gguf_file": gguf} if gguf else {}
     # the tokenizer first: it is cheap, so a broken folder fails before the slow weight load
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except Exception as err:
-        raise ValueError(f"cannot load the tokenizer of {label}: {_one_line(err)}") from err
+        fix = ""
+        if Path(source).is_dir() and not gguf and not _has_tokenizer_files(Path(source)):
+            fix = "; save one next to the model with tokenizer.save_pretrained(folder)"
+        raise ValueError(f"cannot load the tokenizer of {label}: {_one_line(err)}{fix}") from err
     log.info("loading %s (dtype=%s) on %s", label, dtype, dev)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
@@ -228,8 +236,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             best = module
     if best is None:
         raise ValueError(
-            f"no decoder blocks found in {type(model).__name__}: none of {', '.join(BLOCK_PATHS)} "
-            "exists and no nn.ModuleList of identical blocks; add its path to baq.models.BLOCK_PATHS"
+            f"no decoder blocks found in {type(model).__name__}: none of "
+            f"{', '.join(BLOCK_PATHS)} exists and no nn.ModuleList holds identical blocks; "
+            "add the path of its blocks to baq.models.BLOCK_PATHS"
         )
     log.debug("%s: decoder blocks found by the generic fallback", type(model).__name__)
     return best
@@ -411,10 +420,10 @@ def _warn_mixed_attention(model: nn.Module, seqlen: int) -> None:
     window = getattr(config, "sliding_window", None)
     if len(kinds) > 1 and window and seqlen > window:
         log.warning(
-            "%s mixes %s attention and seqlen %d exceeds its sliding window %d: every block gets "
-            "block 0's attention mask; use seqlen <= %d",
+            "%s mixes layer types (%s) and seqlen %d exceeds its sliding window %d: every block "
+            "gets block 0's attention mask; use seqlen <= %d",
             type(model).__name__,
-            " and ".join(sorted(kinds)),
+            ", ".join(sorted(kinds)),
             seqlen,
             window,
             window,

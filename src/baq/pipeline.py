@@ -69,17 +69,36 @@ class HessianAccumulator:
 
 
 @contextmanager
-def hessian_hooks(linears: dict[str, nn.Module], dtype: torch.dtype):
-    """Attach forward hooks that accumulate each linear's input Hessian; removed on exit."""
+def hessian_hooks(block: nn.Module, linears: dict[str, nn.Module], dtype: torch.dtype):
+    """Accumulate each linear's input Hessian during forwards of ``block``; hooks removed on exit.
+
+    Linears that read the very same input tensor (q/k/v read one normed hidden state, gate/up
+    another) share one accumulator: the Hessian is computed once per distinct input.
+
+    Yields:
+        name -> :class:`HessianAccumulator` (shared objects for linears with a shared input).
+    """
     accs: dict[str, HessianAccumulator] = {}
-    handles = []
+    seen: list[tuple[Tensor, str]] = []  # inputs of the current forward, kept alive for `is`
+
+    def hook(mod: nn.Module, args: tuple, out: Tensor, name: str) -> None:
+        x = args[0]
+        for other, rep in seen:
+            if other is x:
+                accs[name] = accs[rep]
+                return
+        seen.append((x, name))
+        if name not in accs:
+            accs[name] = HessianAccumulator(x.shape[-1], x.device, dtype)
+        accs[name].add(x)
+
+    handles = [block.register_forward_pre_hook(lambda *_: seen.clear())]
     for name, mod in linears.items():
-        cols = models.get_weight(mod).shape[1]
-        accs[name] = acc = HessianAccumulator(cols, next(mod.parameters()).device, dtype)
-        handles.append(mod.register_forward_hook(lambda m, args, out, acc=acc: acc.add(args[0])))
+        handles.append(mod.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)))
     try:
         yield accs
     finally:
+        seen.clear()
         for h in handles:
             h.remove()
 
@@ -139,10 +158,10 @@ def quantize_model(
         }
         hessians: dict[str, Tensor] = {}
         if cfg.method != "rtn" and targets:
-            with torch.inference_mode(), hessian_hooks(targets, hdtype) as accs:
+            with torch.inference_mode(), hessian_hooks(block, targets, hdtype) as accs:
                 for x in inputs:
                     models.run_block(block, x.to(device), kwargs)
-            hessians = {name: acc.hessian() for name, acc in accs.items()}
+            hessians = {name: accs[name].hessian() for name in targets if name in accs}
         for name, mod in targets.items():
             full = f"{prefix}{i}.{name}"
             t = time.perf_counter()

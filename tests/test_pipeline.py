@@ -1,0 +1,131 @@
+import copy
+
+import pytest
+import torch
+
+from baq import models
+from baq.config import QuantConfig
+from baq.pipeline import hessian_hooks, is_skipped, quantize_model
+from baq.quant.grid import dequantize
+from baq.report import weighted_nominal_bits
+from conftest import VOCAB, make_tiny_llama
+
+
+def make_tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def calib(n=6, seq=32):
+    return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(1))
+
+
+METHODS = [
+    QuantConfig(method="rtn", bits=3),
+    QuantConfig(method="gptq", bits=2),
+    QuantConfig(method="gptq", bits=3, group_size=16, act_order=True),
+    QuantConfig(method="baq", bits=2.5),
+    QuantConfig(method="baq", bits=3, sensitivity="analytic", sym=True),
+    QuantConfig(method="baq", bits=2, integer_bits=True),
+]
+IDS = ["rtn3", "gptq2", "gptq3-g16-actorder", "baq2.5", "baq3-analytic-sym", "baq2-int"]
+
+
+@pytest.mark.parametrize("cfg", METHODS, ids=IDS)
+@pytest.mark.parametrize("build", [make_tiny_llama, make_tiny_gpt2], ids=["llama", "gpt2"])
+def test_every_linear_is_quantized_onto_its_grid(build, cfg):
+    model = build()
+    original = copy.deepcopy(model)
+    ids = calib()
+    run = quantize_model(model, ids, cfg, device="cpu", progress=False)
+
+    blocks = models.decoder_layers(model)
+    names = [n for n, m in model.named_modules() if any(m is x for x in blocks)]
+    expected = {
+        f"{prefix}.{short}"
+        for prefix, block in zip(names, blocks)
+        for short in models.linears(block)
+    }
+    assert set(run.results) == expected
+    mods = dict(model.named_modules())
+    before = dict(original.named_modules())
+    for name, res in run.results.items():
+        W = models.get_weight(mods[name]).float()
+        assert not torch.equal(W, models.get_weight(before[name]).float()), name
+        # what the model computes with is exactly the stored codes on the stored grid
+        assert (res.codes < res.levels.unsqueeze(0)).all()
+        assert torch.equal(W, dequantize(res.codes, res.grid, res.levels))
+        if cfg.method != "baq" or cfg.integer_bits:
+            b = torch.log2(res.levels.double())
+            assert torch.equal(b, b.round())
+    # the report's rate is the rate of the stored level counts
+    rate = sum(
+        torch.log2(r.levels.double()).sum().item() * r.codes.shape[0] for r in run.results.values()
+    )
+    rate /= sum(r.codes.numel() for r in run.results.values())
+    assert run.nominal_bits == pytest.approx(rate, abs=1e-9)
+    assert weighted_nominal_bits(run.records) == pytest.approx(rate, abs=1e-9)
+    assert run.nominal_bits <= cfg.bits + 1e-9
+    assert run.nominal_bits > cfg.bits - 0.05
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_shared_inputs_share_one_hessian_equal_to_separate_ones():
+    model = make_tiny_llama()
+    block = models.decoder_layers(model)[0]
+    lin = models.linears(block)
+    inputs, kwargs = models.capture_block_inputs(model, calib(), torch.device("cpu"))
+    seen = {name: [] for name in lin}
+    handles = [
+        m.register_forward_hook(lambda m, a, o, name=name: seen[name].append(a[0].clone()))
+        for name, m in lin.items()
+    ]
+    with torch.no_grad(), hessian_hooks(block, lin, torch.float64) as accs:
+        for x in inputs:
+            models.run_block(block, x, kwargs)
+    for h in handles:
+        h.remove()
+    for name, xs in seen.items():
+        X = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double()
+        H = 2 * X.t() @ X / X.shape[0]
+        assert torch.allclose(accs[name].hessian(), H, rtol=1e-10, atol=1e-12), name
+    assert accs["self_attn.q_proj"] is accs["self_attn.k_proj"] is accs["self_attn.v_proj"]
+    assert accs["mlp.gate_proj"] is accs["mlp.up_proj"]
+    assert accs["self_attn.o_proj"] is not accs["mlp.down_proj"]
+
+
+def test_skip_patterns_leave_layers_untouched():
+    model = make_tiny_llama()
+    original = copy.deepcopy(model)
+    cfg = QuantConfig(method="gptq", bits=3, skip=("*.mlp.down_proj", "q_proj"))
+    run = quantize_model(model, calib(), cfg, device="cpu", progress=False)
+    mods, before = dict(model.named_modules()), dict(original.named_modules())
+    for name in mods:
+        if name.endswith(("down_proj", "q_proj")):
+            assert name not in run.results
+            assert torch.equal(mods[name].weight, before[name].weight)
+    assert any(n.endswith("k_proj") for n in run.results)
+    assert is_skipped("model.layers.3.mlp.down_proj", ("*.mlp.*",))
+    assert not is_skipped("model.layers.3.self_attn.o_proj", ("*.mlp.*",))
+
+
+def test_nan_weights_are_named():
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.o_proj.*NaN"):
+        quantize_model(model, calib(), QuantConfig(method="rtn", bits=4), progress=False)
+
+
+def test_same_inputs_same_result():
+    a, b = make_tiny_llama(), make_tiny_llama()
+    cfg = QuantConfig(method="baq", bits=3)
+    ra = quantize_model(a, calib(), cfg, progress=False)
+    rb = quantize_model(b, calib(), cfg, progress=False)
+    for name in ra.results:
+        assert torch.equal(ra.results[name].codes, rb.results[name].codes)
+        assert torch.equal(ra.results[name].levels, rb.results[name].levels)
