@@ -122,6 +122,8 @@ def quantize_model(
     device: torch.device | str | None = None,
     progress: bool | None = None,
     on_block_done: Callable[[int, QuantRun], None] | None = None,
+    batch_size: int | None = None,
+    batch_tokens: int = 4096,
 ) -> QuantRun:
     """Quantize every linear layer of every decoder block, in place, block by block.
 
@@ -132,6 +134,9 @@ def quantize_model(
         device: where blocks and solves run (default: CUDA when present, else CPU).
         progress: show a progress bar (None: only on a terminal).
         on_block_done: called after each block with its index and the run so far (checkpoints).
+        batch_size: calibration samples per block forward; default: as many as fit in
+            ``batch_tokens`` tokens, if batching reproduces the one-sample outputs on block 0.
+        batch_tokens: token budget of one batched forward.
     Returns:
         The :class:`QuantRun`; the model's linears now hold the dequantized weights.
     """
@@ -142,9 +147,12 @@ def quantize_model(
     blocks = models.decoder_layers(model)
     prefix = _module_prefix(model, blocks)
     with torch.inference_mode():
-        inputs, kwargs = models.capture_block_inputs(model, calib_ids, device)
+        captured, kwargs = models.capture_block_inputs(model, calib_ids, device)
+    inputs = torch.cat(captured)  # (nsamples, seqlen, hidden), on the host
+    del captured
     kwargs = models.move_kwargs(kwargs, device)
     log.info("captured %d calibration inputs of %d tokens", len(inputs), calib_ids.shape[1])
+    batch = 1
 
     bar = tqdm(range(len(blocks)), desc=f"{cfg.method} {cfg.bits:g} bits", disable=_off(progress))
     for i in bar:
@@ -156,11 +164,12 @@ def quantize_model(
             for name, mod in models.linears(block).items()
             if not is_skipped(f"{prefix}{i}.{name}", cfg.skip)
         }
+        if i == 0:
+            batch = batch_size or _batch_size_for(block, inputs, kwargs, device, batch_tokens)
         hessians: dict[str, Tensor] = {}
         if cfg.method != "rtn" and targets:
             with torch.inference_mode(), hessian_hooks(block, targets, hdtype) as accs:
-                for x in inputs:
-                    models.run_block(block, x.to(device), kwargs)
+                forward_all(block, inputs, kwargs, device, batch, keep=False)
             hessians = {name: accs[name].hessian() for name in targets if name in accs}
         for name, mod in targets.items():
             full = f"{prefix}{i}.{name}"
@@ -181,13 +190,56 @@ def quantize_model(
                 "" if rec.percdamp in (None, cfg.percdamp) else f", percdamp {rec.percdamp:g}",
             )
         with torch.inference_mode():
-            inputs = [models.run_block(block, x.to(device), kwargs).to(x.device) for x in inputs]
+            inputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
         block.to(home)
         run.seconds = time.perf_counter() - t0
         if on_block_done is not None:
             on_block_done(i, run)
     run.seconds = time.perf_counter() - t0
     return run
+
+
+def forward_all(
+    block: nn.Module,
+    inputs: Tensor,
+    kwargs: dict,
+    device: torch.device,
+    batch: int,
+    keep: bool,
+) -> Tensor | None:
+    """Run ``block`` over (nsamples, seqlen, hidden) ``inputs`` in batches; outputs on the host."""
+    outs = torch.empty_like(inputs) if keep else None
+    for s in range(0, len(inputs), batch):
+        y = models.run_block(block, inputs[s : s + batch].to(device), kwargs)
+        if outs is not None:
+            outs[s : s + batch] = y.to(outs.device)
+    return outs
+
+
+def _batch_size_for(
+    block: nn.Module, inputs: Tensor, kwargs: dict, device: torch.device, batch_tokens: int
+) -> int:
+    """Largest batch within ``batch_tokens`` tokens, if it reproduces one-sample forwards.
+
+    The captured kwargs (masks, rotary tables) were recorded for one sample; most models
+    broadcast them over a batch, but a model that does not gets one sample at a time.
+    """
+    want = max(1, min(len(inputs), batch_tokens // inputs.shape[1]))
+    if want == 1:
+        return 1
+    with torch.inference_mode():
+        x = inputs[:2].to(device)
+        try:
+            joint = models.run_block(block, x, kwargs)
+        except (RuntimeError, ValueError) as err:
+            log.info("batched block forward failed (%s); one sample at a time", err)
+            return 1
+        single = torch.cat([models.run_block(block, x[k : k + 1], kwargs) for k in range(2)])
+    scale = single.abs().max().clamp(min=1e-6)
+    if joint.shape != single.shape or not ((joint - single).abs().max() <= 1e-4 * scale):
+        log.info("batched block forward differs from one-sample forwards; one at a time")
+        return 1
+    return want
 
 
 def _module_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
