@@ -63,11 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Post-training LLM weight quantization: RTN, GPTQ and BAQ bit allocation.",
     )
     parser.add_argument("--version", action="version", version=f"baq {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v per-layer log")
-    parser.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="-v per-layer log")
+    common.add_argument("-q", "--quiet", action="store_true", help="errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    q = sub.add_parser("quantize", help="quantize a model and report perplexity before and after")
+    q = sub.add_parser(
+        "quantize",
+        parents=[common],
+        help="quantize a model and report perplexity before and after",
+    )
     _add_model_args(q)
     g = q.add_argument_group("quantization")
     g.add_argument("--method", default="baq", choices=METHODS)
@@ -103,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output", type=Path, help="save the packed quantized model in this folder")
     o.add_argument("--force", action="store_true", help="replace an existing --output folder")
 
-    e = sub.add_parser("eval", help="perplexity of a model or a saved quantized model")
+    e = sub.add_parser(
+        "eval", parents=[common], help="perplexity of a model or a saved quantized model"
+    )
     _add_model_args(e)
     _add_eval_args(e, default=["builtin"])
     return parser
@@ -130,15 +137,22 @@ def _check_source(src: str, flag: str) -> None:
         raise UsageError(f"{flag} {src}: file not found")
 
 
-def _check_model(args: argparse.Namespace) -> None:
-    if args.model is None:
-        return
-    path = Path(args.model)
-    looks_local = path.exists() or args.model.startswith((".", "/", "~")) or path.suffix == ".gguf"
-    if looks_local and not path.exists():
-        raise UsageError(f"model {args.model}: no such file or folder")
-    if args.gguf_file and path.is_dir() and not (path / args.gguf_file).is_file():
-        raise UsageError(f"--gguf-file {args.gguf_file}: not found in {args.model}")
+def _check_model(args: argparse.Namespace, *seqlens: int) -> Any:
+    """Resolve the model and read only its config: bad paths and too-long windows fail here,
+    before the weights are loaded. A saved baq folder is checked by its manifest instead."""
+    from . import models
+
+    if args.model is not None and (Path(args.model) / "manifest.json").is_file():
+        return None
+    config = models.load_config(args.model, args.gguf_file)
+    limit = models.max_positions(config)
+    for n in seqlens:
+        if limit is not None and n > limit:
+            raise UsageError(
+                f"sequence length {n} exceeds the model's {limit} positions: lower --seqlen "
+                "or --eval-seqlen"
+            )
+    return config
 
 
 def _eval_sources(args: argparse.Namespace) -> list[str]:
@@ -184,7 +198,6 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
     for name in ("seqlen", "eval_seqlen"):
         if getattr(args, name) < 2:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)}: use at least 2")
-    _check_model(args)
     _check_source(args.calib, "--calib")
     for src in _eval_sources(args):
         _check_source(src, "--eval")
@@ -207,19 +220,8 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
             raise UsageError(f"--output {args.output}: parent folder {parent} does not exist")
     if args.report is not None and args.report.is_dir():
         raise UsageError(f"--report {args.report}: is a folder; give a file name")
+    _check_model(args, args.seqlen, *([args.eval_seqlen] if _eval_sources(args) else []))
     return cfg, calib
-
-
-def _check_context(model: Any, *seqlens: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    for n in seqlens:
-        if limit is not None and n > limit:
-            raise UsageError(
-                f"sequence length {n} exceeds the model's {limit} positions: lower --seqlen "
-                "or --eval-seqlen"
-            )
 
 
 # ----------------------------------------------------------------------------- commands
@@ -266,7 +268,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     model, tok = _load(args)
     seconds["load"] = time.perf_counter() - t
-    _check_context(model, args.seqlen, *([args.eval_seqlen] if _eval_sources(args) else []))
 
     t = time.perf_counter()
     calib_tokens = data.tokenize(tok, data.load_text(calib_cfg.source, split="train"))
@@ -332,15 +333,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import models
 
     _positive("eval-windows", args.eval_windows)
-    _check_model(args)
     sources = _eval_sources(args)
     if not sources:
         raise UsageError("--eval none: nothing to evaluate; name a source, e.g. --eval builtin")
     for src in sources:
         _check_source(src, "--eval")
+    _check_model(args, args.eval_seqlen)
     device = models.resolve_device(args.device)
     model, tok = _load_any(args, device)
-    _check_context(model, args.eval_seqlen)
     model.to(device)
     for name, value in _perplexities(model, _eval_sets(args, tok), device, "").items():
         print(f"perplexity {name}: {value:.3f}")

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,26 @@ def _resolve_source(name_or_path: str | None, gguf_file: str | None) -> tuple[st
     if not _HUB_ID.match(name_or_path):
         raise FileNotFoundError(f"model folder {name_or_path} does not exist")
     return name_or_path, gguf_file  # a hub id: transformers downloads or finds it in the cache
+
+
+def load_config(name_or_path: str | None = None, gguf_file: str | None = None) -> Any:
+    """The model's config alone (cheap): lets callers validate settings before loading weights."""
+    source, gguf = _resolve_source(name_or_path, gguf_file)
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        return AutoConfig.from_pretrained(source, **extra)
+    except Exception as err:
+        label = f"{source}/{gguf}" if gguf else source
+        raise ValueError(f"cannot read the config of {label}: {_one_line(err)}") from err
+
+
+def max_positions(config: Any) -> int | None:
+    """Longest sequence the model's position encoding allows, if the config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_model(

@@ -1,0 +1,131 @@
+import json
+import math
+
+import pytest
+import torch
+
+from baq import cli, models
+from baq.cli import main
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command loads weights: argument errors must come first."""
+
+    def boom(*a, **k):
+        raise AssertionError("model weights loaded before the arguments were validated")
+
+    monkeypatch.setattr(models, "load_model", boom)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:200_000])
+    return path
+
+
+BAD = [
+    (["--bits", "9"], "--bits=9.0: use a value in [1, 8]"),
+    (["--bits", "0.5"], "--bits"),
+    (["--method", "gptq", "--bits", "2.5"], "integer"),
+    (["--nsamples", "0"], "--nsamples=0"),
+    (["--seqlen", "1"], "--seqlen=1"),
+    (["--group-size", "0"], "--group-size=0"),
+    (["--percdamp", "2"], "--percdamp=2.0"),
+    (["--integer-bits", "--method", "rtn", "--bits", "3"], "integer_bits"),
+    (["--calib", "missing.txt"], "--calib missing.txt: file not found"),
+    (["--calib", "weird"], "not a known source"),
+    (["--eval", "missing.jsonl"], "--eval missing.jsonl: file not found"),
+    (["--seqlen", "100000"], "exceeds the model's 256 positions"),
+    (["--eval-seqlen", "4096"], "exceeds the model's 256 positions"),
+    (["--bits", "8", "--max-levels", "16"], "raise --max-levels"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_arguments_exit_2_with_one_line_before_loading(
+    extra, message, tiny_model_dir, no_model_load, capsys
+):
+    assert main(["quantize", str(tiny_model_dir), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("baq: error: ") and "\n" not in err
+    assert message in err
+
+
+def test_missing_model_and_output_exists(tmp_path, tiny_model_dir, no_model_load, capsys):
+    assert main(["quantize", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path)]) == 2  # a folder that is not a model
+    assert "config.json" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    assert main(["quantize", str(tiny_model_dir), "--output", str(tmp_path / "out")]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_quantize_end_to_end_writes_a_consistent_report(tiny_model_dir, text_file, tmp_path):
+    report = tmp_path / "run" / "report.json"
+    argv = ["quantize", str(tiny_model_dir), "--method", "baq", "--bits", "2.5"]
+    argv += ["--calib", str(text_file), "--nsamples", "8", "--seqlen", "64", "--seed", "3"]
+    argv += ["--eval", str(text_file), "--eval-windows", "3", "--eval-seqlen", "128"]
+    assert main([*argv, "--report", str(report), "-q"]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["quant"]["method"] == "baq" and rep["quant"]["bits"] == 2.5
+    assert rep["quantized_layers"] == 14  # 2 blocks x 7 linears
+    layers = rep["layers"]
+    assert {tuple(r["shape"]) for r in layers} == {(64, 64), (32, 64), (128, 64), (64, 128)}
+    # nominal bits recomputed from the per-layer histograms and shapes
+    bits = sum(
+        math.log2(int(L)) * n * r["shape"][0]
+        for r in layers
+        for L, n in r["level_histogram"].items()
+    )
+    weights = sum(r["shape"][0] * r["shape"][1] for r in layers)
+    assert rep["nominal_bits"] == pytest.approx(bits / weights)
+    assert 2.45 < rep["nominal_bits"] <= 2.5
+    assert rep["quantized_weights"] == weights
+    ppl = rep["perplexity"][str(text_file)]
+    assert ppl["before"] > 1 and ppl["after"] > 1
+    for r in layers:
+        assert r["uniform_loss"] > 0 and r["loss"] >= 0 and 0 < r["predicted_gain"] <= 1
+        assert sum(r["level_histogram"].values()) == r["shape"][1]
+    assert rep["seconds"]["quantize"] > 0 and rep["memory"]["peak_rss_gib"] > 0
+
+
+def test_eval_prints_perplexity(tiny_model_dir, text_file, capsys):
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_model_dir),
+                "--eval",
+                str(text_file),
+                "--eval-windows",
+                "2",
+                "--eval-seqlen",
+                "64",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith(f"perplexity {text_file}: ")
+    assert float(out.split(": ")[1]) > 1
+
+
+def test_flag_names_in_config_errors():
+    msg = "group_size=0: use a positive integer"
+    assert cli._flagify(msg) == "--group-size=0: use a positive integer"
+    assert cli._flagify("integer_bits applies to --method baq only").startswith("integer_bits")
+
+
+def test_python_api_quantizes_in_place(tiny_model_dir):
+    import baq
+
+    model, tok = baq.load_model(str(tiny_model_dir))
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    run = baq.quantize(model, tok, baq.QuantConfig(method="gptq", bits=4), nsamples=4, seqlen=32)
+    assert run.nominal_bits == 4
+    assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
