@@ -1,0 +1,433 @@
+"""``baq bench``: a grid of quantization runs on one model, each cached as soon as it finishes.
+
+A run is one method at one bit budget (or the unquantized model, ``fp``). Its JSON lands in the
+output folder under ``<name>-<key>.json``, where ``key`` hashes everything that determines the
+numbers (model, dtype, texts by content, windows, the :class:`QuantConfig`), so an interrupted or
+extended grid only runs what is missing and a change of settings never reuses a stale result.
+The model is loaded once; each run starts from a CPU copy of its original weights, because
+quantization rewrites the linears in place.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import data, models, plots, report
+from .config import QuantConfig
+from .evaluate import perplexity
+from .packed_linear import storage_bits_of
+from .pipeline import quantize_model
+from .quant.layer import quantize_layer
+
+log = logging.getLogger(__name__)
+
+BENCH_VERSION = 1
+PROTOCOL_CALIB_START = 150_000  # DESIGN.md section 2: calibration never sees tokens 0..65535
+REFERENCE_ID = "reference:SmolLM2-135M-Instruct.Q4_1"
+DEFAULT_TEXT = Path("..", "shared", "data", "wikitext2-test.txt")
+
+# family -> (label, QuantConfig fields); the order is the default grid's order
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "fp": ("FP", {}),
+    "rtn": ("RTN", {"method": "rtn"}),
+    "gptq": ("GPTQ", {"method": "gptq"}),
+    "baq-measured": ("BAQ measured", {"method": "baq", "sensitivity": "measured"}),
+    "baq-analytic": ("BAQ analytic", {"method": "baq", "sensitivity": "analytic"}),
+    "baq-int": ("BAQ integer bits", {"method": "baq", "integer_bits": True}),
+}
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """One run of the grid: ``name`` like ``baq-measured-g128-3b``; ``cfg`` None for FP."""
+
+    name: str
+    family: str
+    label: str  # legend and table label, e.g. "GPTQ g128 act"
+    cfg: QuantConfig | None
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """The model and data shared by every run (DESIGN.md section 2 by default)."""
+
+    model: str | None = None  # None: the reference model
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    text: str = "builtin"  # calibration text and first evaluation set
+    evals: tuple[str, ...] = ()  # further evaluation sources
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    calib_start: int | None = None  # None: 150000 if the text is long enough, else after eval
+    eval_seqlen: int = 2048
+    eval_windows: int = 32
+
+    def __post_init__(self) -> None:
+        least = {"nsamples": 1, "eval_windows": 1, "seqlen": 2, "eval_seqlen": 2, "calib_start": 0}
+        for name, low in least.items():
+            if (value := getattr(self, name)) is not None and value < low:
+                raise ValueError(f"{name}={value}: use an integer >= {low}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A grid run bound to its cache file."""
+
+    spec: BenchSpec
+    key: str
+    settings: dict[str, Any]  # what the key hashes
+    path: Path
+
+
+def default_text() -> str:
+    """``../shared/data/wikitext2-test.txt`` when it exists (the protocol), else ``builtin``."""
+    if DEFAULT_TEXT.is_file():
+        return str(DEFAULT_TEXT)
+    log.warning("%s not found: using the builtin corpus, not the standard protocol", DEFAULT_TEXT)
+    return "builtin"
+
+
+def build_grid(
+    families: Sequence[str] = tuple(FAMILIES),
+    bits: Sequence[int] = (2, 3, 4),
+    baq_bits: Sequence[float] = (2.5,),
+    group_size: int | None = None,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+) -> list[BenchSpec]:
+    """The runs, in order: each family at each of ``bits`` (BAQ measured also at ``baq_bits``).
+
+    ``group_size`` and ``act_order`` add variants of every quantized run next to the per-row,
+    natural-order ones (``-g128``, ``-act`` in the name; RTN has no column order to change).
+
+    Returns:
+        The specs; names are unique. Bad settings raise ``ValueError`` from :class:`QuantConfig`.
+    """
+    variants: list[tuple[int | None, bool]] = [(None, False)]
+    if group_size is not None:
+        variants.append((group_size, False))
+    if act_order:
+        variants += [(None, True)] + ([(group_size, True)] if group_size is not None else [])
+    grid: dict[str, BenchSpec] = {}
+    for family in families:
+        if family not in FAMILIES:
+            raise ValueError(f"method {family!r}: use one of {', '.join(FAMILIES)}")
+        label, fields = FAMILIES[family]
+        if family == "fp":
+            grid["fp"] = BenchSpec("fp", "fp", label, None)
+            continue
+        budgets = [*bits, *(baq_bits if family == "baq-measured" else ())]
+        for gs, order in variants:
+            if order and fields["method"] == "rtn":
+                continue
+            tag = (f"-g{gs}" if gs else "") + ("-act" if order else "")
+            for b in budgets:
+                cfg = QuantConfig(
+                    bits=float(b), group_size=gs, act_order=order, percdamp=percdamp, **fields
+                )
+                name = f"{family}{tag}-{float(b):g}b"
+                grid[name] = BenchSpec(name, family, label + tag.replace("-", " "), cfg)
+    return list(grid.values())
+
+
+def model_id(settings: BenchSettings) -> str:
+    """Stable model name for cache keys: the reference label, an absolute folder, or a hub id."""
+    if settings.model is None:
+        return REFERENCE_ID
+    path = Path(settings.model).expanduser()
+    base = str(path.resolve()) if path.exists() else settings.model
+    return f"{base}/{settings.gguf_file}" if settings.gguf_file else base
+
+
+def eval_sources(settings: BenchSettings) -> dict[str, str]:
+    """Evaluation set name (a file's stem, or the source) -> source; ``text`` first."""
+    out: dict[str, str] = {}
+    for src in dict.fromkeys((settings.text, *settings.evals)):
+        name = Path(src).stem if src.endswith(data.FILE_SUFFIXES) else src
+        out[src if name in out else name] = src
+    return out
+
+
+def text_digest(source: str) -> str:
+    """Content hash of a text source, so that a key follows the text rather than its path."""
+    if source in data.HUB_SOURCES:
+        return source  # a pinned dataset; hashing it would mean downloading it to list the grid
+    return hashlib.sha256(data.load_text(source).encode()).hexdigest()[:16]
+
+
+def plan(settings: BenchSettings, grid: Sequence[BenchSpec], out: str | os.PathLike) -> list[Entry]:
+    """Bind each run to its key and cache file (reads the texts to hash them; no model).
+
+    The key hashes the model, dtype, evaluation sets and windows, the config, and, for methods
+    that read calibration data (not FP or RTN), the calibration text and windows.
+    """
+    digests = {src: text_digest(src) for src in dict.fromkeys((settings.text, *settings.evals))}
+    sets = {name: digests[src] for name, src in eval_sources(settings).items()}
+    common = {
+        "bench_version": BENCH_VERSION,
+        "model": model_id(settings),
+        "dtype": settings.dtype,
+        "eval": {"sets": sets, "seqlen": settings.eval_seqlen, "windows": settings.eval_windows},
+    }
+    # calib_start None resolves from the text and the eval windows, both in the key already
+    calib = {k: getattr(settings, k) for k in ("nsamples", "seqlen", "seed", "calib_start")}
+    calib["text"] = digests[settings.text]
+    entries = []
+    for spec in grid:
+        key_src = dict(common)
+        if spec.cfg is not None:
+            key_src["quant"] = asdict(spec.cfg)
+            if spec.cfg.method != "rtn":
+                key_src["calib"] = calib
+        blob = json.dumps(key_src, sort_keys=True)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+        entries.append(Entry(spec, key, key_src, Path(out) / f"{spec.name}-{key}.json"))
+    return entries
+
+
+def select(entries: list[Entry], only: Sequence[str] | None) -> list[Entry]:
+    """The entries whose name matches one of the fnmatch patterns ``only`` (all if None)."""
+    if not only:
+        return list(entries)
+    for pattern in only:
+        if not any(fnmatch.fnmatchcase(e.spec.name, pattern) for e in entries):
+            raise ValueError(f"--only {pattern}: matches no run of the grid; see --list")
+    return [e for e in entries if any(fnmatch.fnmatchcase(e.spec.name, p) for p in only)]
+
+
+def load_result(entry: Entry) -> dict[str, Any] | None:
+    """The cached result of a run, or None when missing (or unreadable: it is then re-run)."""
+    try:
+        with open(entry.path) as f:
+            result = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        log.warning("ignoring unreadable cache file %s (%s)", entry.path, err)
+        return None
+    return result if result.get("key") == entry.key else None
+
+
+def resolve_calib_start(settings: BenchSettings, ntokens: int) -> int:
+    """``calib_start`` if given; else 150000 when the text has room, else the first token after
+    the evaluation windows, so calibration and evaluation never share tokens."""
+    if settings.calib_start is not None:
+        return settings.calib_start
+    if ntokens - settings.seqlen > PROTOCOL_CALIB_START:
+        return PROTOCOL_CALIB_START
+    start = settings.eval_windows * settings.eval_seqlen
+    log.warning("text has %d tokens: calibration windows start at %d, not 150000", ntokens, start)
+    return start
+
+
+def prepare_data(settings: BenchSettings, tokenizer: Any) -> tuple[Tensor, dict[str, Tensor], dict]:
+    """Tokenise the texts once; cut calibration and evaluation windows.
+
+    Returns:
+        ``(calib, sets, info)``: (nsamples, seqlen) windows; name -> (n, eval_seqlen) windows, the
+        first ``eval_windows`` of each text (fewer if it is shorter); what was actually used.
+    """
+    tokens = {
+        src: data.tokenize(tokenizer, data.load_text(src, split="test"))
+        for src in dict.fromkeys((settings.text, *settings.evals))
+    }
+    sets = {}
+    for name, src in eval_sources(settings).items():
+        fit = tokens[src].numel() // settings.eval_seqlen
+        if 0 < fit < settings.eval_windows:
+            log.warning("%s holds only %d windows of %d tokens", name, fit, settings.eval_seqlen)
+        n = min(settings.eval_windows, max(fit, 1))
+        sets[name] = data.eval_windows(tokens[src], settings.eval_seqlen, n)
+    main = tokens[settings.text]
+    start = resolve_calib_start(settings, main.numel())
+    calib = data.calibration_windows(main, settings.nsamples, settings.seqlen, settings.seed, start)
+    info = {
+        "text_tokens": main.numel(),
+        "calib_start": start,
+        "eval_windows": {k: len(v) for k, v in sets.items()},
+    }
+    return calib, sets, info
+
+
+def estimate_seconds(
+    model: nn.Module,
+    specs: Sequence[BenchSpec],
+    calib: Tensor,
+    sets: dict[str, Tensor],
+    device: torch.device,
+) -> list[float]:
+    """Rough seconds per run from one timed forward and one timed GPTQ solve of block 0.
+
+    A run costs its evaluation tokens, one (RTN) or two (Hessians, then propagation) passes over
+    the calibration tokens at the same per-token cost, and zero, one or two (BAQ measured) solves
+    of every linear. Attention makes short calibration windows cheaper per token than a 2048-token
+    window, so this errs long.
+    """
+    window = next(iter(sets.values()))[:1].to(device)
+    blocks = models.decoder_layers(model)
+    gptq = QuantConfig(method="gptq", bits=3)
+    model.to(device)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        model(input_ids=window, use_cache=False)
+        per_token = (time.perf_counter() - t) / window.numel()
+        t = time.perf_counter()
+        for W in (models.get_weight(m).float() for m in models.linears(blocks[0]).values()):
+            quantize_layer(W, torch.eye(W.shape[1], device=W.device), gptq)  # cost ignores H
+        solve = (time.perf_counter() - t) * len(blocks)
+    model.to("cpu")
+    evaluate = per_token * sum(w.numel() for w in sets.values())
+    passes, solves = per_token * calib.numel(), []
+    for cfg in (spec.cfg for spec in specs):
+        method = "fp" if cfg is None else cfg.method
+        measured = method == "baq" and cfg.sensitivity == "measured"
+        solves.append({"fp": (0, 0), "rtn": (1, 0)}.get(method, (2, 1 + measured)))
+    return [evaluate + p * passes + n * solve for p, n in solves]
+
+
+def run_one(
+    model: nn.Module, entry: Entry, calib: Tensor, sets: dict[str, Tensor], device: torch.device
+) -> dict[str, Any]:
+    """Quantize (unless FP) and evaluate; the model must hold its original weights.
+
+    Returns:
+        The run's result: perplexity per set, nominal and storage bits, seconds, peak memory and
+        one row per quantized layer.
+    """
+    spec, cfg = entry.spec, entry.spec.cfg
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()  # the peak of this run, not of the whole grid
+    first = next(iter(models.linears(models.decoder_layers(model)[0]).values()))
+    nominal = storage = float(first.weight.element_size() * 8)  # FP: the dense weights
+    seconds, records = {"quantize": 0.0}, []
+    if cfg is not None:
+        run = quantize_model(model, calib, cfg, device=device)
+        seconds["quantize"], records, nominal = run.seconds, run.records, run.nominal_bits
+        storage = storage_bits_of(run.results)
+    t = time.perf_counter()
+    model.to(device)
+    ppl = {
+        name: perplexity(model, windows, device=device, desc=f"{spec.name} {name}")
+        for name, windows in sets.items()
+    }
+    model.to("cpu")
+    seconds["eval"] = time.perf_counter() - t
+    return {
+        "bench_version": BENCH_VERSION,
+        "name": spec.name,
+        "key": entry.key,
+        "family": spec.family,
+        "label": spec.label,
+        "bits": None if cfg is None else cfg.bits,
+        "settings": entry.settings,
+        "perplexity": ppl,
+        "nominal_bits": nominal,
+        "storage_bits": storage,
+        "seconds": seconds,
+        "memory": report.peak_memory(),
+        "device": str(device),
+        "environment": report.environment(),
+        "layers": report.layer_rows(records),
+    }
+
+
+def run_bench(
+    settings: BenchSettings,
+    grid: Sequence[BenchSpec],
+    out: str | os.PathLike,
+    only: Sequence[str] | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the missing runs of the grid (those matching ``only``), then write tables and plots.
+
+    Args:
+        settings: model and data.
+        grid: the runs, e.g. from :func:`build_grid`.
+        out: cache and output folder.
+        only: fnmatch patterns of run names to run (None: all).
+        echo: receives the time estimate and one line per finished run (default: the log).
+    Returns:
+        The cached results of the whole grid, in grid order.
+    """
+    echo = echo or log.info
+    entries = plan(settings, grid, out)
+    todo = [e for e in select(entries, only) if load_result(e) is None]
+    if todo:
+        device = models.resolve_device(settings.device)
+        model, tok = models.load_model(settings.model, settings.gguf_file, settings.dtype, "cpu")
+        calib, sets, info = prepare_data(settings, tok)
+        original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        costs = estimate_seconds(model, [e.spec for e in todo], calib, sets, device)
+        echo(f"{len(todo)} of {len(entries)} runs to do, estimated {_hms(sum(costs))}")
+        spent = 0.0
+        for i, entry in enumerate(todo):
+            t = time.perf_counter()
+            result = run_one(model, entry, calib, sets, device)
+            result["data"] = info
+            report.write_json(entry.path, result)
+            if entry.spec.cfg is not None:  # quantization rewrote the linears in place
+                model.load_state_dict(original)
+            spent += time.perf_counter() - t
+            left = sum(costs[i + 1 :]) * spent / max(sum(costs[: i + 1]), 1e-9)
+            echo(f"{progress_line(result)}  [{i + 1}/{len(todo)}, ~{_hms(left)} left]")
+            write_outputs(out, entries, draw=False)  # a partial grid still has a table
+    return write_outputs(out, entries)
+
+
+def progress_line(result: dict[str, Any]) -> str:
+    ppl = ", ".join(f"{k} {v:.3f}" for k, v in result["perplexity"].items())
+    return (
+        f"{result['name']}: ppl {ppl}; {result['nominal_bits']:.3f} nominal / "
+        f"{result['storage_bits']:.3f} storage bits; {sum(result['seconds'].values()):.1f} s"
+    )
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def format_plan(entries: list[Entry]) -> str:
+    """The grid with each run's cache status, for ``--list``."""
+    width = max(len(e.spec.name) for e in entries)
+    return "\n".join(
+        f"{e.spec.name:<{width}}  {e.key}  {'cached' if e.path.is_file() else 'missing'}"
+        for e in entries
+    )
+
+
+def write_outputs(out: str | os.PathLike, entries: list[Entry], draw: bool = True) -> list[dict]:
+    """Write ``results.json``, ``results.md`` and (``draw``) the PNGs from the cached runs.
+
+    Returns:
+        The cached results, in grid order.
+    """
+    out = Path(out)
+    results = {e.spec.name: r for e in entries if (r := load_result(e)) is not None}
+    missing = [e.spec.name for e in entries if e.spec.name not in results]
+    report.write_json(out / "results.json", {"runs": list(results.values()), "missing": missing})
+    rows = [(e.spec.name, e.spec.label, e.spec.cfg and e.spec.cfg.bits) for e in entries]
+    _write_text(out / "results.md", plots.format_table(rows, results))
+    if draw:
+        plots.write_plots(list(results.values()), out)
+    return list(results.values())
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers never see half a table

@@ -1,0 +1,266 @@
+"""The markdown table and PNG plots of a ``baq bench`` grid, from its cached results (``bench.py``).
+
+Figures are built on matplotlib's Agg canvas directly, never through ``pyplot``, so plotting
+neither needs a display nor switches the backend of a program that imports ``baq``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
+
+log = logging.getLogger(__name__)
+
+Result = dict[str, Any]
+HEATMAP_BITS = (2.0, 3.0)
+# BAQ runs shown by the per-layer plots: the plain measured-sensitivity family, no variants
+BAQ_LABEL = "BAQ measured"
+
+
+def write_plots(results: list[Result], out: str | Path) -> list[Path]:
+    """Draw every plot of the grid into ``out``.
+
+    Args:
+        results: cached run results, in grid order.
+        out: folder for the PNGs.
+    Returns:
+        The paths written: perplexity.png, bits-heatmap.png, level-histogram.png,
+        predicted-gain.png.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    drawers = {
+        "perplexity.png": plot_perplexity,
+        "bits-heatmap.png": plot_bits_heatmap,
+        "level-histogram.png": plot_level_histogram,
+        "predicted-gain.png": plot_predicted_gain,
+    }
+    paths = []
+    for name, draw in drawers.items():
+        fig = draw(results)
+        FigureCanvasAgg(fig)
+        fig.savefig(out / name, dpi=120)
+        paths.append(out / name)
+    log.info("wrote %d plots to %s", len(paths), out)
+    return paths
+
+
+def _figure(panels: int, width: float = 5.0, height: float = 4.0) -> tuple[Figure, list[Any]]:
+    fig = Figure(figsize=(width * panels, height), layout="constrained")
+    return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    ax.set_axis_off()
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x) and x > 0
+
+
+def _baq_run(results: list[Result], bits: float) -> Result | None:
+    return next((r for r in results if r["label"] == BAQ_LABEL and r["bits"] == bits), None)
+
+
+def plot_perplexity(results: list[Result]) -> Figure:
+    """Perplexity against storage bits per weight, one line per method, one panel per eval set;
+    FP is a horizontal line (its dense bits would squash the axis)."""
+    sets = list(dict.fromkeys(k for r in results for k in r["perplexity"]))
+    fig, axes = _figure(max(len(sets), 1))
+    if not sets:
+        _empty(axes[0], "no runs cached yet")
+        return fig
+    for ax, name in zip(axes, sets):
+        lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for r in results:
+            ppl = r["perplexity"].get(name)
+            if r["family"] == "fp":
+                if _finite(ppl):
+                    ax.axhline(ppl, color="black", linestyle="--", label=f"FP ({ppl:.2f})")
+            elif _finite(ppl):  # a diverged run (inf or nan) has no place on a log axis
+                lines[r["label"]].append((r["storage_bits"], ppl))
+        for label, points in lines.items():
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        low, high = ax.get_ylim()
+        if high / low < 10:  # less than a decade has no major tick: label the minor ones
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.set_xlabel("storage bits per weight")
+        ax.set_ylabel(f"perplexity ({name})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _block_and_module(name: str) -> tuple[int, str] | None:
+    """``model.layers.3.self_attn.q_proj`` -> ``(3, "self_attn.q_proj")``."""
+    match = re.match(r"^(?:.*?\.)?(\d+)\.(.+)$", name)
+    return None if match is None else (int(match.group(1)), match.group(2))
+
+
+def _short_names(modules: list[str]) -> dict[str, str]:
+    """Last name component (``q_proj``) where it is unique in the block, else the full path."""
+    last = [m.rsplit(".", 1)[-1] for m in modules]
+    return {m: s if last.count(s) == 1 else m for m, s in zip(modules, last)}
+
+
+def _layer_bits(row: dict[str, Any]) -> tuple[float, float]:
+    """Mean and standard deviation of ``log2 L_j`` over a layer's columns."""
+    hist = {int(L): int(n) for L, n in row["level_histogram"].items()}
+    cols = sum(hist.values())
+    mean = sum(n * math.log2(L) for L, n in hist.items()) / cols
+    var = sum(n * (math.log2(L) - mean) ** 2 for L, n in hist.items()) / cols
+    return mean, math.sqrt(var)
+
+
+def plot_bits_heatmap(results: list[Result]) -> Figure:
+    """Per layer (rows: blocks; columns: modules) of BAQ at 2 and 3 bits: the nominal bits (top;
+    each layer meets the budget, so the scale spans +-0.5 bit to keep rounding from looking like
+    structure) and the spread of the per-column bits (bottom: how unequal the allocation is)."""
+    fig = Figure(figsize=(4.5 * len(HEATMAP_BITS), 11.0), layout="constrained")
+    for i, bits in enumerate(HEATMAP_BITS):
+        top = fig.add_subplot(2, len(HEATMAP_BITS), i + 1)
+        bottom = fig.add_subplot(2, len(HEATMAP_BITS), len(HEATMAP_BITS) + i + 1)
+        run = _baq_run(results, bits)
+        cells = [
+            (*where, *_layer_bits(row))
+            for row in (run or {}).get("layers", [])
+            if (where := _block_and_module(row["name"])) is not None
+        ]
+        if not cells:
+            _empty(top, f"no {BAQ_LABEL} run at {bits:g} bits")
+            bottom.set_axis_off()
+            continue
+        blocks = sorted({c[0] for c in cells})
+        modules = list(dict.fromkeys(c[1] for c in cells))
+        for ax, k, title, span in (
+            (top, 2, "nominal bits", (bits - 0.5, bits + 0.5)),
+            (bottom, 3, "std of per-column bits", (None, None)),
+        ):
+            grid = [[math.nan] * len(modules) for _ in blocks]
+            for c in cells:
+                grid[blocks.index(c[0])][modules.index(c[1])] = c[k]
+            image = ax.imshow(
+                grid, aspect="auto", interpolation="nearest", vmin=span[0], vmax=span[1]
+            )
+            short = _short_names(modules)
+            ax.set_xticks(range(len(modules)), [short[m] for m in modules], rotation=45, ha="right")
+            step = max(1, len(blocks) // 15)
+            ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
+            ax.set_ylabel("block")
+            ax.set_title(f"{BAQ_LABEL}, {bits:g} bits: {title}")
+            fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig
+
+
+def plot_level_histogram(results: list[Result]) -> Figure:
+    """How many columns got each level count, summed over layers, for BAQ at 2 and 3 bits."""
+    fig, axes = _figure(len(HEATMAP_BITS))
+    for ax, bits in zip(axes, HEATMAP_BITS):
+        run = _baq_run(results, bits)
+        counts: dict[int, int] = defaultdict(int)
+        for row in (run or {}).get("layers", []):
+            for levels, n in row["level_histogram"].items():
+                counts[int(levels)] += int(n)
+        if not counts:
+            _empty(ax, f"no {BAQ_LABEL} run at {bits:g} bits")
+            continue
+        levels = sorted(counts)
+        # bars as wide as a fixed fraction of an octave look alike on the log2 axis
+        ax.bar(levels, [counts[L] for L in levels], width=[0.1 * L for L in levels])
+        ax.axvline(2**bits, color="black", linestyle="--", label=f"uniform {bits:g} bits")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.set_yscale("log")
+        ax.set_xlabel("levels per column")
+        ax.set_ylabel("columns (all layers)")
+        ax.set_title(f"{BAQ_LABEL}, {bits:g} bits")
+        ax.legend(fontsize="small")
+    return fig
+
+
+def plot_predicted_gain(results: list[Result]) -> Figure:
+    """Per layer: predicted gain geomean(c)/mean(c) against the measured BAQ/GPTQ loss ratio,
+    log-log, one colour per bit budget, with the diagonal (prediction exact)."""
+    fig, axes = _figure(1, width=5.5, height=5.0)
+    ax = axes[0]
+    lo, hi = math.inf, 0.0
+    for r in results:
+        if r["label"] != BAQ_LABEL:
+            continue
+        points = [
+            (row["predicted_gain"], row["loss_ratio"])
+            for row in r["layers"]
+            if _finite(row.get("predicted_gain")) and _finite(row.get("loss_ratio"))
+        ]
+        if points:
+            xs, ys = zip(*points)
+            ax.scatter(xs, ys, s=10, alpha=0.6, label=f"{r['bits']:g} bits")
+            lo, hi = min(lo, *xs, *ys), max(hi, *xs, *ys)
+    if hi == 0.0:
+        _empty(ax, f"no {BAQ_LABEL} run with measured layer losses")
+        return fig
+    ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="predicted = measured")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("predicted gain geomean(c) / mean(c)")
+    ax.set_ylabel("measured loss ratio BAQ / GPTQ")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def format_table(runs: list[tuple[str, str, float | None]], results: dict[str, Result]) -> str:
+    """Markdown: perplexity by method and bits on the first evaluation set, then one row per run.
+
+    Args:
+        runs: the grid as (name, label, bits or None for FP), in order; missing runs say so.
+        results: run name -> cached result.
+    Returns:
+        The markdown text.
+    """
+    sets = list(dict.fromkeys(k for r in results.values() for k in r["perplexity"]))
+    lines = ["# baq bench", ""]
+    quant = [run for run in runs if run[2] is not None]
+    budgets = sorted({bits for _, _, bits in quant})
+    if sets and quant:
+        fp = results.get("fp", {}).get("perplexity", {}).get(sets[0])
+        lines += [f"Perplexity on {sets[0]}" + (f" (FP {fp:.3f}):" if fp else ":"), ""]
+        lines += ["| method | " + " | ".join(f"{b:g} bits" for b in budgets) + " |"]
+        lines += ["|---" * (len(budgets) + 1) + "|"]
+        for label in dict.fromkeys(label for _, label, _ in quant):
+            cells = {bits: results.get(name) for name, lab, bits in quant if lab == label}
+            row = [
+                _num(cells[b]["perplexity"].get(sets[0])) if cells.get(b) else "" for b in budgets
+            ]
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        lines.append("")
+    head = ["run", "method", "bits", *(f"ppl {s}" for s in sets), "nominal bits", "storage bits"]
+    head += ["quantize s", "eval s"]
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, label, bits in runs:
+        r = results.get(name)
+        if r is None:
+            cells = ["not run"] + [""] * (len(head) - 4)
+        else:
+            cells = [_num(r["perplexity"].get(s)) for s in sets]
+            cells += [f"{r['nominal_bits']:.3f}", f"{r['storage_bits']:.3f}"]
+            cells += [f"{r['seconds'].get(k, 0.0):.1f}" for k in ("quantize", "eval")]
+        shown = "" if bits is None else f"{bits:g}"
+        lines.append(f"| {name} | {label} | {shown} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}" if x < 1e4 else f"{x:.3g}"

@@ -1,0 +1,378 @@
+"""The packed on-disk format: save and load (integrity in manifest.py, the module in
+packed_linear.py).
+
+A saved model is a Hugging Face folder (``config.json`` with a ``quantization_config`` block,
+tokenizer files, safetensors weights) plus ``quantized.safetensors`` with the packed layers and a
+``manifest.json`` of SHA-256 digests; docs/FORMAT.md specifies every byte. Saves are atomic (a temp
+folder beside the target, fsynced, renamed at the end); loads verify the manifest first, so a
+damaged folder fails with one line naming the file, never with silently wrong weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import __version__, models
+from .config import QuantConfig
+from .manifest import (
+    CONFIG_FILE,
+    DENSE_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    QUANTIZED_FILE,
+    StorageError,
+    check_target,
+    check_version,
+    fsync,
+    inspect_quantized,
+    layers_meta,
+    list_files,
+    one_line,
+    read_header,
+    read_json,
+    sha256_of,
+    storage_bits,
+    swap_in,
+    verify_manifest,
+    write_json,
+)
+from .packed_linear import PackedLinear, nominal_bits_of, storage_bits_of
+from .packing import read_layer
+from .quant.gptq import QuantResult
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PackedLinear",
+    "StorageError",
+    "inspect_quantized",
+    "load_quantized",
+    "save_quantized",
+    "storage_bits",
+    "storage_bits_of",
+    "verify_manifest",
+]
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def _json_safe(value: Any) -> Any:
+    """Summary values as strict JSON: tuples to lists, tensors to numbers, NaN/Inf to null."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Tensor):
+        return _json_safe(value.tolist())
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _dense_state(model: nn.Module, quantized: set[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor of the state dict except the quantized weights, with aliases stored once.
+
+    Returns:
+        ``(tensors, tied)``: contiguous CPU tensors by name, and alias name -> stored name for
+        tensors that are the very same view of one storage (tied embeddings).
+    """
+    skip = {f"{name}.weight" for name in quantized}
+    first: dict[tuple, str] = {}
+    storages: set[tuple] = set()
+    tensors: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    for key, t in model.state_dict().items():
+        if t.device.type == "meta":
+            raise StorageError(f"{key} is on the meta device: load the model's weights first")
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+        if key in skip:
+            if view in first:
+                raise StorageError(f"{key} is tied to {first[view]}: a tied weight is not packed")
+            first[view] = key
+            continue
+        if view in first:
+            if first[view] in skip:
+                raise StorageError(f"{key} is tied to {first[view]}: a tied weight is not packed")
+            tied[key] = first[view]
+            continue
+        first[view] = key
+        storage = (t.device, t.untyped_storage().data_ptr())
+        # another view of a storage already stored: safetensors refuses shared memory, copy it
+        t = t.detach().cpu().contiguous() if storage not in storages else t.detach().cpu().clone()
+        storages.add(storage)
+        tensors[key] = t
+    return tensors, tied
+
+
+def save_quantized(
+    out_dir: str | os.PathLike,
+    model: nn.Module,
+    tokenizer: Any,
+    results: dict[str, QuantResult],
+    cfg: QuantConfig,
+    summary: dict | None = None,
+    force: bool = False,
+) -> Path:
+    """Save a quantized model as a packed Hugging Face folder, atomically.
+
+    Everything is written into a temp folder beside ``out_dir``, fsynced, with ``manifest.json``
+    last, then renamed to ``out_dir``: an interrupted save leaves no folder at ``out_dir``.
+
+    Args:
+        out_dir: target folder; must not exist unless ``force`` (then a previous baq save or an
+            empty folder there is replaced atomically).
+        model: the causal LM whose quantized linears are named in ``results``.
+        tokenizer: saved with ``save_pretrained`` (None: no tokenizer files).
+        results: full module name (as in ``model.named_modules()``) -> solver result.
+        cfg: the settings, recorded in ``quantization_config``.
+        summary: report numbers for ``quantization_config["summary"]`` (perplexities, ...).
+        force: replace an existing save.
+    Returns:
+        The absolute path of the saved folder.
+    Raises:
+        StorageError: existing target, a results name the model lacks, a write error (the temp
+            folder is removed).
+    """
+    target = Path(out_dir).expanduser().absolute()
+    check_target(target, force)
+    modules = dict(model.named_modules())
+    quantized: dict[str, Tensor] = {}
+    layers: dict[str, dict] = {}
+    for name, res in results.items():
+        module = modules.get(name)
+        if module is None:
+            raise StorageError(f"results name {name!r} is not a module of {type(model).__name__}")
+        shape = tuple(models.get_weight(module).shape)
+        if shape != tuple(res.codes.shape):
+            raise StorageError(f"{name}: result shape {tuple(res.codes.shape)}, module {shape}")
+        layer = PackedLinear.from_quantized(res)
+        quantized.update(layer.file_tensors(name))
+        layers[name] = layer.file_meta()
+    dense, tied = _dense_state(model, set(results))
+    qconfig = {
+        "quant_method": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": cfg.method,
+        "bits": cfg.bits,
+        "nominal_bits": nominal_bits_of(results),
+        "storage_bits": storage_bits_of(results),
+        "group_size": cfg.group_size,
+        "sym": cfg.sym,
+        "act_order": cfg.act_order,
+        "quantized_modules": len(results),
+        "config": _json_safe(asdict(cfg)),
+        "summary": _json_safe(summary or {}),
+        "baq_version": __version__,
+    }
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qconfig
+    config.architectures = [type(model).__name__]
+    config.use_cache = True  # calibration turns the KV cache off; generation wants it back
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers)}
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(quantized, str(tmp / QUANTIZED_FILE), metadata=meta)
+        save_file(dense, str(tmp / DENSE_FILE), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        _save_generation_config(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = {}
+        for rel in list_files(tmp):
+            fsync(tmp / rel)
+            files[rel] = {"bytes": (tmp / rel).stat().st_size, "sha256": sha256_of(tmp / rel)}
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files}
+        manifest["tied"] = tied
+        write_json(tmp / MANIFEST_FILE, manifest)
+        fsync(tmp / MANIFEST_FILE)
+        fsync(tmp)
+        swap_in(tmp, target, force)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(f"cannot save {target}: {one_line(err)}") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "saved %d packed layers to %s (%.3f storage bits)",
+        len(results),
+        target,
+        qconfig["storage_bits"],
+    )
+    return target
+
+
+def _save_generation_config(model: nn.Module, folder: Path) -> None:
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    try:
+        gen.save_pretrained(folder)
+    except ValueError as err:  # an invalid generation config must not lose the whole save
+        log.warning("generation_config.json not saved: %s", one_line(err))
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _load_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise StorageError(f"{path}: not a readable safetensors file ({one_line(err)})") from err
+
+
+def _load_config(root: Path) -> Any:
+    from transformers import AutoConfig
+
+    data = read_json(root / CONFIG_FILE, "the model config")
+    qc = data.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise StorageError(f"{root / CONFIG_FILE}: no quantization_config: not a baq model folder")
+    check_version(
+        root / CONFIG_FILE, qc.get("quant_method"), qc.get("format_version"), "quant_method"
+    )
+    try:
+        config = AutoConfig.from_pretrained(root)
+    except Exception as err:
+        raise StorageError(f"{root / CONFIG_FILE}: {one_line(err)}") from err
+    # transformers would look for a quantizer named "baq"; the packed layers are ours to build
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    cache_dequantized: bool = False,
+) -> tuple[nn.Module, Any]:
+    """Load a saved folder as a transformers model with :class:`PackedLinear` quantized linears.
+
+    The skeleton is built on the meta device and the stored tensors are assigned into it, so the
+    float model is never allocated twice.
+
+    Args:
+        path: folder written by :func:`save_quantized`.
+        device: where the model goes.
+        dtype: cast the unquantized floating tensors (and the compute) to this dtype; None keeps
+            the stored dtypes.
+        cache_dequantized: keep each dequantized weight after its first use.
+    Returns:
+        ``(model, tokenizer)``: the model in eval mode, ready for ``generate``; the tokenizer, or
+        None if the folder has none.
+    Raises:
+        StorageError: missing, truncated, corrupted or hand-edited files, wrong format version.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    root = Path(path)
+    manifest = verify_manifest(root)
+    config = _load_config(root)
+    qpath = root / QUANTIZED_FILE
+    meta, _ = read_header(qpath)
+    layers = layers_meta(qpath, meta)
+    qtensors = _load_tensors(qpath)
+    dense = _load_tensors(root / DENSE_FILE)
+    if isinstance(dtype, str):
+        dtype = models.resolve_dtype(dtype)
+        dtype = None if dtype == "auto" else dtype
+    if dtype is not None:
+        dense = {k: v.to(dtype) if v.is_floating_point() else v for k, v in dense.items()}
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    modules = dict(model.named_modules())
+    for name, m in layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise StorageError(f"{qpath}: layer {name} is not a module of {type(model).__name__}")
+        shape = tuple(models.get_weight(module).shape)
+        if shape != m["shape"]:
+            raise StorageError(f"{qpath}: layer {name} has shape {m['shape']}, the model {shape}")
+        bias = None
+        if getattr(module, "bias", None) is not None:
+            bias = dense.pop(f"{name}.bias", None)
+            if bias is None:
+                raise StorageError(f"{root / DENSE_FILE}: tensor {name}.bias is missing")
+        try:
+            ngroups = 1 if m["group_size"] is None else -(-shape[1] // m["group_size"])
+            packed, lo, hi = read_layer(name, qtensors, shape, ngroups)
+        except ValueError as err:
+            raise StorageError(f"{qpath}: {err}") from None
+        layer = PackedLinear(packed, lo, hi, m["group_size"], m["sym"], bias, cache_dequantized)
+        model.set_submodule(name, layer)
+    if qtensors:
+        raise StorageError(f"{qpath}: unexpected tensor {sorted(qtensors)[0]}")
+
+    result = model.load_state_dict(dense, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise StorageError(f"{root / DENSE_FILE}: unexpected tensor {result.unexpected_keys[0]}")
+    for alias, stored in manifest["tied"].items():
+        _tie(model, alias, stored, root)
+    for key, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise StorageError(f"{root / DENSE_FILE}: tensor {key} is missing")
+    _load_generation_config(model, root)
+    model.eval()
+    model.to(device)
+    return model, _load_tokenizer(root)
+
+
+def _tie(model: nn.Module, alias: str, stored: str, root: Path) -> None:
+    """Point ``alias`` (e.g. ``lm_head.weight``) at the very tensor stored as ``stored``."""
+    try:
+        owner, _, attr = alias.rpartition(".")
+        source_owner, _, source_attr = stored.rpartition(".")
+        tensor = getattr(model.get_submodule(source_owner), source_attr)
+        setattr(model.get_submodule(owner), attr, tensor)
+    except (AttributeError, TypeError, KeyError) as err:
+        raise StorageError(f"{root / MANIFEST_FILE}: cannot tie {alias} to {stored}") from err
+
+
+def _load_generation_config(model: nn.Module, root: Path) -> None:
+    if not (root / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(root)
+    except Exception as err:
+        raise StorageError(f"{root / 'generation_config.json'}: {one_line(err)}") from err
+
+
+def _load_tokenizer(root: Path) -> Any:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((root / n).is_file() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(root)
+    except Exception as err:
+        raise StorageError(f"{root}: cannot load the tokenizer ({one_line(err)})") from err

@@ -1,0 +1,180 @@
+import json
+import math
+
+import pytest
+
+from baq import bench, cli, data, pipeline
+
+TINY = ["--nsamples", "4", "--seqlen", "32", "--eval-windows", "2", "--eval-seqlen", "64"]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(data.load_text("builtin"))
+    return path
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of quantizations and perplexity evaluations made by the bench."""
+    seen = {"quantize": [], "ppl": 0}
+
+    def quantize(model, calib, cfg, **kw):
+        seen["quantize"].append(cfg)
+        return pipeline.quantize_model(model, calib, cfg, **kw)
+
+    def ppl(*args, **kw):
+        seen["ppl"] += 1
+        return real_ppl(*args, **kw)
+
+    real_ppl = bench.perplexity
+    monkeypatch.setattr(bench, "quantize_model", quantize)
+    monkeypatch.setattr(bench, "perplexity", ppl)
+    return seen
+
+
+def run(model_dir, text, out, *extra, capsys=None):
+    argv = ["bench", str(model_dir), "--text", str(text), "--out", str(out), "--device", "cpu"]
+    code = cli.main([*argv, *TINY, *extra])
+    assert code == 0
+    return "" if capsys is None else capsys.readouterr().out
+
+
+def keys(settings, grid, tmp_path):
+    return {e.spec.name: e.key for e in bench.plan(settings, grid, tmp_path)}
+
+
+def test_run_keys_are_stable_and_follow_the_settings(text, tmp_path):
+    grid = bench.build_grid(["fp", "rtn", "gptq"], bits=[3], baq_bits=[])
+    base = bench.BenchSettings(model="m", text=str(text), nsamples=4, seqlen=32)
+    first = keys(base, grid, tmp_path)
+    assert first == keys(
+        bench.BenchSettings(model="m", text=str(text), nsamples=4, seqlen=32),
+        bench.build_grid(["fp", "rtn", "gptq"], bits=[3], baq_bits=[]),
+        tmp_path,
+    )
+    assert len(set(first.values())) == 3
+
+    more_samples = keys(bench.BenchSettings(model="m", text=str(text), nsamples=8), grid, tmp_path)
+    # FP and RTN read no calibration data, so their cached results survive a change of it
+    assert more_samples["fp"] == first["fp"] and more_samples["rtn-3b"] == first["rtn-3b"]
+    assert more_samples["gptq-3b"] != first["gptq-3b"]
+    other_eval = keys(
+        bench.BenchSettings(model="m", text=str(text), eval_windows=4), grid, tmp_path
+    )
+    assert all(other_eval[k] != first[k] for k in first)
+    other_model = keys(bench.BenchSettings(model="n", text=str(text)), grid, tmp_path)
+    assert all(other_model[k] != first[k] for k in first)
+    damped = keys(base, bench.build_grid(["gptq"], bits=[3], baq_bits=[], percdamp=0.1), tmp_path)
+    assert damped["gptq-3b"] != first["gptq-3b"]
+
+
+def test_grid_names():
+    names = [s.name for s in bench.build_grid()]
+    assert names[0] == "fp" and len(names) == len(set(names)) == 1 + 5 * 3 + 1
+    assert {"rtn-2b", "gptq-4b", "baq-measured-2.5b", "baq-analytic-3b", "baq-int-2b"} <= set(names)
+    extra = [
+        s.name for s in bench.build_grid(["rtn", "gptq"], [3], [], group_size=128, act_order=True)
+    ]
+    assert extra == [
+        "rtn-3b",
+        "rtn-g128-3b",
+        "gptq-3b",
+        "gptq-g128-3b",
+        "gptq-act-3b",
+        "gptq-g128-act-3b",
+    ]
+    with pytest.raises(ValueError, match="method 'awq'"):
+        bench.build_grid(["awq"])
+
+
+def test_cache_only_runs_what_is_missing(tiny_model_dir, text, tmp_path, calls, capsys):
+    out = tmp_path / "out"
+    grid = ["--methods", "fp", "rtn", "--bits", "3", "--baq-bits"]
+    printed = run(tiny_model_dir, text, out, *grid, capsys=capsys)
+    assert [c.method for c in calls["quantize"]] == ["rtn"] and calls["ppl"] == 2
+    assert "estimated" in printed and "fp: ppl corpus" in printed and "rtn-3b: ppl" in printed
+    cached = sorted(out.glob("*-*.json"))
+    assert [p.name.split("-")[0] for p in cached] == ["fp", "rtn"]
+
+    run(tiny_model_dir, text, out, *grid)  # everything cached: nothing runs
+    assert len(calls["quantize"]) == 1 and calls["ppl"] == 2
+
+    rtn = next(p for p in cached if p.name.startswith("rtn"))
+    rtn.unlink()
+    run(tiny_model_dir, text, out, *grid)
+    assert len(calls["quantize"]) == 2 and calls["ppl"] == 3 and rtn.is_file()
+
+    for p in cached:
+        p.unlink()
+    run(tiny_model_dir, text, out, *grid, "--only", "f*")
+    assert len(calls["quantize"]) == 2 and calls["ppl"] == 4
+    capsys.readouterr()
+    listing = run(tiny_model_dir, text, out, *grid, "--list", capsys=capsys)
+    assert "cached" in listing.splitlines()[0] and "missing" in listing.splitlines()[1]
+
+    table = (out / "results.md").read_text()
+    assert "| fp |" in table and "| rtn-3b |" in table and "not run" in table
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == ["fp"] and results["missing"] == ["rtn-3b"]
+
+
+def test_bad_arguments_exit_2(tiny_model_dir, text, tmp_path, capsys):
+    base = ["bench", str(tiny_model_dir), "--text", str(text), "--out", str(tmp_path)]
+    assert cli.main([*base, "--bits", "9"]) == 2
+    assert cli.main([*base, "--nsamples", "0"]) == 2
+    assert cli.main([*base, "--only", "nothing-*", "--list"]) == 2
+    assert cli.main([*base, "--methods", "awq"]) == 2
+    assert "--nsamples=0" in capsys.readouterr().err
+
+
+def test_weights_are_restored_between_runs(tiny_model_dir, text, tmp_path, calls):
+    # RTN first, then FP in the same process: FP must see the original weights
+    run(tiny_model_dir, text, tmp_path / "a", "--methods", "rtn", "fp", "--bits", "2", "--baq-bits")
+    run(tiny_model_dir, text, tmp_path / "b", "--methods", "fp")
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in "ab")
+    fp = next(r for r in a if r["name"] == "fp")
+    assert fp["perplexity"] == b[0]["perplexity"]
+    assert next(r for r in a if r["name"] == "rtn-2b")["perplexity"] != fp["perplexity"]
+
+
+def test_results_table_and_plots(tiny_model_dir, text, tmp_path):
+    from matplotlib.image import imread
+
+    second = tmp_path / "second.txt"
+    second.write_text(text.read_text()[100_000:200_000])
+    out = tmp_path / "out"
+    grid = ["--methods", "fp", "gptq", "baq-measured", "--bits", "2", "3", "--eval", str(second)]
+    run(tiny_model_dir, text, out, *grid)
+
+    results = json.loads((out / "results.json").read_text())["runs"]
+    names = [r["name"] for r in results]
+    assert names == [
+        "fp",
+        "gptq-2b",
+        "gptq-3b",
+        "baq-measured-2b",
+        "baq-measured-3b",
+        "baq-measured-2.5b",
+    ]
+    for r in results:
+        assert set(r["perplexity"]) == {"corpus", "second"}
+        assert all(math.isfinite(v) for v in r["perplexity"].values())
+        assert r["memory"]["peak_rss_gib"] > 0
+    baq3 = results[4]
+    assert baq3["nominal_bits"] == pytest.approx(3.0, abs=0.01)  # integer levels, tiny layers
+    assert baq3["storage_bits"] > baq3["nominal_bits"]
+    assert len(baq3["layers"]) == 2 * 7 and baq3["layers"][0]["loss_ratio"] is not None
+    table = (out / "results.md").read_text()
+    assert "ppl second" in table and all(f"| {n} |" in table for n in names)
+
+    plots = ["perplexity.png", "bits-heatmap.png", "level-histogram.png", "predicted-gain.png"]
+    for name in plots:
+        path = out / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1024
+        image = imread(path)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0
+        path.unlink()
+    run(tiny_model_dir, text, out, *grid, "--plots-only")
+    assert all((out / name).stat().st_size > 1024 for name in plots)
