@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from baq import cli, models
+from baq import models
 from baq.cli import main
+from baq.cli.common import flagify
 
 
 @pytest.fixture
@@ -117,8 +118,8 @@ def test_eval_prints_perplexity(tiny_model_dir, text_file, capsys):
 
 def test_flag_names_in_config_errors():
     msg = "group_size=0: use a positive integer"
-    assert cli._flagify(msg) == "--group-size=0: use a positive integer"
-    assert cli._flagify("integer_bits applies to --method baq only").startswith("integer_bits")
+    assert flagify(msg) == "--group-size=0: use a positive integer"
+    assert flagify("integer_bits applies to --method baq only").startswith("integer_bits")
 
 
 def test_python_api_quantizes_in_place(tiny_model_dir):

@@ -357,3 +357,44 @@ def test_packed_linear_cache_dtype_and_repr(saved):
     direct = PackedLinear.from_quantized(results[name])
     assert torch.equal(direct.dequantize(), results[name].weight)
     assert direct.storage_bits == pytest.approx(storage.storage_bits_of({name: results[name]}))
+
+
+def test_cli_generate_on_a_saved_folder_matches_the_in_memory_model(saved, capsys):
+    from baq.cli import main
+
+    out, model, _ = saved
+    tok = make_tokenizer()
+    prompt = "the value of the"
+    x = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**x, max_new_tokens=6, do_sample=False, pad_token_id=2)
+    expected = prompt + tok.decode(ref[0, x["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert main(["generate", str(out), prompt, "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_cli_inspect_table_matches_the_files(saved, capsys):
+    from baq.cli import main
+
+    out, _, results = saved
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out.strip().splitlines()
+    assert len(text) == 1 + len(results) + 1  # header, one line per layer, totals
+    assert {line.split()[0] for line in text[1:-1]} == set(results)
+    nominal = sum(
+        res.codes.shape[0] * float(torch.log2(res.levels.double()).sum())
+        for res in results.values()
+    ) / sum(res.codes.numel() for res in results.values())
+    assert f"{nominal:.3f} nominal, {storage.storage_bits(out):.3f} storage" in text[-1]
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["generate", "--max-new-tokens", "2"]])
+def test_cli_on_a_corrupted_folder_is_one_line_exit_2(copy, capsys, command):
+    from baq.cli import main
+
+    path = copy / "quantized.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    argv = [command[0], str(copy), *(["hello"] if command[0] == "generate" else []), *command[1:]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quantized.safetensors" in err[0] and "truncated" in err[0]

@@ -6,7 +6,10 @@ Lasaulce, Debbah, 2025) beside the RTN and GPTQ baselines. The Python API::
     from baq import QuantConfig, load_model, quantize
 
     model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M")
-    run = quantize(model, tokenizer, QuantConfig(method="baq", bits=3), calibration="builtin")
+    cfg = QuantConfig(method="baq", bits=3)
+    run = quantize(model, tokenizer, cfg, calibration="builtin")
+    save("smollm2-baq3", model, tokenizer, run.results, cfg)
+    model, tokenizer = load("smollm2-baq3")
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .pipeline import QuantRun
 
-__all__ = ["QuantConfig", "__version__", "load_model", "perplexity", "quantize"]
+__all__ = ["QuantConfig", "__version__", "load", "load_model", "perplexity", "quantize", "save"]
 
 
 def load_model(*args: Any, **kwargs: Any):
@@ -28,6 +31,20 @@ def load_model(*args: Any, **kwargs: Any):
     from .models import load_model as _load
 
     return _load(*args, **kwargs)
+
+
+def save(*args: Any, **kwargs: Any):
+    """See :func:`baq.storage.save_quantized`: ``save(dir, model, tokenizer, run.results, cfg)``."""
+    from .storage import save_quantized
+
+    return save_quantized(*args, **kwargs)
+
+
+def load(*args: Any, **kwargs: Any):
+    """See :func:`baq.storage.load_quantized`: ``model, tokenizer = load(dir, device=...)``."""
+    from .storage import load_quantized
+
+    return load_quantized(*args, **kwargs)
 
 
 def perplexity(*args: Any, **kwargs: Any) -> float:

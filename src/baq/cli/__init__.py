@@ -1,0 +1,65 @@
+"""The ``baq`` command: parse, validate, call the library. No quantization logic lives here.
+
+Every argument is checked before a model is loaded; a bad one ends the run with a single line on
+stderr and exit code 2. One module per group of commands; ``common`` holds what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .. import __version__
+from . import bench, quantize, saved
+from .common import UsageError, one_line
+
+__all__ = ["UsageError", "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="baq",
+        description="Post-training LLM weight quantization: RTN, GPTQ and BAQ bit allocation.",
+    )
+    parser.add_argument("--version", action="version", version=f"baq {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="-v per-layer log")
+    common.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    quantize.add_parser(sub, common)
+    saved.add_parsers(sub, common)
+    bench.add_parser(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    level = (
+        logging.ERROR
+        if args.quiet
+        else logging.DEBUG
+        if args.verbose > 1
+        else (logging.INFO if args.verbose else logging.WARNING)
+    )
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("baq").setLevel(level)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("baq: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:  # UsageError, bad files, bad data, full disks
+        print(f"baq: error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""``baq bench``: the method x bits grid of the standard protocol, each run cached."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import UsageError, add_model_args, check_model, check_source, flagify
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    b = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="run the method x bits grid of the standard protocol, caching each run",
+    )
+    add_model_args(b)
+    b.set_defaults(dtype="float32", func=cmd_bench)  # the protocol evaluates in fp32
+    g = b.add_argument_group("grid")
+    g.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="M",
+        help="any of fp rtn gptq baq-measured baq-analytic baq-int, in run order (default all)",
+    )
+    g.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], help="budgets of every method")
+    g.add_argument(
+        "--baq-bits", nargs="*", type=float, default=[2.5], help="extra budgets of BAQ measured"
+    )
+    g.add_argument("--group-size", type=int, help="also run every method with groups of N columns")
+    g.add_argument("--act-order", action="store_true", help="also run GPTQ and BAQ in act order")
+    g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
+    d = b.add_argument_group("data")
+    d.add_argument(
+        "--text",
+        metavar="SRC",
+        help="calibration text and first evaluation set (default: "
+        "../shared/data/wikitext2-test.txt if it exists, else builtin)",
+    )
+    d.add_argument(
+        "--eval", action="append", default=[], metavar="SRC", help="another evaluation set"
+    )
+    d.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    d.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    d.add_argument("--seed", type=int, default=0, help="seed of the window positions")
+    d.add_argument(
+        "--calib-start",
+        type=int,
+        help="first token calibration windows may start at (default 150000, or the token after "
+        "the evaluation windows if the text is shorter)",
+    )
+    d.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per evaluation window")
+    d.add_argument("--eval-windows", type=int, default=32, help="first N windows of each set")
+    o = b.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path("bench-out"), help="cache and results folder")
+    o.add_argument("--only", nargs="+", metavar="NAME", help="run only these (fnmatch patterns)")
+    o.add_argument("--list", action="store_true", help="show the grid, cached or missing")
+    o.add_argument("--plots-only", action="store_true", help="table and plots from the cache")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .. import bench, models
+
+    for src, flag in [(args.text, "--text"), *((e, "--eval") for e in args.eval)]:
+        if src is not None:
+            check_source(src, flag)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: is a file; give a folder")
+    try:
+        grid = bench.build_grid(
+            args.methods or tuple(bench.FAMILIES),
+            args.bits,
+            args.baq_bits,
+            args.group_size,
+            args.act_order,
+            args.percdamp,
+        )
+        settings = bench.BenchSettings(
+            model=args.model,
+            gguf_file=args.gguf_file,
+            dtype=args.dtype,
+            device=args.device,
+            text=args.text or bench.default_text(),
+            evals=tuple(args.eval),
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            seed=args.seed,
+            calib_start=args.calib_start,
+            eval_seqlen=args.eval_seqlen,
+            eval_windows=args.eval_windows,
+        )
+    except ValueError as err:
+        raise UsageError(flagify(str(err))) from None
+    entries = bench.plan(settings, grid, args.out)
+    selected = bench.select(entries, args.only)
+    if args.list:
+        print(bench.format_plan(selected))
+        return 0
+    if not args.plots_only:
+        if any(not e.path.is_file() for e in selected):
+            models.resolve_device(args.device)
+            check_model(args, args.seqlen, args.eval_seqlen)
+        echo = None if args.quiet else lambda line: print(line, flush=True)
+        bench.run_bench(settings, grid, args.out, args.only, echo=echo)
+    else:
+        bench.write_outputs(args.out, entries)
+    if not args.quiet:
+        done = sum(e.path.is_file() for e in entries)
+        print(f"{done} of {len(entries)} runs cached; table and plots in {args.out}")
+    return 0

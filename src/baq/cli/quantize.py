@@ -1,0 +1,196 @@
+"""``baq quantize``: load, calibrate, quantize layer by layer, evaluate, report, save."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import METHODS, SENSITIVITIES, QuantConfig
+from .common import (
+    UsageError,
+    add_eval_args,
+    add_model_args,
+    check_model,
+    check_source,
+    eval_sets,
+    eval_sources,
+    flagify,
+    load,
+    perplexities,
+    positive,
+)
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    q = sub.add_parser(
+        "quantize",
+        parents=[common],
+        help="quantize a model and report perplexity before and after",
+    )
+    add_model_args(q)
+    g = q.add_argument_group("quantization")
+    g.add_argument("--method", default="baq", choices=METHODS)
+    g.add_argument("--bits", type=float, default=3.0, help="target average bits per weight")
+    g.add_argument("--group-size", type=int, default=None, help="columns per range (default row)")
+    g.add_argument("--sym", action="store_true", help="symmetric grid")
+    g.add_argument("--act-order", action="store_true", help="solve columns by decreasing diag H")
+    g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
+    g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch block")
+    g.add_argument("--integer-bits", action="store_true", help="BAQ: power-of-two levels only")
+    g.add_argument("--sensitivity", default="measured", choices=SENSITIVITIES)
+    g.add_argument("--exponent", type=float, default=2.0, help="BAQ: t in B + log2(c/g)/t")
+    g.add_argument("--max-levels", type=int, default=256, help="BAQ: cap on levels per column")
+    g.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"])
+    g.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave linears matching this fnmatch pattern unquantized (repeatable)",
+    )
+    c = q.add_argument_group("calibration")
+    c.add_argument("--calib", default="builtin", metavar="SRC", help="calibration text source")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    c.add_argument("--seed", type=int, default=0, help="seed of the window positions")
+    c.add_argument("--calib-start", type=int, default=0, help="first token windows may start at")
+    c.add_argument("--calib-end", type=int, default=None, help="token index windows end before")
+    add_eval_args(q, default=["builtin"])
+    o = q.add_argument_group("output")
+    o.add_argument("--skip-before", action="store_true", help="no perplexity before quantizing")
+    o.add_argument("--report", type=Path, help="write the JSON run report here")
+    o.add_argument("--output", type=Path, help="save the packed quantized model in this folder")
+    o.add_argument("--force", action="store_true", help="replace an existing --output folder")
+
+    q.set_defaults(func=cmd_quantize)
+
+
+def quant_config(args: argparse.Namespace) -> QuantConfig:
+    try:
+        return QuantConfig(
+            method=args.method,
+            bits=args.bits,
+            group_size=args.group_size,
+            sym=args.sym,
+            act_order=args.act_order,
+            percdamp=args.percdamp,
+            block_size=args.block_size,
+            integer_bits=args.integer_bits,
+            sensitivity=args.sensitivity,
+            exponent=args.exponent,
+            max_levels=args.max_levels,
+            hessian_dtype=args.hessian_dtype,
+            skip=tuple(args.skip),
+        )
+    except ValueError as err:
+        raise UsageError(flagify(str(err))) from None
+
+
+def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
+    from ..data import CalibConfig
+
+    cfg = quant_config(args)
+    positive("nsamples", args.nsamples)
+    positive("eval-windows", args.eval_windows)
+    for name in ("seqlen", "eval_seqlen"):
+        if getattr(args, name) < 2:
+            raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)}: use at least 2")
+    check_source(args.calib, "--calib")
+    for src in eval_sources(args):
+        check_source(src, "--eval")
+    try:
+        calib = CalibConfig(
+            source=args.calib,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            seed=args.seed,
+            start=args.calib_start,
+            end=args.calib_end,
+        )
+    except ValueError as err:
+        raise UsageError(flagify(str(err))) from None
+    if args.output is not None:
+        if args.output.exists() and not args.force:
+            raise UsageError(f"--output {args.output}: already exists; add --force to replace it")
+        parent = args.output.resolve().parent
+        if not parent.is_dir():
+            raise UsageError(f"--output {args.output}: parent folder {parent} does not exist")
+    if args.report is not None and args.report.is_dir():
+        raise UsageError(f"--report {args.report}: is a folder; give a file name")
+    check_model(args, args.seqlen, *([args.eval_seqlen] if eval_sources(args) else []))
+    return cfg, calib
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .. import data, models, report
+    from ..pipeline import quantize_model
+
+    cfg, calib_cfg = validate_quantize(args)
+    device = models.resolve_device(args.device)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tok = load(args)
+    seconds["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    calib_tokens = data.tokenize(tok, data.load_text(calib_cfg.source, split="train"))
+    calib = data.calibration_windows(
+        calib_tokens,
+        calib_cfg.nsamples,
+        calib_cfg.seqlen,
+        calib_cfg.seed,
+        calib_cfg.start,
+        calib_cfg.end,
+    )
+    sets = eval_sets(args, tok)
+    seconds["data"] = time.perf_counter() - t
+
+    before: dict[str, float] = {}
+    if sets and not args.skip_before:
+        t = time.perf_counter()
+        model.to(device)
+        before = perplexities(model, sets, device, "before")
+        model.to("cpu")
+        seconds["eval_before"] = time.perf_counter() - t
+
+    run = quantize_model(model, calib, cfg, device=device)
+    seconds["quantize"] = run.seconds
+
+    after: dict[str, float] = {}
+    if sets:
+        t = time.perf_counter()
+        model.to(device)
+        after = perplexities(model, sets, device, "after")
+        seconds["eval_after"] = time.perf_counter() - t
+
+    storage_bits = None
+    if args.output is not None:
+        from .. import storage
+
+        t = time.perf_counter()
+        model.to("cpu")
+        summary = {"nominal_bits": run.nominal_bits, "perplexity_after": after}
+        storage.save_quantized(args.output, model, tok, run.results, cfg, summary, args.force)
+        storage_bits = storage.storage_bits(args.output)
+        seconds["save"] = time.perf_counter() - t
+
+    rep = report.build_report(
+        model=args.model or "reference:SmolLM2-135M-Instruct.Q4_1",
+        quant=asdict(cfg),
+        calib=asdict(calib_cfg),
+        records=run.records,
+        seconds=seconds,
+        perplexity={k: {"before": before.get(k), "after": after.get(k)} for k in sets},
+        storage_bits=storage_bits,
+    )
+    if args.report is not None:
+        report.write_json(args.report, rep)
+    if not args.quiet:
+        print(report.format_summary(rep))
+        if storage_bits is not None:
+            print(f"saved {args.output}  ({storage_bits:.3f} storage bits per weight)")
+    return 0

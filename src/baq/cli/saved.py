@@ -1,0 +1,147 @@
+"""Commands on models, saved quantized folders included: ``eval``, ``generate``, ``inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import (
+    UsageError,
+    add_eval_args,
+    add_model_args,
+    check_model,
+    check_source,
+    eval_sets,
+    eval_sources,
+    load_any,
+    log,
+    perplexities,
+    positive,
+)
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    e = sub.add_parser(
+        "eval", parents=[common], help="perplexity of a model or a saved quantized model"
+    )
+    add_model_args(e)
+    add_eval_args(e, default=["builtin"])
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser(
+        "generate", parents=[common], help="continue a prompt with a model or a saved folder"
+    )
+    add_model_args(g)
+    g.add_argument("prompt", help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument(
+        "--cache-dequantized",
+        action="store_true",
+        help="keep dequantized weights after first use: faster, float-model memory",
+    )
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", parents=[common], help="per-layer table of a saved folder")
+    i.add_argument("folder", type=Path, help="a folder written by baq quantize --output")
+    i.set_defaults(func=cmd_inspect)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .. import models
+
+    positive("eval-windows", args.eval_windows)
+    sources = eval_sources(args)
+    if not sources:
+        raise UsageError("--eval none: nothing to evaluate; name a source, e.g. --eval builtin")
+    for src in sources:
+        check_source(src, "--eval")
+    check_model(args, args.eval_seqlen)
+    device = models.resolve_device(args.device)
+    model, tok = load_any(args, device)
+    model.to(device)
+    for name, value in perplexities(model, eval_sets(args, tok), device, "").items():
+        print(f"perplexity {name}: {value:.3f}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import models
+
+    positive("max-new-tokens", args.max_new_tokens)
+    if args.temperature < 0:
+        raise UsageError(f"--temperature={args.temperature}: use 0 (greedy) or more")
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty: give some text to continue")
+    check_model(args)
+    device = models.resolve_device(args.device)
+    model, tok = load_any(args, device, cache_dequantized=args.cache_dequantized)
+    if tok is None:
+        raise UsageError(f"{args.model}: has no tokenizer files; cannot encode a prompt")
+    model.to(device).eval()
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise UsageError("--chat: this tokenizer has no chat template; drop --chat")
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = args.prompt
+    ids = tok(text, return_tensors="pt").to(device)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature else {}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    torch.manual_seed(args.seed)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **ids, max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sampling
+        )
+    seconds = time.perf_counter() - t
+    new = out[0, ids["input_ids"].shape[1] :]
+    completion = tok.decode(new, skip_special_tokens=True)
+    print(completion if args.chat else args.prompt + completion)
+    log.info("%d tokens in %.2f s (%.1f tokens/s)", len(new), seconds, len(new) / seconds)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .. import manifest
+
+    if not (args.folder / manifest.MANIFEST_FILE).is_file():
+        raise UsageError(
+            f"{args.folder}: not a saved baq model (no {manifest.MANIFEST_FILE}); "
+            "write one with baq quantize --output"
+        )
+    rows = manifest.inspect_quantized(args.folder)
+    print(format_inspect(rows))
+    return 0
+
+
+def format_inspect(rows: list[dict]) -> str:
+    """The ``baq inspect`` table: one line per layer, then the weighted totals."""
+    width = max([len(r["name"]) for r in rows] + [5])
+    lines = [f"{'layer':<{width}}  {'shape':>11}  nominal  storage  levels (L:columns)"]
+    weights = nominal = stored = 0.0
+    for r in rows:
+        rows_, cols = r["shape"]
+        hist = sorted(r["levels"].items(), key=lambda kv: -kv[1])
+        shown = " ".join(f"{L}:{n}" for L, n in hist[:6]) + (" ..." if len(hist) > 6 else "")
+        lines.append(
+            f"{r['name']:<{width}}  {f'{rows_}x{cols}':>11}  {r['nominal_bits']:7.3f}  "
+            f"{r['storage_bits']:7.3f}  {shown}"
+        )
+        weights += rows_ * cols
+        nominal += r["nominal_bits"] * rows_ * cols
+        stored += r["storage_bits"] * rows_ * cols
+    if weights:
+        lines.append(
+            f"{len(rows)} layers, {int(weights):,} weights: {nominal / weights:.3f} nominal, "
+            f"{stored / weights:.3f} storage bits per weight"
+        )
+    return "\n".join(lines)
