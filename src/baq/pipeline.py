@@ -121,9 +121,11 @@ def quantize_model(
     cfg: QuantConfig,
     device: torch.device | str | None = None,
     progress: bool | None = None,
-    on_block_done: Callable[[int, QuantRun], None] | None = None,
+    on_block_done: Callable[[int, dict[str, QuantResult], list[LayerRecord]], None] | None = None,
     batch_size: int | None = None,
     batch_tokens: int = 4096,
+    start_block: int = 0,
+    restore_block: Callable[[int], tuple[dict[str, QuantResult], list[LayerRecord]]] | None = None,
 ) -> QuantRun:
     """Quantize every linear layer of every decoder block, in place, block by block.
 
@@ -133,10 +135,15 @@ def quantize_model(
         cfg: the settings.
         device: where blocks and solves run (default: CUDA when present, else CPU).
         progress: show a progress bar (None: only on a terminal).
-        on_block_done: called after each block with its index and the run so far (checkpoints).
+        on_block_done: called after each quantized block with its index, results and records
+            (checkpoints).
         batch_size: calibration samples per block forward; default: as many as fit in
             ``batch_tokens`` tokens, if batching reproduces the one-sample outputs on block 0.
         batch_tokens: token budget of one batched forward.
+        start_block: blocks before this one were quantized by an interrupted run: their results
+            come from ``restore_block(i)`` and they are only run forward, to recompute the next
+            block's inputs exactly as the interrupted run saw them.
+        restore_block: block index -> ``(results, records)`` saved by ``on_block_done``.
     Returns:
         The :class:`QuantRun`; the model's linears now hold the dequantized weights.
     """
@@ -166,6 +173,12 @@ def quantize_model(
         }
         if i == 0:
             batch = batch_size or _batch_size_for(block, inputs, kwargs, device, batch_tokens)
+        if i < start_block:
+            _restore(block, targets, f"{prefix}{i}.", restore_block, i, run)
+            with torch.inference_mode():
+                inputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
+            block.to(home)
+            continue
         hessians: dict[str, Tensor] = {}
         if cfg.method != "rtn" and targets:
             with torch.inference_mode(), hessian_hooks(block, targets, hdtype) as accs:
@@ -194,9 +207,33 @@ def quantize_model(
         block.to(home)
         run.seconds = time.perf_counter() - t0
         if on_block_done is not None:
-            on_block_done(i, run)
+            names = [f"{prefix}{i}.{name}" for name in targets]
+            block_records = run.records[len(run.records) - len(names) :]
+            on_block_done(i, {n: run.results[n] for n in names}, block_records)
     run.seconds = time.perf_counter() - t0
     return run
+
+
+def _restore(
+    block: nn.Module,
+    targets: dict[str, nn.Module],
+    prefix: str,
+    restore_block: Callable[[int], tuple[dict[str, QuantResult], list[LayerRecord]]] | None,
+    index: int,
+    run: QuantRun,
+) -> None:
+    """Put a finished block's saved results back into the model and the run."""
+    if restore_block is None:
+        raise ValueError("start_block > 0 needs restore_block")
+    results, records = restore_block(index)
+    expected = {f"{prefix}{name}" for name in targets}
+    if set(results) != expected:
+        raise ValueError(f"checkpoint of block {index} holds other layers than the model's")
+    for name, mod in targets.items():
+        models.set_weight(mod, results[f"{prefix}{name}"].weight)
+    run.results.update(results)
+    run.records.extend(records)
+    log.info("block %d restored from the checkpoint", index)
 
 
 def forward_all(

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -195,6 +196,7 @@ def save_quantized(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         save_file(quantized, str(tmp / QUANTIZED_FILE), metadata=meta)
+        sort_metadata(tmp / QUANTIZED_FILE)
         save_file(dense, str(tmp / DENSE_FILE), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         _save_generation_config(model, tmp)
@@ -223,6 +225,29 @@ def save_quantized(
         qconfig["storage_bits"],
     )
     return target
+
+
+def sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors writes the metadata map in hash order, which changes from process to process;
+    sorting makes the same save the same bytes. The header keeps its length (the same compact
+    JSON, reordered), so the tensor data does not move.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        if not meta:
+            return
+        ordered = {"__metadata__": dict(sorted(meta.items())), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n or raw[len(text) :].strip(b" "):
+            log.warning("%s: unexpected safetensors header layout; metadata left unsorted", path)
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def _save_generation_config(model: nn.Module, folder: Path) -> None:

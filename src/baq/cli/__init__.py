@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     logging.getLogger("baq").setLevel(level)
+    if args.quiet:  # errors only: no transformers progress bars either
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from .common import (
     eval_sources,
     flagify,
     load,
+    log,
     perplexities,
     positive,
 )
@@ -63,6 +64,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     o.add_argument("--report", type=Path, help="write the JSON run report here")
     o.add_argument("--output", type=Path, help="save the packed quantized model in this folder")
     o.add_argument("--force", action="store_true", help="replace an existing --output folder")
+    o.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from the checkpoint in OUTPUT.partial",
+    )
 
     q.set_defaults(func=cmd_quantize)
 
@@ -126,10 +132,11 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .. import data, models, report
+    from .. import checkpoint, data, models, report
     from ..pipeline import quantize_model
 
     cfg, calib_cfg = validate_quantize(args)
+    check_resume(args, cfg)
     device = models.resolve_device(args.device)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -157,7 +164,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model.to("cpu")
         seconds["eval_before"] = time.perf_counter() - t
 
-    run = quantize_model(model, calib, cfg, device=device)
+    ckpt, done = None, 0
+    if args.output is not None:
+        ckpt = checkpoint.Checkpoint(
+            checkpoint.partial_dir(args.output), checkpoint.fingerprint(model, calib, cfg)
+        )
+        done = ckpt.open(resume=args.resume)
+        if done:
+            log.info("resuming after %d finished blocks from %s", done, ckpt.folder)
+    try:
+        run = quantize_model(
+            model,
+            calib,
+            cfg,
+            device=device,
+            on_block_done=None if ckpt is None else ckpt.save_block,
+            start_block=done,
+            restore_block=None if ckpt is None else ckpt.load_block,
+        )
+    except KeyboardInterrupt:
+        if ckpt is not None:
+            log.warning("finished blocks kept in %s: rerun with --resume", ckpt.folder)
+        raise
     seconds["quantize"] = run.seconds
 
     after: dict[str, float] = {}
@@ -177,6 +205,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         storage.save_quantized(args.output, model, tok, run.results, cfg, summary, args.force)
         storage_bits = storage.storage_bits(args.output)
         seconds["save"] = time.perf_counter() - t
+        ckpt.remove()  # the save landed: the checkpoint has served
 
     rep = report.build_report(
         model=args.model or "reference:SmolLM2-135M-Instruct.Q4_1",
@@ -194,3 +223,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if storage_bits is not None:
             print(f"saved {args.output}  ({storage_bits:.3f} storage bits per weight)")
     return 0
+
+
+def check_resume(args: argparse.Namespace, cfg: QuantConfig) -> None:
+    """``--resume`` needs ``--output`` and its checkpoint, with the same settings; a leftover
+    checkpoint needs ``--resume``."""
+    from dataclasses import asdict
+
+    from .. import checkpoint
+    from ..checkpoint import RUN_FILE, partial_dir
+
+    if args.output is None:
+        if args.resume:
+            raise UsageError("--resume continues a checkpoint of --output DIR: add --output")
+        return
+    partial = partial_dir(args.output)
+    if args.resume and not (partial / RUN_FILE).is_file():
+        raise UsageError(f"--resume: no checkpoint at {partial}; run without --resume")
+    if args.resume:  # settings can be compared now; model and data once they are loaded
+        try:
+            checkpoint.check_settings(partial, asdict(cfg))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    if not args.resume and partial.exists():
+        raise UsageError(
+            f"{partial} holds an interrupted run: add --resume to continue it, "
+            "or delete it to start over"
+        )
