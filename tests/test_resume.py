@@ -1,4 +1,4 @@
-"""Interrupted runs resume to the very bytes an uninterrupted run writes (issue: runs that survive)."""
+"""Interrupted runs resume to the bytes an uninterrupted run writes (runs that survive)."""
 
 import os
 import subprocess

@@ -46,7 +46,10 @@ class QuantConfig:
         if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits)):
             raise ValueError(f"bits={self.bits!r}: use a number in [1, 8], e.g. --bits 3")
         if not 1.0 <= self.bits <= 8.0:
-            raise ValueError(f"bits={self.bits}: use a value in [1, 8], e.g. --bits 3")
+            raise ValueError(
+                f"bits={self.bits}: use a value in [1, 8] (8 bits = 256 levels is the most), "
+                "e.g. --bits 3"
+            )
         if self.method != "baq" and float(self.bits) != int(self.bits):
             raise ValueError(
                 f"bits={self.bits}: {self.method} gives every weight the same integer bitwidth; "
@@ -55,9 +58,11 @@ class QuantConfig:
         if not 2 <= self.max_levels <= 65536:
             raise ValueError(f"max_levels={self.max_levels}: use a value in [2, 65536], e.g. 256")
         if self.method == "baq" and self.bits > math.log2(self.max_levels):
+            top = math.log2(self.max_levels)
             raise ValueError(
                 f"bits={self.bits} cannot be reached with max_levels={self.max_levels} "
-                f"(at most {math.log2(self.max_levels):g} bits per column): raise --max-levels"
+                f"(at most log2({self.max_levels}) = {top:g} bits per column): lower --bits to "
+                f"{top:g} or raise --max-levels to {2 ** math.ceil(self.bits)}"
             )
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size={self.group_size}: use a positive integer, e.g. 128")

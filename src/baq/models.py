@@ -144,7 +144,8 @@ def _resolve_source(name_or_path: str | None, gguf_file: str | None) -> tuple[st
                 f"{name_or_path} is already a .gguf file: drop gguf_file={gguf_file!r}"
             )
         if not path.is_file():
-            raise FileNotFoundError(f"model file {name_or_path} does not exist")
+            raise FileNotFoundError(f"model file {name_or_path} does not exist: check the path")
+        check_gguf_magic(path)
         return str(path.parent), path.name
     if path.exists():
         if not path.is_dir():
@@ -152,15 +153,38 @@ def _resolve_source(name_or_path: str | None, gguf_file: str | None) -> tuple[st
         if gguf_file is not None:
             if not (path / gguf_file).is_file():
                 raise FileNotFoundError(f"{gguf_file} not found in {name_or_path}")
+            check_gguf_magic(path / gguf_file)
         elif not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f"; for its GGUF file add --gguf-file {ggufs[0]}" if ggufs else ""
             raise ValueError(
                 f"{name_or_path} has no config.json: give a folder written by save_pretrained, "
-                "or a .gguf file"
+                f"or a .gguf file{hint}"
             )
         return str(path), gguf_file
     if not _HUB_ID.match(name_or_path):
-        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
+        raise FileNotFoundError(
+            f"model folder {name_or_path} does not exist: check the path, "
+            "or give a hub id such as HuggingFaceTB/SmolLM2-135M"
+        )
     return name_or_path, gguf_file  # a hub id: transformers downloads or finds it in the cache
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_magic(path: Path) -> None:
+    """Reject a file that does not start with the GGUF magic bytes, before any parser reads it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(GGUF_MAGIC))
+    except OSError as err:
+        raise ValueError(f"cannot read {path} ({err.strerror}): check its permissions") from None
+    if head != GGUF_MAGIC:
+        raise ValueError(
+            f"{path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r}): "
+            "give a .gguf file written by llama.cpp's converters, or a model folder"
+        )
 
 
 def load_config(name_or_path: str | None = None, gguf_file: str | None = None) -> Any:
@@ -171,7 +195,39 @@ def load_config(name_or_path: str | None = None, gguf_file: str | None = None) -
         return AutoConfig.from_pretrained(source, **extra)
     except Exception as err:
         label = f"{source}/{gguf}" if gguf else source
-        raise ValueError(f"cannot read the config of {label}: {_one_line(err)}") from err
+        fix = ""
+        if gguf and "architecture" in str(err) and "not supported" in str(err):
+            fix = (
+                "; transformers cannot read this GGUF architecture: use the model's "
+                "safetensors folder or hub id instead"
+            )
+        cause = _one_line(err).rstrip(".") if fix else _one_line(err)
+        raise ValueError(f"cannot read the config of {label}: {cause}{fix}") from err
+
+
+def check_architecture(config: Any) -> None:
+    """Check, from the config alone, that the model is a causal LM whose decoder blocks are found.
+
+    The model is built on the meta device (no memory, no weights read), so an unsupported
+    architecture fails in a second instead of after the weight load.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    arch = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+    model_type = getattr(config, "model_type", "?")
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"{arch} (model type {model_type!r}) is not a causal language model transformers "
+            "loads with AutoModelForCausalLM: baq quantizes decoder-only LMs (Llama, Qwen, "
+            "Mistral, GPT-2, ...)"
+        )
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # the real load reports it; this check only looks for blocks
+        log.debug("cannot build %s on the meta device (%s); blocks checked later", arch, err)
+        return
+    decoder_layers(skeleton)  # raises, naming the class, when no block list is found
 
 
 def max_positions(config: Any) -> int | None:
@@ -181,6 +237,20 @@ def max_positions(config: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def load_tokenizer(name_or_path: str | None = None, gguf_file: str | None = None) -> Any:
+    """The model's tokenizer alone (cheap), as :func:`load_model` loads it."""
+    source, gguf = _resolve_source(name_or_path, gguf_file)
+    label = f"{source}/{gguf}" if gguf else source
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        return AutoTokenizer.from_pretrained(source, **extra)
+    except Exception as err:
+        fix = ""
+        if Path(source).is_dir() and not gguf and not _has_tokenizer_files(Path(source)):
+            fix = "; save one next to the model with tokenizer.save_pretrained(folder)"
+        raise ValueError(f"cannot load the tokenizer of {label}: {_one_line(err)}{fix}") from err
 
 
 def load_model(
@@ -208,13 +278,7 @@ def load_model(
     label = f"{source}/{gguf}" if gguf else source
     extra = {"gguf_file": gguf} if gguf else {}
     # the tokenizer first: it is cheap, so a broken folder fails before the slow weight load
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    except Exception as err:
-        fix = ""
-        if Path(source).is_dir() and not gguf and not _has_tokenizer_files(Path(source)):
-            fix = "; save one next to the model with tokenizer.save_pretrained(folder)"
-        raise ValueError(f"cannot load the tokenizer of {label}: {_one_line(err)}{fix}") from err
+    tokenizer = load_tokenizer(name_or_path, gguf_file)
     log.info("loading %s (dtype=%s) on %s", label, dtype, dev)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)

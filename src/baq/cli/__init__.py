@@ -12,7 +12,7 @@ import sys
 
 from .. import __version__
 from . import bench, quantize, saved
-from .common import UsageError, one_line
+from .common import UsageError, error_line, interrupted_line
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("baq: interrupted", file=sys.stderr)
+        print(f"baq: {interrupted_line(args)}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:  # UsageError, bad files, bad data, full disks
-        print(f"baq: error: {one_line(err)}", file=sys.stderr)
+        print(f"baq: error: {error_line(err, args)}", file=sys.stderr)
         return 2
 
 

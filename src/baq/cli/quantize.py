@@ -12,7 +12,11 @@ from .common import (
     UsageError,
     add_eval_args,
     add_model_args,
+    check_calib_fits,
+    check_eval_fits,
     check_model,
+    check_output_folder,
+    check_report_file,
     check_source,
     eval_sets,
     eval_sources,
@@ -34,7 +38,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     g = q.add_argument_group("quantization")
     g.add_argument("--method", default="baq", choices=METHODS)
     g.add_argument("--bits", type=float, default=3.0, help="target average bits per weight")
-    g.add_argument("--group-size", type=int, default=None, help="columns per range (default row)")
+    g.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="columns per range (default: one range per row); when N does not divide the "
+        "columns, the last group is shorter",
+    )
     g.add_argument("--sym", action="store_true", help="symmetric grid")
     g.add_argument("--act-order", action="store_true", help="solve columns by decreasing diag H")
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
@@ -118,14 +128,12 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
     except ValueError as err:
         raise UsageError(flagify(str(err))) from None
     if args.output is not None:
-        if args.output.exists() and not args.force:
-            raise UsageError(f"--output {args.output}: already exists; add --force to replace it")
-        parent = args.output.resolve().parent
-        if not parent.is_dir():
-            raise UsageError(f"--output {args.output}: parent folder {parent} does not exist")
-    if args.report is not None and args.report.is_dir():
-        raise UsageError(f"--report {args.report}: is a folder; give a file name")
+        check_output_folder(args.output, args.force)
+    if args.report is not None:
+        check_report_file(args.report)
     check_model(args, args.seqlen, *([args.eval_seqlen] if eval_sources(args) else []))
+    check_calib_fits(args, calib)
+    check_eval_fits(args)
     return cfg, calib
 
 

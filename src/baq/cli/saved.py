@@ -11,6 +11,7 @@ from .common import (
     UsageError,
     add_eval_args,
     add_model_args,
+    check_eval_fits,
     check_model,
     check_source,
     eval_sets,
@@ -61,6 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for src in sources:
         check_source(src, "--eval")
     check_model(args, args.eval_seqlen)
+    check_eval_fits(args)
     device = models.resolve_device(args.device)
     model, tok = load_any(args, device)
     model.to(device)
