@@ -102,7 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
-            **ids, max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sampling
+            **ids, max_new_tokens=args.max_new_tokens, pad_token_id=pad, use_cache=True, **sampling
         )
     seconds = time.perf_counter() - t
     new = out[0, ids["input_ids"].shape[1] :]

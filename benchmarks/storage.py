@@ -1,0 +1,199 @@
+"""Saved models: file size, storage vs nominal bits, load memory, generation speed (issue 5).
+
+For the reference model quantized with GPTQ and BAQ at 2, 3 and 4 bits, saved with
+``baq.storage``: bytes on disk, storage bits per quantized weight against the nominal rate, peak
+RSS of loading the folder in a fresh process, and greedy generation tokens per second of the packed
+model (dequantizing in every forward, and with ``cache_dequantized``) against the float model,
+measured in the same fresh process as a ratio.
+
+The storage rate depends on the level counts only, and speed and memory not at all on the
+calibration, so this uses fewer calibration windows than the perplexity protocol (``--nsamples``,
+default 16) to stay quick; the perplexity of these models is not what it measures.
+
+    python benchmarks/storage.py --out /tmp/storage-bench      # ~15 min on two CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "The history of the city begins"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: reset by exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_child(folder: str, packed: bool, cache: bool, new_tokens: int, repeats: int) -> dict:
+    """Runs in a fresh process: load, then time greedy generation; peak RSS of the whole."""
+    import torch
+
+    from baq import storage
+
+    torch.manual_seed(0)
+    rss0 = peak_rss_mib()
+    t = time.perf_counter()
+    if packed:
+        model, tok = storage.load_quantized(folder, cache_dequantized=cache)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+    load_s = time.perf_counter() - t
+    rss_load = peak_rss_mib()
+    ids = tok(PROMPT, return_tensors="pt")
+    best = float("inf")
+    with torch.inference_mode():
+        # the calibration-time config turns the KV cache off; generation wants it
+        model.generation_config.use_cache = True
+        model.generate(**ids, max_new_tokens=4, do_sample=False)  # warm-up (fills the cache)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = model.generate(
+                **ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+            best = min(best, time.perf_counter() - t)
+    n = out.shape[1] - ids["input_ids"].shape[1]
+    return {
+        "load_seconds": load_s,
+        "rss_before_load_mib": rss0,
+        "peak_rss_load_mib": rss_load,
+        "peak_rss_mib": peak_rss_mib(),
+        "tokens_per_second": n / best,
+    }
+
+
+def child(folder: Path, packed: bool, cache: bool, args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable, __file__, "--child", str(folder), "--new-tokens", str(args.new_tokens),
+        "--repeats", str(args.repeats), *(["--packed"] if packed else []),
+        *(["--cache"] if cache else []),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def save_float(model, folder: Path) -> None:
+    """The float model as a plain safetensors folder (a GGUF-loaded model refuses to save)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(model.state_dict())
+    fresh.save_pretrained(folder)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("storage-bench"))
+    p.add_argument("--methods", nargs="+", default=["gptq", "baq"])
+    p.add_argument("--bits", nargs="+", type=float, default=[2, 3, 4])
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--child")
+    p.add_argument("--packed", action="store_true")
+    p.add_argument("--cache", action="store_true")
+    args = p.parse_args()
+    if args.child:
+        res = measure_child(args.child, args.packed, args.cache, args.new_tokens, args.repeats)
+        print(json.dumps(res))
+        return
+
+    import torch
+
+    from baq import data, models, storage
+    from baq.config import QuantConfig
+    from baq.pipeline import quantize_model
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "storage.json"
+    rows = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    model, tok = models.load_model(None, dtype="float32", device="cpu")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    text = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
+    source = str(text) if text.is_file() else "builtin"
+    tokens = data.tokenize(tok, data.load_text(source, split="train"))
+    start = 150_000 if tokens.numel() > 160_000 else 0
+    calib = data.calibration_windows(tokens, args.nsamples, 512, 0, start)
+
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+        fp_dir = Path(tmp) / "float"
+        save_float(model, fp_dir)
+        tok.save_pretrained(fp_dir)
+        if "float" not in rows:
+            rows["float"] = {"bytes": folder_bytes(fp_dir), **child(fp_dir, False, False, args)}
+            results_path.write_text(json.dumps(rows, indent=1))
+        for method in args.methods:
+            for bits in args.bits:
+                name = f"{method}-{bits:g}b"
+                if name in rows:
+                    continue
+                cfg = QuantConfig(method=method, bits=bits)
+                model.load_state_dict(original)
+                t = time.perf_counter()
+                run = quantize_model(model, calib, cfg, device="cpu")
+                seconds = time.perf_counter() - t
+                folder = Path(tmp) / name
+                storage.save_quantized(folder, model, tok, run.results, cfg)
+                rows[name] = {
+                    "nominal_bits": run.nominal_bits,
+                    "storage_bits": storage.storage_bits(folder),
+                    "bytes": folder_bytes(folder),
+                    "quantized_bytes": (folder / "quantized.safetensors").stat().st_size,
+                    "quantize_seconds": seconds,
+                    "packed": child(folder, True, False, args),
+                    "cached": child(folder, True, True, args),
+                }
+                results_path.write_text(json.dumps(rows, indent=1))
+                print(name, json.dumps(rows[name]), flush=True)
+    print(format_table(rows))
+    (args.out / "storage.md").write_text(format_table(rows) + "\n")
+    del torch
+
+
+def format_table(rows: dict) -> str:
+    fp = rows["float"]
+    lines = [
+        "| model | nominal bits | storage bits | folder MiB | load peak RSS MiB | tokens/s "
+        "(x float) | tokens/s cached (x float) |",
+        "|---|---|---|---|---|---|---|",
+        f"| float32 | 32 | 32 | {fp['bytes'] / 2**20:.1f} | {fp['peak_rss_load_mib']:.0f} | "
+        f"{fp['tokens_per_second']:.1f} (1.00) | |",
+    ]
+    for name, r in rows.items():
+        if name == "float":
+            continue
+        pk, ca = r["packed"], r["cached"]
+        speed, cached = pk["tokens_per_second"], ca["tokens_per_second"]
+        base = fp["tokens_per_second"]
+        lines.append(
+            f"| {name} | {r['nominal_bits']:.3f} | {r['storage_bits']:.3f} | "
+            f"{r['bytes'] / 2**20:.1f} | {pk['peak_rss_load_mib']:.0f} | "
+            f"{speed:.1f} ({speed / base:.2f}) | {cached:.1f} ({cached / base:.2f}) |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
