@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py [--blocks 4 16] [--hidden 1024] [--intermediate 2816]
                                 [--vocab 32000] [--batch 8] [--seqlen 128] [--threads 1]
+                                [--quantize]
 
 Two synthetic Llama models of the same width and different depths (random weights, float32,
 saved as sharded safetensors in a temporary folder) are walked the way the quantization
@@ -13,6 +14,13 @@ imports the libraries. Each measurement runs in a fresh subprocess and reports i
 resident set size (``resource.getrusage(...).ru_maxrss``). With lazy loading the peak should
 not grow with depth: the 16-block / 4-block ratio should be near 1 for ``lazy`` and near the
 ratio of the model sizes for ``full``.
+
+``--quantize`` measures the whole command instead: ``baq quantize FOLDER --method gptq --bits 4
+--nsamples BATCH --seqlen SEQLEN --eval none --output OUT``, with ``--lazy`` (``quantize-lazy``)
+and without (``quantize-full``), each in a fresh process; the folders get a word-level tokenizer
+and the calibration text is Python's ``pydoc_data.topics``. Besides the walk this holds the solver
+results (a full load keeps float weights and int32 codes of every layer, ``--lazy`` uint8 codes
+only) and writes the packed save.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import time
 from pathlib import Path
 
 MODES = ("baseline", "lazy", "full")
+QUANTIZE_MODES = ("baseline", "quantize-lazy", "quantize-full")
 
 
 def peak_rss_mib() -> float:
@@ -53,7 +62,58 @@ def make_model(folder: Path, blocks: int, args: argparse.Namespace) -> int:
     )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(folder, max_shard_size="200MB")
+    if args.quantize:
+        make_tokenizer(args.vocab).save_pretrained(folder)
+        (folder.parent / "corpus.txt").write_text(corpus())
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def corpus() -> str:
+    """Python's own documentation text: a calibration text that needs no download."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def make_tokenizer(vocab: int):
+    """A word-level tokenizer over the most common words of :func:`corpus` (ids < ``vocab``)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ids = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word, _ in Counter(corpus().split()).most_common(vocab - len(ids)):
+        ids[word] = len(ids)
+    tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def measure_quantize(mode: str, folder: str, args: argparse.Namespace) -> dict:
+    """One ``baq quantize`` run (in a fresh process), lazy or not; report its peak RSS."""
+    import shutil
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from baq.cli import main
+
+    out = Path(folder).parent / f"out-{Path(folder).name}-{mode}"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["quantize", folder, "--method", "gptq", "--bits", "4", "--device", "cpu", "-q"]
+    argv += ["--calib", str(Path(folder).parent / "corpus.txt"), "--nsamples", str(args.batch)]
+    argv += ["--seqlen", str(args.seqlen), "--eval", "none", "--output", str(out)]
+    if mode == "quantize-lazy":
+        argv.append("--lazy")
+    t0 = time.perf_counter()
+    if main(argv) != 0:
+        raise SystemExit(f"baq {' '.join(argv)} failed")
+    result = {"mode": mode, "seconds": time.perf_counter() - t0, "peak_mib": peak_rss_mib()}
+    shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 def measure(mode: str, folder: str, args: argparse.Namespace) -> dict:
@@ -63,6 +123,8 @@ def measure(mode: str, folder: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from baq import lazy, models
 
+    if mode.startswith("quantize"):
+        return measure_quantize(mode, folder, args)
     result = {"mode": mode}
     if mode == "baseline":
         result["peak_mib"] = peak_rss_mib()
@@ -103,6 +165,8 @@ def run_child(flag: str, value: str, folder: Path, args: argparse.Namespace) -> 
     cmd = [sys.executable, __file__, flag, value, str(folder)]
     for key in ("hidden", "intermediate", "vocab", "batch", "seqlen", "threads"):
         cmd += [f"--{key}", str(getattr(args, key))]
+    if args.quantize:
+        cmd.append("--quantize")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{flag} {value} failed:\n{out.stderr[-3000:]}")
@@ -118,6 +182,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--quantize",
+        action="store_true",
+        help="measure `baq quantize --lazy` against `baq quantize` (GPTQ 4 bits, --nsamples "
+        "BATCH) instead of a bare block walk",
+    )
     p.add_argument("--measure", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     p.add_argument("--make", nargs=2, metavar=("BLOCKS", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -129,17 +199,20 @@ def main() -> None:
         print(json.dumps({"bytes": size}))
         return
 
+    modes = QUANTIZE_MODES if args.quantize else MODES
+    lazy_mode, full_mode = modes[1], modes[2]
     print(
         f"Llama hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab} "
         f"(untied), float32; batch ({args.batch}, {args.seqlen}); {args.threads} thread(s); "
         "peak RSS in MiB, each in a fresh process"
+        + ("; baq quantize --method gptq --bits 4 --eval none --output" if args.quantize else "")
     )
     rows = []
     with tempfile.TemporaryDirectory(prefix="baq-memory-") as tmp:
         for blocks in args.blocks:
             folder = Path(tmp) / f"llama-{blocks}"
             size = run_child("--make", str(blocks), folder, args)["bytes"] / 2**20
-            res = {mode: run_child("--measure", mode, folder, args) for mode in MODES}
+            res = {mode: run_child("--measure", mode, folder, args) for mode in modes}
             rows.append((blocks, size, res))
     base = rows[0][2]["baseline"]["peak_mib"]
     print(f"baseline (python + torch + transformers imported): {base:.0f} MiB")
@@ -148,7 +221,7 @@ def main() -> None:
         f"{'full peak':>10} {'full-base':>10} {'full s':>7}"
     )
     for blocks, size, res in rows:
-        lazy, full = res["lazy"], res["full"]
+        lazy, full = res[lazy_mode], res[full_mode]
         b = res["baseline"]["peak_mib"]
         print(
             f"{blocks:>6} {size:>10.0f} {lazy['peak_mib']:>10.0f} {lazy['peak_mib'] - b:>10.0f} "
@@ -157,7 +230,7 @@ def main() -> None:
         )
     if len(rows) >= 2:
         (b0, s0, r0), (b1, s1, r1) = rows[0], rows[-1]
-        for mode in ("lazy", "full"):
+        for mode in (lazy_mode, full_mode):
             ratio = r1[mode]["peak_mib"] / r0[mode]["peak_mib"]
             above = (r1[mode]["peak_mib"] - r1["baseline"]["peak_mib"]) / (
                 r0[mode]["peak_mib"] - r0["baseline"]["peak_mib"]

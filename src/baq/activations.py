@@ -28,6 +28,9 @@ import torch
 from torch import Tensor
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 too: the pipeline keeps every model's hidden states in a store, and a model may run in
+# double precision (analyses, reference runs); it is not a dtype calibration usually needs
+_ACCEPTED = (*DTYPES, torch.float64)
 
 _UNITS = {
     "": 1,
@@ -113,7 +116,7 @@ class ActivationStore:
 
     Args:
         shape: full shape, e.g. (nsamples, seqlen, hidden).
-        dtype: float32, bfloat16 or float16.
+        dtype: float32, bfloat16, float16 (or float64).
         max_bytes: budget of RAM for this store; None means unlimited. A store of more bytes
             goes to disk (so 0 always spills, except an empty store).
         dir: folder for the spill file's temporary folder (default: the system's temp dir).
@@ -126,8 +129,10 @@ class ActivationStore:
         max_bytes: int | None = None,
         dir: str | os.PathLike | None = None,
     ) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype}: an activation store holds float32, bfloat16, float16")
+        if dtype not in _ACCEPTED:
+            raise ValueError(
+                f"dtype {dtype}: an activation store holds float32, bfloat16, float16, float64"
+            )
         self.shape = torch.Size(int(s) for s in shape)
         if len(self.shape) < 1 or any(s < 0 for s in self.shape):
             raise ValueError(f"shape {tuple(self.shape)}: need at least one non-negative size")

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -46,18 +47,34 @@ def partial_dir(output: str | os.PathLike) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def tensor_digest(tensors: list[tuple[str, Tensor]]) -> str:
-    """SHA-256 of named tensors' names, shapes, dtypes and bytes (meta tensors: no bytes)."""
+def tensor_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """SHA-256 of named tensors' names, shapes, dtypes and bytes (meta tensors: no bytes).
+
+    Takes any iterable, so a lazily loaded model can be hashed a block at a time.
+    """
     h = hashlib.sha256()
     for name, t in tensors:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         if t.device.type != "meta":
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # the array's buffer, not a bytes copy: the embeddings may be GBs
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
 
 
-def fingerprint(model: nn.Module, calib_ids: Tensor, cfg: QuantConfig) -> dict[str, Any]:
-    """What a resumed run must share with the interrupted one: settings, data and weights."""
+def fingerprint(
+    model: nn.Module,
+    calib_ids: Tensor,
+    cfg: QuantConfig,
+    tensors: Iterable[tuple[str, Tensor]] | None = None,
+) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: settings, data and weights.
+
+    Args:
+        tensors: the model's state as ``(name, tensor)`` pairs, default
+            ``model.state_dict().items()``; a lazily loaded model passes
+            ``streaming.state_items(model, loader)``, which reads its released blocks, so that
+            its digest is the one a full load of the same weights gives.
+    """
     return {
         "version": CHECKPOINT_VERSION,
         "config": json.loads(json.dumps(asdict(cfg))),
@@ -67,7 +84,7 @@ def fingerprint(model: nn.Module, calib_ids: Tensor, cfg: QuantConfig) -> dict[s
         },
         "model": {
             "class": type(model).__name__,
-            "sha256": tensor_digest(list(model.state_dict().items())),
+            "sha256": tensor_digest(model.state_dict().items() if tensors is None else tensors),
         },
     }
 

@@ -545,6 +545,21 @@ def _plan(
     return resident, per_block
 
 
+def _load_generation_config(model: PreTrainedModel, folder: Path) -> None:
+    """Read ``generation_config.json`` as ``from_pretrained`` does (``from_config`` only derives
+    one from ``config.json``, losing sampling settings that a save would then drop)."""
+    if not model.can_generate():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:  # no generation_config.json: from config.json, as from_pretrained falls back
+        model.generation_config = GenerationConfig.from_pretrained(
+            folder, config_file_name="config.json", _from_model_config=True
+        )
+
+
 def open_lazy(
     name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto", tokenizer: bool = True
 ) -> tuple[PreTrainedModel, Any, LazyLoader]:
@@ -610,6 +625,7 @@ def open_lazy(
             if not slot.is_param:
                 loader._set(slot, torch.empty(slot.shape, dtype=slot.dtype, device="meta"))
     loader._materialise(resident, torch.device("cpu"))
+    _load_generation_config(model, folder)
     model.eval()
     model.config.use_cache = False
     log.info(

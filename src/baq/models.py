@@ -14,7 +14,7 @@ import inspect
 import itertools
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -515,7 +515,10 @@ def _warn_mixed_attention(model: nn.Module, seqlen: int) -> None:
 
 
 def capture_block_inputs(
-    model: nn.Module, input_ids: Tensor, device: torch.device | str
+    model: nn.Module,
+    input_ids: Tensor,
+    device: torch.device | str,
+    sink: Callable[[Tensor], None] | None = None,
 ) -> tuple[list[Tensor], dict[str, Any]]:
     """Inputs of decoder block 0, recorded from the model's own forward, one sample at a time.
 
@@ -528,6 +531,9 @@ def capture_block_inputs(
         model: causal LM in eval mode.
         input_ids: (n, seq) int64 token windows.
         device: where the embedding-side forward runs.
+        sink: if given, called with each sample's (1, seq, hidden_size) CPU tensor instead of
+            collecting them (e.g. to write them into an activation store that spills to disk,
+            so that the whole set is never held as a list); ``hidden`` is then empty.
     Returns:
         ``(hidden, kwargs)``: ``hidden`` is a list of n tensors (1, seq, hidden_size) on the CPU
         (calibration sets can be larger than device memory); ``kwargs`` are block 0's keyword
@@ -548,7 +554,10 @@ def capture_block_inputs(
         for i in range(input_ids.shape[0]):
             args, call_kwargs = _first_block_call(model, blocks[0], input_ids[i : i + 1].to(device))
             states, call_kwargs = _as_kwargs(blocks[0], args, call_kwargs)
-            hidden.append(states.detach().to("cpu"))
+            if sink is None:
+                hidden.append(states.detach().to("cpu"))
+            else:
+                sink(states.detach().to("cpu"))
             if i == 0:
                 kwargs = call_kwargs
     for key in _CACHE_KWARGS:

@@ -4,7 +4,10 @@ Block ``i`` is calibrated on the outputs of the already-quantized blocks before 
 of the block over the calibration inputs accumulates every linear's Hessian proxy
 ``H = 2 X X^T / n`` (forward hooks, removed on exit), each linear is solved with RTN, GPTQ or BAQ
 and written back, and a second forward of the quantized block gives the next block's inputs.
-Only the block being solved sits on the accelerator; the activations stay on the host.
+Only the block being solved sits on the accelerator; the activations stay on the host, in an
+:class:`~baq.activations.ActivationStore` that spills to disk beyond ``max_activation_bytes``.
+With a ``LazyLoader`` (``baq.lazy``) each block is also read from disk just before its Hessian
+pass and released after its outputs are computed, so host memory does not grow with depth.
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import models
+from . import models, streaming
+from .activations import ActivationStore
 from .config import QuantConfig
 from .quant.gptq import QuantResult
 from .quant.grid import Grid
 from .quant.layer import LayerRecord, quantize_layer
+
+if TYPE_CHECKING:
+    from .lazy import LazyLoader
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +134,8 @@ def quantize_model(
     batch_tokens: int = 4096,
     start_block: int = 0,
     restore_block: Callable[[int], tuple[dict[str, QuantResult], list[LayerRecord]]] | None = None,
+    loader: LazyLoader | None = None,
+    max_activation_bytes: int | None = None,
 ) -> QuantRun:
     """Quantize every linear layer of every decoder block, in place, block by block.
 
@@ -144,8 +154,16 @@ def quantize_model(
             come from ``restore_block(i)`` and they are only run forward, to recompute the next
             block's inputs exactly as the interrupted run saw them.
         restore_block: block index -> ``(results, records)`` saved by ``on_block_done``.
+        loader: the :class:`baq.lazy.LazyLoader` of a model opened with ``open_lazy``: each
+            block is read from disk before its Hessian pass and released after its outputs are
+            computed, and results are kept compact (``streaming.compact``: no float weight), so
+            host memory stays about one block plus the activations whatever the depth.
+        max_activation_bytes: RAM budget of the calibration activations (each of the input and
+            output stores of a block); beyond it they spill to a temporary file. None: in RAM.
     Returns:
-        The :class:`QuantRun`; the model's linears now hold the dequantized weights.
+        The :class:`QuantRun`. Without a loader the model's linears now hold the dequantized
+        weights; with one the blocks are released again (run the quantized model with
+        ``loader.streaming(on_load=streaming.quantized_on_load(loader, run.results))``).
     """
     device = models.resolve_device("auto" if device is None else str(device))
     hdtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
@@ -154,64 +172,102 @@ def quantize_model(
     blocks = models.decoder_layers(model)
     prefix = _module_prefix(model, blocks)
     with torch.inference_mode():
-        captured, kwargs = models.capture_block_inputs(model, calib_ids, device)
-    inputs = torch.cat(captured)  # (nsamples, seqlen, hidden), on the host
-    del captured
+        inputs, kwargs = streaming.capture_inputs(model, calib_ids, device, max_activation_bytes)
     kwargs = models.move_kwargs(kwargs, device)
     log.info("captured %d calibration inputs of %d tokens", len(inputs), calib_ids.shape[1])
+    if inputs.spilled:
+        log.info("calibration activations spill to %s", inputs.path)
     batch = 1
 
     bar = tqdm(range(len(blocks)), desc=f"{cfg.method} {cfg.bits:g} bits", disable=_off(progress))
-    for i in bar:
-        block = blocks[i]
-        home = next(block.parameters()).device
-        block.to(device)
-        targets = {
-            name: mod
-            for name, mod in models.linears(block).items()
-            if not is_skipped(f"{prefix}{i}.{name}", cfg.skip)
-        }
-        if i == 0:
-            batch = batch_size or _batch_size_for(block, inputs, kwargs, device, batch_tokens)
-        if i < start_block:
-            _restore(block, targets, f"{prefix}{i}.", restore_block, i, run)
+    try:
+        for i in bar:
+            if loader is not None:
+                block, home = loader.load_block(i, device), None
+            else:
+                block = blocks[i]
+                home = next(block.parameters()).device
+                block.to(device)
+            targets = {
+                name: mod
+                for name, mod in models.linears(block).items()
+                if not is_skipped(f"{prefix}{i}.{name}", cfg.skip)
+            }
+            if i == 0:
+                batch = batch_size or _batch_size_for(block, inputs, kwargs, device, batch_tokens)
+            if i < start_block:
+                _restore(block, targets, f"{prefix}{i}.", restore_block, i, run, loader is not None)
+            else:
+                _solve_block(
+                    block,
+                    targets,
+                    f"{prefix}{i}.",
+                    inputs,
+                    kwargs,
+                    device,
+                    batch,
+                    cfg,
+                    hdtype,
+                    run,
+                    compact=loader is not None,
+                )
             with torch.inference_mode():
-                inputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
-            block.to(home)
-            continue
-        hessians: dict[str, Tensor] = {}
-        if cfg.method != "rtn" and targets:
-            with torch.inference_mode(), hessian_hooks(block, targets, hdtype) as accs:
-                forward_all(block, inputs, kwargs, device, batch, keep=False)
-            hessians = {name: accs[name].hessian() for name in targets if name in accs}
-        for name, mod in targets.items():
-            full = f"{prefix}{i}.{name}"
-            t = time.perf_counter()
-            W = models.get_weight(mod)
-            check_finite(full, W)
-            res, rec = quantize_layer(W, hessians.pop(name, None), cfg, full)
-            models.set_weight(mod, res.weight)
-            rec.seconds = time.perf_counter() - t
-            run.results[full] = _to_cpu(res)
-            run.records.append(rec)
-            log.info(
-                "%s: %.3f bits, loss %.4g%s%s",
-                full,
-                rec.nominal_bits,
-                rec.loss,
-                "" if rec.predicted_gain is None else f", predicted gain {rec.predicted_gain:.3f}",
-                "" if rec.percdamp in (None, cfg.percdamp) else f", percdamp {rec.percdamp:g}",
-            )
-        with torch.inference_mode():
-            inputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
-        block.to(home)
-        run.seconds = time.perf_counter() - t0
-        if on_block_done is not None:
-            names = [f"{prefix}{i}.{name}" for name in targets]
-            block_records = run.records[len(run.records) - len(names) :]
-            on_block_done(i, {n: run.results[n] for n in names}, block_records)
+                outputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
+            inputs.close()
+            inputs = outputs
+            if loader is not None:
+                del block
+                loader.release_block(i)  # also gives the freed heap back (trim_heap)
+            else:
+                block.to(home)
+            run.seconds = time.perf_counter() - t0
+            if on_block_done is not None and i >= start_block:
+                names = [f"{prefix}{i}.{name}" for name in targets]
+                block_records = run.records[len(run.records) - len(names) :]
+                on_block_done(i, {n: run.results[n] for n in names}, block_records)
+    finally:
+        inputs.close()
     run.seconds = time.perf_counter() - t0
     return run
+
+
+def _solve_block(
+    block: nn.Module,
+    targets: dict[str, nn.Module],
+    prefix: str,
+    inputs: ActivationStore,
+    kwargs: dict,
+    device: torch.device,
+    batch: int,
+    cfg: QuantConfig,
+    hdtype: torch.dtype,
+    run: QuantRun,
+    compact: bool,
+) -> None:
+    """Hessians from one forward over ``inputs``, then each linear solved and written back."""
+    hessians: dict[str, Tensor] = {}
+    if cfg.method != "rtn" and targets:
+        with torch.inference_mode(), hessian_hooks(block, targets, hdtype) as accs:
+            forward_all(block, inputs, kwargs, device, batch, keep=False)
+        hessians = {name: accs[name].hessian() for name in targets if name in accs}
+    for name, mod in targets.items():
+        full = f"{prefix}{name}"
+        t = time.perf_counter()
+        W = models.get_weight(mod)
+        check_finite(full, W)
+        res, rec = quantize_layer(W, hessians.pop(name, None), cfg, full)
+        models.set_weight(mod, res.weight)
+        rec.seconds = time.perf_counter() - t
+        run.results[full] = streaming.compact(res) if compact else _to_cpu(res)
+        run.records.append(rec)
+        log.info(
+            "%s: %.3f bits, loss %.4g%s%s",
+            full,
+            rec.nominal_bits,
+            rec.loss,
+            "" if rec.predicted_gain is None else f", predicted gain {rec.predicted_gain:.3f}",
+            "" if rec.percdamp in (None, cfg.percdamp) else f", percdamp {rec.percdamp:g}",
+        )
 
 
 def _restore(
@@ -221,6 +277,7 @@ def _restore(
     restore_block: Callable[[int], tuple[dict[str, QuantResult], list[LayerRecord]]] | None,
     index: int,
     run: QuantRun,
+    compact: bool = False,
 ) -> None:
     """Put a finished block's saved results back into the model and the run."""
     if restore_block is None:
@@ -230,7 +287,9 @@ def _restore(
     if set(results) != expected:
         raise ValueError(f"checkpoint of block {index} holds other layers than the model's")
     for name, mod in targets.items():
-        models.set_weight(mod, results[f"{prefix}{name}"].weight)
+        models.set_weight(mod, streaming.weight_of(results[f"{prefix}{name}"]))
+    if compact:
+        results = {name: streaming.compact(res) for name, res in results.items()}
     run.results.update(results)
     run.records.extend(records)
     log.info("block %d restored from the checkpoint", index)
@@ -238,18 +297,28 @@ def _restore(
 
 def forward_all(
     block: nn.Module,
-    inputs: Tensor,
+    inputs: ActivationStore,
     kwargs: dict,
     device: torch.device,
     batch: int,
     keep: bool,
-) -> Tensor | None:
-    """Run ``block`` over (nsamples, seqlen, hidden) ``inputs`` in batches; outputs on the host."""
-    outs = torch.empty_like(inputs) if keep else None
-    for s in range(0, len(inputs), batch):
-        y = models.run_block(block, inputs[s : s + batch].to(device), kwargs)
+) -> ActivationStore | None:
+    """Run ``block`` over the (nsamples, seqlen, hidden) ``inputs`` in batches.
+
+    Returns:
+        With ``keep``, the outputs in a new store like ``inputs`` (same budget: they spill to
+        disk too when the inputs do); else None (a forward for the Hessian hooks only).
+    """
+    outs = inputs.empty_like() if keep else None
+    try:
+        for s in range(0, len(inputs), batch):
+            y = models.run_block(block, inputs[s : s + batch].to(device), kwargs)
+            if outs is not None:
+                outs[s : s + batch] = y
+    except BaseException:
         if outs is not None:
-            outs[s : s + batch] = y.to(outs.device)
+            outs.close()
+        raise
     return outs
 
 

@@ -91,8 +91,13 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def _dense_state(model: nn.Module, quantized: set[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _dense_state(
+    model: nn.Module, quantized: set[str], loader: Any = None
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Every tensor of the state dict except the quantized weights, with aliases stored once.
+
+    With the ``LazyLoader`` of a lazily loaded model, released blocks' tensors are read from
+    its checkpoint (``streaming.dense_state``) instead of refused as meta tensors.
 
     Returns:
         ``(tensors, tied)``: contiguous CPU tensors by name, and alias name -> stored name for
@@ -103,7 +108,13 @@ def _dense_state(model: nn.Module, quantized: set[str]) -> tuple[dict[str, Tenso
     storages: set[tuple] = set()
     tensors: dict[str, Tensor] = {}
     tied: dict[str, str] = {}
-    for key, t in model.state_dict().items():
+    if loader is None:
+        state = model.state_dict()
+    else:
+        from .streaming import dense_state
+
+        state = dense_state(model, skip, loader)
+    for key, t in state.items():
         if t.device.type == "meta":
             raise StorageError(f"{key} is on the meta device: load the model's weights first")
         view = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
@@ -134,6 +145,7 @@ def save_quantized(
     cfg: QuantConfig,
     summary: dict | None = None,
     force: bool = False,
+    loader: Any = None,
 ) -> Path:
     """Save a quantized model as a packed Hugging Face folder, atomically.
 
@@ -149,6 +161,9 @@ def save_quantized(
         cfg: the settings, recorded in ``quantization_config``.
         summary: report numbers for ``quantization_config["summary"]`` (perplexities, ...).
         force: replace an existing save.
+        loader: the ``baq.lazy.LazyLoader`` of a model opened with ``open_lazy``, whose blocks
+            are on meta: their unquantized tensors are read from its checkpoint. Results may be
+            compact (``weight`` None): only codes, grid and levels are saved.
     Returns:
         The absolute path of the saved folder.
     Raises:
@@ -170,7 +185,7 @@ def save_quantized(
         layer = PackedLinear.from_quantized(res)
         quantized.update(layer.file_tensors(name))
         layers[name] = layer.file_meta()
-    dense, tied = _dense_state(model, set(results))
+    dense, tied = _dense_state(model, set(results), loader)
     qconfig = {
         "quant_method": FORMAT,
         "format_version": FORMAT_VERSION,

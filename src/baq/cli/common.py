@@ -295,6 +295,8 @@ def check_finite_weights(model: Any) -> None:
     import torch
 
     for name, param in model.named_parameters():
+        if param.device.type == "meta":  # a lazily loaded block: checked per layer when solved
+            continue
         if param.is_floating_point() and not bool(torch.isfinite(param).all()):
             bad = int((~torch.isfinite(param)).sum())
             raise ValueError(
@@ -365,6 +367,55 @@ def load(args: argparse.Namespace):
     log.info("loaded %s in %.1f s", args.model or "the reference model", time.perf_counter() - t)
     check_finite_weights(model)
     return model, tok
+
+
+def lazy_problem(model: str | None, gguf_file: str | None) -> str | None:
+    """Why ``--lazy`` cannot read this model argument (None when it can), in a few words."""
+    from ..lazy import can_load_lazily
+
+    if can_load_lazily(model, gguf_file):
+        return None
+    if model is None:
+        return "the reference model is a GGUF file"
+    path = Path(model).expanduser()
+    if gguf_file is not None or model.endswith(".gguf"):
+        return f"{model} is a GGUF file"
+    if not path.exists():
+        return f"{model} is not a local folder"
+    if path.is_dir() and (path / "config.json").is_file():
+        return f"{model} holds no safetensors weights (only .bin)"
+    return f"{model} is not a folder with config.json and safetensors weights"
+
+
+def check_lazy(args: argparse.Namespace) -> None:
+    """``--lazy`` needs a local folder with safetensors weights; anything else loads whole."""
+    problem = lazy_problem(args.model, args.gguf_file) if args.lazy else None
+    if problem is not None:
+        raise UsageError(
+            f"--lazy: {problem}; GGUF files, hub ids and .bin checkpoints load whole. Save "
+            "the model as a folder (model.save_pretrained(FOLDER) and "
+            "tokenizer.save_pretrained(FOLDER) write safetensors) and pass FOLDER, or drop --lazy"
+        )
+
+
+def load_lazy(args: argparse.Namespace):
+    """``(model, tokenizer, loader)``: the model opened with its blocks left on disk.
+
+    A folder that ``open_lazy`` cannot map (checkpoint names that need transformers' key
+    conversions, remote code) falls back to the full load, with a warning, and loader None.
+    """
+    from .. import lazy
+
+    t = time.perf_counter()
+    try:
+        model, tok, loader = lazy.open_lazy(args.model, args.dtype)
+    except lazy.LazyLoadUnsupported as err:
+        log.warning("--lazy: %s; loading the whole model instead", one_line(err))
+        model, tok = load(args)
+        return model, tok, None
+    log.info("opened %s lazily in %.1f s", args.model, time.perf_counter() - t)
+    check_finite_weights(model)
+    return model, tok, loader
 
 
 def load_any(args: argparse.Namespace, device: Any, cache_dequantized: bool = False):

@@ -14,6 +14,7 @@ from .common import (
     add_model_args,
     check_calib_fits,
     check_eval_fits,
+    check_lazy,
     check_model,
     check_output_folder,
     check_report_file,
@@ -22,6 +23,7 @@ from .common import (
     eval_sources,
     flagify,
     load,
+    load_lazy,
     log,
     perplexities,
     positive,
@@ -69,6 +71,20 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     c.add_argument("--calib-start", type=int, default=0, help="first token windows may start at")
     c.add_argument("--calib-end", type=int, default=None, help="token index windows end before")
     add_eval_args(q, default=["builtin"])
+    m = q.add_argument_group("memory")
+    m.add_argument(
+        "--lazy",
+        action="store_true",
+        help="read one decoder block at a time from a local safetensors folder: host memory "
+        "stays about one block plus the calibration activations, however deep the model",
+    )
+    m.add_argument(
+        "--max-activation-memory",
+        metavar="SIZE",
+        default=None,
+        help="RAM for each of a block's calibration input and output sets (e.g. 2GiB, 500MB); "
+        "beyond it they spill to a temporary file in $TMPDIR (default: no limit)",
+    )
     o = q.add_argument_group("output")
     o.add_argument("--skip-before", action="store_true", help="no perplexity before quantizing")
     o.add_argument("--report", type=Path, help="write the JSON run report here")
@@ -105,9 +121,14 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
 
 
 def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
+    from ..activations import parse_size
     from ..data import CalibConfig
 
     cfg = quant_config(args)
+    try:
+        args.max_activation_bytes = parse_size(args.max_activation_memory)
+    except ValueError as err:
+        raise UsageError(f"--max-activation-memory: {err}") from None
     positive("nsamples", args.nsamples)
     positive("eval-windows", args.eval_windows)
     for name in ("seqlen", "eval_seqlen"):
@@ -131,6 +152,7 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
         check_output_folder(args.output, args.force)
     if args.report is not None:
         check_report_file(args.report)
+    check_lazy(args)  # before check_model: a hub id or GGUF is refused without reading it
     check_model(args, args.seqlen, *([args.eval_seqlen] if eval_sources(args) else []))
     check_calib_fits(args, calib)
     check_eval_fits(args)
@@ -140,7 +162,7 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .. import checkpoint, data, models, report
+    from .. import checkpoint, data, models, report, streaming
     from ..pipeline import quantize_model
 
     cfg, calib_cfg = validate_quantize(args)
@@ -148,7 +170,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = models.resolve_device(args.device)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    model, tok = load(args)
+    loader = None
+    if args.lazy:
+        model, tok, loader = load_lazy(args)
+    else:
+        model, tok = load(args)
     seconds["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -167,15 +193,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     before: dict[str, float] = {}
     if sets and not args.skip_before:
         t = time.perf_counter()
-        model.to(device)
-        before = perplexities(model, sets, device, "before")
-        model.to("cpu")
+        if loader is not None:
+            before = streamed_perplexities(loader, sets, device, "before")
+        else:
+            model.to(device)
+            before = perplexities(model, sets, device, "before")
+            model.to("cpu")
         seconds["eval_before"] = time.perf_counter() - t
 
     ckpt, done = None, 0
     if args.output is not None:
+        # a lazy model is hashed a block at a time, read from disk: the digest of a full load
+        tensors = None if loader is None else streaming.state_items(model, loader)
         ckpt = checkpoint.Checkpoint(
-            checkpoint.partial_dir(args.output), checkpoint.fingerprint(model, calib, cfg)
+            checkpoint.partial_dir(args.output),
+            checkpoint.fingerprint(model, calib, cfg, tensors),
         )
         done = ckpt.open(resume=args.resume)
         if done:
@@ -189,6 +221,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             on_block_done=None if ckpt is None else ckpt.save_block,
             start_block=done,
             restore_block=None if ckpt is None else ckpt.load_block,
+            loader=loader,
+            max_activation_bytes=args.max_activation_bytes,
         )
     except KeyboardInterrupt:
         if ckpt is not None:
@@ -199,8 +233,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     after: dict[str, float] = {}
     if sets:
         t = time.perf_counter()
-        model.to(device)
-        after = perplexities(model, sets, device, "after")
+        if loader is not None:
+            on_load = streaming.quantized_on_load(loader, run.results)
+            after = streamed_perplexities(loader, sets, device, "after", on_load)
+        else:
+            model.to(device)
+            after = perplexities(model, sets, device, "after")
         seconds["eval_after"] = time.perf_counter() - t
 
     storage_bits = None
@@ -208,9 +246,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from .. import storage
 
         t = time.perf_counter()
-        model.to("cpu")
+        if loader is None:
+            model.to("cpu")
         summary = {"nominal_bits": run.nominal_bits, "perplexity_after": after}
-        storage.save_quantized(args.output, model, tok, run.results, cfg, summary, args.force)
+        storage.save_quantized(
+            args.output, model, tok, run.results, cfg, summary, args.force, loader=loader
+        )
         storage_bits = storage.storage_bits(args.output)
         seconds["save"] = time.perf_counter() - t
         ckpt.remove()  # the save landed: the checkpoint has served
@@ -231,6 +272,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if storage_bits is not None:
             print(f"saved {args.output}  ({storage_bits:.3f} storage bits per weight)")
     return 0
+
+
+def streamed_perplexities(
+    loader: Any, sets: dict[str, Any], device: Any, when: str, on_load: Any = None
+) -> dict[str, float]:
+    """Perplexities of a lazily loaded model, each block read from disk as the forward reaches it.
+
+    Memory stays one block, at the price of reading every block once per evaluation window
+    (the page cache serves repeats when the model fits in it). ``on_load`` writes the
+    quantized weights into each block as it is loaded (after quantization).
+    """
+    loader.to(device)
+    try:
+        with loader.streaming(on_load=on_load):
+            return perplexities(loader.model, sets, device, when)
+    finally:
+        loader.to("cpu")
 
 
 def check_resume(args: argparse.Namespace, cfg: QuantConfig) -> None:
