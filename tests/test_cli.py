@@ -130,3 +130,18 @@ def test_python_api_quantizes_in_place(tiny_model_dir):
     run = baq.quantize(model, tok, baq.QuantConfig(method="gptq", bits=4), nsamples=4, seqlen=32)
     assert run.nominal_bits == 4
     assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_calibration_starts_after_the_evaluated_tokens_of_the_same_text(text_file):
+    from baq.cli import build_parser
+    from baq.cli.quantize import calib_start
+
+    def start(*extra):
+        return calib_start(build_parser().parse_args(["quantize", *extra]))
+
+    same = ["--calib", str(text_file), "--eval", str(text_file)]
+    assert start(*same, "--eval-windows", "3", "--eval-seqlen", "100") == 300
+    assert start(*same) == 16 * 2048  # the quantize default evaluates 16 windows of 2048
+    assert start(*same, "--calib-start", "7") == 7  # an explicit start wins
+    assert start("--calib", str(text_file), "--eval", "builtin") == 0  # different texts
+    assert start("--calib", "wikitext2", "--eval", "wikitext2") == 0  # train vs test split

@@ -53,7 +53,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
 
 
-def add_eval_args(p: argparse.ArgumentParser, default: list[str] | None) -> None:
+def add_eval_args(
+    p: argparse.ArgumentParser, default: list[str] | None, windows: int | None = None
+) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument(
         "--eval",
@@ -63,7 +65,12 @@ def add_eval_args(p: argparse.ArgumentParser, default: list[str] | None) -> None
         help=f"perplexity text: {', '.join(HUB_SOURCES)}, or a .txt/.jsonl file; repeatable "
         f"(default: {' '.join(default or []) or 'none'}; 'none' to skip)",
     )
-    g.add_argument("--eval-windows", type=int, default=None, help="first N windows (default all)")
+    g.add_argument(
+        "--eval-windows",
+        type=int,
+        default=windows,
+        help=f"first N windows (default {windows or 'all'})",
+    )
     g.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per window")
     p.set_defaults(eval_default=default or [])
 
