@@ -7,10 +7,13 @@ from ``L`` alone (:func:`scheme`), so a reader never needs a flag:
   of two (bit-exact), else ``ceil(log2 L)``. Code ``i`` occupies stream bits ``[i*b, (i+1)*b)``,
   its least significant bit first; stream bit ``t`` is bit ``t % 8`` of byte ``t // 8``. Stored
   as uint8.
-* ``radix``: mixed radix, ``k`` base-``L`` digits per int64 word with ``k`` the largest count such
-  that ``L^k <= 2^63``; word ``w`` holds codes ``w*k .. w*k+k-1`` as
-  ``sum_i code[w*k + i] * L^i`` (first code least significant). Used for a level count that is
-  not a power of two whenever its ``64 / k`` bits per code beat ``ceil(log2 L)``.
+* ``radix``: mixed radix, ``k`` base-``L`` digits combined into one value
+  ``sum_i code[g*k + i] * L^i`` (first code least significant), ``0 <= value < L^k``, the values
+  written as a ``b``-bit stream as above, ``b`` the bit length of ``L^k - 1`` (at most 63).
+  ``k`` is the count in ``1 .. 63`` with the fewest bits per code ``b / k`` (the smallest such
+  ``k``). Used for a level count that is not a power of two whenever ``b / k`` beats
+  ``ceil(log2 L)``; for ``L <= 30`` it is within 0.025 bits of ``log2 L`` (e.g. L = 9: 17 digits
+  in 54 bits, 3.176 bits per code for ``log2 9 = 3.170``).
 
 A layer groups its columns by level count: a stable sort by ``L`` gives the permutation, and each
 level class is one stream of its ``(rows, n_k)`` codes in row-major order. ``L = 1`` stores nothing.
@@ -24,21 +27,32 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# a radix word is an int64 that must stay non-negative: every word value is < L^k <= 2^63
-_RADIX_LIMIT = 2**63
+# a radix value must fit a non-negative int64 while it is built: b <= 63 bits
+_MAX_FIELD_BITS = 63
 # level counts are stored as int32
 MAX_LEVELS = 2**31 - 1
 
 
-def radix_digits(levels: int) -> int:
-    """Largest ``k`` with ``levels^k <= 2^63``: base-``levels`` digits per int64 word."""
+def radix_digits(levels: int) -> tuple[int, int]:
+    """``(k, b)``: base-``levels`` digits per value and the bits of a value, ``b / k`` smallest.
+
+    Args:
+        levels: the radix L >= 2.
+    Returns:
+        ``k`` in ``1 .. 63`` and ``b = bit_length(L^k - 1) <= 63`` minimising ``b / k`` (ties: the
+        smallest ``k``).
+    """
     if levels < 2:
         raise ValueError(f"levels={levels}: a radix needs at least 2 levels")
-    k, power = 0, 1
-    while power * levels <= _RADIX_LIMIT:
-        power *= levels
-        k += 1
-    return k
+    best = (1, (levels - 1).bit_length())
+    k, power = 1, levels
+    while True:
+        k, power = k + 1, power * levels
+        b = (power - 1).bit_length()
+        if b > _MAX_FIELD_BITS:
+            return best
+        if b * best[0] < best[1] * k:  # b / k < best b / best k, in integers
+            best = (k, b)
 
 
 def scheme(levels: int) -> tuple[str, int]:
@@ -48,7 +62,7 @@ def scheme(levels: int) -> tuple[str, int]:
         levels: level count L >= 1.
     Returns:
         ``("none", 0)`` for L = 1 (no codes), ``("bits", b)`` for a b-bit stream, or
-        ``("radix", k)`` for k digits per int64 word.
+        ``("radix", k)`` for k digits per value (see :func:`radix_digits` for its bits).
     """
     if levels < 1 or levels > MAX_LEVELS:
         raise ValueError(f"levels={levels}: use 1 <= L <= {MAX_LEVELS}")
@@ -57,15 +71,18 @@ def scheme(levels: int) -> tuple[str, int]:
     b = (levels - 1).bit_length()  # ceil(log2 L), exact for powers of two
     if levels & (levels - 1) == 0:
         return "bits", b
-    k = radix_digits(levels)
-    # radix costs 64/k bits per code; ties go to the simpler bit stream
-    return ("radix", k) if 64 < b * k else ("bits", b)
+    k, bits = radix_digits(levels)
+    # radix costs bits/k per code; ties go to the simpler bit stream
+    return ("radix", k) if bits < b * k else ("bits", b)
 
 
 def code_bits(levels: int) -> float:
     """Storage bits per code of ``levels`` levels, before the final partial byte or word."""
     kind, n = scheme(levels)
-    return 64.0 / n if kind == "radix" else float(n)
+    if kind == "radix":
+        k, bits = radix_digits(levels)
+        return bits / k
+    return float(n)
 
 
 def packed_nbytes(levels: int, count: int) -> int:
@@ -75,13 +92,15 @@ def packed_nbytes(levels: int, count: int) -> int:
         return 0
     if kind == "bits":
         return -(-count * n // 8)
-    return 8 * -(-count // n)
+    k, bits = radix_digits(levels)
+    groups = -(-count // k)
+    return -(-groups * bits // 8)
 
 
 def packed_dtype(levels: int) -> torch.dtype | None:
-    """Element type of the stream: uint8 for bit streams, int64 for radix words, None for L = 1."""
+    """Element type of the stream: uint8 (both schemes are bit streams), None for L = 1."""
     kind, _ = scheme(levels)
-    return {"none": None, "bits": torch.uint8, "radix": torch.int64}[kind]
+    return None if kind == "none" else torch.uint8
 
 
 def _bit_pieces(bits: int):
@@ -139,35 +158,36 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
 
 
 def pack_radix(codes: Tensor, levels: int) -> Tensor:
-    """Pack codes as base-``levels`` digits, :func:`radix_digits` of them per int64 word.
+    """Pack codes as base-``levels`` digits, ``k`` per value, values as a ``b``-bit stream.
 
     Args:
         codes: (n,) integer codes in ``[0, levels)``.
         levels: the radix L >= 2.
     Returns:
-        (ceil(n / k),) int64 words ``sum_i code[w*k + i] * L^i``, all in ``[0, L^k)``.
+        (ceil(ceil(n / k) * b / 8),) uint8: values ``sum_i code[g*k + i] * L^i`` in ``[0, L^k)``
+        packed by :func:`pack_bits` (``k, b`` from :func:`radix_digits`).
     """
-    k = radix_digits(levels)
+    k, bits = radix_digits(levels)
     n = codes.numel()
-    words = -(-n // k)
-    D = torch.zeros(words * k, dtype=torch.int64, device=codes.device)
+    groups = -(-n // k)
+    D = torch.zeros(groups * k, dtype=torch.int64, device=codes.device)
     D[:n] = codes.reshape(-1)
-    D = D.view(words, k)
+    D = D.view(groups, k)
     # Horner from the most significant digit: every partial value stays below L^k <= 2^63
-    w = D[:, k - 1].clone()
+    value = D[:, k - 1].clone()
     for i in range(k - 2, -1, -1):
-        w = w * levels + D[:, i]
-    return w
+        value = value * levels + D[:, i]
+    return pack_bits(value, bits)
 
 
 def unpack_radix(packed: Tensor, levels: int, n: int) -> Tensor:
-    """Inverse of :func:`pack_radix`: (words,) int64 -> (n,) int64 codes."""
-    k = radix_digits(levels)
-    w = packed.reshape(-1).to(torch.int64).clone()
-    D = torch.empty(w.numel(), k, dtype=torch.int64, device=packed.device)
+    """Inverse of :func:`pack_radix`: uint8 stream -> (n,) int64 codes."""
+    k, bits = radix_digits(levels)
+    value = unpack_bits(packed, bits, -(-n // k))
+    D = torch.empty(value.numel(), k, dtype=torch.int64, device=packed.device)
     for i in range(k):
-        D[:, i] = w % levels
-        w = w // levels
+        D[:, i] = value % levels
+        value = value // levels
     return D.reshape(-1)[:n]
 
 
@@ -437,8 +457,10 @@ def read_layer(
                 f"tensor {key} has {size} bytes: expected {packed_nbytes(level, rows * count)}"
             )
         kind, k = scheme(level)
-        if kind == "radix" and ((stream < 0).any() or (stream >= level**k).any()):
-            raise ValueError(f"tensor {key} holds words outside [0, {level}^{k})")
+        if kind == "radix":
+            k, bits = radix_digits(level)
+            if int(unpack_bits(stream, bits, -(-rows * count // k)).max()) >= level**k:
+                raise ValueError(f"tensor {key} holds values outside [0, {level}^{k})")
         if kind == "bits" and level & (level - 1):
             if int(unpack_bits(stream, k, rows * count).max()) >= level:
                 raise ValueError(f"tensor {key} holds codes >= {level}")
