@@ -1,0 +1,337 @@
+"""Checks that run before a model is loaded, and the one-line messages of bad input.
+
+Every function here reads configs, file headers or a tokenizer at most, never weights, so a bad
+argument fails in a second with a line that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("baq")
+
+
+HUB_SOURCES = ("builtin", "wikitext2", "ptb", "c4")
+
+
+DOWNLOADED = ("wikitext2", "ptb", "c4")  # text sources that would need the network to check
+
+
+# Weight files transformers loads from a folder (sharded checkpoints have an index).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+# No tokenizer makes fewer than one token per this many characters: a text this much longer
+# than the tokens its windows need surely fits, and is not tokenized twice to find out.
+CHARS_PER_TOKEN_MAX = 16
+
+
+class UsageError(ValueError):
+    """A bad argument or input: one line, exit code 2."""
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"--{name}={value}: use a positive integer")
+
+
+def check_source(src: str, flag: str) -> None:
+    if src in HUB_SOURCES:
+        return
+    path = Path(src)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise UsageError(
+            f"{flag} {src}: not a known source; use one of {', '.join(HUB_SOURCES)} "
+            "or a .txt/.jsonl file"
+        )
+    if not path.is_file():
+        raise UsageError(f"{flag} {src}: file not found")
+    check_text_file(path, flag)
+
+
+def check_text_file(path: Path, flag: str) -> None:
+    """A text file must be readable, UTF-8 without NUL bytes, and hold some text."""
+    from .. import data
+
+    try:
+        data.load_text(str(path))
+    except OSError as err:
+        raise UsageError(
+            f"{flag} {path}: cannot read it ({err.strerror or err}): check its permissions"
+        ) from None
+    except ValueError as err:
+        raise UsageError(f"{flag} {one_line(err)}") from None
+
+
+def is_saved_folder(model: str | None) -> bool:
+    return model is not None and (Path(model) / "manifest.json").is_file()
+
+
+def check_readable(path: Path) -> None:
+    """A local model file or folder must be readable (a folder also listable)."""
+    unreadable = [
+        p
+        for p in (path, path / "config.json")
+        if p.exists() and not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0))
+    ]
+    if unreadable:
+        raise UsageError(
+            f"model {unreadable[0]}: permission denied; make it readable "
+            f"(chmod -R u+rX {path}) or copy the model somewhere you can read"
+        )
+
+
+def check_model_folder(folder: Path) -> None:
+    """A model folder must hold weights and a tokenizer next to its config.json (checked by
+    name, before transformers reads anything; a missing config.json is reported by models)."""
+    from ..models import _has_tokenizer_files
+
+    if not (folder / "config.json").is_file():
+        return
+    if not any((folder / name).is_file() for name in WEIGHT_FILES) and not any(
+        folder.glob("*.safetensors")
+    ):
+        raise UsageError(
+            f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}): "
+            "save the model into it with model.save_pretrained(folder)"
+        )
+    if not _has_tokenizer_files(folder):
+        raise UsageError(
+            f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...): "
+            "save one into it with tokenizer.save_pretrained(folder)"
+        )
+
+
+def check_model_path(model: str | None, gguf_file: str | None) -> None:
+    """Local paths: readable, and a folder holds a model. A path that does not exist is
+    reported by ``models`` (or read as a hub id)."""
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        return
+    check_readable(path)
+    if gguf_file is not None and path.is_dir():
+        check_readable(path / gguf_file)
+    if path.is_dir() and gguf_file is None:
+        check_model_folder(path)
+
+
+def check_model(args: argparse.Namespace, *seqlens: int) -> Any:
+    """Resolve the model and read only its config: bad paths, architectures without decoder
+    blocks and too-long windows fail here, before the weights are loaded. A saved baq folder is
+    checked by its manifest instead."""
+    from .. import models
+
+    if is_saved_folder(args.model):
+        return None
+    check_model_path(args.model, args.gguf_file)
+    config = models.load_config(args.model, args.gguf_file)
+    models.check_architecture(config)
+    limit = models.max_positions(config)
+    for n in seqlens:
+        if limit is not None and n > limit:
+            raise UsageError(
+                f"sequence length {n} exceeds the model's {limit} positions: lower --seqlen "
+                "or --eval-seqlen"
+            )
+    return config
+
+
+def eval_sources(args: argparse.Namespace) -> list[str]:
+    sources = args.eval if args.eval is not None else args.eval_default
+    return [] if sources == ["none"] else sources
+
+
+def tokenizer_only(args: argparse.Namespace) -> Any:
+    """The model's tokenizer without its weights (loaded once per command)."""
+    from .. import models
+
+    if getattr(args, "tokenizer_only", None) is None:
+        args.tokenizer_only = models.load_tokenizer(args.model, args.gguf_file)
+    return args.tokenizer_only
+
+
+def check_text_fits(
+    args: argparse.Namespace, src: str, flag: str, needed: int, cut: Callable[[Any], Any]
+) -> None:
+    """A local text that may hold fewer tokens than its windows need is tokenized now, with the
+    tokenizer alone, and ``cut`` (a ``data`` windowing call) says whether it fits."""
+    from .. import data
+
+    if src in DOWNLOADED or is_saved_folder(args.model):
+        return
+    text = data.load_text(src)
+    if len(text) >= CHARS_PER_TOKEN_MAX * needed:
+        return
+    tokens = data.tokenize(tokenizer_only(args), text)
+    try:
+        cut(tokens)
+    except ValueError as err:
+        raise UsageError(f"{flag} {src}: {one_line(err)}") from None
+
+
+def check_calib_fits(args: argparse.Namespace, calib: Any) -> None:
+    """The calibration text holds enough tokens for ``calib`` (a ``CalibConfig``)."""
+    from .. import data
+
+    needed = calib.end if calib.end is not None else calib.start + calib.seqlen + 1
+    check_text_fits(
+        args,
+        calib.source,
+        "--calib",
+        needed,
+        lambda tokens: data.calibration_windows(
+            tokens, 1, calib.seqlen, calib.seed, calib.start, calib.end
+        ),
+    )
+
+
+def check_eval_fits(args: argparse.Namespace) -> None:
+    """Every evaluation text holds enough tokens for its windows."""
+    from .. import data
+
+    for src in eval_sources(args):
+        check_text_fits(
+            args,
+            src,
+            "--eval",
+            args.eval_seqlen * (args.eval_windows or 1),
+            lambda tokens: data.eval_windows(tokens, args.eval_seqlen, args.eval_windows),
+        )
+
+
+def writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def check_output_folder(output: Path, force: bool) -> None:
+    """``--output``: new (or, with --force, a previous baq save), in a writable folder."""
+    target = output.expanduser().absolute()
+    if target.exists() or target.is_symlink():
+        if not force:
+            raise UsageError(f"--output {output}: already exists; add --force to replace it")
+        if not target.is_dir() or target.is_symlink():
+            raise UsageError(
+                f"--output {output}: exists and is not a folder; delete it or choose another name"
+            )
+        if any(target.iterdir()) and not (target / "manifest.json").is_file():
+            raise UsageError(
+                f"--output {output}: is not a baq model folder (no manifest.json), and --force "
+                "replaces only a previous baq save; choose another name"
+            )
+    parent = target.parent
+    if not parent.is_dir():
+        raise UsageError(
+            f"--output {output}: parent folder {parent} does not exist; create it first "
+            "or choose another folder"
+        )
+    if not writable(parent):
+        raise UsageError(
+            f"--output {output}: cannot write in {parent} (permission denied); "
+            "choose a folder you can write to"
+        )
+
+
+def check_report_file(report: Path) -> None:
+    """``--report``: a file name whose nearest existing folder is writable."""
+    if report.is_dir():
+        raise UsageError(f"--report {report}: is a folder; give a file name")
+    folder = report.expanduser().absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(
+            f"--report {report}: {folder} is a file, not a folder; choose another path"
+        )
+    if not writable(folder):
+        raise UsageError(
+            f"--report {report}: cannot write in {folder} (permission denied); "
+            "choose a folder you can write to"
+        )
+
+
+def check_finite_weights(model: Any) -> None:
+    """Every floating weight is finite: a damaged checkpoint fails right after the load, naming
+    the tensor, instead of deep inside a solve."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if param.device.type == "meta":  # a lazily loaded block: checked per layer when solved
+            continue
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            bad = int((~torch.isfinite(param)).sum())
+            raise ValueError(
+                f"weight {name} holds {bad} NaN/Inf values: the checkpoint is damaged; "
+                "re-download or re-export the model"
+            )
+
+
+def no_space(err: BaseException) -> bool:
+    """The error, or one it was raised from, is a full disk (or quota)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def kept_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The ``OUTPUT.partial`` checkpoint an interrupted or failed run left, if any."""
+    output = getattr(args, "output", None)
+    if output is None:
+        return None
+    from ..checkpoint import partial_dir
+
+    partial = partial_dir(output)
+    return partial if partial.is_dir() else None
+
+
+def error_line(err: BaseException, args: argparse.Namespace) -> str:
+    """The one line ``baq: error:`` prints, with the fix for a full disk."""
+    text = one_line(err)
+    if no_space(err):
+        partial = kept_checkpoint(args)
+        if partial is None:
+            text += "; free some disk space, or choose an --output on another disk"
+        else:
+            text += f"; free some disk space and rerun with --resume (the checkpoint is {partial})"
+    return text
+
+
+def interrupted_line(args: argparse.Namespace) -> str:
+    """The one line printed on Ctrl-C."""
+    output = getattr(args, "output", None)
+    text = "interrupted"
+    if output is not None and not output.exists():
+        text += f"; nothing was saved to {output}"
+    partial = kept_checkpoint(args)
+    if partial is not None:
+        text += f"; rerun with --resume to continue from the checkpoint in {partial}"
+    return text
+
+
+def flagify(msg: str) -> str:
+    """``group_size=0: ...`` -> ``--group-size=0: ...``: errors name the flag the user typed."""
+    head, sep, tail = msg.partition("=")
+    if sep and head.isidentifier():
+        return f"--{head.replace('_', '-')}={tail}"
+    return msg
