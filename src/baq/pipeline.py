@@ -171,13 +171,17 @@ def quantize_model(
     run = QuantRun()
     blocks = models.decoder_layers(model)
     prefix = _module_prefix(model, blocks)
-    with torch.inference_mode():
-        inputs, kwargs = streaming.capture_inputs(model, calib_ids, device, max_activation_bytes)
-    kwargs = models.move_kwargs(kwargs, device)
-    log.info("captured %d calibration inputs of %d tokens", len(inputs), calib_ids.shape[1])
-    if inputs.spilled:
-        log.info("calibration activations spill to %s", inputs.path)
-    batch = 1
+    # RTN reads no data: no capture, no propagation, just the grid on every weight
+    inputs, kwargs, batch = _NoInputs(), {}, 1
+    if cfg.method != "rtn":
+        with torch.inference_mode():
+            inputs, kwargs = streaming.capture_inputs(
+                model, calib_ids, device, max_activation_bytes
+            )
+        kwargs = models.move_kwargs(kwargs, device)
+        log.info("captured %d calibration inputs of %d tokens", len(inputs), calib_ids.shape[1])
+        if inputs.spilled:
+            log.info("calibration activations spill to %s", inputs.path)
 
     bar = tqdm(range(len(blocks)), desc=f"{cfg.method} {cfg.bits:g} bits", disable=_off(progress))
     try:
@@ -193,7 +197,7 @@ def quantize_model(
                 for name, mod in models.linears(block).items()
                 if not is_skipped(f"{prefix}{i}.{name}", cfg.skip)
             }
-            if i == 0:
+            if i == 0 and not isinstance(inputs, _NoInputs):
                 batch = batch_size or _batch_size_for(block, inputs, kwargs, device, batch_tokens)
             if i < start_block:
                 _restore(block, targets, f"{prefix}{i}.", restore_block, i, run, loader is not None)
@@ -211,10 +215,11 @@ def quantize_model(
                     run,
                     compact=loader is not None,
                 )
-            with torch.inference_mode():
-                outputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
-            inputs.close()
-            inputs = outputs
+            if not isinstance(inputs, _NoInputs):
+                with torch.inference_mode():
+                    outputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
+                inputs.close()
+                inputs = outputs
             if loader is not None:
                 del block
                 loader.release_block(i)  # also gives the freed heap back (trim_heap)
@@ -229,6 +234,13 @@ def quantize_model(
         inputs.close()
     run.seconds = time.perf_counter() - t0
     return run
+
+
+class _NoInputs:
+    """Stands in for the activations of a method that reads none (RTN)."""
+
+    def close(self) -> None:
+        pass
 
 
 def _solve_block(
