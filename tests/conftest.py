@@ -18,6 +18,24 @@ def _seed():
 VOCAB = 512
 
 
+def corpus(chars: int) -> str:
+    """The first ``chars`` characters of the built-in corpus (Python's pydoc topics)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:chars]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command loads weights: argument errors must come first."""
+    from baq import models
+
+    def boom(*a, **k):
+        raise AssertionError("model weights loaded before the arguments were validated")
+
+    monkeypatch.setattr(models, "load_model", boom)
+
+
 def make_tokenizer():
     """A word-level tokenizer over the most common words of the built-in corpus (no download)."""
     from collections import Counter

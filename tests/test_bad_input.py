@@ -12,27 +12,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from baq import models
 from baq.cli import build_parser, main
-from conftest import make_tiny_llama, make_tokenizer
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if a command loads weights: these errors must come first."""
-
-    def boom(*a, **k):
-        raise AssertionError("model weights loaded before the input was validated")
-
-    monkeypatch.setattr(models, "load_model", boom)
+from conftest import corpus, make_tiny_llama, make_tokenizer
 
 
 @pytest.fixture
 def text_file(tmp_path):
-    from pydoc_data.topics import topics
-
     path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:20_000])
+    path.write_text(corpus(20_000))
     return path
 
 

@@ -4,27 +4,15 @@ import math
 import pytest
 import torch
 
-from baq import models
 from baq.cli import main
 from baq.cli.common import flagify
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if a command loads weights: argument errors must come first."""
-
-    def boom(*a, **k):
-        raise AssertionError("model weights loaded before the arguments were validated")
-
-    monkeypatch.setattr(models, "load_model", boom)
+from conftest import corpus
 
 
 @pytest.fixture
 def text_file(tmp_path):
-    from pydoc_data.topics import topics
-
     path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:200_000])
+    path.write_text(corpus(200_000))
     return path
 
 

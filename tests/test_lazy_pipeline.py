@@ -16,15 +16,13 @@ from baq.cli import main
 from baq.config import QuantConfig
 from baq.packed_linear import nominal_bits_of, storage_bits_of
 from baq.pipeline import quantize_model
-from conftest import make_tiny_llama, make_tokenizer
+from conftest import corpus, make_tiny_llama, make_tokenizer
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 4-block tiny Llama (tied head, sampling settings) in several safetensors shards, and a
     text file."""
-    from pydoc_data.topics import topics
-
     root = tmp_path_factory.mktemp("lazy-pipeline")
     model_dir = root / "tiny4"
     model = make_tiny_llama(layers=4)
@@ -33,7 +31,7 @@ def setup(tmp_path_factory):
     make_tokenizer().save_pretrained(model_dir)
     assert (model_dir / lazy.INDEX_FILE).is_file()
     text = root / "corpus.txt"
-    text.write_text("\n\n".join(topics[k] for k in sorted(topics))[:100_000])
+    text.write_text(corpus(100_000))
     return root, model_dir, text
 
 

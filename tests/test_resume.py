@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from baq.cli import main
-from conftest import make_tiny_llama, make_tokenizer
+from conftest import corpus, make_tiny_llama, make_tokenizer
 
 # the child quantizes with the real CLI and SIGKILLs itself right after checkpointing block 1
 KILLER = """
@@ -30,14 +30,12 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from pydoc_data.topics import topics
-
     root = tmp_path_factory.mktemp("resume")
     model_dir = root / "tiny4"
     make_tiny_llama(layers=4).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     text = root / "corpus.txt"
-    text.write_text("\n\n".join(topics[k] for k in sorted(topics))[:100_000])
+    text.write_text(corpus(100_000))
     return root, model_dir, text
 
 

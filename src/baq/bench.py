@@ -272,10 +272,10 @@ def estimate_seconds(
 ) -> list[float]:
     """Rough seconds per run from one timed forward and one timed GPTQ solve of block 0.
 
-    A run costs its evaluation tokens, one (RTN) or two (Hessians, then propagation) passes over
-    the calibration tokens at the same per-token cost, and zero, one or two (BAQ measured) solves
-    of every linear. Attention makes short calibration windows cheaper per token than a 2048-token
-    window, so this errs long.
+    A run costs its evaluation tokens, none (RTN reads no data) or two (Hessians, then
+    propagation) passes over the calibration tokens at the same per-token cost, and zero, one
+    or two (BAQ measured) solves of every linear. Attention makes short calibration windows
+    cheaper per token than a 2048-token window, so this errs long.
     """
     window = next(iter(sets.values()))[:1].to(device)
     blocks = models.decoder_layers(model)
@@ -295,7 +295,7 @@ def estimate_seconds(
     for cfg in (spec.cfg for spec in specs):
         method = "fp" if cfg is None else cfg.method
         measured = method == "baq" and cfg.sensitivity == "measured"
-        solves.append({"fp": (0, 0), "rtn": (1, 0)}.get(method, (2, 1 + measured)))
+        solves.append({"fp": (0, 0), "rtn": (0, 0)}.get(method, (2, 1 + measured)))
     return [evaluate + p * passes + n * solve for p, n in solves]
 
 

@@ -34,6 +34,7 @@ from .config import QuantConfig
 from .quant.gptq import QuantResult
 from .quant.grid import Grid, dequantize
 from .quant.layer import LayerRecord
+from .report import write_json
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class Checkpoint:
                     "or delete the folder to start over"
                 )
             self.folder.mkdir(parents=True)
-            _write_json(run_file, self.fingerprint)
+            write_json(run_file, self.fingerprint)
             return 0
         if not run_file.is_file():
             raise ValueError(f"--resume: no checkpoint at {self.folder}; run without --resume")
@@ -188,7 +189,7 @@ class Checkpoint:
         tmp = stem.with_name(stem.name + ".tmp.safetensors")
         save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta)})
         os.replace(tmp, stem.with_suffix(".safetensors"))
-        _write_json(
+        write_json(
             stem.with_suffix(".json"),
             {"layers": list(results), "records": [asdict(r) for r in records]},
         )
@@ -238,12 +239,3 @@ def _tuple_shape(key: str, value: Any) -> Any:
     if key == "level_histogram" and isinstance(value, dict):
         return {int(k): v for k, v in value.items()}
     return value
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
