@@ -5,7 +5,7 @@ import torch
 
 from baq import models
 from baq.config import QuantConfig
-from baq.pipeline import hessian_hooks, is_skipped, quantize_model
+from baq.pipeline import is_skipped, quantize_model
 from baq.quant.grid import dequantize
 from baq.report import weighted_nominal_bits
 from conftest import VOCAB, make_tiny_llama
@@ -73,30 +73,6 @@ def test_every_linear_is_quantized_onto_its_grid(build, cfg):
     assert run.nominal_bits > cfg.bits - 0.05
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
-
-
-def test_shared_inputs_share_one_hessian_equal_to_separate_ones():
-    model = make_tiny_llama()
-    block = models.decoder_layers(model)[0]
-    lin = models.linears(block)
-    inputs, kwargs = models.capture_block_inputs(model, calib(), torch.device("cpu"))
-    seen = {name: [] for name in lin}
-    handles = [
-        m.register_forward_hook(lambda m, a, o, name=name: seen[name].append(a[0].clone()))
-        for name, m in lin.items()
-    ]
-    with torch.no_grad(), hessian_hooks(block, lin, torch.float64) as accs:
-        for x in inputs:
-            models.run_block(block, x, kwargs)
-    for h in handles:
-        h.remove()
-    for name, xs in seen.items():
-        X = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double()
-        H = 2 * X.t() @ X / X.shape[0]
-        assert torch.allclose(accs[name].hessian(), H, rtol=1e-10, atol=1e-12), name
-    assert accs["self_attn.q_proj"] is accs["self_attn.k_proj"] is accs["self_attn.v_proj"]
-    assert accs["mlp.gate_proj"] is accs["mlp.up_proj"]
-    assert accs["self_attn.o_proj"] is not accs["mlp.down_proj"]
 
 
 def test_skip_patterns_leave_layers_untouched():

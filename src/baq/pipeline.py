@@ -16,7 +16,6 @@ import fnmatch
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from . import models, streaming
 from .activations import ActivationStore
 from .config import QuantConfig
+from .hessian import StopForward, hessian_hooks
 from .quant.gptq import QuantResult
 from .quant.grid import Grid
 from .quant.layer import LayerRecord, quantize_layer
@@ -57,58 +57,6 @@ class QuantRun:
         total = sum(r.shape[0] * r.shape[1] for r in self.records)
         bits = sum(r.nominal_bits * r.shape[0] * r.shape[1] for r in self.records)
         return bits / total if total else 0.0
-
-
-class HessianAccumulator:
-    """Running ``sum x x^T`` and token count of one linear's inputs, in float32 or float64."""
-
-    def __init__(self, cols: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.sum = torch.zeros(cols, cols, device=device, dtype=dtype)
-        self.tokens = 0
-
-    def add(self, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.sum.dtype)
-        self.sum.addmm_(x.t(), x)
-        self.tokens += x.shape[0]
-
-    def hessian(self) -> Tensor:
-        """``H = 2 X X^T / n`` over the n tokens seen."""
-        return self.sum * (2.0 / max(self.tokens, 1))
-
-
-@contextmanager
-def hessian_hooks(block: nn.Module, linears: dict[str, nn.Module], dtype: torch.dtype):
-    """Accumulate each linear's input Hessian during forwards of ``block``; hooks removed on exit.
-
-    Linears that read the very same input tensor (q/k/v read one normed hidden state, gate/up
-    another) share one accumulator: the Hessian is computed once per distinct input.
-
-    Yields:
-        name -> :class:`HessianAccumulator` (shared objects for linears with a shared input).
-    """
-    accs: dict[str, HessianAccumulator] = {}
-    seen: list[tuple[Tensor, str]] = []  # inputs of the current forward, kept alive for `is`
-
-    def hook(mod: nn.Module, args: tuple, out: Tensor, name: str) -> None:
-        x = args[0]
-        for other, rep in seen:
-            if other is x:
-                accs[name] = accs[rep]
-                return
-        seen.append((x, name))
-        if name not in accs:
-            accs[name] = HessianAccumulator(x.shape[-1], x.device, dtype)
-        accs[name].add(x)
-
-    handles = [block.register_forward_pre_hook(lambda *_: seen.clear())]
-    for name, mod in linears.items():
-        handles.append(mod.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)))
-    try:
-        yield accs
-    finally:
-        seen.clear()
-        for h in handles:
-            h.remove()
 
 
 def is_skipped(name: str, patterns: tuple[str, ...]) -> bool:
@@ -259,7 +207,8 @@ def _solve_block(
     """Hessians from one forward over ``inputs``, then each linear solved and written back."""
     hessians: dict[str, Tensor] = {}
     if cfg.method != "rtn" and targets:
-        with torch.inference_mode(), hessian_hooks(block, targets, hdtype) as accs:
+        hooks = hessian_hooks(block, targets, hdtype, stop_early=True)
+        with torch.inference_mode(), hooks as accs:
             forward_all(block, inputs, kwargs, device, batch, keep=False)
         hessians = {name: accs[name].hessian() for name in targets if name in accs}
     for name, mod in targets.items():
@@ -324,7 +273,12 @@ def forward_all(
     outs = inputs.empty_like() if keep else None
     try:
         for s in range(0, len(inputs), batch):
-            y = models.run_block(block, inputs[s : s + batch].to(device), kwargs)
+            try:
+                y = models.run_block(block, inputs[s : s + batch].to(device), kwargs)
+            except StopForward:  # the Hessian hooks have all they need from this batch
+                if keep:
+                    raise
+                continue
             if outs is not None:
                 outs[s : s + batch] = y
     except BaseException:
