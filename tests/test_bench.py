@@ -178,3 +178,47 @@ def test_results_table_and_plots(tiny_model_dir, text, tmp_path):
         path.unlink()
     run(tiny_model_dir, text, out, *grid, "--plots-only")
     assert all((out / name).stat().st_size > 1024 for name in plots)
+
+
+def test_adding_an_evaluation_set_evaluates_only_it(
+    tiny_model_dir, text, tmp_path, calls, capsys, caplog
+):
+    second = tmp_path / "second.txt"
+    second.write_text(text.read_text()[100_000:200_000])
+    out = tmp_path / "out"
+    grid = ["--methods", "fp", "gptq", "--bits", "3", "--baq-bits"]
+    run(tiny_model_dir, text, out, *grid)
+    assert calls["ppl"] == 2
+    before = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    listing = run(tiny_model_dir, text, out, *grid, "--eval", str(second), "--list", capsys=capsys)
+    assert listing.count("not evaluated on second") == 2
+
+    run(tiny_model_dir, text, out, *grid, "--eval", str(second))
+    # the same cache files; GPTQ quantized once more to evaluate the new set, and only that set
+    assert len(list(out.glob("*-*.json"))) == 2
+    assert [c.method for c in calls["quantize"]] == ["gptq", "gptq"] and calls["ppl"] == 4
+    after = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    for name in ("fp", "gptq-3b"):
+        assert list(after[name]["perplexity"]) == ["corpus", "second"]
+        assert after[name]["perplexity"]["corpus"] == before[name]["perplexity"]["corpus"]
+        assert after[name]["seconds"]["quantize"] == before[name]["seconds"]["quantize"]
+    assert after["gptq-3b"]["perplexity"]["second"] != after["fp"]["perplexity"]["second"]
+    # without --eval the table shows the grid's sets only; the cache keeps the other one
+    run(tiny_model_dir, text, out, *grid)
+    assert calls["ppl"] == 4
+    shown = json.loads((out / "results.json").read_text())["runs"]
+    assert all(list(r["perplexity"]) == ["corpus"] for r in shown)
+
+    # a cached run that no longer quantizes the same way is evaluated again on every set
+    path = next(out.glob("gptq-3b-*.json"))
+    cached = json.loads(path.read_text())
+    cached["layers"][0]["loss"] *= 2
+    cached["perplexity"]["corpus"] = 1.0
+    cached["eval_digests"].pop("second")
+    path.write_text(json.dumps(cached))
+    with caplog.at_level("WARNING", logger="baq.bench"):
+        run(tiny_model_dir, text, out, *grid, "--eval", str(second))
+    assert "quantized differently" in caplog.text and calls["ppl"] == 6
+    fresh = json.loads(path.read_text())
+    assert fresh["perplexity"]["corpus"] == before["gptq-3b"]["perplexity"]["corpus"]
+    assert fresh["layers"][0]["loss"] == before["gptq-3b"]["layers"][0]["loss"]

@@ -2,8 +2,11 @@
 
 A run is one method at one bit budget (or the unquantized model, ``fp``). Its JSON lands in the
 output folder under ``<name>-<key>.json``, where ``key`` hashes everything that determines the
-numbers (model, dtype, texts by content, windows, the :class:`QuantConfig`), so an interrupted or
-extended grid only runs what is missing and a change of settings never reuses a stale result.
+quantized weights (model, dtype, calibration text by content and windows, the
+:class:`QuantConfig`), so an interrupted or extended grid only runs what is missing and a change
+of settings never reuses a stale result. Evaluation sets are cached inside a run, each with the
+hash of its text: adding a set (``--eval ptb-test.txt``) re-quantizes the cached runs, checks
+that the layers come out as before, and evaluates only the new set.
 The model is loaded once; each run starts from a CPU copy of its original weights, because
 quantization rewrites the linears in place.
 """
@@ -14,6 +17,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +37,7 @@ from .quant.layer import quantize_layer
 
 log = logging.getLogger(__name__)
 
-BENCH_VERSION = 1
+BENCH_VERSION = 2  # 2: evaluation sets cached per run, outside the key
 PROTOCOL_CALIB_START = 150_000  # DESIGN.md section 2: calibration never sees tokens 0..65535
 REFERENCE_ID = "reference:SmolLM2-135M-Instruct.Q4_1"
 DEFAULT_TEXT = Path("..", "shared", "data", "wikitext2-test.txt")
@@ -91,6 +95,7 @@ class Entry:
     key: str
     settings: dict[str, Any]  # what the key hashes
     path: Path
+    evals: dict[str, str]  # evaluation set name -> text hash, the sets this run must have
 
 
 def default_text() -> str:
@@ -172,8 +177,9 @@ def text_digest(source: str) -> str:
 def plan(settings: BenchSettings, grid: Sequence[BenchSpec], out: str | os.PathLike) -> list[Entry]:
     """Bind each run to its key and cache file (reads the texts to hash them; no model).
 
-    The key hashes the model, dtype, evaluation sets and windows, the config, and, for methods
-    that read calibration data (not FP or RTN), the calibration text and windows.
+    The key hashes the model, dtype, evaluation windows, the config, and, for methods that read
+    calibration data (not FP or RTN), the calibration text and windows. Which sets are evaluated
+    is not in the key (see :func:`missing_sets`).
     """
     digests = {src: text_digest(src) for src in dict.fromkeys((settings.text, *settings.evals))}
     sets = {name: digests[src] for name, src in eval_sources(settings).items()}
@@ -181,7 +187,8 @@ def plan(settings: BenchSettings, grid: Sequence[BenchSpec], out: str | os.PathL
         "bench_version": BENCH_VERSION,
         "model": model_id(settings),
         "dtype": settings.dtype,
-        "eval": {"sets": sets, "seqlen": settings.eval_seqlen, "windows": settings.eval_windows},
+        # the windows stay in the key: with calib_start None they also place the calibration
+        "eval": {"seqlen": settings.eval_seqlen, "windows": settings.eval_windows},
     }
     # calib_start None resolves from the text and the eval windows, both in the key already
     calib = {k: getattr(settings, k) for k in ("nsamples", "seqlen", "seed", "calib_start")}
@@ -195,7 +202,8 @@ def plan(settings: BenchSettings, grid: Sequence[BenchSpec], out: str | os.PathL
                 key_src["calib"] = calib
         blob = json.dumps(key_src, sort_keys=True)
         key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-        entries.append(Entry(spec, key, key_src, Path(out) / f"{spec.name}-{key}.json"))
+        path = Path(out) / f"{spec.name}-{key}.json"
+        entries.append(Entry(spec, key, key_src, path, sets))
     return entries
 
 
@@ -220,6 +228,12 @@ def load_result(entry: Entry) -> dict[str, Any] | None:
         log.warning("ignoring unreadable cache file %s (%s)", entry.path, err)
         return None
     return result if result.get("key") == entry.key else None
+
+
+def missing_sets(entry: Entry, result: dict[str, Any] | None) -> list[str]:
+    """The evaluation sets of ``entry`` that ``result`` lacks (or holds for another text)."""
+    have = {} if result is None else result.get("eval_digests", {})
+    return [name for name, digest in entry.evals.items() if have.get(name) != digest]
 
 
 def resolve_calib_start(settings: BenchSettings, ntokens: int) -> int:
@@ -267,15 +281,16 @@ def estimate_seconds(
     model: nn.Module,
     specs: Sequence[BenchSpec],
     calib: Tensor,
+    eval_tokens: Sequence[int],
     sets: dict[str, Tensor],
     device: torch.device,
 ) -> list[float]:
     """Rough seconds per run from one timed forward and one timed GPTQ solve of block 0.
 
-    A run costs its evaluation tokens, none (RTN reads no data) or two (Hessians, then
-    propagation) passes over the calibration tokens at the same per-token cost, and zero, one
-    or two (BAQ measured) solves of every linear. Attention makes short calibration windows
-    cheaper per token than a 2048-token window, so this errs long.
+    A run costs its evaluation tokens (``eval_tokens``, one count per spec), none (RTN reads no
+    data) or two (Hessians, then propagation) passes over the calibration tokens at the same
+    per-token cost, and zero, one or two (BAQ measured) solves of every linear. Attention makes
+    short calibration windows cheaper per token than a 2048-token window, so this errs long.
     """
     window = next(iter(sets.values()))[:1].to(device)
     blocks = models.decoder_layers(model)
@@ -290,23 +305,22 @@ def estimate_seconds(
             quantize_layer(W, torch.eye(W.shape[1], device=W.device), gptq)  # cost ignores H
         solve = (time.perf_counter() - t) * len(blocks)
     model.to("cpu")
-    evaluate = per_token * sum(w.numel() for w in sets.values())
     passes, solves = per_token * calib.numel(), []
     for cfg in (spec.cfg for spec in specs):
         method = "fp" if cfg is None else cfg.method
         measured = method == "baq" and cfg.sensitivity == "measured"
         solves.append({"fp": (0, 0), "rtn": (0, 0)}.get(method, (2, 1 + measured)))
-    return [evaluate + p * passes + n * solve for p, n in solves]
+    return [per_token * e + p * passes + n * solve for e, (p, n) in zip(eval_tokens, solves)]
 
 
 def run_one(
     model: nn.Module, entry: Entry, calib: Tensor, sets: dict[str, Tensor], device: torch.device
 ) -> dict[str, Any]:
-    """Quantize (unless FP) and evaluate; the model must hold its original weights.
+    """Quantize (unless FP) and evaluate ``sets``; the model must hold its original weights.
 
     Returns:
         The run's result: perplexity per set, nominal and storage bits, seconds, peak memory and
-        one row per quantized layer.
+        one row per quantized layer. The model is left quantized (the caller restores it).
     """
     spec, cfg = entry.spec, entry.spec.cfg
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -318,14 +332,7 @@ def run_one(
         run = quantize_model(model, calib, cfg, device=device)
         seconds["quantize"], records, nominal = run.seconds, run.records, run.nominal_bits
         storage = storage_bits_of(run.results)
-    t = time.perf_counter()
-    model.to(device)
-    ppl = {
-        name: perplexity(model, windows, device=device, desc=f"{spec.name} {name}")
-        for name, windows in sets.items()
-    }
-    model.to("cpu")
-    seconds["eval"] = time.perf_counter() - t
+    ppl, seconds["eval"] = evaluate_sets(model, sets, device, spec.name)
     return {
         "bench_version": BENCH_VERSION,
         "name": spec.name,
@@ -335,6 +342,7 @@ def run_one(
         "bits": None if cfg is None else cfg.bits,
         "settings": entry.settings,
         "perplexity": ppl,
+        "eval_digests": {name: entry.evals[name] for name in ppl},
         "nominal_bits": nominal,
         "storage_bits": storage,
         "seconds": seconds,
@@ -345,6 +353,72 @@ def run_one(
     }
 
 
+def evaluate_sets(
+    model: nn.Module, sets: dict[str, Tensor], device: torch.device, tag: str
+) -> tuple[dict[str, float], float]:
+    """Perplexity of ``model`` on each set of windows, and the seconds it took."""
+    t = time.perf_counter()
+    model.to(device)
+    ppl = {
+        name: perplexity(model, windows, device=device, desc=f"{tag} {name}")
+        for name, windows in sets.items()
+    }
+    model.to("cpu")
+    return ppl, time.perf_counter() - t
+
+
+def same_quantization(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two results of one run quantized alike: same rates, level counts and layer losses."""
+    if (a["nominal_bits"], a["storage_bits"]) != (b["nominal_bits"], b["storage_bits"]):
+        return False
+    if len(a["layers"]) != len(b["layers"]):
+        return False
+    for x, y in zip(a["layers"], b["layers"], strict=True):
+        if x["name"] != y["name"] or x["level_histogram"] != y["level_histogram"]:
+            return False
+        if not math.isclose(x["loss"], y["loss"], rel_tol=1e-6, abs_tol=1e-12):
+            return False
+    return True
+
+
+def complete_run(
+    model: nn.Module,
+    entry: Entry,
+    cached: dict[str, Any] | None,
+    calib: Tensor,
+    sets: dict[str, Tensor],
+    device: torch.device,
+) -> dict[str, Any]:
+    """The run's result with every set of ``entry`` evaluated, reusing what ``cached`` holds.
+
+    A cached run that lacks some sets is quantized again and, if it comes out as before, only
+    the missing sets are evaluated; if not (other code, threads or hardware), all of them are,
+    and the fresh result replaces the cached one.
+    """
+    missing = missing_sets(entry, cached)
+    result = run_one(model, entry, calib, {n: sets[n] for n in missing}, device)
+    if cached is not None and same_quantization(cached, result):
+        merged = dict(cached)
+        merged["perplexity"] = {**cached["perplexity"], **result["perplexity"]}
+        merged["eval_digests"] = {**cached.get("eval_digests", {}), **result["eval_digests"]}
+        merged["seconds"] = dict(cached["seconds"])
+        merged["seconds"]["eval"] = cached["seconds"].get("eval", 0.0) + result["seconds"]["eval"]
+        result = merged
+    else:
+        if cached is not None:
+            log.warning(
+                "%s quantized differently from its cache: every set evaluated", entry.spec.name
+            )
+        rest = {n: w for n, w in sets.items() if n in entry.evals and n not in missing}
+        more, spent = evaluate_sets(model, rest, device, entry.spec.name)
+        result["perplexity"].update(more)
+        result["eval_digests"].update({n: entry.evals[n] for n in more})
+        result["seconds"]["eval"] += spent
+    order = [*entry.evals, *result["perplexity"]]  # the planned sets first, in their order
+    result["perplexity"] = {n: result["perplexity"][n] for n in dict.fromkeys(order)}
+    return result
+
+
 def run_bench(
     settings: BenchSettings,
     grid: Sequence[BenchSpec],
@@ -353,6 +427,9 @@ def run_bench(
     echo: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the missing runs of the grid (those matching ``only``), then write tables and plots.
+
+    A run is missing when it has no cached result or its result lacks one of the evaluation
+    sets (then only those are evaluated, see :func:`complete_run`).
 
     Args:
         settings: model and data.
@@ -365,18 +442,19 @@ def run_bench(
     """
     echo = echo or log.info
     entries = plan(settings, grid, out)
-    todo = [e for e in select(entries, only) if load_result(e) is None]
+    todo = [(e, r) for e in select(entries, only) if missing_sets(e, r := load_result(e))]
     if todo:
         device = models.resolve_device(settings.device)
         model, tok = models.load_model(settings.model, settings.gguf_file, settings.dtype, "cpu")
         calib, sets, info = prepare_data(settings, tok)
         original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        costs = estimate_seconds(model, [e.spec for e in todo], calib, sets, device)
+        tokens = [sum(sets[n].numel() for n in missing_sets(e, r)) for e, r in todo]
+        costs = estimate_seconds(model, [e.spec for e, _ in todo], calib, tokens, sets, device)
         echo(f"{len(todo)} of {len(entries)} runs to do, estimated {_hms(sum(costs))}")
         spent = 0.0
-        for i, entry in enumerate(todo):
+        for i, (entry, cached) in enumerate(todo):
             t = time.perf_counter()
-            result = run_one(model, entry, calib, sets, device)
+            result = complete_run(model, entry, cached, calib, sets, device)
             result["data"] = info
             report.write_json(entry.path, result)
             if entry.spec.cfg is not None:  # quantization rewrote the linears in place
@@ -404,10 +482,15 @@ def _hms(seconds: float) -> str:
 def format_plan(entries: list[Entry]) -> str:
     """The grid with each run's cache status, for ``--list``."""
     width = max(len(e.spec.name) for e in entries)
-    return "\n".join(
-        f"{e.spec.name:<{width}}  {e.key}  {'cached' if e.path.is_file() else 'missing'}"
-        for e in entries
-    )
+    lines = []
+    for e in entries:
+        result = load_result(e)
+        lacking = missing_sets(e, result)
+        status = "missing" if result is None else "cached"
+        if result is not None and lacking:
+            status = f"cached, not evaluated on {', '.join(lacking)}"
+        lines.append(f"{e.spec.name:<{width}}  {e.key}  {status}")
+    return "\n".join(lines)
 
 
 def write_outputs(out: str | os.PathLike, entries: list[Entry], draw: bool = True) -> list[dict]:
@@ -417,7 +500,7 @@ def write_outputs(out: str | os.PathLike, entries: list[Entry], draw: bool = Tru
         The cached results, in grid order.
     """
     out = Path(out)
-    results = {e.spec.name: r for e in entries if (r := load_result(e)) is not None}
+    results = {e.spec.name: _planned_sets(e, r) for e in entries if (r := load_result(e))}
     missing = [e.spec.name for e in entries if e.spec.name not in results]
     report.write_json(out / "results.json", {"runs": list(results.values()), "missing": missing})
     rows = [(e.spec.name, e.spec.label, e.spec.cfg and e.spec.cfg.bits) for e in entries]
@@ -431,3 +514,9 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)  # readers never see half a table
+
+
+def _planned_sets(entry: Entry, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` showing only the evaluation sets of this grid (a cache may hold more)."""
+    ppl = {n: result["perplexity"][n] for n in entry.evals if n in result["perplexity"]}
+    return {**result, "perplexity": ppl}

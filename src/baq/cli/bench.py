@@ -39,7 +39,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "../shared/data/wikitext2-test.txt if it exists, else builtin)",
     )
     d.add_argument(
-        "--eval", action="append", default=[], metavar="SRC", help="another evaluation set"
+        "--eval",
+        action="append",
+        default=[],
+        metavar="SRC",
+        help="another evaluation set (cached runs are re-quantized and evaluated on it only)",
     )
     d.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     d.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
@@ -98,7 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(bench.format_plan(selected))
         return 0
     if not args.plots_only:
-        if any(not e.path.is_file() for e in selected):
+        if any(bench.missing_sets(e, bench.load_result(e)) for e in selected):
             models.resolve_device(args.device)
             check_model(args, args.seqlen, args.eval_seqlen)
         echo = None if args.quiet else lambda line: print(line, flush=True)
