@@ -121,7 +121,7 @@ def measure(mode: str, folder: str, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from baq import lazy, models
+    from baq import blocks, lazy
 
     if mode.startswith("quantize"):
         return measure_quantize(mode, folder, args)
@@ -140,13 +140,13 @@ def measure(mode: str, folder: str, args: argparse.Namespace) -> dict:
         model.config.use_cache = False
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seqlen))
     with torch.inference_mode():
-        captured, kwargs = models.capture_block_inputs(model, ids, "cpu")
+        captured, kwargs = blocks.capture_block_inputs(model, ids, "cpu")
         hidden = torch.cat(captured)
         del captured
-        blocks = models.decoder_layers(model)
+        blocks = blocks.decoder_layers(model)
         for i in range(len(blocks)):
             block = loader.load_block(i) if loader else blocks[i]
-            hidden = models.run_block(block, hidden, kwargs)
+            hidden = blocks.run_block(block, hidden, kwargs)
             del block
             if loader:
                 loader.release_block(i)

@@ -177,7 +177,7 @@ def test_causal_lm_without_decoder_blocks(tmp_path, no_model_load, capsys):
     folder = stub_folder(tmp_path / "blockless", BlocklessConfig())
     err = fails(capsys, ["quantize", str(folder), "--report", str(tmp_path / "r.json")])
     assert "no decoder blocks found in BlocklessForCausalLM" in err
-    assert "baq.models.BLOCK_PATHS" in err
+    assert "baq.blocks.BLOCK_PATHS" in err
     nothing_written(tmp_path, "r.json")
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from baq import models
+from baq import blocks
 from baq.hessian import HessianAccumulator, StopForward, hessian_hooks
 from conftest import make_tiny_llama
 from test_models import ARCH_IDS, tiny_model
@@ -38,10 +38,10 @@ def calib(vocab, n=4, seq=16):
 
 
 def block_and_inputs(model):
-    block = models.decoder_layers(model)[0]
+    block = blocks.decoder_layers(model)[0]
     ids = calib(model.config.vocab_size)
-    inputs, kwargs = models.capture_block_inputs(model, ids, torch.device("cpu"))
-    return block, models.linears(block), inputs, kwargs
+    inputs, kwargs = blocks.capture_block_inputs(model, ids, torch.device("cpu"))
+    return block, blocks.linears(block), inputs, kwargs
 
 
 def test_shared_inputs_share_one_hessian_equal_to_separate_ones():
@@ -53,7 +53,7 @@ def test_shared_inputs_share_one_hessian_equal_to_separate_ones():
     ]
     with torch.no_grad(), hessian_hooks(block, lin, torch.float64) as accs:
         for x in inputs:
-            models.run_block(block, x, kwargs)
+            blocks.run_block(block, x, kwargs)
     for h in handles:
         h.remove()
     for name, xs in seen.items():
@@ -77,7 +77,7 @@ def test_early_stop_gives_the_same_hessians_and_skips_the_rest_of_the_block(arch
         with torch.no_grad(), hessian_hooks(block, lin, torch.float64, stop_early) as accs:
             for x in inputs:
                 try:
-                    models.run_block(block, x, kwargs)
+                    blocks.run_block(block, x, kwargs)
                 except StopForward:
                     stopped += 1
         for h in handles:

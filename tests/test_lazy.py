@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from baq import lazy, models
+from baq import blocks, lazy, models
 from conftest import make_tiny_llama, make_tokenizer
 
 SEQ = 12
@@ -39,12 +39,12 @@ def _ids(n=3, seed=1):
 
 def _walk(model, loader, ids, device="cpu"):
     """Block-by-block forward: capture, each block loaded, run on every sample, released."""
-    hidden, kwargs = models.capture_block_inputs(model, ids, device)
-    kwargs = models.move_kwargs(kwargs, device)
+    hidden, kwargs = blocks.capture_block_inputs(model, ids, device)
+    kwargs = blocks.move_kwargs(kwargs, device)
     per_block = []
-    for i in range(len(models.decoder_layers(model))):
-        block = loader.load_block(i, device) if loader else models.decoder_layers(model)[i]
-        hidden = [models.run_block(block, h.to(device), kwargs).cpu() for h in hidden]
+    for i in range(len(blocks.decoder_layers(model))):
+        block = loader.load_block(i, device) if loader else blocks.decoder_layers(model)[i]
+        hidden = [blocks.run_block(block, h.to(device), kwargs).cpu() for h in hidden]
         per_block.append(hidden)
         if loader:
             loader.release_block(i)
@@ -313,14 +313,14 @@ def test_walk_with_activation_store(sharded_dir, tmp_path, max_bytes):
     model, _, loader = lazy.open_lazy(sharded_dir, tokenizer=False)
     ids = _ids(5)
     want, _ = _walk(full, None, ids)
-    captured, kwargs = models.capture_block_inputs(model, ids, "cpu")
+    captured, kwargs = blocks.capture_block_inputs(model, ids, "cpu")
     inputs = ActivationStore.from_tensors(captured, max_bytes=max_bytes, dir=tmp_path)
     assert inputs.spilled == (max_bytes == 0)
     for i in range(len(loader)):
         block = loader.load_block(i)
         outputs = inputs.empty_like()
         for s in range(0, len(inputs), 2):
-            outputs[s : s + 2] = models.run_block(block, inputs[s : s + 2], kwargs)
+            outputs[s : s + 2] = blocks.run_block(block, inputs[s : s + 2], kwargs)
         loader.release_block(i)
         inputs.close()
         inputs = outputs

@@ -30,7 +30,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from baq import models
+from baq import blocks, models
 
 VOCAB = 100
 HIDDEN = 32
@@ -158,19 +158,19 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.mark.parametrize("arch", ARCH_IDS, ids=ARCH_IDS)
 def test_decoder_layers_found(arch):
     model = tiny_model(arch)
-    blocks = models.decoder_layers(model)
-    assert len(blocks) == LAYERS
-    assert blocks is model.get_submodule(ARCHS[arch][2])
+    layers = blocks.decoder_layers(model)
+    assert len(layers) == LAYERS
+    assert layers is model.get_submodule(ARCHS[arch][2])
 
 
 @pytest.mark.parametrize("arch", ARCH_IDS, ids=ARCH_IDS)
 def test_linears_names_and_shapes(arch):
-    block = models.decoder_layers(tiny_model(arch))[0]
-    found = models.linears(block)
+    block = blocks.decoder_layers(tiny_model(arch))[0]
+    found = blocks.linears(block)
     expected = ARCHS[arch][4]
     assert list(found) == [name for name, _ in expected]  # registration order
     for name, shape in expected:
-        W = models.get_weight(found[name])
+        W = blocks.get_weight(found[name])
         assert tuple(W.shape) == shape, name
         assert W.dtype == found[name].weight.dtype
 
@@ -181,27 +181,27 @@ def test_weight_round_trip_matches_f_linear(kind):
     module = nn.Linear(6, 4) if kind == "linear" else Conv1D(4, 6)  # Conv1D(nf=out, nx=in)
     nn.init.normal_(module.bias)
     x = torch.randn(3, 6)
-    W = models.get_weight(module)
+    W = blocks.get_weight(module)
     assert W.shape == (4, 6)
     torch.testing.assert_close(module(x), F.linear(x, W, module.bias))
 
     new = torch.randn(4, 6, dtype=torch.float64)
-    models.set_weight(module, new)
+    blocks.set_weight(module, new)
     assert module.weight.dtype == torch.float32  # written in the module's dtype
-    torch.testing.assert_close(models.get_weight(module), new.float())
+    torch.testing.assert_close(blocks.get_weight(module), new.float())
     torch.testing.assert_close(module(x), F.linear(x, new.float(), module.bias))
 
 
 def test_get_weight_is_a_copy():
     module = Conv1D(4, 6)
-    W = models.get_weight(module)
+    W = blocks.get_weight(module)
     W.zero_()
     assert module.weight.abs().sum() > 0
 
 
 def test_set_weight_shape_mismatch():
     with pytest.raises(ValueError, match=r"weight shape \(6, 4\) does not match"):
-        models.set_weight(nn.Linear(6, 4), torch.zeros(6, 4))
+        blocks.set_weight(nn.Linear(6, 4), torch.zeros(6, 4))
 
 
 def _final_norm_logits(model: nn.Module, arch: str, hidden: torch.Tensor) -> torch.Tensor:
@@ -216,22 +216,22 @@ def test_captured_inputs_through_all_blocks_reproduce_logits(arch, device):
     ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True)
-    blocks = models.decoder_layers(model)
+    layers = blocks.decoder_layers(model)
 
-    hidden, kwargs = models.capture_block_inputs(model, ids, device)
+    hidden, kwargs = blocks.capture_block_inputs(model, ids, device)
 
     assert len(hidden) == 3
     assert all(h.shape == (1, 12, HIDDEN) and h.device.type == "cpu" for h in hidden)
     assert not {"past_key_values", "past_key_value", "layer_past"} & set(kwargs)
     assert kwargs.get("use_cache", False) is False
-    assert not blocks[0]._forward_pre_hooks  # the capture hook is gone
+    assert not layers[0]._forward_pre_hooks  # the capture hook is gone
     # the embedding-side modules went back where they were
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     for i, h in enumerate(hidden):
-        for j, block in enumerate(blocks):
+        for j, block in enumerate(layers):
             # hidden_states[j] is the input of block j
             torch.testing.assert_close(h, out.hidden_states[j][i : i + 1], rtol=1e-5, atol=1e-5)
-            h = models.run_block(block, h, kwargs)
+            h = blocks.run_block(block, h, kwargs)
         with torch.no_grad():
             logits = _final_norm_logits(model, arch, h)
         torch.testing.assert_close(logits, out.logits[i : i + 1], rtol=1e-4, atol=1e-4)
@@ -242,29 +242,29 @@ def test_sliding_window_mix_warns_past_the_window(caplog):
     config._attn_implementation = "eager"
     model = Qwen2ForCausalLM(config).eval()
     with caplog.at_level(logging.WARNING, logger="baq.models"):
-        models.capture_block_inputs(model, torch.zeros(1, 4, dtype=torch.int64), "cpu")
+        blocks.capture_block_inputs(model, torch.zeros(1, 4, dtype=torch.int64), "cpu")
         assert not caplog.records
-        models.capture_block_inputs(model, torch.zeros(1, 5, dtype=torch.int64), "cpu")
+        blocks.capture_block_inputs(model, torch.zeros(1, 5, dtype=torch.int64), "cpu")
     assert "exceeds its sliding window 4" in caplog.text
 
 
 def test_embedding_side_modules_exclude_blocks_and_head():
     model = tiny_model("llama")
-    found = models._embedding_side(model, models.decoder_layers(model))
+    found = blocks._embedding_side(model, blocks.decoder_layers(model))
     assert set(map(id, found)) == {
         id(model.model.embed_tokens),
         id(model.model.rotary_emb),
         id(model.model.norm),
     }
     gpt2 = tiny_model("gpt2")
-    found = models._embedding_side(gpt2, models.decoder_layers(gpt2))
+    found = blocks._embedding_side(gpt2, blocks.decoder_layers(gpt2))
     t = gpt2.transformer
     assert set(map(id, found)) == {id(t.wte), id(t.wpe), id(t.drop), id(t.ln_f)}
 
 
 def test_move_kwargs_reaches_into_tuples():
     cos, sin = torch.ones(2), torch.zeros(2)
-    moved = models.move_kwargs(
+    moved = blocks.move_kwargs(
         {"position_embeddings": (cos, sin), "mask": torch.ones(1), "use_cache": False}, "meta"
     )
     assert isinstance(moved["position_embeddings"], tuple)
@@ -296,12 +296,12 @@ class ToyForCausalLM(nn.Module):
 
 def test_generic_fallback_takes_the_outermost_list():
     model = ToyForCausalLM()
-    assert models.decoder_layers(model) is model.stack
+    assert blocks.decoder_layers(model) is model.stack
 
 
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="no decoder blocks found in ToyForCausalLM"):
-        models.decoder_layers(ToyForCausalLM(nested=False))
+        blocks.decoder_layers(ToyForCausalLM(nested=False))
 
 
 @pytest.mark.parametrize(
@@ -396,15 +396,15 @@ def test_reference_model_path_points_at_the_gguf():
 )
 def test_reference_model_end_to_end():
     model, tokenizer = models.load_model()
-    blocks = models.decoder_layers(model)
-    assert len(blocks) == 30
-    assert len(models.linears(blocks[0])) == 7
+    layers = blocks.decoder_layers(model)
+    assert len(layers) == 30
+    assert len(blocks.linears(layers[0])) == 7
     ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")
     ids = ids["input_ids"]
-    hidden, kwargs = models.capture_block_inputs(model, ids, "cpu")
+    hidden, kwargs = blocks.capture_block_inputs(model, ids, "cpu")
     h = hidden[0]
-    for block in blocks:
-        h = models.run_block(block, h, kwargs)
+    for block in layers:
+        h = blocks.run_block(block, h, kwargs)
     with torch.no_grad():
         logits = model.lm_head(model.model.norm(h))
         torch.testing.assert_close(logits, model(ids).logits, rtol=1e-4, atol=1e-4)

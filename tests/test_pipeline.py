@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from baq import models
+from baq import blocks
 from baq.config import QuantConfig
 from baq.pipeline import is_skipped, quantize_model
 from baq.quant.grid import dequantize
@@ -43,19 +43,19 @@ def test_every_linear_is_quantized_onto_its_grid(build, cfg):
     ids = calib()
     run = quantize_model(model, ids, cfg, device="cpu", progress=False)
 
-    blocks = models.decoder_layers(model)
-    names = [n for n, m in model.named_modules() if any(m is x for x in blocks)]
+    layers = blocks.decoder_layers(model)
+    names = [n for n, m in model.named_modules() if any(m is x for x in layers)]
     expected = {
         f"{prefix}.{short}"
-        for prefix, block in zip(names, blocks)
-        for short in models.linears(block)
+        for prefix, block in zip(names, layers)
+        for short in blocks.linears(block)
     }
     assert set(run.results) == expected
     mods = dict(model.named_modules())
     before = dict(original.named_modules())
     for name, res in run.results.items():
-        W = models.get_weight(mods[name]).float()
-        assert not torch.equal(W, models.get_weight(before[name]).float()), name
+        W = blocks.get_weight(mods[name]).float()
+        assert not torch.equal(W, blocks.get_weight(before[name]).float()), name
         # what the model computes with is exactly the stored codes on the stored grid
         assert (res.codes < res.levels.unsqueeze(0)).all()
         assert torch.equal(W, dequantize(res.codes, res.grid, res.levels))
@@ -119,7 +119,7 @@ def test_every_architecture_quantizes_end_to_end(arch):
     assert len(run.results) == 2 * len(expected)
     mods = dict(model.named_modules())
     for name, res in run.results.items():
-        assert torch.equal(models.get_weight(mods[name]).float(), res.weight)
+        assert torch.equal(blocks.get_weight(mods[name]).float(), res.weight)
     with torch.no_grad():
         q = model(ids).logits
     assert torch.isfinite(q).all()

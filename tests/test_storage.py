@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from baq import models, storage
+from baq import blocks, storage
 from baq.config import QuantConfig
 from baq.quant.grid import nominal_bits
 from baq.quant.layer import quantize_layer
@@ -28,15 +28,15 @@ def make_tiny_gpt2():
 def quantize_all(model, cfg: QuantConfig, seed: int = 0) -> dict:
     """Quantize every decoder linear on a random Hessian ``2 X X^T / n`` and write it back."""
     g = torch.Generator().manual_seed(seed)
-    blocks = models.decoder_layers(model)
+    layers = blocks.decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
     results = {}
-    for block in blocks:
-        for short, mod in models.linears(block).items():
-            W = models.get_weight(mod)
+    for block in layers:
+        for short, mod in blocks.linears(block).items():
+            W = blocks.get_weight(mod)
             X = torch.randn(W.shape[1], 96, generator=g) * torch.rand(W.shape[1], 1, generator=g)
             res, _ = quantize_layer(W, 2 * X @ X.T / X.shape[1], cfg)
-            models.set_weight(mod, res.weight)
+            blocks.set_weight(mod, res.weight)
             results[f"{names[id(block)]}.{short}"] = res
     return results
 

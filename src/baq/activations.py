@@ -176,7 +176,7 @@ class ActivationStore:
         """Concatenate tensors along the first axis into a new store.
 
         Each tensor is (k_j, *row_shape), e.g. the (1, seqlen, hidden) list of
-        ``baq.models.capture_block_inputs``; a single tensor is one such block of rows.
+        ``baq.blocks.capture_block_inputs``; a single tensor is one such block of rows.
         ``dtype`` defaults to the first tensor's. A sequence is written one tensor at a time
         (no concatenated copy in RAM); a one-shot iterable is listed first.
         """

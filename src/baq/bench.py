@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import data, models, plots, report
+from . import blocks, data, models, plots, report
 from .config import QuantConfig
 from .evaluate import perplexity
 from .packed_linear import storage_bits_of
@@ -293,7 +293,7 @@ def estimate_seconds(
     short calibration windows cheaper per token than a 2048-token window, so this errs long.
     """
     window = next(iter(sets.values()))[:1].to(device)
-    blocks = models.decoder_layers(model)
+    layers = blocks.decoder_layers(model)
     gptq = QuantConfig(method="gptq", bits=3)
     model.to(device)
     with torch.inference_mode():
@@ -301,9 +301,9 @@ def estimate_seconds(
         model(input_ids=window, use_cache=False)
         per_token = (time.perf_counter() - t) / window.numel()
         t = time.perf_counter()
-        for W in (models.get_weight(m).float() for m in models.linears(blocks[0]).values()):
+        for W in (blocks.get_weight(m).float() for m in blocks.linears(layers[0]).values()):
             quantize_layer(W, torch.eye(W.shape[1], device=W.device), gptq)  # cost ignores H
-        solve = (time.perf_counter() - t) * len(blocks)
+        solve = (time.perf_counter() - t) * len(layers)
     model.to("cpu")
     passes, solves = per_token * calib.numel(), []
     for cfg in (spec.cfg for spec in specs):
@@ -325,7 +325,7 @@ def run_one(
     spec, cfg = entry.spec, entry.spec.cfg
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()  # the peak of this run, not of the whole grid
-    first = next(iter(models.linears(models.decoder_layers(model)[0]).values()))
+    first = next(iter(blocks.linears(blocks.decoder_layers(model)[0]).values()))
     nominal = storage = float(first.weight.element_size() * 8)  # FP: the dense weights
     seconds, records = {"quantize": 0.0}, []
     if cfg is not None:

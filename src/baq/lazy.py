@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from . import models
+from . import blocks, models
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class LazyLoader:
 
     Made by :func:`open_lazy`. Attributes:
         model: the model; outside the blocks everything is real (on the CPU).
-        blocks: its decoder blocks (``baq.models.decoder_layers``).
+        blocks: its decoder blocks (``baq.blocks.decoder_layers``).
         prefix: the blocks' name in the model with a trailing dot, e.g. ``"model.layers."``.
         folder: the checkpoint folder.
         dtype: the model's dtype.
@@ -267,7 +267,7 @@ class LazyLoader:
         self.model = model
         self.folder = folder
         self.prefix = prefix
-        self.blocks = models.decoder_layers(model)
+        self.blocks = blocks.decoder_layers(model)
         self.dtype = _config_dtype(model.config) or torch.get_default_dtype()
         self._resident = resident
         self._per_block = per_block
@@ -613,11 +613,11 @@ def open_lazy(
         raise LazyLoadUnsupported(
             f"cannot build {folder} from its config: {models._one_line(err)}"
         ) from err
-    blocks = models.decoder_layers(model)
-    prefix = next((f"{name}." for name, mod in model.named_modules() if mod is blocks), None)
+    layers = blocks.decoder_layers(model)
+    prefix = next((f"{name}." for name, mod in model.named_modules() if mod is layers), None)
     if prefix is None:
         raise LazyLoadUnsupported("decoder blocks are not a submodule of the model")
-    resident, per_block = _plan(model, ckpt, main_dtype, prefix, len(blocks))
+    resident, per_block = _plan(model, ckpt, main_dtype, prefix, len(layers))
     loader = LazyLoader(model, folder, prefix, resident, per_block)
     # persistent buffers of the blocks that the checkpoint holds wait on meta like parameters
     for slots in per_block:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import models, streaming
+from . import blocks, models, streaming
 from .activations import ActivationStore
 from .config import QuantConfig
 from .hessian import StopForward, hessian_hooks
@@ -117,8 +117,8 @@ def quantize_model(
     hdtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
     t0 = time.perf_counter()
     run = QuantRun()
-    blocks = models.decoder_layers(model)
-    prefix = _module_prefix(model, blocks)
+    layers = blocks.decoder_layers(model)
+    prefix = _module_prefix(model, layers)
     # RTN reads no data: no capture, no propagation, just the grid on every weight
     inputs, kwargs, batch = _NoInputs(), {}, 1
     if cfg.method != "rtn":
@@ -126,23 +126,23 @@ def quantize_model(
             inputs, kwargs = streaming.capture_inputs(
                 model, calib_ids, device, max_activation_bytes
             )
-        kwargs = models.move_kwargs(kwargs, device)
+        kwargs = blocks.move_kwargs(kwargs, device)
         log.info("captured %d calibration inputs of %d tokens", len(inputs), calib_ids.shape[1])
         if inputs.spilled:
             log.info("calibration activations spill to %s", inputs.path)
 
-    bar = tqdm(range(len(blocks)), desc=f"{cfg.method} {cfg.bits:g} bits", disable=_off(progress))
+    bar = tqdm(range(len(layers)), desc=f"{cfg.method} {cfg.bits:g} bits", disable=_off(progress))
     try:
         for i in bar:
             if loader is not None:
                 block, home = loader.load_block(i, device), None
             else:
-                block = blocks[i]
+                block = layers[i]
                 home = next(block.parameters()).device
                 block.to(device)
             targets = {
                 name: mod
-                for name, mod in models.linears(block).items()
+                for name, mod in blocks.linears(block).items()
                 if not is_skipped(f"{prefix}{i}.{name}", cfg.skip)
             }
             if i == 0 and not isinstance(inputs, _NoInputs):
@@ -214,10 +214,10 @@ def _solve_block(
     for name, mod in targets.items():
         full = f"{prefix}{name}"
         t = time.perf_counter()
-        W = models.get_weight(mod)
+        W = blocks.get_weight(mod)
         check_finite(full, W)
         res, rec = quantize_layer(W, hessians.pop(name, None), cfg, full)
-        models.set_weight(mod, res.weight)
+        blocks.set_weight(mod, res.weight)
         rec.seconds = time.perf_counter() - t
         run.results[full] = streaming.compact(res) if compact else _to_cpu(res)
         run.records.append(rec)
@@ -248,7 +248,7 @@ def _restore(
     if set(results) != expected:
         raise ValueError(f"checkpoint of block {index} holds other layers than the model's")
     for name, mod in targets.items():
-        models.set_weight(mod, streaming.weight_of(results[f"{prefix}{name}"]))
+        blocks.set_weight(mod, streaming.weight_of(results[f"{prefix}{name}"]))
     if compact:
         results = {name: streaming.compact(res) for name, res in results.items()}
     run.results.update(results)
@@ -274,7 +274,7 @@ def forward_all(
     try:
         for s in range(0, len(inputs), batch):
             try:
-                y = models.run_block(block, inputs[s : s + batch].to(device), kwargs)
+                y = blocks.run_block(block, inputs[s : s + batch].to(device), kwargs)
             except StopForward:  # the Hessian hooks have all they need from this batch
                 if keep:
                     raise
@@ -302,11 +302,11 @@ def _batch_size_for(
     with torch.inference_mode():
         x = inputs[:2].to(device)
         try:
-            joint = models.run_block(block, x, kwargs)
+            joint = blocks.run_block(block, x, kwargs)
         except (RuntimeError, ValueError) as err:
             log.info("batched block forward failed (%s); one sample at a time", err)
             return 1
-        single = torch.cat([models.run_block(block, x[k : k + 1], kwargs) for k in range(2)])
+        single = torch.cat([blocks.run_block(block, x[k : k + 1], kwargs) for k in range(2)])
     scale = single.abs().max().clamp(min=1e-6)
     if joint.shape != single.shape or not ((joint - single).abs().max() <= 1e-4 * scale):
         log.info("batched block forward differs from one-sample forwards; one at a time")

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import __version__, models
+from . import __version__, blocks, models
 from .config import QuantConfig
 from .manifest import (
     CONFIG_FILE,
@@ -179,7 +179,7 @@ def save_quantized(
         module = modules.get(name)
         if module is None:
             raise StorageError(f"results name {name!r} is not a module of {type(model).__name__}")
-        shape = tuple(models.get_weight(module).shape)
+        shape = tuple(blocks.get_weight(module).shape)
         if shape != tuple(res.codes.shape):
             raise StorageError(f"{name}: result shape {tuple(res.codes.shape)}, module {shape}")
         layer = PackedLinear.from_quantized(res)
@@ -352,7 +352,7 @@ def load_quantized(
         module = modules.get(name)
         if module is None:
             raise StorageError(f"{qpath}: layer {name} is not a module of {type(model).__name__}")
-        shape = tuple(models.get_weight(module).shape)
+        shape = tuple(blocks.get_weight(module).shape)
         if shape != m["shape"]:
             raise StorageError(f"{qpath}: layer {name} has shape {m['shape']}, the model {shape}")
         bias = None

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from . import models
+from . import blocks
 from .activations import ActivationStore
 from .quant.gptq import QuantResult
 from .quant.grid import Grid, dequantize
@@ -36,7 +36,7 @@ def capture_inputs(
     (None: unlimited, the store is then a plain tensor in RAM).
 
     Returns:
-        ``(store, kwargs)`` as :func:`baq.models.capture_block_inputs` returns them.
+        ``(store, kwargs)`` as :func:`baq.blocks.capture_block_inputs` returns them.
     """
     store: ActivationStore | None = None
 
@@ -48,7 +48,7 @@ def capture_inputs(
         store.append(states)
 
     try:
-        _, kwargs = models.capture_block_inputs(model, calib_ids, device, sink=sink)
+        _, kwargs = blocks.capture_block_inputs(model, calib_ids, device, sink=sink)
     except BaseException:
         if store is not None:
             store.close()
@@ -98,10 +98,10 @@ def quantized_on_load(
     """
 
     def on_load(i: int, block: nn.Module) -> None:
-        for name, mod in models.linears(block).items():
+        for name, mod in blocks.linears(block).items():
             res = results.get(f"{loader.prefix}{i}.{name}")
             if res is not None:
-                models.set_weight(mod, weight_of(res))
+                blocks.set_weight(mod, weight_of(res))
 
     return on_load
 
