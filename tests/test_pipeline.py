@@ -135,3 +135,15 @@ def test_batched_and_single_sample_forwards_agree():
     for name in ra.results:
         same = (ra.results[name].codes == rb.results[name].codes).float().mean()
         assert same > 0.99, name
+
+
+def test_each_block_runs_one_hessian_pass_and_one_output_pass_except_the_last():
+    model = make_tiny_llama(layers=3)
+    layers = blocks.decoder_layers(model)
+    calls = [0] * len(layers)
+    for i, block in enumerate(layers):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    ids = calib(n=6)
+    quantize_model(model, ids, QuantConfig(method="gptq", bits=3), "cpu", False, batch_size=2)
+    # 3 batches each; the last block's outputs feed nothing (block 0 also runs in the capture)
+    assert calls[1:] == [3 + 3, 3] and calls[0] > 3 + 3

@@ -163,7 +163,8 @@ def quantize_model(
                     run,
                     compact=loader is not None,
                 )
-            if not isinstance(inputs, _NoInputs):
+            # the last block's outputs feed nothing: its quantized forward is skipped
+            if not isinstance(inputs, _NoInputs) and i + 1 < len(layers):
                 with torch.inference_mode():
                     outputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
                 inputs.close()
