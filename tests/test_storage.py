@@ -59,8 +59,17 @@ CFGS = [
     QuantConfig(method="baq", bits=2.5),
     QuantConfig(method="baq", bits=3, group_size=24, act_order=True, sym=True),
     QuantConfig(method="baq", bits=2, integer_bits=True),
+    QuantConfig(method="baq", bits=2.5, group_size=16, range_dtype="float32"),
 ]
-CFG_IDS = ["rtn4", "gptq3", "gptq2-g16-act", "baq2.5", "baq3-g24-act-sym", "baq2-int"]
+CFG_IDS = [
+    "rtn4",
+    "gptq3",
+    "gptq2-g16-act",
+    "baq2.5",
+    "baq3-g24-act-sym",
+    "baq2-int",
+    "baq2.5-g16-f32ranges",
+]
 
 
 @pytest.mark.parametrize("cfg", CFGS, ids=CFG_IDS)
@@ -148,8 +157,9 @@ def test_quantization_config_and_manifest(saved):
         QuantConfig(method="rtn", bits=2, group_size=16),
         QuantConfig(method="gptq", bits=3, group_size=24),
         QuantConfig(method="baq", bits=3, integer_bits=True),
+        QuantConfig(method="rtn", bits=3, group_size=16, range_dtype="float32"),
     ],
-    ids=["rtn4", "rtn2-g16", "gptq3-g24-ragged", "baq3-int"],
+    ids=["rtn4", "rtn2-g16", "gptq3-g24-ragged", "baq3-int", "rtn3-g16-f32ranges"],
 )
 def test_storage_rate_is_file_bytes_and_nominal_plus_documented_overhead(cfg, tmp_path):
     model = make_tiny_llama()
@@ -162,8 +172,9 @@ def test_storage_rate_is_file_bytes_and_nominal_plus_documented_overhead(cfg, tm
     assert sum(r["bytes"] for r in rows_) * 8 / weights == from_file
 
     # docs/FORMAT.md section 9, power-of-two levels: codes at exactly log2 L bits, plus ranges
-    # (2 x 16 bits per row and group), the 64-bit level table row per class, and the int16
-    # permutation when the level counts are not already ascending
+    # (2 x 16 bits per row and group, 2 x 32 for float32 ranges), the 64-bit level table row per
+    # class, and the int16 permutation when the level counts are not already ascending
+    range_bits = 16 if cfg.range_dtype == "float16" else 32
     overhead = 0
     for row, (name, res) in zip(rows_, results.items()):
         rows, cols = res.codes.shape
@@ -175,7 +186,8 @@ def test_storage_rate_is_file_bytes_and_nominal_plus_documented_overhead(cfg, tm
             int(L): int((levels == L).sum()) for L in torch.unique(levels).tolist()
         }
         sorted_ = bool((levels[1:] >= levels[:-1]).all())
-        overhead += 32 * rows * G + 64 * len(row["levels"]) + (0 if sorted_ else 16 * cols)
+        overhead += 2 * range_bits * rows * G + 64 * len(row["levels"])
+        overhead += 0 if sorted_ else 16 * cols
     nominal = sum(nominal_bits(r.levels) * r.codes.numel() for r in results.values()) / weights
     assert from_file == pytest.approx(nominal + overhead / weights, abs=1e-12)
     if cfg.method != "baq":
@@ -398,3 +410,19 @@ def test_cli_on_a_corrupted_folder_is_one_line_exit_2(copy, capsys, command):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "quantized.safetensors" in err[0] and "truncated" in err[0]
+
+
+def test_float32_ranges_are_stored_in_float32(tmp_path):
+    cfg = QuantConfig(method="gptq", bits=3, range_dtype="float32")
+    model = make_tiny_llama()
+    results = quantize_all(model, cfg)
+    # the solver kept ranges that float16 cannot hold: the file must not round them
+    assert any(not torch.equal(r.grid.lo, r.grid.lo.half().float()) for r in results.values())
+    out = storage.save_quantized(tmp_path / "q", model, None, results, cfg)
+    tensors = load_file(out / "quantized.safetensors")
+    for name, res in results.items():
+        assert tensors[f"{name}.lo"].dtype == tensors[f"{name}.hi"].dtype == torch.float32
+        assert torch.equal(tensors[f"{name}.lo"], res.grid.lo)
+    loaded, _ = storage.load_quantized(out)
+    mods = dict(loaded.named_modules())
+    assert all(torch.equal(mods[n].dequantize(), r.weight) for n, r in results.items())

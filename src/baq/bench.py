@@ -42,6 +42,9 @@ PROTOCOL_CALIB_START = 150_000  # DESIGN.md section 2: calibration never sees to
 REFERENCE_ID = "reference:SmolLM2-135M-Instruct.Q4_1"
 DEFAULT_TEXT = Path("..", "shared", "data", "wikitext2-test.txt")
 
+# QuantConfig fields added after bench version 2: in a run's key only when not at this default
+KEY_OPTIONAL: dict[str, Any] = {"range_dtype": "float16"}
+
 # family -> (label, QuantConfig fields); the order is the default grid's order
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "fp": ("FP", {}),
@@ -197,7 +200,11 @@ def plan(settings: BenchSettings, grid: Sequence[BenchSpec], out: str | os.PathL
     for spec in grid:
         key_src = dict(common)
         if spec.cfg is not None:
-            key_src["quant"] = asdict(spec.cfg)
+            quant = asdict(spec.cfg)
+            for name, default in KEY_OPTIONAL.items():  # keys from before the field stay valid
+                if quant[name] == default:
+                    del quant[name]
+            key_src["quant"] = quant
             if spec.cfg.method != "rtn":
                 key_src["calib"] = calib
         blob = json.dumps(key_src, sort_keys=True)

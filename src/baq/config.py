@@ -38,6 +38,7 @@ class QuantConfig:
     exponent: float = 2.0  # BAQ: t in b_j = B + (1/t) log2(c_j / geomean c); published code 1.95
     max_levels: int = 256  # BAQ: cap on the level count of one column
     hessian_dtype: Literal["float32", "float64"] = "float32"
+    range_dtype: Literal["float16", "float32"] = "float16"  # grid ranges (quant/grid.py)
     skip: tuple[str, ...] = ()  # fnmatch patterns of linear names left in full precision
 
     def __post_init__(self) -> None:
@@ -78,6 +79,8 @@ class QuantConfig:
             )
         if not self.exponent > 0:
             raise ValueError(f"exponent={self.exponent}: use a positive value, e.g. 2")
+        if self.range_dtype not in ("float16", "float32"):
+            raise ValueError(f"range_dtype={self.range_dtype!r}: use float16 or float32")
         if self.hessian_dtype not in ("float32", "float64"):
             raise ValueError(f"hessian_dtype={self.hessian_dtype!r}: use float32 or float64")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .packing import PackedCodes, layer_nbytes, layer_tensors, pack_columns, unpack_sorted
+from .packing import (
+    PackedCodes,
+    layer_nbytes,
+    layer_tensors,
+    pack_columns,
+    range_dtype,
+    unpack_sorted,
+)
 from .quant.gptq import QuantResult
 from .quant.grid import Grid, column_params, dequantize_codes
 
@@ -22,13 +29,15 @@ class PackedLinear(nn.Module):
 
     Buffers only: ``level_classes`` (K, 2) int32, ``perm`` (cols,) int16/int32 or None,
     ``codes_<L>`` one packed stream per level class, ``lo_bits``/``hi_bits`` (rows, ngroups) the
-    float16 ranges as raw int16 bit patterns (so ``model.to(dtype)`` cannot round them), and
+    ranges as raw bit patterns (int16 for float16 ranges, int32 for float32 ones, so that
+    ``model.to(dtype)`` cannot round them), and
     ``bias`` (rows,) or None. ``forward(x) = F.linear(x, W, bias)`` with ``W`` the dequantized
     (out_features, in_features) weight, bitwise equal to the solver's ``QuantResult.weight``.
 
     Args:
         packed: the codes, grouped by level count.
-        lo, hi: (rows, ngroups) float16 (or float16-exact) grid ranges.
+        lo, hi: (rows, ngroups) grid ranges; kept in float16 when they are float16 values,
+            else in float32.
         group_size: columns per range group, or None.
         sym: symmetric grid (zero point L // 2).
         bias: (rows,) or None.
@@ -52,8 +61,10 @@ class PackedLinear(nn.Module):
         self.cache_dequantized = cache_dequantized
         self.register_buffer("level_classes", packed.classes)
         self.register_buffer("perm", packed.perm)
-        self.register_buffer("lo_bits", lo.to(torch.float16).view(torch.int16))
-        self.register_buffer("hi_bits", hi.to(torch.float16).view(torch.int16))
+        dtype = range_dtype(lo, hi)
+        bits = torch.int16 if dtype == torch.float16 else torch.int32
+        self.register_buffer("lo_bits", lo.to(dtype).view(bits))
+        self.register_buffer("hi_bits", hi.to(dtype).view(bits))
         for L, stream in packed.streams.items():
             self.register_buffer(f"codes_{L}", stream)
         self.register_buffer("bias", bias)
@@ -76,9 +87,6 @@ class PackedLinear(nn.Module):
             raise ValueError(f"codes {tuple(codes.shape)} and levels {tuple(levels.shape)} differ")
         if (levels < 1).any() or (codes < 0).any() or (codes >= levels.unsqueeze(0)).any():
             raise ValueError("codes outside [0, L - 1] of their column: not a solver result")
-        for side, t in (("lo", grid.lo), ("hi", grid.hi)):
-            if not torch.equal(t.float(), t.half().float()):
-                raise ValueError(f"grid {side} is not float16-exact: fit it with quant.grid")
         packed = pack_columns(codes, levels)
         return cls(packed, grid.lo, grid.hi, grid.group_size, grid.sym, bias, cache_dequantized)
 
@@ -89,8 +97,9 @@ class PackedLinear(nn.Module):
 
     @property
     def grid(self) -> Grid:
-        lo = self.lo_bits.view(torch.float16).float()
-        hi = self.hi_bits.view(torch.float16).float()
+        dtype = torch.float16 if self.lo_bits.dtype == torch.int16 else torch.float32
+        lo = self.lo_bits.view(dtype).float()
+        hi = self.hi_bits.view(dtype).float()
         return Grid(lo=lo, hi=hi, group_size=self.group_size, sym=self.sym)
 
     @property
@@ -102,7 +111,8 @@ class PackedLinear(nn.Module):
     @property
     def storage_nbytes(self) -> int:
         """Bytes of the stored tensors: codes, ranges, classes table and permutation."""
-        return self.packed.nbytes() + 2 * self.lo_bits.numel() + 2 * self.hi_bits.numel()
+        ranges = self.lo_bits.numel() * self.lo_bits.element_size()
+        return self.packed.nbytes() + 2 * ranges
 
     @property
     def storage_bits(self) -> float:
@@ -167,7 +177,9 @@ def storage_bits_of(results: dict[str, QuantResult]) -> float:
     nbytes = weights = 0
     for res in results.values():
         rows, cols = res.codes.shape
-        nbytes += layer_nbytes(rows, _ngroups(cols, res.grid.group_size), res.levels)
+        ngroups = _ngroups(cols, res.grid.group_size)
+        range_bytes = range_dtype(res.grid.lo, res.grid.hi).itemsize
+        nbytes += layer_nbytes(rows, ngroups, res.levels, range_bytes)
         weights += rows * cols
     return nbytes * 8 / weights if weights else 0.0
 

@@ -348,15 +348,17 @@ def layer_tensors(name: str, packed: PackedCodes, lo: Tensor, hi: Tensor) -> dic
     Args:
         name: full module name ``N``.
         packed: its codes.
-        lo, hi: (rows, ngroups) float16 grid ranges.
+        lo, hi: (rows, ngroups) grid ranges.
     Returns:
-        ``N.level_classes`` (K, 2) int32, ``N.lo``/``N.hi`` float16, ``N.perm`` (only when not the
-        identity) and ``N.codes.<L>`` per class with L > 1; all contiguous, on the CPU.
+        ``N.level_classes`` (K, 2) int32, ``N.lo``/``N.hi`` float16 (float32 when a range is not
+        a float16 value), ``N.perm`` (only when not the identity) and ``N.codes.<L>`` per class
+        with L > 1; all contiguous, on the CPU.
     """
+    dtype = range_dtype(lo, hi)
     out = {
         f"{name}.level_classes": packed.classes,
-        f"{name}.lo": lo.to(torch.float16),
-        f"{name}.hi": hi.to(torch.float16),
+        f"{name}.lo": lo.to(dtype),
+        f"{name}.hi": hi.to(dtype),
     }
     if packed.perm is not None:
         out[f"{name}.perm"] = packed.perm
@@ -365,16 +367,23 @@ def layer_tensors(name: str, packed: PackedCodes, lo: Tensor, hi: Tensor) -> dic
     return {key: t.detach().cpu().contiguous() for key, t in out.items()}
 
 
-def layer_nbytes(rows: int, ngroups: int, levels: Tensor) -> int:
+def range_dtype(lo: Tensor, hi: Tensor) -> torch.dtype:
+    """float16 when every range is a float16 value (the default grids), else float32."""
+    exact = all(torch.equal(t.float(), t.half().float()) for t in (lo, hi))
+    return torch.float16 if exact else torch.float32
+
+
+def layer_nbytes(rows: int, ngroups: int, levels: Tensor, range_bytes: int = 2) -> int:
     """Bytes :func:`layer_tensors` stores for a layer, computed from its level counts alone.
 
-    ``4 * rows * ngroups`` (float16 lo and hi) ``+ 8 * K`` (the classes table) ``+ cols * 2 or 4``
-    (the permutation, only if the level counts are not already ascending) ``+`` the code streams.
+    ``2 * range_bytes * rows * ngroups`` (lo and hi, 2 bytes each in float16) ``+ 8 * K`` (the
+    classes table) ``+ cols * 2 or 4`` (the permutation, only if the level counts are not already
+    ascending) ``+`` the code streams.
     """
     levels = levels.reshape(-1).to(torch.int64).cpu()
     cols = levels.numel()
     values, counts = torch.unique(levels, return_counts=True)
-    total = 4 * rows * ngroups + 8 * values.numel()
+    total = 2 * range_bytes * rows * ngroups + 8 * values.numel()
     if cols > 1 and bool((levels[1:] < levels[:-1]).any()):
         total += cols * torch.empty((), dtype=perm_dtype(cols)).element_size()
     for L, n in zip(values.tolist(), counts.tolist()):
@@ -410,7 +419,7 @@ def read_layer(
         shape: (rows, cols) the layer must have.
         ngroups: columns groups of its ranges (1 without groups).
     Returns:
-        ``(packed, lo, hi)`` with lo, hi (rows, ngroups) float16.
+        ``(packed, lo, hi)`` with lo, hi (rows, ngroups) float16 or float32.
     Raises:
         ValueError: one line naming the tensor and the problem.
     """
@@ -426,8 +435,8 @@ def read_layer(
             f"tensor {name}.level_classes is not a table of ascending level counts >= 1 whose "
             f"column counts sum to {cols}"
         )
-    lo = _take(tensors, f"{name}.lo", (torch.float16,), 2)
-    hi = _take(tensors, f"{name}.hi", (torch.float16,), 2)
+    lo = _take(tensors, f"{name}.lo", (torch.float16, torch.float32), 2)
+    hi = _take(tensors, f"{name}.hi", (torch.float16, torch.float32), 2)
     for key, t in ((f"{name}.lo", lo), (f"{name}.hi", hi)):
         if tuple(t.shape) != (rows, ngroups):
             raise ValueError(f"tensor {key} has shape {tuple(t.shape)}: expected {(rows, ngroups)}")

@@ -84,3 +84,31 @@ def test_all_zero_rows_get_a_valid_grid():
     codes, deq = G.quantize(W, G.fit_grid(W), G.uniform_levels(10, 2))
     assert torch.isfinite(deq).all()
     assert (deq[0] == 0).all() and (deq[2] == 0).all()
+
+
+def published_rtn(W, bits):
+    """RTN as GPTQ's reference quantizer writes it: float32 scale and zero point per row."""
+    maxq = 2**bits - 1
+    xmin = W.min(dim=1).values.clamp(max=0)
+    xmax = W.max(dim=1).values.clamp(min=0)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin[empty], xmax[empty] = -1, 1
+    scale = ((xmax - xmin) / maxq).unsqueeze(1)
+    zero = torch.round(-xmin / scale.squeeze(1)).unsqueeze(1)
+    q = torch.clamp(torch.round(W / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_float32_ranges_reproduce_the_published_rtn(bits):
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(64, 96, generator=g) * torch.rand(64, 1, generator=g)
+    W[3] = 0  # an all-zero row takes the [-1, 1] convention
+    levels = G.uniform_levels(96, bits)
+    _, exact = G.quantize(W, G.fit_grid(W, range_dtype="float32"), levels)
+    assert torch.allclose(exact, published_rtn(W, bits), rtol=0, atol=1e-6)
+    # the default float16 ranges move some weights to a neighbouring level
+    _, half = G.quantize(W, G.fit_grid(W), levels)
+    assert not torch.equal(half, exact)
+    with pytest.raises(ValueError, match="range_dtype='bfloat16'"):
+        G.fit_grid(W, range_dtype="bfloat16")

@@ -57,6 +57,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--max-levels", type=int, default=256, help="BAQ: cap on levels per column")
     g.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"])
     g.add_argument(
+        "--range-dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="grid ranges: float16 (stored as such) or float32 (the published code's grids; "
+        "+0.05 bits stored)",
+    )
+    g.add_argument(
         "--skip",
         action="append",
         default=[],
@@ -121,6 +128,7 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
             exponent=args.exponent,
             max_levels=args.max_levels,
             hessian_dtype=args.hessian_dtype,
+            range_dtype=args.range_dtype,
             skip=tuple(args.skip),
         )
     except ValueError as err:

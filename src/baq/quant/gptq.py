@@ -198,10 +198,14 @@ def gptq_solve(
 
 
 def rtn_solve(
-    W: Tensor, levels: Tensor, group_size: int | None = None, sym: bool = False
+    W: Tensor,
+    levels: Tensor,
+    group_size: int | None = None,
+    sym: bool = False,
+    range_dtype: str = "float16",
 ) -> QuantResult:
     """Round-to-nearest on the same grid, no error feedback (the baseline GPTQ improves on)."""
-    grid = fit_grid(W, group_size=group_size, sym=sym)
+    grid = fit_grid(W, group_size=group_size, sym=sym, range_dtype=range_dtype)
     codes, weight = quantize(W, grid, levels)
     zeros = torch.zeros(W.shape[1], dtype=torch.float32, device=W.device)
     return QuantResult(weight, codes, grid, levels.to(torch.int64), zeros)

@@ -9,8 +9,11 @@ so a row's range is shared by all its columns while each column has its own reso
 grids use ``lo = -hi`` and the fixed zero point ``L_j // 2``. ``L_j = 1`` stores no code at all and
 dequantizes to 0: the column is pruned (0 lies in every range, so it is always representable).
 
-The range is rounded to float16 when the grid is built, because the packed format stores it in
-float16: what the solver quantizes against is then exactly what a reader of the file reconstructs.
+By default the range is rounded (outward) to float16 when the grid is built, because the packed
+format stores it in float16: what the solver quantizes against is then exactly what a reader of the
+file reconstructs. ``range_dtype="float32"`` keeps the float32 min/max, as GPTQ's and BAQ's
+published code do (RTN then reproduces their perplexities exactly); the file stores such ranges in
+float32, 0.047 bits per weight more on the reference model.
 Round-to-nearest (RTN) is :func:`quantize` applied directly to the weights.
 """
 
@@ -27,8 +30,8 @@ class Grid:
     """Per-row (or per-row-and-group) ranges.
 
     Attributes:
-        lo: (rows, ngroups) float32, <= 0, float16-representable.
-        hi: (rows, ngroups) float32, >= 0, float16-representable, hi > lo.
+        lo: (rows, ngroups) float32, <= 0 (float16-representable unless fitted in float32).
+        hi: (rows, ngroups) float32, >= 0, hi > lo (likewise).
         group_size: columns per group, or None for one range per row (ngroups == 1).
         sym: symmetric grid (lo == -hi, zero point L // 2).
     """
@@ -44,13 +47,20 @@ def group_of(cols: Tensor, group_size: int | None) -> Tensor:
     return torch.zeros_like(cols) if group_size is None else cols // group_size
 
 
-def fit_grid(W: Tensor, group_size: int | None = None, sym: bool = False) -> Grid:
+RANGE_DTYPES: tuple[str, ...] = ("float16", "float32")
+
+
+def fit_grid(
+    W: Tensor, group_size: int | None = None, sym: bool = False, range_dtype: str = "float16"
+) -> Grid:
     """Fit the ranges of a grid to a weight matrix (min/max per row or row-group, 0 included).
 
     Args:
         W: (rows, cols) weights, any float dtype.
         group_size: columns per group (a ragged last group when it does not divide cols), or None.
         sym: symmetric range ``[-max|w|, max|w|]``.
+        range_dtype: "float16": ranges rounded outward to float16 values (what the file stores);
+            "float32": the exact min/max.
     Returns:
         The :class:`Grid`; all-zero rows get the range [-1, 1] so that every step is positive.
     """
@@ -72,8 +82,11 @@ def fit_grid(W: Tensor, group_size: int | None = None, sym: bool = False) -> Gri
         lo = -hi
     # what the file stores (float16) is what the solver uses; round outward so the range still
     # covers the weights, and give empty ranges the GPTQ convention [-1, 1]
-    lo = _to_half_outward(lo, down=True)
-    hi = _to_half_outward(hi, down=False)
+    if range_dtype == "float16":
+        lo = _to_half_outward(lo, down=True)
+        hi = _to_half_outward(hi, down=False)
+    elif range_dtype != "float32":
+        raise ValueError(f"range_dtype={range_dtype!r}: use one of {', '.join(RANGE_DTYPES)}")
     empty = hi <= lo
     lo = torch.where(empty, torch.full_like(lo, -1.0), lo)
     hi = torch.where(empty, torch.full_like(hi, 1.0), hi)
@@ -161,3 +174,8 @@ def uniform_levels(cols: int, bits: int, device: torch.device | None = None) -> 
 def nominal_bits(levels: Tensor) -> float:
     """Nominal rate of a layer: mean over columns of log2 L_j (all columns have the same rows)."""
     return float(torch.log2(levels.double()).mean())
+
+
+def half_exact(grid: Grid) -> bool:
+    """Every range is a float16 value: the file can store it in float16 without loss."""
+    return all(torch.equal(t, t.half().float()) for t in (grid.lo, grid.hi))

@@ -74,14 +74,15 @@ def quantize_layer(
     """
     rows, cols = W.shape
     if cfg.method == "rtn":
-        res = rtn_solve(W, uniform_levels(cols, int(cfg.bits), W.device), cfg.group_size, cfg.sym)
+        levels = uniform_levels(cols, int(cfg.bits), W.device)
+        res = rtn_solve(W, levels, cfg.group_size, cfg.sym, cfg.range_dtype)
         return res, _record(name, cfg, res)
 
     assert H is not None, "GPTQ and BAQ need the layer's Hessian"
     factor = factor_hessian(H, cfg.percdamp, cfg.act_order)
     Wd = W.to(factor.U.device, torch.float32).clone()
     Wd[:, factor.dead] = 0
-    grid = fit_grid(Wd, cfg.group_size, cfg.sym)
+    grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype)
     solve = dict(grid=grid, block_size=cfg.block_size)
     if cfg.method == "gptq":
         res = gptq_solve(Wd, factor, uniform_levels(cols, int(cfg.bits), Wd.device), **solve)
