@@ -68,6 +68,12 @@ def test_run_keys_are_stable_and_follow_the_settings(text, tmp_path):
     assert all(other_model[k] != first[k] for k in first)
     damped = keys(base, bench.build_grid(["gptq"], bits=[3], baq_bits=[], percdamp=0.1), tmp_path)
     assert damped["gptq-3b"] != first["gptq-3b"]
+    exact = bench.build_grid(["fp", "rtn", "gptq"], bits=[3], baq_bits=[], range_dtype="float32")
+    exact_keys = keys(base, exact, tmp_path)
+    assert exact_keys["fp"] == first["fp"] and exact_keys["rtn-3b"] != first["rtn-3b"]
+    # a field added later enters the key only when set, so older caches keep their keys
+    quant = {e.spec.name: e.settings.get("quant", {}) for e in bench.plan(base, grid, tmp_path)}
+    assert "range_dtype" not in quant["gptq-3b"] and "percdamp" in quant["gptq-3b"]
 
 
 def test_grid_names():

@@ -116,6 +116,7 @@ def build_grid(
     group_size: int | None = None,
     act_order: bool = False,
     percdamp: float = 0.01,
+    range_dtype: str = "float16",
 ) -> list[BenchSpec]:
     """The runs, in order: each family at each of ``bits`` (BAQ measured also at ``baq_bits``).
 
@@ -145,7 +146,12 @@ def build_grid(
             tag = (f"-g{gs}" if gs else "") + ("-act" if order else "")
             for b in budgets:
                 cfg = QuantConfig(
-                    bits=float(b), group_size=gs, act_order=order, percdamp=percdamp, **fields
+                    bits=float(b),
+                    group_size=gs,
+                    act_order=order,
+                    percdamp=percdamp,
+                    range_dtype=range_dtype,
+                    **fields,
                 )
                 name = f"{family}{tag}-{float(b):g}b"
                 grid[name] = BenchSpec(name, family, label + tag.replace("-", " "), cfg)

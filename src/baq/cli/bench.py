@@ -31,6 +31,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--group-size", type=int, help="also run every method with groups of N columns")
     g.add_argument("--act-order", action="store_true", help="also run GPTQ and BAQ in act order")
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
+    g.add_argument(
+        "--range-dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="grid ranges; float32 reproduces the published code's grids",
+    )
     d = b.add_argument_group("data")
     d.add_argument(
         "--text",
@@ -79,6 +85,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.group_size,
             args.act_order,
             args.percdamp,
+            args.range_dtype,
         )
         settings = bench.BenchSettings(
             model=args.model,
