@@ -417,11 +417,8 @@ def complete_run(
         merged["seconds"] = dict(cached["seconds"])
         merged["seconds"]["eval"] = cached["seconds"].get("eval", 0.0) + result["seconds"]["eval"]
         result = merged
-    else:
-        if cached is not None:
-            log.warning(
-                "%s quantized differently from its cache: every set evaluated", entry.spec.name
-            )
+    elif cached is not None:
+        log.warning("%s quantized differently from its cache: every set evaluated", entry.spec.name)
         rest = {n: w for n, w in sets.items() if n in entry.evals and n not in missing}
         more, spent = evaluate_sets(model, rest, device, entry.spec.name)
         result["perplexity"].update(more)
