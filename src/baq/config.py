@@ -15,6 +15,7 @@ Sensitivity = Literal["measured", "analytic"]
 
 METHODS: tuple[str, ...] = ("rtn", "gptq", "baq")
 SENSITIVITIES: tuple[str, ...] = ("measured", "analytic")
+RANGE_DTYPES: tuple[str, ...] = ("float16", "float32")  # grid ranges (quant/grid.py)
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,10 @@ class QuantConfig:
             )
         if not self.exponent > 0:
             raise ValueError(f"exponent={self.exponent}: use a positive value, e.g. 2")
-        if self.range_dtype not in ("float16", "float32"):
-            raise ValueError(f"range_dtype={self.range_dtype!r}: use float16 or float32")
+        if self.range_dtype not in RANGE_DTYPES:
+            raise ValueError(
+                f"range_dtype={self.range_dtype!r}: use one of {', '.join(RANGE_DTYPES)}"
+            )
         if self.hessian_dtype not in ("float32", "float64"):
             raise ValueError(f"hessian_dtype={self.hessian_dtype!r}: use float32 or float64")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..config import RANGE_DTYPES
 from .common import UsageError, add_model_args, check_model, check_source, flagify
 
 
@@ -34,7 +35,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--range-dtype",
         default="float16",
-        choices=["float16", "float32"],
+        choices=RANGE_DTYPES,
         help="grid ranges; float32 reproduces the published code's grids",
     )
     d = b.add_argument_group("data")

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import METHODS, SENSITIVITIES, QuantConfig
+from ..config import METHODS, RANGE_DTYPES, SENSITIVITIES, QuantConfig
 from .common import (
     UsageError,
     add_eval_args,
@@ -59,7 +59,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--range-dtype",
         default="float16",
-        choices=["float16", "float32"],
+        choices=RANGE_DTYPES,
         help="grid ranges: float16 (stored as such) or float32 (the published code's grids; "
         "+0.05 bits stored)",
     )

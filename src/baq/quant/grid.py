@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import RANGE_DTYPES
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -45,9 +47,6 @@ class Grid:
 def group_of(cols: Tensor, group_size: int | None) -> Tensor:
     """Group index of each column index in ``cols``; a ragged last group is allowed."""
     return torch.zeros_like(cols) if group_size is None else cols // group_size
-
-
-RANGE_DTYPES: tuple[str, ...] = ("float16", "float32")
 
 
 def fit_grid(
@@ -174,8 +173,3 @@ def uniform_levels(cols: int, bits: int, device: torch.device | None = None) -> 
 def nominal_bits(levels: Tensor) -> float:
     """Nominal rate of a layer: mean over columns of log2 L_j (all columns have the same rows)."""
     return float(torch.log2(levels.double()).mean())
-
-
-def half_exact(grid: Grid) -> bool:
-    """Every range is a float16 value: the file can store it in float16 without loss."""
-    return all(torch.equal(t, t.half().float()) for t in (grid.lo, grid.hi))
