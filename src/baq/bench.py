@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import blocks, data, models, plots, report
-from .config import QuantConfig
+from .config import HUB_TEXT_SOURCES, TEXT_FILE_SUFFIXES, QuantConfig
 from .evaluate import perplexity
 from .packed_linear import storage_bits_of
 from .pipeline import quantize_model
@@ -171,14 +171,14 @@ def eval_sources(settings: BenchSettings) -> dict[str, str]:
     """Evaluation set name (a file's stem, or the source) -> source; ``text`` first."""
     out: dict[str, str] = {}
     for src in dict.fromkeys((settings.text, *settings.evals)):
-        name = Path(src).stem if src.endswith(data.FILE_SUFFIXES) else src
+        name = Path(src).stem if src.endswith(TEXT_FILE_SUFFIXES) else src
         out[src if name in out else name] = src
     return out
 
 
 def text_digest(source: str) -> str:
     """Content hash of a text source, so that a key follows the text rather than its path."""
-    if source in data.HUB_SOURCES:
+    if source in HUB_TEXT_SOURCES:
         return source  # a pinned dataset; hashing it would mean downloading it to list the grid
     return hashlib.sha256(data.load_text(source).encode()).hexdigest()[:16]
 

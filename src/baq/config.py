@@ -16,6 +16,11 @@ Sensitivity = Literal["measured", "analytic"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "baq")
 SENSITIVITIES: tuple[str, ...] = ("measured", "analytic")
 RANGE_DTYPES: tuple[str, ...] = ("float16", "float32")  # grid ranges (quant/grid.py)
+# Text sources (data.py); the hub ones are downloaded with ``datasets``, calibrate on their
+# train split and evaluate on their test split.
+HUB_TEXT_SOURCES: tuple[str, ...] = ("wikitext2", "ptb", "c4")
+TEXT_SOURCES: tuple[str, ...] = ("builtin", *HUB_TEXT_SOURCES)
+TEXT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl")
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import HUB_TEXT_SOURCES, TEXT_FILE_SUFFIXES, TEXT_SOURCES
+
 log = logging.getLogger(__name__)
 
-HUB_SOURCES: tuple[str, ...] = ("wikitext2", "ptb", "c4")
-SOURCES: tuple[str, ...] = ("builtin", *HUB_SOURCES)
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
-FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl")
 
 _C4_SHARDS = {
     "train": "en/c4-train.00000-of-01024.json.gz",
@@ -48,7 +47,9 @@ class CalibConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
-            raise ValueError(f"source={self.source!r}: use one of {', '.join(SOURCES)} or a path")
+            raise ValueError(
+                f"source={self.source!r}: use one of {', '.join(TEXT_SOURCES)} or a path"
+            )
         if not _is_int(self.nsamples) or self.nsamples < 1:
             raise ValueError(f"nsamples={self.nsamples!r}: use a positive integer, e.g. 128")
         if not _is_int(self.seqlen) or self.seqlen < 2:
@@ -88,14 +89,14 @@ def load_text(source: str, split: str = "test") -> str:
         from pydoc_data.topics import topics
 
         return "\n\n".join(topics[key] for key in sorted(topics))
-    if source in HUB_SOURCES:
+    if source in HUB_TEXT_SOURCES:
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: use one of {', '.join(SPLITS)}")
         return _load_hub(source, split)
-    if source.endswith(FILE_SUFFIXES):
+    if source.endswith(TEXT_FILE_SUFFIXES):
         return _load_file(Path(source))
     raise ValueError(
-        f"unknown text source {source!r}: use one of {', '.join(SOURCES)}, "
+        f"unknown text source {source!r}: use one of {', '.join(TEXT_SOURCES)}, "
         "or a path to a .txt or .jsonl file"
     )
 

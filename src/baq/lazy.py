@@ -22,16 +22,12 @@ back to ``baq.models.load_model``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import struct
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,29 +36,20 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import blocks, models
+from .errors import one_line
+from .lazy_plan import (  # noqa: F401  (INDEX_FILE, SINGLE_FILE re-exported)
+    INDEX_FILE,
+    SINGLE_FILE,
+    LazyLoadUnsupported,
+    Slot,
+    checkpoint_tensors,
+    config_dtype,
+    main_dtype,
+    plan,
+    split_name,
+)
 
 log = logging.getLogger(__name__)
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-# safetensors header dtype names -> torch dtypes (those torch has)
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        _ST_DTYPES[_name] = getattr(torch, _attr)
-
 
 _LIBC: Any = None
 
@@ -90,10 +77,6 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-class LazyLoadUnsupported(ValueError):
-    """The checkpoint cannot be loaded lazily; load it in full with ``baq.models.load_model``."""
-
-
 def can_load_lazily(name_or_path: str | os.PathLike | None, gguf_file: str | None = None) -> bool:
     """Whether a model argument names a local folder that ``open_lazy`` can read.
 
@@ -109,140 +92,6 @@ def can_load_lazily(name_or_path: str | os.PathLike | None, gguf_file: str | Non
     if not folder.is_dir() or not (folder / "config.json").is_file():
         return False
     return (folder / INDEX_FILE).is_file() or (folder / SINGLE_FILE).is_file()
-
-
-@dataclass
-class _Slot:
-    """One checkpoint tensor and every name it has in the model (several when weights are tied)."""
-
-    names: list[str]  # model names (parameters or buffers), first is the canonical one
-    key: str  # name in the checkpoint
-    file: Path
-    shape: tuple[int, ...]
-    dtype: torch.dtype  # dtype in the model (after the cast)
-    is_param: bool
-    requires_grad: bool
-    nbytes: int  # size in the model's dtype
-
-
-def _read_header(file: Path) -> dict[str, dict[str, Any]]:
-    """The safetensors header of ``file``: tensor name -> {dtype, shape, data_offsets}."""
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise LazyLoadUnsupported(f"{file} is not a safetensors file")
-        (size,) = struct.unpack("<Q", head)
-        if size > 100_000_000:
-            raise LazyLoadUnsupported(f"{file} is not a safetensors file (header of {size} bytes)")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header
-
-
-def _checkpoint(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """Checkpoint tensor name -> (file, header entry), over all shards."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise LazyLoadUnsupported(f"{index} is not a safetensors index: {err}") from err
-        files = sorted(set(weight_map.values()))
-    else:
-        files = [SINGLE_FILE]
-    found: dict[str, tuple[Path, dict[str, Any]]] = {}
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise LazyLoadUnsupported(f"{path} is listed in {INDEX_FILE} but missing")
-        for key, entry in _read_header(path).items():
-            found[key] = (path, entry)
-    return found
-
-
-def _config_dtype(config: Any) -> torch.dtype | None:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if isinstance(value, torch.dtype) else None
-
-
-def _main_dtype(
-    requested: torch.dtype | str, config: Any, ckpt: dict[str, tuple[Path, dict[str, Any]]]
-) -> torch.dtype:
-    """The model dtype: as requested, or for ``auto`` as ``from_pretrained`` picks it.
-
-    ``auto`` is the config's dtype, else the dtype of the first floating tensor of the first
-    checkpoint file.
-    """
-    if isinstance(requested, torch.dtype):
-        return requested
-    found = _config_dtype(config)
-    if found is not None:
-        return found
-    for key in sorted(ckpt, key=lambda k: (str(ckpt[k][0]), k)):
-        dtype = _ST_DTYPES.get(ckpt[key][1]["dtype"])
-        if dtype is not None and dtype.is_floating_point:
-            return dtype
-    return torch.get_default_dtype()
-
-
-def _fp32_patterns(model: PreTrainedModel, dtype: torch.dtype) -> list[str]:
-    """Module names that ``from_pretrained`` keeps in float32 at this dtype."""
-    keep: list[str] = []
-    if dtype == torch.float16:
-        keep += list(getattr(model, "_keep_in_fp32_modules", None) or ())
-    if dtype in (torch.float16, torch.bfloat16):
-        keep += list(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    return keep
-
-
-def _tie_groups(model: PreTrainedModel, names: list[str]) -> list[list[str]]:
-    """Group model tensor names that must share one tensor (tied weights), canonical first.
-
-    Ties come from tensors that are already the same object in the skeleton (transformers 4
-    ties in ``post_init``) and from ``all_tied_weights_keys`` (transformers 5 ties after
-    loading: alias -> source).
-    """
-    parent = {name: name for name in names}
-
-    def root(name: str) -> str:
-        while parent[name] != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
-        return name
-
-    def union(source: str, alias: str) -> None:
-        a, b = root(source), root(alias)
-        if a != b:
-            parent[b] = a
-
-    by_id: dict[int, str] = {}
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    tensors.update(model.named_buffers(remove_duplicate=False))
-    for name in names:
-        first = by_id.setdefault(id(tensors[name]), name)
-        union(first, name)
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    for alias, source in tied.items():
-        if alias in parent and source in parent:
-            union(source, alias)
-    groups: dict[str, list[str]] = defaultdict(list)
-    for name in names:
-        groups[root(name)].append(name)
-    return [sorted(group, key=lambda n: n != r) for r, group in groups.items()]
-
-
-def _split(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    owner, _, attr = name.rpartition(".")
-    return (model.get_submodule(owner) if owner else model), attr
-
-
-def _block_index(name: str, prefix: str) -> int | None:
-    if not name.startswith(prefix):
-        return None
-    head = name[len(prefix) :].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
 
 
 class LazyLoader:
@@ -261,17 +110,17 @@ class LazyLoader:
         model: PreTrainedModel,
         folder: Path,
         prefix: str,
-        resident: list[_Slot],
-        per_block: list[list[_Slot]],
+        resident: list[Slot],
+        per_block: list[list[Slot]],
     ) -> None:
         self.model = model
         self.folder = folder
         self.prefix = prefix
         self.blocks = blocks.decoder_layers(model)
-        self.dtype = _config_dtype(model.config) or torch.get_default_dtype()
+        self.dtype = config_dtype(model.config) or torch.get_default_dtype()
         self._resident = resident
         self._per_block = per_block
-        self._by_name: dict[str, _Slot] = {}
+        self._by_name: dict[str, Slot] = {}
         for slot in [*resident, *(s for slots in per_block for s in slots)]:
             self._by_name.update(dict.fromkeys(slot.names, slot))
 
@@ -330,7 +179,7 @@ class LazyLoader:
                 continue
             if keep is not None and keep(slot.names[0][local:]):
                 # a copy: a tensor read from disk may view the file's mapping of this block
-                module, attr = _split(self.model, slot.names[0])
+                module, attr = split_name(self.model, slot.names[0])
                 current = module._parameters[attr] if slot.is_param else module._buffers[attr]
                 self._set(slot, current.detach().to("cpu", copy=True))
             else:
@@ -427,26 +276,26 @@ class LazyLoader:
             raise IndexError(f"block {i} out of range: the model has {len(self.blocks)} blocks")
         return i % len(self.blocks)
 
-    def _is_meta(self, slot: _Slot) -> bool:
-        module, attr = _split(self.model, slot.names[0])
+    def _is_meta(self, slot: Slot) -> bool:
+        module, attr = split_name(self.model, slot.names[0])
         tensor = module._parameters.get(attr) if slot.is_param else module._buffers.get(attr)
         return tensor is None or tensor.device.type == "meta"
 
-    def _set(self, slot: _Slot, tensor: Tensor) -> None:
+    def _set(self, slot: Slot, tensor: Tensor) -> None:
         """Install ``tensor`` under every name of ``slot`` (one object, so ties hold)."""
         value = nn.Parameter(tensor, requires_grad=slot.requires_grad) if slot.is_param else tensor
         for name in slot.names:
-            module, attr = _split(self.model, name)
+            module, attr = split_name(self.model, name)
             if slot.is_param:
                 module._parameters[attr] = value
             else:
                 module._buffers[attr] = value
 
-    def _read(self, slots: list[_Slot], device: torch.device) -> dict[int, Tensor]:
+    def _read(self, slots: list[Slot], device: torch.device) -> dict[int, Tensor]:
         """Read ``slots`` from disk, one ``safe_open`` per file, closed right after (unmapped)."""
         from safetensors import safe_open
 
-        by_file: dict[Path, list[_Slot]] = defaultdict(list)
+        by_file: dict[Path, list[Slot]] = defaultdict(list)
         for slot in slots:
             by_file[slot.file].append(slot)
         out: dict[int, Tensor] = {}
@@ -458,91 +307,15 @@ class LazyLoader:
                     del tensor
         return out
 
-    def _materialise(self, slots: list[_Slot], device: torch.device) -> None:
+    def _materialise(self, slots: list[Slot], device: torch.device) -> None:
         # one file at a time, so that at most the tensors of one block are in flight
-        by_file: dict[Path, list[_Slot]] = defaultdict(list)
+        by_file: dict[Path, list[Slot]] = defaultdict(list)
         for slot in slots:
             by_file[slot.file].append(slot)
         for group in by_file.values():
             loaded = self._read(group, device)
             for slot in group:
                 self._set(slot, loaded.pop(id(slot)))
-
-
-def _plan(
-    model: PreTrainedModel,
-    ckpt: dict[str, tuple[Path, dict[str, Any]]],
-    dtype: torch.dtype,
-    prefix: str,
-    num_blocks: int,
-) -> tuple[list[_Slot], list[list[_Slot]]]:
-    """Match every model tensor to a checkpoint tensor; split them into resident and per block."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    persistent = {}
-    for name, buf in model.named_buffers(remove_duplicate=False):
-        module, attr = _split(model, name)
-        if attr not in module._non_persistent_buffers_set:
-            persistent[name] = buf
-    base = getattr(model, "base_model_prefix", "") or ""
-    keep_fp32 = _fp32_patterns(model, dtype)
-    resident: list[_Slot] = []
-    per_block: list[list[_Slot]] = [[] for _ in range(num_blocks)]
-    missing: list[str] = []
-    for group in _tie_groups(model, [*params, *persistent]):
-        key = None
-        for name in group:
-            candidates = [name]
-            if base and name.startswith(base + "."):
-                candidates.append(name[len(base) + 1 :])
-            key = next((c for c in candidates if c in ckpt), None)
-            if key is not None:
-                break
-        is_param = group[0] in params
-        placeholder = params[group[0]] if is_param else persistent[group[0]]
-        if key is None:
-            if is_param:
-                missing.append(group[0])
-            else:
-                log.debug("buffer %s is not in the checkpoint: keeping its built value", group[0])
-            continue
-        file, entry = ckpt[key]
-        shape = tuple(entry["shape"])
-        if shape != tuple(placeholder.shape):
-            raise LazyLoadUnsupported(
-                f"{key} has shape {shape} in the checkpoint but {tuple(placeholder.shape)} in "
-                "the model"
-            )
-        st_dtype = _ST_DTYPES.get(entry["dtype"])
-        if st_dtype is None:
-            raise LazyLoadUnsupported(f"{key} has dtype {entry['dtype']}, which torch lacks")
-        target = st_dtype
-        if st_dtype.is_floating_point:
-            fp32 = any(re.search(rf"(^|\.){re.escape(p)}(\.|$)", group[0]) for p in keep_fp32)
-            target = torch.float32 if fp32 else dtype
-        numel = 1
-        for size in shape:
-            numel *= size
-        slot = _Slot(
-            names=group,
-            key=key,
-            file=file,
-            shape=shape,
-            dtype=target,
-            is_param=is_param,
-            requires_grad=bool(getattr(placeholder, "requires_grad", False)),
-            nbytes=numel * torch.empty((), dtype=target).element_size(),
-        )
-        blocks = {_block_index(name, prefix) for name in group}
-        if len(blocks) == 1 and None not in blocks:
-            per_block[blocks.pop()].append(slot)
-        else:
-            resident.append(slot)
-    if missing:
-        raise LazyLoadUnsupported(
-            f"{len(missing)} model parameters are not in the checkpoint under their names "
-            f"(e.g. {', '.join(missing[:3])}): the checkpoint needs transformers' key conversions"
-        )
-    return resident, per_block
 
 
 def _load_generation_config(model: PreTrainedModel, folder: Path) -> None:
@@ -590,9 +363,9 @@ def open_lazy(
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as err:
-        raise ValueError(f"cannot read the config of {folder}: {models._one_line(err)}") from err
-    ckpt = _checkpoint(folder)
-    main_dtype = _main_dtype(requested, config, ckpt)
+        raise ValueError(f"cannot read the config of {folder}: {one_line(err)}") from err
+    ckpt = checkpoint_tensors(folder)
+    model_dtype = main_dtype(requested, config, ckpt)
     tok = None
     if tokenizer:
         try:
@@ -602,22 +375,22 @@ def open_lazy(
             if not models._has_tokenizer_files(folder):
                 fix = "; save one next to the model with tokenizer.save_pretrained(folder)"
             raise ValueError(
-                f"cannot load the tokenizer of {folder}: {models._one_line(err)}{fix}"
+                f"cannot load the tokenizer of {folder}: {one_line(err)}{fix}"
             ) from err
     config._name_or_path = str(folder)
     try:
         # parameters on meta; buffers (rotary inv_freq, masks) are built for real
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=main_dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
     except Exception as err:
         raise LazyLoadUnsupported(
-            f"cannot build {folder} from its config: {models._one_line(err)}"
+            f"cannot build {folder} from its config: {one_line(err)}"
         ) from err
     layers = blocks.decoder_layers(model)
     prefix = next((f"{name}." for name, mod in model.named_modules() if mod is layers), None)
     if prefix is None:
         raise LazyLoadUnsupported("decoder blocks are not a submodule of the model")
-    resident, per_block = _plan(model, ckpt, main_dtype, prefix, len(layers))
+    resident, per_block = plan(model, ckpt, model_dtype, prefix, len(layers))
     loader = LazyLoader(model, folder, prefix, resident, per_block)
     # persistent buffers of the blocks that the checkpoint holds wait on meta like parameters
     for slots in per_block:
@@ -631,7 +404,7 @@ def open_lazy(
     log.info(
         "opened %s lazily (dtype=%s): %.1f MiB resident, %.1f MiB per block",
         folder,
-        str(main_dtype).replace("torch.", ""),
+        str(model_dtype).replace("torch.", ""),
         loader.resident_nbytes() / 2**20,
         (loader.block_nbytes(0) if len(loader) else 0) / 2**20,
     )

@@ -21,6 +21,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from . import __version__
+from .errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,6 @@ REQUIRED_FILES = (CONFIG_FILE, DENSE_FILE, QUANTIZED_FILE)
 
 class StorageError(ValueError):
     """A saved model cannot be written or read; the message is one line naming the file."""
-
-
-def one_line(err: BaseException) -> str:
-    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 def check_target(target: Path, force: bool) -> None:

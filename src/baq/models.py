@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import blocks
+from .errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,6 @@ def reference_model_path() -> tuple[str, str]:
     return str(folder), REFERENCE_GGUF
 
 
-def _one_line(err: BaseException) -> str:
-    """First non-empty line of an exception message (transformers errors span paragraphs)."""
-    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
-    text = lines[0].rstrip(":") if lines else type(err).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _has_tokenizer_files(folder: Path) -> bool:
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     return any((folder / name).is_file() for name in names)
@@ -182,7 +176,7 @@ def load_config(name_or_path: str | None = None, gguf_file: str | None = None) -
                 "; transformers cannot read this GGUF architecture: use the model's "
                 "safetensors folder or hub id instead"
             )
-        cause = _one_line(err).rstrip(".") if fix else _one_line(err)
+        cause = one_line(err).rstrip(".") if fix else one_line(err)
         raise ValueError(f"cannot read the config of {label}: {cause}{fix}") from err
 
 
@@ -231,7 +225,7 @@ def load_tokenizer(name_or_path: str | None = None, gguf_file: str | None = None
         fix = ""
         if Path(source).is_dir() and not gguf and not _has_tokenizer_files(Path(source)):
             fix = "; save one next to the model with tokenizer.save_pretrained(folder)"
-        raise ValueError(f"cannot load the tokenizer of {label}: {_one_line(err)}{fix}") from err
+        raise ValueError(f"cannot load the tokenizer of {label}: {one_line(err)}{fix}") from err
 
 
 def load_model(
@@ -264,7 +258,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
     except Exception as err:
-        raise ValueError(f"cannot load model {label}: {_one_line(err)}") from err
+        raise ValueError(f"cannot load model {label}: {one_line(err)}") from err
     model.eval()
     # a KV cache is useless (and memory-hungry) when every forward sees a whole window
     model.config.use_cache = False

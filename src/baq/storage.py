@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from . import __version__, blocks, models
 from .config import QuantConfig
+from .errors import one_line
 from .manifest import (
     CONFIG_FILE,
     DENSE_FILE,
@@ -43,7 +44,6 @@ from .manifest import (
     inspect_quantized,
     layers_meta,
     list_files,
-    one_line,
     read_header,
     read_json,
     sha256_of,

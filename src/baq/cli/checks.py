@@ -14,13 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..config import HUB_TEXT_SOURCES, TEXT_FILE_SUFFIXES, TEXT_SOURCES
+from ..errors import one_line
+
 log = logging.getLogger("baq")
-
-
-HUB_SOURCES = ("builtin", "wikitext2", "ptb", "c4")
-
-
-DOWNLOADED = ("wikitext2", "ptb", "c4")  # text sources that would need the network to check
 
 
 # Weight files transformers loads from a folder (sharded checkpoints have an index).
@@ -41,23 +38,18 @@ class UsageError(ValueError):
     """A bad argument or input: one line, exit code 2."""
 
 
-def one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
-
-
 def positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise UsageError(f"--{name}={value}: use a positive integer")
 
 
 def check_source(src: str, flag: str) -> None:
-    if src in HUB_SOURCES:
+    if src in TEXT_SOURCES:
         return
     path = Path(src)
-    if path.suffix not in (".txt", ".jsonl"):
+    if path.suffix not in TEXT_FILE_SUFFIXES:
         raise UsageError(
-            f"{flag} {src}: not a known source; use one of {', '.join(HUB_SOURCES)} "
+            f"{flag} {src}: not a known source; use one of {', '.join(TEXT_SOURCES)} "
             "or a .txt/.jsonl file"
         )
     if not path.is_file():
@@ -175,7 +167,7 @@ def check_text_fits(
     tokenizer alone, and ``cut`` (a ``data`` windowing call) says whether it fits."""
     from .. import data
 
-    if src in DOWNLOADED or is_saved_folder(args.model):
+    if src in HUB_TEXT_SOURCES or is_saved_folder(args.model):
         return
     text = data.load_text(src)
     if len(text) >= CHARS_PER_TOKEN_MAX * needed:

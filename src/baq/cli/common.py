@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import TEXT_SOURCES
 from .checks import (  # noqa: F401  (re-exported for the command modules)
     CHARS_PER_TOKEN_MAX,
-    DOWNLOADED,
-    HUB_SOURCES,
     WEIGHT_FILES,
     UsageError,
     check_calib_fits,
@@ -68,7 +67,7 @@ def add_eval_args(
         action="append",
         default=None,
         metavar="SRC",
-        help=f"perplexity text: {', '.join(HUB_SOURCES)}, or a .txt/.jsonl file; repeatable "
+        help=f"perplexity text: {', '.join(TEXT_SOURCES)}, or a .txt/.jsonl file; repeatable "
         f"(default: {' '.join(default or []) or 'none'}; 'none' to skip)",
     )
     g.add_argument(

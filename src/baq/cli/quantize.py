@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import METHODS, RANGE_DTYPES, SENSITIVITIES, QuantConfig
+from ..config import HUB_TEXT_SOURCES, METHODS, RANGE_DTYPES, SENSITIVITIES, QuantConfig
 from .common import (
     UsageError,
     add_eval_args,
@@ -174,9 +174,6 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
     return cfg, calib
 
 
-HUB_SPLIT_SOURCES = ("wikitext2", "ptb", "c4")  # train split calibrates, test split evaluates
-
-
 def calib_start(args: argparse.Namespace) -> int:
     """Where calibration windows may start: after the evaluated tokens when both read one text.
 
@@ -186,7 +183,7 @@ def calib_start(args: argparse.Namespace) -> int:
     """
     if args.calib_start is not None:
         return args.calib_start
-    if args.calib in HUB_SPLIT_SOURCES or args.calib not in eval_sources(args):
+    if args.calib in HUB_TEXT_SOURCES or args.calib not in eval_sources(args):
         return 0
     if args.eval_windows is None:
         log.warning(
