@@ -3,8 +3,9 @@
 For the reference model quantized with GPTQ and BAQ at 2, 3 and 4 bits, saved with
 ``baq.storage``: bytes on disk, storage bits per quantized weight against the nominal rate, peak
 RSS of loading the folder in a fresh process, and greedy generation tokens per second of the packed
-model (dequantizing in every forward, and with ``cache_dequantized``) against the float model,
-measured in the same fresh process as a ratio.
+model with each weight cache of ``baq.storage.load_quantized`` (``none``: dequantizing in every
+forward; ``codes``: integer offsets, one byte per weight; ``weight``: the dequantized weights)
+against the float model, each in a fresh process, as ratios to the float model of the same run.
 
 The storage rate depends on the level counts only, and speed and memory not at all on the
 calibration, so this uses fewer calibration windows than the perplexity protocol (``--nsamples``,
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 PROMPT = "The history of the city begins"
+CACHES = ("none", "codes", "weight")  # baq.config.WEIGHT_CACHES, without importing baq here
 
 
 def peak_rss_mib() -> float:
@@ -35,7 +37,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_child(folder: str, packed: bool, cache: bool, new_tokens: int, repeats: int) -> dict:
+def measure_child(folder: str, packed: bool, cache: str, new_tokens: int, repeats: int) -> dict:
     """Runs in a fresh process: load, then time greedy generation; peak RSS of the whole."""
     import torch
 
@@ -45,7 +47,7 @@ def measure_child(folder: str, packed: bool, cache: bool, new_tokens: int, repea
     rss0 = peak_rss_mib()
     t = time.perf_counter()
     if packed:
-        model, tok = storage.load_quantized(folder, cache_dequantized=cache)
+        model, tok = storage.load_quantized(folder, cache=cache)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,11 +77,11 @@ def measure_child(folder: str, packed: bool, cache: bool, new_tokens: int, repea
     }
 
 
-def child(folder: Path, packed: bool, cache: bool, args: argparse.Namespace) -> dict:
+def child(folder: Path, packed: bool, cache: str, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable, __file__, "--child", str(folder), "--new-tokens", str(args.new_tokens),
         "--repeats", str(args.repeats), *(["--packed"] if packed else []),
-        *(["--cache"] if cache else []),
+        "--cache", cache,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -113,7 +115,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--child")
     p.add_argument("--packed", action="store_true")
-    p.add_argument("--cache", action="store_true")
+    p.add_argument("--cache", choices=CACHES, default="none")
     args = p.parse_args()
     if args.child:
         res = measure_child(args.child, args.packed, args.cache, args.new_tokens, args.repeats)
@@ -142,7 +144,7 @@ def main() -> None:
         save_float(model, fp_dir)
         tok.save_pretrained(fp_dir)
         if "float" not in rows:
-            rows["float"] = {"bytes": folder_bytes(fp_dir), **child(fp_dir, False, False, args)}
+            rows["float"] = {"bytes": folder_bytes(fp_dir), **child(fp_dir, False, "none", args)}
             results_path.write_text(json.dumps(rows, indent=1))
         for method in args.methods:
             for bits in args.bits:
@@ -162,8 +164,7 @@ def main() -> None:
                     "bytes": folder_bytes(folder),
                     "quantized_bytes": (folder / "quantized.safetensors").stat().st_size,
                     "quantize_seconds": seconds,
-                    "packed": child(folder, True, False, args),
-                    "cached": child(folder, True, True, args),
+                    **{cache: child(folder, True, cache, args) for cache in CACHES},
                 }
                 results_path.write_text(json.dumps(rows, indent=1))
                 print(name, json.dumps(rows[name]), flush=True)
@@ -174,23 +175,25 @@ def main() -> None:
 
 def format_table(rows: dict) -> str:
     fp = rows["float"]
+    base = fp["tokens_per_second"]
     lines = [
-        "| model | nominal bits | storage bits | folder MiB | load peak RSS MiB | tokens/s "
-        "(x float) | tokens/s cached (x float) |",
-        "|---|---|---|---|---|---|---|",
-        f"| float32 | 32 | 32 | {fp['bytes'] / 2**20:.1f} | {fp['peak_rss_load_mib']:.0f} | "
-        f"{fp['tokens_per_second']:.1f} (1.00) | |",
+        "| model | nominal bits | storage bits | folder MiB | peak RSS MiB (none / codes / "
+        "weight) | tokens/s none (x float) | codes (x float) | weight (x float) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| float32 | 32 | 32 | {fp['bytes'] / 2**20:.1f} | {fp['peak_rss_mib']:.0f} | "
+        f"{base:.1f} (1.00) | | |",
     ]
     for name, r in rows.items():
         if name == "float":
             continue
-        pk, ca = r["packed"], r["cached"]
-        speed, cached = pk["tokens_per_second"], ca["tokens_per_second"]
-        base = fp["tokens_per_second"]
+        rss = " / ".join(f"{r[c]['peak_rss_mib']:.0f}" for c in CACHES)
+        speeds = " | ".join(
+            f"{r[c]['tokens_per_second']:.1f} ({r[c]['tokens_per_second'] / base:.2f})"
+            for c in CACHES
+        )
         lines.append(
             f"| {name} | {r['nominal_bits']:.3f} | {r['storage_bits']:.3f} | "
-            f"{r['bytes'] / 2**20:.1f} | {pk['peak_rss_load_mib']:.0f} | "
-            f"{speed:.1f} ({speed / base:.2f}) | {cached:.1f} ({cached / base:.2f}) |"
+            f"{r['bytes'] / 2**20:.1f} | {rss} | {speeds} |"
         )
     return "\n".join(lines)
 

@@ -346,16 +346,22 @@ def test_failed_forced_save_keeps_the_previous_one(saved, tmp_path, monkeypatch)
 def test_packed_linear_cache_dtype_and_repr(saved):
     out, model, results = saved
     plain, _ = storage.load_quantized(out)
-    cached, _ = storage.load_quantized(out, cache_dequantized=True)
+    cached, _ = storage.load_quantized(out, cache="weight")
+    coded, _ = storage.load_quantized(out, cache="codes")
     x = ids()
     with torch.inference_mode():
         a = plain(x).logits
         b = cached(x).logits
         c = cached(x).logits
+        d = coded(x).logits
     assert torch.equal(a, b) and torch.equal(b, c)
+    torch.testing.assert_close(d, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
     q = cached.model.layers[0].self_attn.q_proj
-    assert q._cache is not None and plain.model.layers[0].self_attn.q_proj._cache is None
+    assert q._weight is not None and plain.model.layers[0].self_attn.q_proj._weight is None
+    assert coded.model.layers[0].self_attn.q_proj._offsets is not None
     assert "nominal_bits=3.000" in repr(q) and "storage_bits=" in repr(q)
+    with pytest.raises(ValueError, match="cache='all'"):
+        storage.load_quantized(out, cache="all")
 
     name = "model.layers.0.mlp.down_proj"
     layer = dict(plain.named_modules())[name]

@@ -21,6 +21,10 @@ RANGE_DTYPES: tuple[str, ...] = ("float16", "float32")  # grid ranges (quant/gri
 HUB_TEXT_SOURCES: tuple[str, ...] = ("wikitext2", "ptb", "c4")
 TEXT_SOURCES: tuple[str, ...] = ("builtin", *HUB_TEXT_SOURCES)
 TEXT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl")
+# What a loaded quantized linear keeps between forwards (packed_linear.py): nothing (packed codes
+# only, dequantized in every forward), the integer codes minus zero points (one byte per weight),
+# or the dequantized weight (the float model's memory and speed).
+WEIGHT_CACHES: tuple[str, ...] = ("none", "codes", "weight")
 
 
 @dataclass(frozen=True)

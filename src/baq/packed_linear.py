@@ -6,12 +6,14 @@ run can report the size its save will have without writing it (docs/FORMAT.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import WEIGHT_CACHES
 from .packing import (
     PackedCodes,
     layer_nbytes,
@@ -34,6 +36,17 @@ class PackedLinear(nn.Module):
     ``bias`` (rows,) or None. ``forward(x) = F.linear(x, W, bias)`` with ``W`` the dequantized
     (out_features, in_features) weight, bitwise equal to the solver's ``QuantResult.weight``.
 
+    Unpacking every forward costs 25 to 100 times the matrix product it feeds on a CPU, which
+    prompt processing amortises and token-by-token generation does not; ``cache`` trades memory
+    for that time:
+
+    * ``"none"``: nothing kept, the packed codes are all the memory the layer takes;
+    * ``"codes"``: :class:`OffsetCodes` kept, one byte per weight (two for a column of more than
+      128 levels), a quarter of a float32 weight; the forward folds the grid into the input and
+      the output instead of dequantizing, equal to the dequantized forward up to float rounding;
+    * ``"weight"``: the dequantized weight kept after the first forward, the float layer's
+      memory and speed, bitwise the solver's weight.
+
     Args:
         packed: the codes, grouped by level count.
         lo, hi: (rows, ngroups) grid ranges; kept in float16 when they are float16 values,
@@ -41,8 +54,7 @@ class PackedLinear(nn.Module):
         group_size: columns per range group, or None.
         sym: symmetric grid (zero point L // 2).
         bias: (rows,) or None.
-        cache_dequantized: keep the dequantized weight after the first forward (faster, and as
-            much memory as the float weight).
+        cache: ``"none"``, ``"codes"`` or ``"weight"`` (above).
     """
 
     def __init__(
@@ -53,12 +65,14 @@ class PackedLinear(nn.Module):
         group_size: int | None,
         sym: bool,
         bias: Tensor | None = None,
-        cache_dequantized: bool = False,
+        cache: str = "none",
     ) -> None:
         super().__init__()
+        if cache not in WEIGHT_CACHES:
+            raise ValueError(f"cache={cache!r}: use one of {', '.join(WEIGHT_CACHES)}")
         self.out_features, self.in_features = packed.rows, packed.cols
         self.group_size, self.sym = group_size, sym
-        self.cache_dequantized = cache_dequantized
+        self.cache = cache
         self.register_buffer("level_classes", packed.classes)
         self.register_buffer("perm", packed.perm)
         dtype = range_dtype(lo, hi)
@@ -68,11 +82,12 @@ class PackedLinear(nn.Module):
         for L, stream in packed.streams.items():
             self.register_buffer(f"codes_{L}", stream)
         self.register_buffer("bias", bias)
-        self._cache: Tensor | None = None
+        self._weight: Tensor | None = None  # cache == "weight"
+        self._offsets: OffsetCodes | None = None  # cache == "codes"
 
     @classmethod
     def from_quantized(
-        cls, result: QuantResult, bias: Tensor | None = None, cache_dequantized: bool = False
+        cls, result: QuantResult, bias: Tensor | None = None, cache: str = "none"
     ) -> PackedLinear:
         """Pack a solver result.
 
@@ -88,7 +103,7 @@ class PackedLinear(nn.Module):
         if (levels < 1).any() or (codes < 0).any() or (codes >= levels.unsqueeze(0)).any():
             raise ValueError("codes outside [0, L - 1] of their column: not a solver result")
         packed = pack_columns(codes, levels)
-        return cls(packed, grid.lo, grid.hi, grid.group_size, grid.sym, bias, cache_dequantized)
+        return cls(packed, grid.lo, grid.hi, grid.group_size, grid.sym, bias, cache)
 
     @property
     def packed(self) -> PackedCodes:
@@ -129,14 +144,34 @@ class PackedLinear(nn.Module):
         step, zero = column_params(self.grid, packed.sorted_levels(), packed.order())
         return packed.unsort(dequantize_codes(codes, step, zero))
 
+    def offset_codes(self) -> OffsetCodes:
+        """The layer as :class:`OffsetCodes`: ``W[r, c] = D[r, c] * span[r, g(c)] * inv[c]``."""
+        packed = self.packed
+        step, zero = column_params(self.grid, packed.sorted_levels(), packed.order())
+        offsets = packed.unsort(unpack_sorted(packed) - zero.to(torch.int64))
+        levels = packed.levels()
+        # |code - zero| <= L - 1, so int8 holds every column of at most 128 levels
+        small = int(levels.max()) <= 128
+        offsets = offsets.to(torch.int8 if small else torch.int16)
+        inv = torch.where(levels > 1, 1.0 / (levels - 1).clamp(min=1).double(), 0.0).float()
+        grid = self.grid
+        return OffsetCodes(offsets, grid.hi - grid.lo, inv, self.group_size)
+
     def forward(self, x: Tensor) -> Tensor:
-        W = self._cache
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.cache == "codes":
+            offsets = self._offsets
+            if offsets is None or offsets.offsets.device != x.device:
+                with torch.inference_mode(False), torch.no_grad():
+                    offsets = self.offset_codes().to(x.device)
+                self._offsets = offsets
+            return offsets.linear(x, bias)
+        W = self._weight
         if W is None or W.device != x.device or W.dtype != x.dtype:
             # a normal tensor even under inference_mode, so a cached weight serves any later call
             with torch.inference_mode(False), torch.no_grad():
                 W = self.dequantize().to(device=x.device, dtype=x.dtype)
-            self._cache = W if self.cache_dequantized else None
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+            self._weight = W if self.cache == "weight" else None
         return F.linear(x, W, bias)
 
     def extra_repr(self) -> str:
@@ -144,7 +179,7 @@ class PackedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, nominal_bits={self.nominal_bits:.3f}, "
             f"storage_bits={self.storage_bits:.3f}, level_classes={len(self.level_classes)}, "
-            f"group_size={self.group_size}, sym={self.sym}"
+            f"group_size={self.group_size}, sym={self.sym}, cache={self.cache}"
         )
 
     def file_tensors(self, name: str) -> dict[str, Tensor]:
@@ -159,6 +194,61 @@ class PackedLinear(nn.Module):
             "group_size": self.group_size,
             "sym": self.sym,
         }
+
+
+@dataclass(frozen=True)
+class OffsetCodes:
+    """A quantized weight factored as integer offsets and two scale vectors, for a fast forward.
+
+    The grid of quant/grid.py gives ``W[r, c] = (code - zero) * (hi - lo)[r, g(c)] / (L_c - 1)``;
+    with ``D = code - zero`` this is ``D[r, c] * span[r, g(c)] * inv[c]``, so
+
+        ``y[t, r] = sum_g span[r, g] * sum_{c in g} D[r, c] * (x[t, c] * inv[c])``,
+
+    a product of the small-integer matrix ``D`` (converted to the input's dtype, exactly: its
+    values are below 256) with the input scaled per column, then a scale per row and group.
+    No dequantized weight exists at any time; the result equals ``x @ W.T`` up to the rounding
+    of a different summation order and of ``span * inv`` against ``span / (L - 1)``.
+
+    Attributes:
+        offsets: (rows, cols) int8 (int16 when a column has more than 128 levels) ``code - zero``
+            in the original column order; 0 for single-level columns.
+        span: (rows, ngroups) float32 ``hi - lo``.
+        inv: (cols,) float32 ``1 / (L_c - 1)``, 0 for single-level columns.
+        group_size: columns per range group, or None.
+    """
+
+    offsets: Tensor
+    span: Tensor
+    inv: Tensor
+    group_size: int | None
+
+    def to(self, device: torch.device | str) -> OffsetCodes:
+        return OffsetCodes(
+            self.offsets.to(device), self.span.to(device), self.inv.to(device), self.group_size
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.offsets, self.span, self.inv))
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``F.linear(x, W, bias)`` for ``x`` (..., cols), computed in ``x.dtype``."""
+        dtype = x.dtype
+        rows, cols = self.offsets.shape
+        scaled = x * self.inv.to(dtype)
+        D = self.offsets.to(dtype)
+        if self.span.shape[1] == 1:
+            y = F.linear(scaled, D) * self.span[:, 0].to(dtype)
+        else:
+            # one product per group: (G, T, gs) @ (G, gs, rows), then the span of each group
+            gs, G = self.group_size, self.span.shape[1]
+            pad = G * gs - cols
+            flat = F.pad(scaled.reshape(-1, cols), (0, pad)).view(-1, G, gs).transpose(0, 1)
+            D = F.pad(D, (0, pad)).view(rows, G, gs).permute(1, 2, 0)
+            parts = torch.bmm(flat, D)  # (G, T, rows)
+            y = (parts * self.span.t().to(dtype).unsqueeze(1)).sum(0)
+            y = y.view(*x.shape[:-1], rows)
+        return y if bias is None else y + bias
 
 
 def _ngroups(cols: int, group_size: int | None) -> int:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import __version__, blocks, models
-from .config import QuantConfig
+from .config import WEIGHT_CACHES, QuantConfig
 from .errors import one_line
 from .manifest import (
     CONFIG_FILE,
@@ -309,7 +309,7 @@ def load_quantized(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
-    cache_dequantized: bool = False,
+    cache: str = "none",
 ) -> tuple[nn.Module, Any]:
     """Load a saved folder as a transformers model with :class:`PackedLinear` quantized linears.
 
@@ -321,13 +321,17 @@ def load_quantized(
         device: where the model goes.
         dtype: cast the unquantized floating tensors (and the compute) to this dtype; None keeps
             the stored dtypes.
-        cache_dequantized: keep each dequantized weight after its first use.
+        cache: what each quantized linear keeps between forwards: ``"none"`` (least memory,
+            slowest), ``"codes"`` (one byte per weight, several times faster) or ``"weight"``
+            (the float model's memory and speed); see :class:`PackedLinear`.
     Returns:
         ``(model, tokenizer)``: the model in eval mode, ready for ``generate``; the tokenizer, or
         None if the folder has none.
     Raises:
         StorageError: missing, truncated, corrupted or hand-edited files, wrong format version.
     """
+    if cache not in WEIGHT_CACHES:
+        raise ValueError(f"cache={cache!r}: use one of {', '.join(WEIGHT_CACHES)}")
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -365,7 +369,7 @@ def load_quantized(
             packed, lo, hi = read_layer(name, qtensors, shape, ngroups)
         except ValueError as err:
             raise StorageError(f"{qpath}: {err}") from None
-        layer = PackedLinear(packed, lo, hi, m["group_size"], m["sym"], bias, cache_dequantized)
+        layer = PackedLinear(packed, lo, hi, m["group_size"], m["sym"], bias, cache)
         model.set_submodule(name, layer)
     if qtensors:
         raise StorageError(f"{qpath}: unexpected tensor {sorted(qtensors)[0]}")

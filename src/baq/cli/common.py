@@ -139,15 +139,13 @@ def load_lazy(args: argparse.Namespace):
     return model, tok, loader
 
 
-def load_any(args: argparse.Namespace, device: Any, cache_dequantized: bool = False):
+def load_any(args: argparse.Namespace, device: Any, cache: str = "none"):
     """A saved baq folder loads packed; anything else through transformers."""
     if is_saved_folder(args.model):
         from .. import storage
 
         dtype = None if args.dtype == "auto" else args.dtype
-        return storage.load_quantized(
-            args.model, device=device, dtype=dtype, cache_dequantized=cache_dequantized
-        )
+        return storage.load_quantized(args.model, device=device, dtype=dtype, cache=cache)
     return load(args)
 
 

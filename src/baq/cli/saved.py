@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import WEIGHT_CACHES
 from .common import (
     UsageError,
     add_eval_args,
@@ -41,9 +42,11 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument(
-        "--cache-dequantized",
-        action="store_true",
-        help="keep dequantized weights after first use: faster, float-model memory",
+        "--cache",
+        choices=WEIGHT_CACHES,
+        default="codes",
+        help="what a saved model's quantized linears keep between tokens: codes (default, one "
+        "byte per weight), weight (float-model memory and speed) or none (least memory, slowest)",
     )
     g.set_defaults(func=cmd_generate)
 
@@ -83,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("the prompt is empty: give some text to continue")
     check_model(args)
     device = models.resolve_device(args.device)
-    model, tok = load_any(args, device, cache_dequantized=args.cache_dequantized)
+    model, tok = load_any(args, device, cache=args.cache)
     if tok is None:
         raise UsageError(f"{args.model}: has no tokenizer files; cannot encode a prompt")
     model.to(device).eval()
