@@ -391,6 +391,25 @@ def test_cli_generate_on_a_saved_folder_matches_the_in_memory_model(saved, capsy
     assert capsys.readouterr().out.strip() == expected.strip()
 
 
+@pytest.mark.parametrize("cache", ["none", "codes", "weight"])
+def test_cli_eval_on_a_saved_folder_matches_the_in_memory_model(saved, tmp_path, capsys, cache):
+    from pydoc_data.topics import topics
+
+    from baq import data, evaluate
+    from baq.cli import main
+
+    out, model, _ = saved
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(topics[k] for k in sorted(topics))[:20_000])
+    windows = data.eval_windows(data.tokenize(make_tokenizer(), text.read_text()), 32, 3)
+    expected = evaluate.perplexity(model, windows, "cpu")
+    argv = ["eval", str(out), "--eval", str(text), "--eval-seqlen", "32", "--eval-windows", "3"]
+    assert main([*argv, "--cache", cache, "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"perplexity {text}: ")
+    assert float(printed.split(": ")[1]) == pytest.approx(expected, rel=1e-4)
+
+
 def test_cli_inspect_table_matches_the_files(saved, capsys):
     from baq.cli import main
 

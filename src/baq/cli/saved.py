@@ -30,6 +30,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     add_model_args(e)
     add_eval_args(e, default=["builtin"])
+    add_cache_arg(e)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser(
@@ -41,18 +42,22 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    g.add_argument(
-        "--cache",
-        choices=WEIGHT_CACHES,
-        default="codes",
-        help="what a saved model's quantized linears keep between tokens: codes (default, one "
-        "byte per weight), weight (float-model memory and speed) or none (least memory, slowest)",
-    )
+    add_cache_arg(g)
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", parents=[common], help="per-layer table of a saved folder")
     i.add_argument("folder", type=Path, help="a folder written by baq quantize --output")
     i.set_defaults(func=cmd_inspect)
+
+
+def add_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache",
+        choices=WEIGHT_CACHES,
+        default="codes",
+        help="what a saved model's quantized linears keep between forwards: codes (default, one "
+        "byte per weight), weight (float-model memory and speed) or none (least memory, slowest)",
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -67,7 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_model(args, args.eval_seqlen)
     check_eval_fits(args)
     device = models.resolve_device(args.device)
-    model, tok = load_any(args, device)
+    model, tok = load_any(args, device, cache=args.cache)
     model.to(device)
     for name, value in perplexities(model, eval_sets(args, tok), device, "").items():
         print(f"perplexity {name}: {value:.3f}")
