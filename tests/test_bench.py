@@ -167,13 +167,14 @@ def test_results_table_and_plots(tiny_model_dir, text, tmp_path):
     for r in results:
         assert set(r["perplexity"]) == {"corpus", "second"}
         assert all(math.isfinite(v) for v in r["perplexity"].values())
-        assert r["memory"]["peak_rss_gib"] > 0
+        assert r["memory"]["peak_rss_gib"] > 0 and r["memory"]["peak_is_run"] in (True, False)
     baq3 = results[4]
     assert baq3["nominal_bits"] == pytest.approx(3.0, abs=0.01)  # integer levels, tiny layers
     assert baq3["storage_bits"] > baq3["nominal_bits"]
     assert len(baq3["layers"]) == 2 * 7 and baq3["layers"][0]["loss_ratio"] is not None
     table = (out / "results.md").read_text()
     assert "ppl second" in table and all(f"| {n} |" in table for n in names)
+    assert "peak GiB" in table
 
     plots = ["perplexity.png", "bits-heatmap.png", "level-histogram.png", "predicted-gain.png"]
     for name in plots:

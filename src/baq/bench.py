@@ -336,8 +336,7 @@ def run_one(
         one row per quantized layer. The model is left quantized (the caller restores it).
     """
     spec, cfg = entry.spec, entry.spec.cfg
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()  # the peak of this run, not of the whole grid
+    peak_is_own = report.reset_peak_memory()  # the peak of this run, not of the whole grid
     first = next(iter(blocks.linears(blocks.decoder_layers(model)[0]).values()))
     nominal = storage = float(first.weight.element_size() * 8)  # FP: the dense weights
     seconds, records = {"quantize": 0.0}, []
@@ -359,7 +358,7 @@ def run_one(
         "nominal_bits": nominal,
         "storage_bits": storage,
         "seconds": seconds,
-        "memory": report.peak_memory(),
+        "memory": {**report.peak_memory(), "peak_is_run": peak_is_own},
         "device": str(device),
         "environment": report.environment(),
         "layers": report.layer_rows(records),

@@ -247,7 +247,7 @@ def format_table(runs: list[tuple[str, str, float | None]], results: dict[str, R
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         lines.append("")
     head = ["run", "method", "bits", *(f"ppl {s}" for s in sets), "nominal bits", "storage bits"]
-    head += ["quantize s", "eval s"]
+    head += ["quantize s", "eval s", "peak GiB"]
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, label, bits in runs:
         r = results.get(name)
@@ -257,9 +257,19 @@ def format_table(runs: list[tuple[str, str, float | None]], results: dict[str, R
             cells = [_num(r["perplexity"].get(s)) for s in sets]
             cells += [f"{r['nominal_bits']:.3f}", f"{r['storage_bits']:.3f}"]
             cells += [f"{r['seconds'].get(k, 0.0):.1f}" for k in ("quantize", "eval")]
+            cells.append(_peak(r.get("memory", {})))
         shown = "" if bits is None else f"{bits:g}"
         lines.append(f"| {name} | {label} | {shown} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _peak(memory: dict[str, Any]) -> str:
+    """A run's peak memory, CUDA's when it ran there; '<=' marks an upper bound, a resident peak
+    counted from process start that an earlier run of the same process may have set."""
+    peak = memory.get("peak_cuda_gib", memory.get("peak_rss_gib"))
+    if peak is None:
+        return ""
+    return f"{peak:.2f}" if memory.get("peak_is_run") else f"<= {peak:.2f}"
 
 
 def _num(x: float | None) -> str:

@@ -20,11 +20,42 @@ from .quant.layer import LayerRecord
 REPORT_VERSION = 1
 
 
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process in GiB.
+
+    Linux's ``VmHWM`` when readable, since ``reset_peak_memory`` can lower it between runs of one
+    process; otherwise ``ru_maxrss``, the peak since the process started.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # KiB
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # macOS bytes, Linux KiB
+
+
+def reset_peak_memory() -> bool:
+    """Start a new peak: CUDA's always, the process's where Linux allows it.
+
+    Writing 5 to ``/proc/self/clear_refs`` sets ``VmHWM`` back to the current resident size
+    (Linux 4.0+), so a grid of runs in one process reports each run's own peak.
+
+    Returns:
+        Whether the resident-memory peak was reset (False: it still counts from process start).
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process (GiB), and peak CUDA allocation when CUDA was used."""
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-    out = {"peak_rss_gib": rss_kib * scale / 2**30}
+    out = {"peak_rss_gib": peak_rss_gib()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
