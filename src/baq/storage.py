@@ -309,7 +309,7 @@ def load_quantized(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
-    cache: str = "none",
+    cache: str = "codes",
 ) -> tuple[nn.Module, Any]:
     """Load a saved folder as a transformers model with :class:`PackedLinear` quantized linears.
 
@@ -321,9 +321,10 @@ def load_quantized(
         device: where the model goes.
         dtype: cast the unquantized floating tensors (and the compute) to this dtype; None keeps
             the stored dtypes.
-        cache: what each quantized linear keeps between forwards: ``"none"`` (least memory,
-            slowest), ``"codes"`` (one byte per weight, several times faster) or ``"weight"``
-            (the float model's memory and speed); see :class:`PackedLinear`.
+        cache: what each quantized linear keeps between forwards: ``"codes"`` (the default: one
+            byte per weight, close to the float model's speed), ``"none"`` (least memory,
+            unpacks on every forward: slow) or ``"weight"`` (the float model's memory and
+            speed); see :class:`PackedLinear`.
     Returns:
         ``(model, tokenizer)``: the model in eval mode, ready for ``generate``; the tokenizer, or
         None if the folder has none.

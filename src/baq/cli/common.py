@@ -139,7 +139,7 @@ def load_lazy(args: argparse.Namespace):
     return model, tok, loader
 
 
-def load_any(args: argparse.Namespace, device: Any, cache: str = "none"):
+def load_any(args: argparse.Namespace, device: Any, cache: str = "codes"):
     """A saved baq folder loads packed; anything else through transformers."""
     if is_saved_folder(args.model):
         from .. import storage
