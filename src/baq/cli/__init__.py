@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -51,10 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     logging.getLogger("baq").setLevel(level)
-    if args.quiet:  # errors only: no transformers progress bars either
+    if args.quiet:  # errors only: no progress bars, transformers' included
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        # transformers' GGUF conversion calls tqdm directly; tqdm reads its defaults from TQDM_*
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         return args.func(args)
     except KeyboardInterrupt:
