@@ -229,3 +229,35 @@ def test_adding_an_evaluation_set_evaluates_only_it(
     fresh = json.loads(path.read_text())
     assert fresh["perplexity"]["corpus"] == before["gptq-3b"]["perplexity"]["corpus"]
     assert fresh["layers"][0]["loss"] == before["gptq-3b"]["layers"][0]["loss"]
+
+
+def test_table_has_one_summary_per_evaluation_set_with_each_cell_in_place():
+    from baq.plots import format_table
+
+    runs = [("fp", "FP", None), ("gptq-2b", "GPTQ", 2), ("gptq-3b", "GPTQ", 3)]
+    runs += [("baq-2b", "BAQ", 2), ("baq-3b", "BAQ", 3)]
+
+    def result(a, b, peak_is_run=True):
+        return {
+            "perplexity": {"wiki": a, "ptb": b},
+            "nominal_bits": 2.0,
+            "storage_bits": 2.05,
+            "seconds": {"quantize": 1.0, "eval": 2.0},
+            "memory": {"peak_rss_gib": 1.5, "peak_is_run": peak_is_run},
+        }
+
+    results = {"fp": result(10.0, 20.0), "gptq-2b": result(111.0, 222.0, False)}
+    results |= {"gptq-3b": result(33.0, 44.0), "baq-2b": result(55.0, 66.0)}
+    lines = format_table(runs, results).splitlines()
+    wiki, ptb = (
+        lines.index("Perplexity on wiki (FP 10.000):"),
+        lines.index("Perplexity on ptb (FP 20.000):"),
+    )
+    assert lines[wiki + 2] == "| method | 2 bits | 3 bits |"
+    assert lines[wiki + 4] == "| GPTQ | 111.000 | 33.000 |"
+    assert lines[wiki + 5] == "| BAQ | 55.000 |  |"  # baq-3b was not run
+    assert lines[ptb + 4] == "| GPTQ | 222.000 | 44.000 |"
+    assert lines[ptb + 5] == "| BAQ | 66.000 |  |"
+    row = next(line for line in lines if line.startswith("| gptq-2b |"))
+    assert row.endswith("| <= 1.50 |")  # a peak counted from process start is an upper bound
+    assert next(line for line in lines if line.startswith("| baq-3b |")).count("not run") == 1

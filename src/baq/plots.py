@@ -222,7 +222,7 @@ def plot_predicted_gain(results: list[Result]) -> Figure:
 
 
 def format_table(runs: list[tuple[str, str, float | None]], results: dict[str, Result]) -> str:
-    """Markdown: perplexity by method and bits on the first evaluation set, then one row per run.
+    """Markdown: perplexity by method and bits on each evaluation set, then one row per run.
 
     Args:
         runs: the grid as (name, label, bits or None for FP), in order; missing runs say so.
@@ -234,16 +234,14 @@ def format_table(runs: list[tuple[str, str, float | None]], results: dict[str, R
     lines = ["# baq bench", ""]
     quant = [run for run in runs if run[2] is not None]
     budgets = sorted({bits for _, _, bits in quant})
-    if sets and quant:
-        fp = results.get("fp", {}).get("perplexity", {}).get(sets[0])
-        lines += [f"Perplexity on {sets[0]}" + (f" (FP {fp:.3f}):" if fp else ":"), ""]
+    for ev in sets if quant else []:
+        fp = results.get("fp", {}).get("perplexity", {}).get(ev)
+        lines += [f"Perplexity on {ev}" + (f" (FP {fp:.3f}):" if fp else ":"), ""]
         lines += ["| method | " + " | ".join(f"{b:g} bits" for b in budgets) + " |"]
         lines += ["|---" * (len(budgets) + 1) + "|"]
         for label in dict.fromkeys(label for _, label, _ in quant):
             cells = {bits: results.get(name) for name, lab, bits in quant if lab == label}
-            row = [
-                _num(cells[b]["perplexity"].get(sets[0])) if cells.get(b) else "" for b in budgets
-            ]
+            row = [_num(cells[b]["perplexity"].get(ev)) if cells.get(b) else "" for b in budgets]
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         lines.append("")
     head = ["run", "method", "bits", *(f"ppl {s}" for s in sets), "nominal bits", "storage bits"]
