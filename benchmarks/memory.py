@@ -11,9 +11,9 @@ then every block runs forward on the whole batch. ``lazy`` opens the folder with
 ``baq.lazy.open_lazy`` and loads and releases each block around its forward; ``full`` loads the
 whole model with ``from_pretrained``, as ``baq.models.load_model`` does. ``baseline`` only
 imports the libraries. Each measurement runs in a fresh subprocess and reports its peak
-resident set size (``resource.getrusage(...).ru_maxrss``). With lazy loading the peak should
-not grow with depth: the 16-block / 4-block ratio should be near 1 for ``lazy`` and near the
-ratio of the model sizes for ``full``.
+resident set size (``baq.report.peak_rss_gib``: ``VmHWM`` on Linux). With lazy loading the peak
+should not grow with depth: the 16-block / 4-block ratio should be near 1 for ``lazy`` and near
+the ratio of the model sizes for ``full``.
 
 ``--quantize`` measures the whole command instead: ``baq quantize FOLDER --method gptq --bits 4
 --nsamples BATCH --seqlen SEQLEN --eval none --output OUT``, with ``--lazy`` (``quantize-lazy``)
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,9 +38,10 @@ QUANTIZE_MODES = ("baseline", "quantize-lazy", "quantize-full")
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    """This process's peak resident memory in MiB (VmHWM where readable: reset by exec)."""
+    from baq.report import peak_rss_gib
+
+    return peak_rss_gib() * 1024
 
 
 def make_model(folder: Path, blocks: int, args: argparse.Namespace) -> int:
@@ -159,8 +159,8 @@ def measure(mode: str, folder: str, args: argparse.Namespace) -> dict:
 def run_child(flag: str, value: str, folder: Path, args: argparse.Namespace) -> dict:
     """Run this script with ``flag value folder`` in a fresh process; return its JSON line.
 
-    The parent never imports torch nor holds a model: on Linux a child's ``ru_maxrss`` starts
-    from the resident set of the process it was forked from.
+    The parent never imports torch nor holds a model, so where the peak falls back to
+    ``ru_maxrss`` (which a child starts from its parent's resident set) it still measures the child.
     """
     cmd = [sys.executable, __file__, flag, value, str(folder)]
     for key in ("hidden", "intermediate", "vocab", "batch", "seqlen", "threads"):

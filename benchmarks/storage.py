@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,11 +29,10 @@ CACHES = ("none", "codes", "weight")  # baq.config.WEIGHT_CACHES, without import
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM: reset by exec, unlike ru_maxrss)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory in MiB (VmHWM where readable: reset by exec)."""
+    from baq.report import peak_rss_gib
+
+    return peak_rss_gib() * 1024
 
 
 def measure_child(folder: str, packed: bool, cache: str, new_tokens: int, repeats: int) -> dict:
