@@ -143,9 +143,9 @@ def measure(mode: str, folder: str, args: argparse.Namespace) -> dict:
         captured, kwargs = blocks.capture_block_inputs(model, ids, "cpu")
         hidden = torch.cat(captured)
         del captured
-        blocks = blocks.decoder_layers(model)
-        for i in range(len(blocks)):
-            block = loader.load_block(i) if loader else blocks[i]
+        layers = blocks.decoder_layers(model)
+        for i in range(len(layers)):
+            block = loader.load_block(i) if loader else layers[i]
             hidden = blocks.run_block(block, hidden, kwargs)
             del block
             if loader:
