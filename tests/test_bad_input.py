@@ -460,3 +460,22 @@ def test_ctrl_c_during_quantization(tiny_model_dir, text_file, tmp_path, monkeyp
     err = fails(capsys, [*argv, "--output", str(out)], code=130)
     assert err.startswith(f"baq: interrupted; nothing was saved to {out}")
     nothing_written(tmp_path, "out", "report.json")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["eval", "x", "--cache", "fast"], "argument --cache: invalid choice: 'fast'"),
+        (["quantize", "--method", "foo"], "argument --method: invalid choice: 'foo'"),
+        (["generate"], "the following arguments are required: prompt"),
+        (["quantize", "--nope"], "unrecognized arguments: --nope"),
+    ],
+    ids=["choice", "method", "missing", "unknown"],
+)
+def test_argparse_errors_are_one_line_exit_2(argv, message, no_model_load, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("baq: error: ") and "\n" not in err, err
+    assert message in err and err.endswith("-h')")

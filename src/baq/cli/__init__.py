@@ -18,8 +18,16 @@ from .common import UsageError, error_line, interrupted_line
 __all__ = ["UsageError", "build_parser", "main"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flags, invalid choices, missing arguments) are one line
+    naming the problem, like the errors found after parsing, instead of a usage block first."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"baq: error: {message} (see '{self.prog} -h')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="baq",
         description="Post-training LLM weight quantization: RTN, GPTQ and BAQ bit allocation.",
     )
