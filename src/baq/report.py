@@ -137,6 +137,12 @@ def format_summary(report: dict[str, Any]) -> str:
             lines.append(f"perplexity {name}: {before:.3f} -> {after:.3f}  (x{after / before:.2f})")
         elif after is not None:
             lines.append(f"perplexity {name}: {after:.3f}")
+        kl = (report.get("divergence") or {}).get(name)
+        if kl:
+            lines.append(
+                f"KL divergence {name}: {kl['kl_mean']:.5f} ± {kl['kl_mean_stderr']:.5f}, same "
+                f"top token {100 * kl['kl_top_token_agreement']:.2f} %"
+            )
     return "\n".join(lines)
 
 
@@ -149,8 +155,13 @@ def build_report(
     seconds: dict[str, float],
     perplexity: dict[str, dict[str, float | None]],
     storage_bits: float | None = None,
+    divergence: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """The run report: settings, headline numbers, and one row per quantized layer."""
+    """The run report: settings, headline numbers, and one row per quantized layer.
+
+    ``divergence`` maps each evaluation set to its KL statistics against the model before
+    quantization (:mod:`baq.divergence`, compact base with the top tokens per position).
+    """
     return {
         "report_version": REPORT_VERSION,
         "model": model,
@@ -161,6 +172,7 @@ def build_report(
         "quantized_layers": len(records),
         "quantized_weights": sum(r.shape[0] * r.shape[1] for r in records),
         "perplexity": perplexity,
+        "divergence": divergence or {},
         "seconds": seconds,
         "memory": peak_memory(),
         "environment": environment(),

@@ -241,20 +241,20 @@ def check_output_folder(output: Path, force: bool) -> None:
         )
 
 
-def check_report_file(report: Path) -> None:
-    """``--report``: a file name whose nearest existing folder is writable."""
+def check_report_file(report: Path, flag: str = "--report") -> None:
+    """``--report`` (or ``flag``): a file name whose nearest existing folder is writable."""
     if report.is_dir():
-        raise UsageError(f"--report {report}: is a folder; give a file name")
+        raise UsageError(f"{flag} {report}: is a folder; give a file name")
     folder = report.expanduser().absolute().parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
         raise UsageError(
-            f"--report {report}: {folder} is a file, not a folder; choose another path"
+            f"{flag} {report}: {folder} is a file, not a folder; choose another path"
         )
     if not writable(folder):
         raise UsageError(
-            f"--report {report}: cannot write in {folder} (permission denied); "
+            f"{flag} {report}: cannot write in {folder} (permission denied); "
             "choose a folder you can write to"
         )
 

@@ -159,11 +159,47 @@ def eval_sets(args: argparse.Namespace, tok: Any) -> dict[str, Any]:
     return sets
 
 
-def perplexities(model: Any, sets: dict[str, Any], device: Any, when: str) -> dict[str, float]:
-    from ..evaluate import perplexity
+def score_sets(
+    model: Any, sets: dict[str, Any], device: Any, when: str, **base: Any
+) -> dict[str, Any]:
+    """:func:`baq.evaluate.score` of every set; ``base`` holds ``base_model=``, ``record_topk=``
+    or ``base_records=`` (set name -> :class:`~baq.divergence.BaseRecord`)."""
+    from ..evaluate import score
 
+    records = base.pop("base_records", None) or {}
     out = {}
     for name, windows in sets.items():
-        out[name] = perplexity(model, windows, device=device, desc=f"ppl {name} {when}")
-        log.info("perplexity %s %s: %.3f", name, when, out[name])
+        extra = {**base, "base_record": records.get(name)}
+        out[name] = score(model, windows, device=device, desc=f"ppl {name} {when}", **extra)
+        log.info("perplexity %s %s: %.3f", name, when, out[name].perplexity)
     return out
+
+
+def add_base_args(p: argparse.ArgumentParser) -> None:
+    """KL divergence against a base model: exact (both models run) or from a stored record."""
+    g = p.add_argument_group("KL divergence against a base model")
+    g.add_argument(
+        "--base",
+        metavar="MODEL",
+        help="base model (hub id, folder, .gguf): report KL(base || model), top-token agreement "
+        "and RMS dp, both models run per window",
+    )
+    g.add_argument("--base-gguf-file", help="GGUF file name inside --base (a repo or folder)")
+    g.add_argument(
+        "--base-logits",
+        type=Path,
+        metavar="FILE",
+        help="compact base log-probabilities (top-k per position): written here from --base, "
+        "or from MODEL itself with --save-base-logits; read from here when neither is given",
+    )
+    g.add_argument(
+        "--save-base-logits",
+        action="store_true",
+        help="write MODEL's own compact log-probabilities to --base-logits (MODEL is the base)",
+    )
+    g.add_argument(
+        "--base-topk",
+        type=int,
+        default=32,
+        help="top tokens per position kept in --base-logits (the rest merged into one bin)",
+    )

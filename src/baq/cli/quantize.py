@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import HUB_TEXT_SOURCES, METHODS, RANGE_DTYPES, SENSITIVITIES, QuantConfig
+from ..divergence import DEFAULT_TOPK
 from .common import (
     UsageError,
     add_eval_args,
@@ -25,8 +26,8 @@ from .common import (
     load,
     load_lazy,
     log,
-    perplexities,
     positive,
+    score_sets,
 )
 
 
@@ -229,14 +230,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     seconds["data"] = time.perf_counter() - t
 
     before: dict[str, float] = {}
+    base_records: dict[str, Any] = {}
     if sets and not args.skip_before:
         t = time.perf_counter()
         if loader is not None:
-            before = streamed_perplexities(loader, sets, device, "before")
+            scored = streamed_scores(loader, sets, device, "before", record_topk=DEFAULT_TOPK)
         else:
             model.to(device)
-            before = perplexities(model, sets, device, "before")
+            scored = score_sets(model, sets, device, "before", record_topk=DEFAULT_TOPK)
             model.to("cpu")
+        # the float model's compact log-probabilities: KL of the quantized model against it
+        before = {name: sc.perplexity for name, sc in scored.items()}
+        base_records = {name: sc.base_record for name, sc in scored.items()}
         seconds["eval_before"] = time.perf_counter() - t
 
     ckpt, done = None, 0
@@ -269,14 +274,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     seconds["quantize"] = run.seconds
 
     after: dict[str, float] = {}
+    kl: dict[str, dict[str, float]] = {}
     if sets:
         t = time.perf_counter()
         if loader is not None:
             on_load = streaming.quantized_on_load(loader, run.results)
-            after = streamed_perplexities(loader, sets, device, "after", on_load)
+            scored = streamed_scores(
+                loader, sets, device, "after", on_load, base_records=base_records
+            )
         else:
             model.to(device)
-            after = perplexities(model, sets, device, "after")
+            scored = score_sets(model, sets, device, "after", base_records=base_records)
+        after = {name: sc.perplexity for name, sc in scored.items()}
+        kl = {name: sc.divergence for name, sc in scored.items() if sc.divergence}
         seconds["eval_after"] = time.perf_counter() - t
 
     storage_bits = None
@@ -286,7 +296,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         if loader is None:
             model.to("cpu")
-        summary = {"nominal_bits": run.nominal_bits, "perplexity_after": after}
+        summary = {"nominal_bits": run.nominal_bits, "perplexity_after": after, "divergence": kl}
         storage.save_quantized(
             args.output, model, tok, run.results, cfg, summary, args.force, loader=loader
         )
@@ -302,6 +312,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         seconds=seconds,
         perplexity={k: {"before": before.get(k), "after": after.get(k)} for k in sets},
         storage_bits=storage_bits,
+        divergence=kl,
     )
     if args.report is not None:
         report.write_json(args.report, rep)
@@ -312,10 +323,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def streamed_perplexities(
-    loader: Any, sets: dict[str, Any], device: Any, when: str, on_load: Any = None
-) -> dict[str, float]:
-    """Perplexities of a lazily loaded model, each block read from disk as the forward reaches it.
+def streamed_scores(
+    loader: Any, sets: dict[str, Any], device: Any, when: str, on_load: Any = None, **base: Any
+) -> dict[str, Any]:
+    """Scores (:func:`~.common.score_sets`) of a lazily loaded model, each block read from disk
+    as the forward reaches it.
 
     Memory stays one block, at the price of reading every block once per evaluation window
     (the page cache serves repeats when the model fits in it). ``on_load`` writes the
@@ -324,7 +336,7 @@ def streamed_perplexities(
     loader.to(device)
     try:
         with loader.streaming(on_load=on_load):
-            return perplexities(loader.model, sets, device, when)
+            return score_sets(loader.model, sets, device, when, **base)
     finally:
         loader.to("cpu")
 

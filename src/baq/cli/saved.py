@@ -10,17 +10,19 @@ from typing import Any
 from ..config import WEIGHT_CACHES
 from .common import (
     UsageError,
+    add_base_args,
     add_eval_args,
     add_model_args,
     check_eval_fits,
     check_model,
+    check_report_file,
     check_source,
     eval_sets,
     eval_sources,
     load_any,
     log,
-    perplexities,
     positive,
+    score_sets,
 )
 
 
@@ -31,6 +33,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     add_model_args(e)
     add_eval_args(e, default=["builtin"])
     add_cache_arg(e)
+    add_base_args(e)
+    e.add_argument("--report", type=Path, help="write perplexity and KL statistics (JSON) here")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser(
@@ -61,7 +65,7 @@ def add_cache_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .. import models
+    from .. import divergence, models, report
 
     positive("eval-windows", args.eval_windows)
     sources = eval_sources(args)
@@ -71,12 +75,77 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_source(src, "--eval")
     check_model(args, args.eval_seqlen)
     check_eval_fits(args)
+    base_args, stored = check_base(args, sources)
+    if args.report is not None:
+        check_report_file(args.report)
     device = models.resolve_device(args.device)
     model, tok = load_any(args, device, cache=args.cache)
     model.to(device)
-    for name, value in perplexities(model, eval_sets(args, tok), device, "").items():
-        print(f"perplexity {name}: {value:.3f}")
+    sets = eval_sets(args, tok)
+    kind: dict[str, Any] = {}
+    if base_args is not None:
+        base_model, _ = load_any(base_args, device, cache=args.cache)
+        kind["base_model"] = base_model.to(device)
+    if stored is not None:
+        kind["base_records"] = {next(iter(sets)): stored}
+    if args.base_logits is not None and stored is None:
+        kind["record_topk"] = args.base_topk
+    base_name = args.base or args.model or "the reference model"
+    scores = score_sets(model, sets, device, "", base_name=base_name, **kind)
+    out: dict[str, Any] = {"model": args.model, "base": base_name if kind else None, "sets": {}}
+    for name, sc in scores.items():
+        print(f"perplexity {name}: {sc.perplexity:.3f}")
+        if sc.divergence is not None:
+            print(divergence.describe(sc.divergence))
+        if sc.base_record is not None:
+            sc.base_record.save(args.base_logits)
+            print(f"base logits of {name} (top {args.base_topk}) written to {args.base_logits}")
+        out["sets"][name] = {"perplexity": sc.perplexity, **(sc.divergence or {})}
+    if args.report is not None:
+        report.write_json(args.report, out)
     return 0
+
+
+def check_base(args: argparse.Namespace, sources: list[str]) -> tuple[Any, Any]:
+    """Validate the KL options before any model loads.
+
+    Returns:
+        ``(base_args, stored)``: a namespace naming the base model to load (None without
+        ``--base``), and the :class:`~baq.divergence.BaseRecord` read from ``--base-logits``
+        (None unless it is read).
+    """
+    from ..divergence import BaseRecord
+
+    positive("base-topk", args.base_topk)
+    if args.save_base_logits and args.base_logits is None:
+        raise UsageError("--save-base-logits writes to --base-logits FILE: add it")
+    if args.save_base_logits and args.base is not None:
+        raise UsageError(
+            "--save-base-logits records MODEL itself as the base; with --base the base's "
+            "logits are written: drop one of them"
+        )
+    if args.base_logits is not None and len(sources) != 1:
+        raise UsageError("--base-logits holds one evaluation set: give a single --eval")
+    base_args = None
+    if args.base is not None:
+        base_args = argparse.Namespace(**{**vars(args), "model": args.base})
+        base_args.gguf_file = args.base_gguf_file
+        check_model(base_args, args.eval_seqlen)
+    writes = args.base is not None or args.save_base_logits
+    if args.base_logits is not None and writes:
+        check_report_file(args.base_logits, "--base-logits")
+        return base_args, None
+    if args.base_logits is not None:
+        if not args.base_logits.is_file():
+            raise UsageError(
+                f"--base-logits {args.base_logits}: no such file; write it first with "
+                "baq eval BASE_MODEL --save-base-logits --base-logits FILE"
+            )
+        try:
+            return None, BaseRecord.load(args.base_logits)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    return base_args, None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
