@@ -81,25 +81,38 @@ def allocate_levels(
     if not 0 <= avg_bits <= math.log2(max_levels) + 1e-12:
         raise ValueError(f"avg_bits={avg_bits} outside [0, log2(max_levels={max_levels})]")
     c = sens.double().cpu()
-    cols = c.numel()
-    budget = avg_bits * cols + 1e-9  # total log2 L allowed; slack for float sums
     logc = torch.where(c > 0, torch.log2(c), torch.full_like(c, -math.inf))
+    levels = _levels_for_budget(logc, None, avg_bits * c.numel(), exponent, max_levels)
+    return levels.to(sens.device)
+
+
+def _levels_for_budget(
+    logc: Tensor, cost: Tensor | None, budget: float, exponent: float, max_levels: int
+) -> Tensor:
+    """``L_j = round(2^(K + logc_j / t))`` with the largest ``K`` whose spend fits ``budget``.
+
+    The spend is ``sum_j cost_j log2 L_j`` (``cost`` None: every column costs 1). After the
+    bisection, columns whose next rounding threshold comes first get one more level while the
+    budget allows, so the spend is within one column's increment of the budget, never above it.
+    """
+    budget = budget + 1e-9 * max(1.0, abs(budget))  # slack for float sums
+
+    def spend(levels: Tensor) -> float:
+        bits = torch.log2(levels.double())
+        return float(bits.sum() if cost is None else (cost * bits).sum())
+
     alive = logc[torch.isfinite(logc)]
     if alive.numel() == 0:
-        return torch.ones(cols, dtype=torch.int64, device=sens.device)
-
-    def rate(levels: Tensor) -> float:
-        return float(torch.log2(levels.double()).sum())
-
+        return torch.ones(logc.numel(), dtype=torch.int64)
     lo = math.log2(1.0) - float(alive.max()) / exponent - 2.0  # every column at 1 level
     hi = math.log2(max_levels) - float(alive.min()) / exponent + 2.0  # every live column capped
-    if rate(_levels_at(logc, hi, exponent, max_levels)) <= budget:
-        return _levels_at(logc, hi, exponent, max_levels).to(sens.device)
+    if spend(_levels_at(logc, hi, exponent, max_levels)) <= budget:
+        return _levels_at(logc, hi, exponent, max_levels)
     for _ in range(200):
         mid = (lo + hi) / 2
         if mid in (lo, hi):
             break
-        if rate(_levels_at(logc, mid, exponent, max_levels)) <= budget:
+        if spend(_levels_at(logc, mid, exponent, max_levels)) <= budget:
             lo = mid
         else:
             hi = mid
@@ -111,11 +124,124 @@ def allocate_levels(
     threshold = torch.log2(levels.double() + 0.5) - logc / exponent
     threshold = torch.where(grow, threshold, torch.full_like(threshold, math.inf))
     order = torch.argsort(threshold, stable=True)
-    cost = torch.log2((levels + 1).double() / levels.double())[order]
-    room = budget - rate(levels)
-    take = (torch.cumsum(cost, 0) <= room) & torch.isfinite(threshold[order])
+    step = torch.log2((levels + 1).double() / levels.double())
+    if cost is not None:
+        step = step * cost
+    room = budget - spend(levels)
+    take = (torch.cumsum(step[order], 0) <= room) & torch.isfinite(threshold[order])
     levels[order[take]] += 1
-    return levels.to(sens.device)
+    return levels
+
+
+def _model_columns(
+    sens: list[Tensor], beta: Tensor, rows: list[int]
+) -> tuple[Tensor, Tensor, list[int]]:
+    """All columns of all layers as one problem: ``log2(beta_l c_lj / rows_l)``, the cost
+    ``rows_l`` of one bit of column ``j`` of layer ``l``, and each layer's column count."""
+    if not (len(sens) == len(rows) == beta.numel()):
+        raise ValueError(
+            f"{len(sens)} layers of sensitivities, {len(rows)} row counts, "
+            f"{beta.numel()} betas: one of each per layer"
+        )
+    logc, cost = [], []
+    for c, b, r in zip(sens, beta.double().cpu(), rows):
+        c = c.double().cpu()
+        if not (b > 0 and math.isfinite(float(b))):
+            raise ValueError(f"beta={float(b)}: every layer's importance must be > 0 and finite")
+        weight = torch.where(c > 0, c * b / r, torch.zeros_like(c))
+        logc.append(torch.where(weight > 0, torch.log2(weight), torch.full_like(c, -math.inf)))
+        cost.append(torch.full_like(c, float(r)))
+    return torch.cat(logc), torch.cat(cost), [c.numel() for c in sens]
+
+
+def model_closed_form_bits(
+    sens: list[Tensor], beta: Tensor, rows: list[int], avg_bits: float, exponent: float = 2.0
+) -> list[Tensor]:
+    """Continuous model-level allocation ``b_lj = K + (1/t) log2(beta_l c_lj / rows_l)``.
+
+    Minimises the model's loss ``sum_l beta_l sum_j c_lj 2^(-t b_lj)`` subject to the budget in
+    weights ``sum_l rows_l sum_j b_lj = B N`` (``N = sum_l rows_l cols_l``; DESIGN.md section 1,
+    "Model-level allocation"): the Lagrange conditions ``t ln2 beta_l c_lj 2^(-t b_lj) =
+    lambda rows_l`` give the form above, and ``K`` makes the weighted mean exactly ``B``.
+    No clamps: bits may be negative. Equal ``beta`` and equal shapes give per-layer BAQ.
+
+    Args:
+        sens: per layer, (cols_l,) sensitivities c_lj > 0.
+        beta: (layers,) importance of one unit of each layer's proxy loss, > 0.
+        rows: per layer, its row count (output features).
+        avg_bits: budget B in bits per weight.
+        exponent: t.
+    Returns:
+        Per layer, (cols_l,) float64 bits.
+    """
+    logc, cost, cols = _model_columns(sens, beta, rows)
+    if not torch.isfinite(logc).all():
+        raise ValueError("model_closed_form_bits needs every c_lj > 0")
+    # sum cost (K + logc / t) = B sum cost
+    K = avg_bits - float((cost * logc).sum() / cost.sum()) / exponent
+    return list(torch.split(K + logc / exponent, cols))
+
+
+def allocate_model_levels(
+    sens: list[Tensor],
+    beta: Tensor,
+    rows: list[int],
+    avg_bits: float,
+    exponent: float = 2.0,
+    max_levels: int = 256,
+) -> list[Tensor]:
+    """Level counts of every column of every layer from the model-level closed form.
+
+    ``L_lj = round(2^(K + (1/t) log2(beta_l c_lj / rows_l)))`` clamped to ``[1, max_levels]``,
+    ``K`` searched so that the nominal rate over all quantized weights,
+    ``sum_l rows_l sum_j log2 L_lj / N``, meets ``B`` within one column's step, never above.
+
+    Args:
+        sens, beta, rows, avg_bits, exponent: as in :func:`model_closed_form_bits`
+            (``c_lj = 0``: the column gets one level).
+        max_levels: cap on L_lj.
+    Returns:
+        Per layer, (cols_l,) int64 level counts.
+    """
+    if not 0 <= avg_bits <= math.log2(max_levels) + 1e-12:
+        raise ValueError(f"avg_bits={avg_bits} outside [0, log2(max_levels={max_levels})]")
+    logc, cost, cols = _model_columns(sens, beta, rows)
+    budget = avg_bits * float(cost.sum())
+    levels = _levels_for_budget(logc, cost, budget, exponent, max_levels)
+    return list(torch.split(levels, cols))
+
+
+def allocate_model_integer_bits(
+    sens: list[Tensor], beta: Tensor, rows: list[int], avg_bits: float, max_bits: int = 8
+) -> list[Tensor]:
+    """Power-of-two level counts for the model's loss under the budget in weights.
+
+    Greedy marginal analysis: a bit more for column ``j`` of layer ``l`` lowers the modelled
+    loss by ``beta_l c_lj (4^-b - 4^-(b+1))`` and costs ``rows_l`` stored bits; steps are taken
+    by decreasing reduction per stored bit while they fit in ``floor(B N)``. Each column's
+    ratios decrease with ``b``, so the steps taken are exactly those above a threshold: a
+    Lagrangian solution, optimal for the bits it spends, which is within one step (``rows_l``
+    bits) of the budget. With equal ``rows`` this is :func:`allocate_integer_bits`.
+
+    Returns:
+        Per layer, (cols_l,) int64 level counts ``2^b_lj``.
+    """
+    if not 0 <= avg_bits <= max_bits:
+        raise ValueError(f"avg_bits={avg_bits} outside [0, max_bits={max_bits}]")
+    logc, cost, cols = _model_columns(sens, beta, rows)
+    weight = torch.exp2(logc)  # beta_l c_lj / rows_l: reduction per stored bit at 0 bits
+    total = math.floor(avg_bits * float(cost.sum()) + 1e-9)
+    k = torch.arange(max_bits, dtype=torch.float64)
+    ratio = weight.unsqueeze(1) * (4.0**-k - 4.0 ** -(k + 1)).unsqueeze(0)  # (cols, max_bits)
+    order = torch.argsort(-ratio.flatten(), stable=True)
+    spent = torch.cumsum(cost.repeat_interleave(max_bits)[order], 0)
+    fits = spent <= total
+    # stop at the first step that does not fit: later, smaller steps would break the threshold
+    n = int(fits.long().cumprod(0).sum())
+    bits = torch.zeros(weight.numel() * max_bits, dtype=torch.int64)
+    bits[order[:n]] = 1
+    b = bits.view(-1, max_bits).sum(dim=1)
+    return list(torch.split(2**b, cols))
 
 
 def allocate_integer_bits(sens: Tensor, avg_bits: float, max_bits: int = 8) -> Tensor:
