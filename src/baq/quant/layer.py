@@ -21,8 +21,8 @@ from torch import Tensor
 
 from ..config import QuantConfig
 from . import allocate
-from .gptq import QuantResult, factor_hessian, gptq_solve, rtn_solve
-from .grid import fit_grid, group_of, nominal_bits, uniform_levels
+from .gptq import HessianFactor, QuantResult, factor_hessian, gptq_solve, rtn_solve
+from .grid import Grid, fit_grid, group_of, nominal_bits, uniform_levels
 
 
 @dataclass
@@ -60,7 +60,11 @@ def uniform_probe_levels(bits: float) -> int:
 
 
 def quantize_layer(
-    W: Tensor, H: Tensor | None, cfg: QuantConfig, name: str = ""
+    W: Tensor,
+    H: Tensor | None,
+    cfg: QuantConfig,
+    name: str = "",
+    levels: Tensor | None = None,
 ) -> tuple[QuantResult, LayerRecord]:
     """Quantize one weight matrix with ``cfg.method``.
 
@@ -69,6 +73,8 @@ def quantize_layer(
         H: (cols, cols) Hessian proxy ``2 X X^T / n`` (float32 or float64); unused by RTN.
         cfg: the settings.
         name: layer name for the record.
+        levels: (cols,) planned level counts (BAQ with the model-level allocation, planned
+            before any layer was quantized): one GPTQ solve with them, no allocation here.
     Returns:
         The result (original column order) and its :class:`LayerRecord`.
     """
@@ -87,21 +93,11 @@ def quantize_layer(
     if cfg.method == "gptq":
         res = gptq_solve(Wd, factor, uniform_levels(cols, int(cfg.bits), Wd.device), **solve)
         return res, _record(name, cfg, res, percdamp=factor.percdamp)
+    if levels is not None:
+        res = gptq_solve(Wd, factor, levels.to(Wd.device), **solve)
+        return res, _record(name, cfg, res, percdamp=factor.percdamp)
 
-    uniform: QuantResult | None = None
-    if cfg.sensitivity == "measured":
-        probe = torch.full((cols,), uniform_probe_levels(cfg.bits), dtype=torch.int64)
-        uniform = gptq_solve(Wd, factor, probe.to(Wd.device), **solve)
-        sens = allocate.uniform_sensitivity(uniform.losses, math.log2(probe[0].item()))
-    else:
-        cols_idx = torch.arange(cols, device=grid.lo.device)
-
-        g = group_of(cols_idx, grid.group_size)
-        ranges = (grid.hi - grid.lo)[:, g]
-        Udiag = torch.empty(cols, dtype=torch.float32, device=factor.U.device)
-        Udiag[factor.perm] = torch.diagonal(factor.U)
-        sens = allocate.analytic_sensitivity(ranges, Udiag)
-        sens[factor.dead.to(sens.device)] = 0
+    sens, uniform = column_sensitivity(Wd, factor, grid, cfg)
     if cfg.integer_bits:
         max_bits = int(math.floor(math.log2(cfg.max_levels)))
         levels = allocate.allocate_integer_bits(sens, cfg.bits, max_bits)
@@ -120,6 +116,36 @@ def quantize_layer(
         / max(allocate.modelled_loss(sens, uniform_levels_), 1e-300),
     )
     return res, rec
+
+
+def column_sensitivity(
+    Wd: Tensor, factor: HessianFactor, grid: Grid, cfg: QuantConfig
+) -> tuple[Tensor, QuantResult | None]:
+    """BAQ's per-column sensitivities ``c_j`` (step 2) on a factorised Hessian.
+
+    Measured: ``c_j = l_j 2^(2B)`` from a uniform GPTQ solve at ``round(2^B)`` levels (the solve
+    is returned too); analytic: ``c_j = sum_r range_r^2 / (12 U_jj^2)``, no solve (None).
+
+    Args:
+        Wd: (rows, cols) float32 weights with dead columns zeroed.
+        factor: :func:`factor_hessian` of the layer's ``H``.
+        grid: the grid fitted on ``Wd``.
+        cfg: ``sensitivity``, ``bits``, ``block_size``.
+    Returns:
+        ``((cols,) float64 c_j, the uniform solve or None)``.
+    """
+    cols = Wd.shape[1]
+    if cfg.sensitivity == "measured":
+        probe = torch.full((cols,), uniform_probe_levels(cfg.bits), dtype=torch.int64)
+        uniform = gptq_solve(Wd, factor, probe.to(Wd.device), grid=grid, block_size=cfg.block_size)
+        return allocate.uniform_sensitivity(uniform.losses, math.log2(probe[0].item())), uniform
+    cols_idx = torch.arange(cols, device=grid.lo.device)
+    ranges = (grid.hi - grid.lo)[:, group_of(cols_idx, grid.group_size)]
+    Udiag = torch.empty(cols, dtype=torch.float32, device=factor.U.device)
+    Udiag[factor.perm] = torch.diagonal(factor.U)
+    sens = allocate.analytic_sensitivity(ranges, Udiag)
+    sens[factor.dead.to(sens.device)] = 0
+    return sens, None
 
 
 def _record(name: str, cfg: QuantConfig, res: QuantResult, **extra) -> LayerRecord:
