@@ -16,9 +16,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import hf_register
 from .config import QuantConfig
 
 __version__ = "0.1.0"
+
+# AutoModelForCausalLM.from_pretrained(baq folder) after `import baq`; transformers itself is
+# not imported here (hf_register waits for it); after __version__, which registering reads
+hf_register.install()
 
 if TYPE_CHECKING:
     from .pipeline import QuantRun

@@ -32,6 +32,10 @@ DENSE_FILE = "model.safetensors"
 QUANTIZED_FILE = "quantized.safetensors"
 MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = (CONFIG_FILE, DENSE_FILE, QUANTIZED_FILE)
+CARD_FILE = "README.md"
+# config.json's transformers_weights: not a safetensors name, so transformers without baq stops
+# with an error quoting it (storage.mark_config); baq's quantizer removes it before loading
+NEEDS_BAQ = "quantized by baq: pip install baq, then import baq before from_pretrained"
 
 
 class StorageError(ValueError):

@@ -31,11 +31,13 @@ from . import __version__, blocks, models
 from .config import WEIGHT_CACHES, QuantConfig
 from .errors import one_line
 from .manifest import (
+    CARD_FILE,
     CONFIG_FILE,
     DENSE_FILE,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    NEEDS_BAQ,
     QUANTIZED_FILE,
     StorageError,
     check_target,
@@ -104,6 +106,10 @@ def _dense_state(
         tensors that are the very same view of one storage (tied embeddings).
     """
     skip = {f"{name}.weight" for name in quantized}
+    modules = dict(model.named_modules())
+    for name in quantized:
+        if isinstance(modules.get(name), PackedLinear):  # a packed model: its buffers are the codes
+            skip |= {f"{name}.{b}" for b, _ in modules[name].named_buffers() if b != "bias"}
     first: dict[tuple, str] = {}
     storages: set[tuple] = set()
     tensors: dict[str, Tensor] = {}
@@ -170,11 +176,12 @@ def save_quantized(
         StorageError: existing target, a results name the model lacks, a write error (the temp
             folder is removed).
     """
+    from .model_card import base_model_id
+
     target = Path(out_dir).expanduser().absolute()
     check_target(target, force)
     modules = dict(model.named_modules())
-    quantized: dict[str, Tensor] = {}
-    layers: dict[str, dict] = {}
+    packed: dict[str, PackedLinear] = {}
     for name, res in results.items():
         module = modules.get(name)
         if module is None:
@@ -182,10 +189,7 @@ def save_quantized(
         shape = tuple(blocks.get_weight(module).shape)
         if shape != tuple(res.codes.shape):
             raise StorageError(f"{name}: result shape {tuple(res.codes.shape)}, module {shape}")
-        layer = PackedLinear.from_quantized(res)
-        quantized.update(layer.file_tensors(name))
-        layers[name] = layer.file_meta()
-    dense, tied = _dense_state(model, set(results), loader)
+        packed[name] = PackedLinear.from_quantized(res)
     qconfig = {
         "quant_method": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -200,7 +204,43 @@ def save_quantized(
         "config": _json_safe(asdict(cfg)),
         "summary": _json_safe(summary or {}),
         "baq_version": __version__,
+        "base_model": base_model_id(model),
     }
+    return save_packed(target, model, tokenizer, packed, qconfig, force, loader)
+
+
+def save_packed(
+    out_dir: str | os.PathLike,
+    model: nn.Module,
+    tokenizer: Any,
+    packed: dict[str, PackedLinear],
+    qconfig: dict,
+    force: bool = False,
+    loader: Any = None,
+) -> Path:
+    """Write a saved folder from packed layers: the second half of :func:`save_quantized`.
+
+    Also what ``save_pretrained`` of a model loaded through transformers calls
+    (:mod:`baq.hf_quantizer`), whose quantized linears are already :class:`PackedLinear`.
+
+    Args:
+        out_dir, model, tokenizer, force, loader: as in :func:`save_quantized`.
+        packed: full module name -> the layer's :class:`PackedLinear` (the module in ``model``
+            itself, or one built from a solver result for a module that still holds the weight).
+        qconfig: the ``quantization_config`` block (docs/FORMAT.md, section 3).
+    Returns:
+        The absolute path of the saved folder.
+    """
+    from .model_card import model_card
+
+    target = Path(out_dir).expanduser().absolute()
+    check_target(target, force)
+    quantized: dict[str, Tensor] = {}
+    layers: dict[str, dict] = {}
+    for name, layer in packed.items():
+        quantized.update(layer.file_tensors(name))
+        layers[name] = layer.file_meta()
+    dense, tied = _dense_state(model, set(packed), loader)
     config = copy.deepcopy(model.config)
     config.quantization_config = qconfig
     config.architectures = [type(model).__name__]
@@ -214,9 +254,11 @@ def save_quantized(
         sort_metadata(tmp / QUANTIZED_FILE)
         save_file(dense, str(tmp / DENSE_FILE), metadata={"format": "pt"})
         config.save_pretrained(tmp)
+        mark_config(tmp / CONFIG_FILE)
         _save_generation_config(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        (tmp / CARD_FILE).write_text(model_card(qconfig, target.name), encoding="utf-8")
         files = {}
         for rel in list_files(tmp):
             fsync(tmp / rel)
@@ -235,11 +277,25 @@ def save_quantized(
         raise
     log.info(
         "saved %d packed layers to %s (%.3f storage bits)",
-        len(results),
+        len(packed),
         target,
         qconfig["storage_bits"],
     )
     return target
+
+
+def mark_config(path: Path) -> None:
+    """Add :data:`NEEDS_BAQ` as ``transformers_weights`` to a written config.json.
+
+    transformers loads the file a config names there, and stops with an error quoting the name
+    when it is not a safetensors file; without baq imported, ``from_pretrained`` would otherwise
+    warn about the unknown ``quant_method`` and return random weights for every packed linear.
+    ``import baq`` registers a quantizer that drops the key before the files are resolved.
+    ``config.save_pretrained`` deletes this key, so it is added to the file afterwards.
+    """
+    data = read_json(path, "the model config")
+    data["transformers_weights"] = NEEDS_BAQ
+    write_json(path, data)
 
 
 def sort_metadata(path: Path) -> None:
@@ -302,6 +358,8 @@ def _load_config(root: Path) -> Any:
     # transformers would look for a quantizer named "baq"; the packed layers are ours to build
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if getattr(config, "transformers_weights", None) == NEEDS_BAQ:
+        del config.transformers_weights
     return config
 
 
@@ -339,10 +397,7 @@ def load_quantized(
     root = Path(path)
     manifest = verify_manifest(root)
     config = _load_config(root)
-    qpath = root / QUANTIZED_FILE
-    meta, _ = read_header(qpath)
-    layers = layers_meta(qpath, meta)
-    qtensors = _load_tensors(qpath)
+    layers = packed_layers_meta(root)
     dense = _load_tensors(root / DENSE_FILE)
     if isinstance(dtype, str):
         dtype = models.resolve_dtype(dtype)
@@ -352,6 +407,40 @@ def load_quantized(
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    check_layer_shapes(root, model, layers)
+
+    def take_bias(name: str, module: nn.Module) -> Tensor | None:
+        if getattr(module, "bias", None) is None:
+            return None
+        bias = dense.pop(f"{name}.bias", None)
+        if bias is None:
+            raise StorageError(f"{root / DENSE_FILE}: tensor {name}.bias is missing")
+        return bias
+
+    install_packed(root, model, layers, take_bias, cache)
+    result = model.load_state_dict(dense, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise StorageError(f"{root / DENSE_FILE}: unexpected tensor {result.unexpected_keys[0]}")
+    tie_aliases(model, root, manifest["tied"])
+    for key, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise StorageError(f"{root / DENSE_FILE}: tensor {key} is missing")
+    _load_generation_config(model, root)
+    model.eval()
+    model.to(device)
+    return model, _load_tokenizer(root)
+
+
+def packed_layers_meta(root: Path) -> dict[str, dict]:
+    """The checked ``layers`` metadata of a folder's quantized.safetensors (header only)."""
+    qpath = root / QUANTIZED_FILE
+    meta, _ = read_header(qpath)
+    return layers_meta(qpath, meta)
+
+
+def check_layer_shapes(root: Path, model: nn.Module, layers: dict[str, dict]) -> None:
+    """Every packed layer names a linear of ``model`` with the stored (rows, cols) shape."""
+    qpath = root / QUANTIZED_FILE
     modules = dict(model.named_modules())
     for name, m in layers.items():
         module = modules.get(name)
@@ -360,11 +449,32 @@ def load_quantized(
         shape = tuple(blocks.get_weight(module).shape)
         if shape != m["shape"]:
             raise StorageError(f"{qpath}: layer {name} has shape {m['shape']}, the model {shape}")
-        bias = None
-        if getattr(module, "bias", None) is not None:
-            bias = dense.pop(f"{name}.bias", None)
-            if bias is None:
-                raise StorageError(f"{root / DENSE_FILE}: tensor {name}.bias is missing")
+
+
+def install_packed(
+    root: Path,
+    model: nn.Module,
+    layers: dict[str, dict],
+    take_bias: Any,
+    cache: str,
+) -> None:
+    """Replace each layer of ``layers`` in ``model`` by its :class:`PackedLinear`.
+
+    Reads quantized.safetensors whole and checks every layer's tensors (docs/FORMAT.md, section
+    10); a tensor left over is an error.
+
+    Args:
+        root: the saved folder (its manifest already verified).
+        model: the model whose modules are replaced in place (``check_layer_shapes`` passed).
+        layers: :func:`packed_layers_meta` of the folder.
+        take_bias: ``(name, module) -> Tensor | None``, the bias of the layer being replaced.
+        cache: the :class:`PackedLinear` cache.
+    """
+    qpath = root / QUANTIZED_FILE
+    qtensors = _load_tensors(qpath)
+    for name, m in layers.items():
+        shape = m["shape"]
+        bias = take_bias(name, model.get_submodule(name))
         try:
             ngroups = 1 if m["group_size"] is None else -(-shape[1] // m["group_size"])
             packed, lo, hi = read_layer(name, qtensors, shape, ngroups)
@@ -375,18 +485,11 @@ def load_quantized(
     if qtensors:
         raise StorageError(f"{qpath}: unexpected tensor {sorted(qtensors)[0]}")
 
-    result = model.load_state_dict(dense, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise StorageError(f"{root / DENSE_FILE}: unexpected tensor {result.unexpected_keys[0]}")
-    for alias, stored in manifest["tied"].items():
+
+def tie_aliases(model: nn.Module, root: Path, tied: dict[str, str]) -> None:
+    """Point every alias of the manifest's ``tied`` at the tensor it names."""
+    for alias, stored in tied.items():
         _tie(model, alias, stored, root)
-    for key, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.device.type == "meta":
-            raise StorageError(f"{root / DENSE_FILE}: tensor {key} is missing")
-    _load_generation_config(model, root)
-    model.eval()
-    model.to(device)
-    return model, _load_tokenizer(root)
 
 
 def _tie(model: nn.Module, alias: str, stored: str, root: Path) -> None:

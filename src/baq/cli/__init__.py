@@ -12,7 +12,7 @@ import os
 import sys
 
 from .. import __version__
-from . import bench, quantize, saved
+from . import bench, export, quantize, saved
 from .common import UsageError, error_line, interrupted_line
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize.add_parser(sub, common)
     saved.add_parsers(sub, common)
+    export.add_parser(sub, common)
     bench.add_parser(sub, common)
     return parser
 
