@@ -24,6 +24,7 @@ from .common import (
     positive,
     score_sets,
 )
+from .tasks import add_task_args, check_tasks, eval_tasks
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -34,6 +35,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     add_eval_args(e, default=["builtin"])
     add_cache_arg(e)
     add_base_args(e)
+    add_task_args(e)
     e.add_argument("--report", type=Path, help="write perplexity and KL statistics (JSON) here")
     e.set_defaults(func=cmd_eval)
 
@@ -68,12 +70,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .. import divergence, models, report
 
     positive("eval-windows", args.eval_windows)
+    tasks = check_tasks(args)  # before eval_sources: --tasks alone drops the default text
     sources = eval_sources(args)
-    if not sources:
+    if not sources and tasks is None:
         raise UsageError("--eval none: nothing to evaluate; name a source, e.g. --eval builtin")
     for src in sources:
         check_source(src, "--eval")
-    check_model(args, args.eval_seqlen)
+    check_model(args, *([args.eval_seqlen] if sources else []))
     check_eval_fits(args)
     base_args, stored = check_base(args, sources)
     if args.report is not None:
@@ -101,6 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             sc.base_record.save(args.base_logits)
             print(f"base logits of {name} (top {args.base_topk}) written to {args.base_logits}")
         out["sets"][name] = {"perplexity": sc.perplexity, **(sc.divergence or {})}
+    if tasks is not None:
+        out["tasks"] = eval_tasks(args, tasks, model, tok)
     if args.report is not None:
         report.write_json(args.report, out)
     return 0
