@@ -1,0 +1,239 @@
+"""``baq measure`` and ``baq plan``: the model-level allocation's measurement, as a file of its
+own, and the plans it gives at any budget; ``allocation_plan`` is the same stage inside
+``baq quantize --allocation model``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import IMPORTANCES, RANGE_DTYPES, SENSITIVITIES, QuantConfig
+from .common import (
+    UsageError,
+    add_model_args,
+    check_calib_fits,
+    check_lazy,
+    check_model,
+    check_report_file,
+    flagify,
+    load,
+    log,
+    positive,
+)
+
+MEASUREMENT_IN_CHECKPOINT = "measurement.safetensors"
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    from .quantize import add_calib_args
+
+    m = sub.add_parser(
+        "measure",
+        parents=[common],
+        help="measure per-layer importance and per-column sensitivity for --allocation model",
+    )
+    add_model_args(m)
+    g = m.add_argument_group("measurement")
+    g.add_argument("--output", type=Path, required=True, metavar="FILE", help="write it here")
+    g.add_argument(
+        "--importance",
+        nargs="+",
+        default=["fisher"],
+        choices=IMPORTANCES,
+        help="importance estimators to run (one or both)",
+    )
+    g.add_argument("--importance-samples", type=int, default=32, metavar="N")
+    g.add_argument("--sensitivity", default="analytic", choices=SENSITIVITIES)
+    g.add_argument("--bits", type=float, default=3.0, help="probe budget of measured sensitivities")
+    g.add_argument("--group-size", type=int, default=None)
+    g.add_argument("--sym", action="store_true")
+    g.add_argument("--percdamp", type=float, default=0.01)
+    g.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"])
+    g.add_argument("--range-dtype", default="float16", choices=RANGE_DTYPES)
+    g.add_argument("--skip", action="append", default=[], metavar="PATTERN")
+    g.add_argument("--max-activation-memory", metavar="SIZE", default=None)
+    add_calib_args(m)
+    m.set_defaults(func=cmd_measure, eval=None, eval_default=[], eval_windows=None, lazy=False)
+
+    p = sub.add_parser(
+        "plan", parents=[common], help="bits per layer of a model-level allocation, no quantizing"
+    )
+    p.add_argument("--measurement", type=Path, required=True, metavar="FILE")
+    p.add_argument("--bits", type=float, default=3.0, help="target average bits per weight")
+    p.add_argument("--integer-bits", action="store_true", help="power-of-two levels only")
+    p.add_argument("--importance", default="fisher", choices=IMPORTANCES)
+    p.add_argument("--exponent", type=float, default=2.0)
+    p.add_argument("--max-levels", type=int, default=256)
+    p.add_argument(
+        "--budgets",
+        type=float,
+        nargs="*",
+        default=[2.0, 2.5, 3.0, 3.5, 4.0],
+        help="also print the modelled loss at these budgets",
+    )
+    p.set_defaults(func=cmd_plan)
+
+
+def measure_config(args: argparse.Namespace) -> QuantConfig:
+    try:
+        return QuantConfig(
+            method="baq",
+            bits=args.bits,
+            allocation="model",
+            sensitivity=args.sensitivity,
+            importance=args.importance[0],
+            importance_samples=args.importance_samples,
+            group_size=args.group_size,
+            sym=args.sym,
+            percdamp=args.percdamp,
+            hessian_dtype=args.hessian_dtype,
+            range_dtype=args.range_dtype,
+            skip=tuple(args.skip),
+        )
+    except ValueError as err:
+        raise UsageError(flagify(str(err))) from None
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .. import checkpoint, measure, models
+    from ..activations import parse_size
+    from .quantize import calib_config, calib_windows
+
+    cfg = measure_config(args)
+    try:
+        max_bytes = parse_size(args.max_activation_memory)
+    except ValueError as err:
+        raise UsageError(f"--max-activation-memory: {err}") from None
+    calib_cfg = calib_config(args)
+    check_report_file(args.output, "--output")
+    check_lazy(args)
+    check_model(args, args.seqlen)
+    check_calib_fits(args, calib_cfg)
+    device = models.resolve_device(args.device)
+    model, tok = load(args)
+    calib = calib_windows(tok, calib_cfg)
+    digest = checkpoint.tensor_digest(model.state_dict().items())
+    t = time.perf_counter()
+    meas = measure.measure_model(
+        model,
+        calib,
+        cfg,
+        tuple(dict.fromkeys(args.importance)),
+        device,
+        digest,
+        max_activation_bytes=max_bytes,
+    )
+    meas.save(args.output)
+    if not args.quiet:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in meas.seconds.items())
+        print(f"measured {len(meas.names)} layers in {time.perf_counter() - t:.1f} s ({stages})")
+        print(f"saved {args.output}; plan budgets with: baq plan --measurement {args.output}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..plan import format_plan, plan_levels
+
+    try:
+        cfg = QuantConfig(
+            method="baq",
+            bits=args.bits,
+            allocation="model",
+            integer_bits=args.integer_bits,
+            importance=args.importance,
+            exponent=args.exponent,
+            max_levels=args.max_levels,
+        )
+        budgets = [
+            QuantConfig(method="baq", bits=b, max_levels=args.max_levels).bits for b in args.budgets
+        ]
+    except ValueError as err:
+        raise UsageError(flagify(str(err))) from None
+    meas = _read(args.measurement)
+    try:
+        plans = plan_levels(meas, cfg)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(format_plan(plans, budgets, meas, cfg))
+    return 0
+
+
+def _read(path: Path) -> Any:
+    from ..measure import Measurement
+
+    if not path.is_file():
+        raise UsageError(f"--measurement {path}: no such file; write one with baq measure")
+    try:
+        return Measurement.load(path)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def check_measurement_args(args: argparse.Namespace, cfg: QuantConfig) -> Any:
+    """``baq quantize``: the model allocation's options, before any model loads.
+
+    Returns:
+        The :class:`~baq.measure.Measurement` of ``--measurement``, or None.
+    """
+    positive("importance-samples", args.importance_samples)
+    if args.measurement is not None and cfg.allocation != "model":
+        raise UsageError("--measurement serves --allocation model: add it, or drop --measurement")
+    if cfg.allocation == "model" and args.lazy and args.measurement is None:
+        raise UsageError(
+            "--allocation model with --lazy needs --measurement FILE: the importance pass runs "
+            "the whole model (write the file with baq measure where it fits)"
+        )
+    if args.measurement is None:
+        return None
+    meas = _read(args.measurement)
+    try:
+        meas.betas(cfg.importance)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return meas
+
+
+def allocation_plan(
+    args: argparse.Namespace,
+    model: Any,
+    calib: Any,
+    cfg: QuantConfig,
+    device: Any,
+    loader: Any,
+    checkpoint_folder: Path | None,
+) -> tuple[dict[str, Any], bool]:
+    """The model allocation's plan: from ``--measurement``, from the checkpoint of the run being
+    resumed, or measured now (and kept in the checkpoint, so a resumed run uses the same plan).
+
+    Returns:
+        ``(name -> LayerPlan, whether the measurement ran now)``.
+    """
+    from .. import checkpoint, measure, streaming
+    from ..plan import plan_bits, plan_levels
+
+    items = model.state_dict().items() if loader is None else streaming.state_items(model, loader)
+    settings = measure.settings_of(checkpoint.tensor_digest(items), calib, cfg)
+    kept = None if checkpoint_folder is None else checkpoint_folder / MEASUREMENT_IN_CHECKPOINT
+    meas, measured = args.measurement_file, False
+    if meas is None and kept is not None and kept.is_file():
+        meas = measure.Measurement.load(kept)
+        log.info("measurement of the interrupted run read from %s", kept)
+    if meas is None:
+        meas = measure.measure_model(
+            model,
+            calib,
+            cfg,
+            (cfg.importance,),
+            device,
+            settings["model"],
+            max_activation_bytes=args.max_activation_bytes,
+        )
+        measured = True
+        if kept is not None:
+            meas.save(kept)
+    meas.check(settings)
+    plans = plan_levels(meas, cfg)
+    log.info("model allocation planned: %.4f nominal bits", plan_bits(plans))
+    return {p.name: p for p in plans}, measured

@@ -1,0 +1,273 @@
+"""The measurement pass of the model-level allocation (DESIGN.md section 1), a stage of its own.
+
+Before any layer is quantized, the float model is measured once:
+
+* per column, the sensitivity ``c_lj`` from the float model's Hessians (one block-by-block pass
+  over the calibration windows, each block run once on the float outputs of the one before);
+  analytic ``c_j = sum_r range_r^2 / (12 U_jj^2)`` by default, or measured from a uniform GPTQ
+  solve (:func:`baq.quant.layer.column_sensitivity`);
+* per layer, the importance ``beta_l`` of one unit of its proxy loss (:mod:`baq.importance`).
+
+The :class:`Measurement` is a file of its own (safetensors with JSON metadata), reusable for any
+budget: :mod:`baq.plan` turns it into level counts in seconds. It records what it was measured
+on (model weights' hash, calibration windows' hash, settings) and refuses to serve another run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import blocks, importance, streaming
+from .config import QuantConfig
+from .divergence import windows_digest
+from .hessian import hessian_hooks
+from .pipeline import batch_size_for, forward_all, is_skipped
+from .quant.gptq import factor_hessian
+from .quant.grid import fit_grid
+from .quant.layer import column_sensitivity
+
+log = logging.getLogger(__name__)
+
+MEASUREMENT_FORMAT = "baq-measurement/1"
+# QuantConfig fields a measurement depends on (bits only through measured sensitivities)
+MEASURED_FIELDS = (
+    "sensitivity",
+    "group_size",
+    "sym",
+    "percdamp",
+    "hessian_dtype",
+    "range_dtype",
+    "skip",
+    "importance_samples",
+)
+
+
+@dataclass
+class Measurement:
+    """Per-layer importances and per-column sensitivities of a float model.
+
+    Attributes:
+        names: full module names of the measured linears, in model order.
+        shapes: (rows, cols) of each.
+        sens: name -> (cols,) float64 sensitivities c_lj.
+        beta: estimator ("fisher", "noise") -> name -> beta_l.
+        settings: what the measurement depends on (see :func:`settings_of`).
+        seconds: seconds of each stage ("sensitivity", "fisher", "noise").
+    """
+
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    sens: dict[str, Tensor]
+    beta: dict[str, dict[str, float]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def betas(self, estimator: str) -> Tensor:
+        """(layers,) float64 beta of ``estimator``, in ``names`` order."""
+        if estimator not in self.beta:
+            have = ", ".join(self.beta) or "none"
+            raise ValueError(
+                f"the measurement has no {estimator} importances (it has {have}): measure "
+                f"again with --importance {estimator}"
+            )
+        return torch.tensor([self.beta[estimator][n] for n in self.names], dtype=torch.float64)
+
+    def check(self, settings: dict[str, Any]) -> None:
+        """Refuse (``ValueError``, one line naming what differs) to serve another run."""
+        diff = [k for k in sorted(set(settings) | set(self.settings)) if k != "bits"]
+        diff = [k for k in diff if settings.get(k) != self.settings.get(k)]
+        if self.settings.get("sensitivity") == "measured" and settings.get(
+            "bits"
+        ) != self.settings.get("bits"):
+            diff.append("bits (measured sensitivities depend on the probe budget)")
+        if diff:
+            what = ", ".join(
+                "model weights" if k == "model" else "calibration windows" if k == "calib" else k
+                for k in diff
+            )
+            raise ValueError(
+                f"the measurement was made for another run ({what} differ): measure again "
+                "with baq measure, or drop --measurement"
+            )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One safetensors file, written atomically: ``sens/<name>`` tensors, JSON metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {
+            "format": MEASUREMENT_FORMAT,
+            "names": json.dumps(self.names),
+            "shapes": json.dumps(self.shapes),
+            "beta": json.dumps(self.beta),
+            "settings": json.dumps(self.settings, sort_keys=True),
+            "seconds": json.dumps(self.seconds),
+        }
+        tensors = {f"sens/{n}": self.sens[n].double().contiguous() for n in self.names}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Measurement:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != MEASUREMENT_FORMAT:
+                    raise ValueError("not a baq measurement")
+                names = json.loads(meta["names"])
+                sens = {n: f.get_tensor(f"sens/{n}") for n in names}
+        except Exception as err:  # safetensors raises its own error type on a damaged header
+            raise ValueError(
+                f"{path}: not a readable measurement ({err}); write one with baq measure"
+            ) from None
+        return cls(
+            names=names,
+            shapes=[tuple(s) for s in json.loads(meta["shapes"])],
+            sens=sens,
+            beta=json.loads(meta["beta"]),
+            settings=json.loads(meta["settings"]),
+            seconds=json.loads(meta["seconds"]),
+        )
+
+
+def settings_of(model_digest: str, calib_ids: Tensor, cfg: QuantConfig) -> dict[str, Any]:
+    """What a measurement depends on: the weights, the calibration windows, some settings."""
+    out: dict[str, Any] = {"model": model_digest, "calib": windows_digest(calib_ids)}
+    out |= {k: getattr(cfg, k) for k in MEASURED_FIELDS}
+    out["skip"] = list(cfg.skip)
+    out["bits"] = cfg.bits  # used by measured sensitivities only
+    return out
+
+
+def measure_model(
+    model: nn.Module,
+    calib_ids: Tensor,
+    cfg: QuantConfig,
+    estimators: tuple[str, ...] = ("fisher",),
+    device: torch.device | str | None = None,
+    model_digest: str = "",
+    progress: bool | None = None,
+    batch_tokens: int = 4096,
+    max_activation_bytes: int | None = None,
+) -> Measurement:
+    """Measure sensitivities and importances of every quantizable linear of the float model.
+
+    Args:
+        model: the float causal LM (not modified).
+        calib_ids: (nsamples, seqlen) calibration windows; the Hessians read all of them, the
+            importance estimators the first ``cfg.importance_samples`` (the noise estimator at
+            most ``importance.NOISE_WINDOWS``).
+        cfg: sensitivity kind, grid and Hessian settings, ``skip`` patterns.
+        estimators: which ``beta`` estimators to run.
+        device: where blocks run (default: CUDA when present).
+        model_digest: hash of the weights, recorded in the settings.
+        progress: progress bars (None: on a terminal).
+        batch_tokens, max_activation_bytes: as in :func:`baq.pipeline.quantize_model`.
+    Returns:
+        The :class:`Measurement`.
+    """
+    from . import models
+
+    device = models.resolve_device("auto" if device is None else str(device))
+    meas = Measurement([], [], {}, settings=settings_of(model_digest, calib_ids, cfg))
+    t = time.perf_counter()
+    _sensitivities(
+        model, calib_ids, cfg, device, meas, progress, batch_tokens, max_activation_bytes
+    )
+    meas.seconds["sensitivity"] = time.perf_counter() - t
+    targets = dict(zip(meas.names, _modules(model, meas.names)))
+    windows = calib_ids[: cfg.importance_samples]
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        for est in estimators:
+            t = time.perf_counter()
+            if est == "fisher":
+                meas.beta[est] = importance.fisher_importance(
+                    model, windows, targets, device, progress=progress
+                )
+            elif est == "noise":
+                meas.beta[est] = importance.noise_importance(
+                    model, windows[: importance.NOISE_WINDOWS], targets, device, progress=progress
+                )
+            else:
+                raise ValueError(f"importance estimator {est!r}: use fisher or noise")
+            meas.seconds[est] = time.perf_counter() - t
+            log.info("%s importances of %d layers in %.1f s", est, len(targets), meas.seconds[est])
+    finally:
+        model.to(home)
+    return meas
+
+
+def _modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    mods = dict(model.named_modules())
+    return [mods[n] for n in names]
+
+
+def _sensitivities(
+    model: nn.Module,
+    calib_ids: Tensor,
+    cfg: QuantConfig,
+    device: torch.device,
+    meas: Measurement,
+    progress: bool | None,
+    batch_tokens: int,
+    max_activation_bytes: int | None,
+) -> None:
+    """One pass over the float blocks: each block's Hessians and its outputs in one forward."""
+    hdtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
+    layers = blocks.decoder_layers(model)
+    prefix = blocks.module_prefix(model, layers)
+    with torch.inference_mode():
+        inputs, kwargs = streaming.capture_inputs(model, calib_ids, device, max_activation_bytes)
+    kwargs = blocks.move_kwargs(kwargs, device)
+    batch = 1
+    try:
+        for i in tqdm(range(len(layers)), desc="measure", disable=_off(progress)):
+            block = layers[i]
+            home = next(block.parameters()).device
+            block.to(device)
+            targets = {
+                name: mod
+                for name, mod in blocks.linears(block).items()
+                if not is_skipped(f"{prefix}{i}.{name}", cfg.skip)
+            }
+            if i == 0:
+                batch = batch_size_for(block, inputs, kwargs, device, batch_tokens)
+            with torch.inference_mode(), hessian_hooks(block, targets, hdtype) as accs:
+                outputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
+            for name, mod in targets.items():
+                full = f"{prefix}{i}.{name}"
+                W = blocks.get_weight(mod)
+                factor = factor_hessian(accs[name].hessian(), cfg.percdamp, False)
+                Wd = W.to(factor.U.device, torch.float32).clone()
+                Wd[:, factor.dead] = 0
+                grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype)
+                sens, _ = column_sensitivity(Wd, factor, grid, cfg)
+                meas.names.append(full)
+                meas.shapes.append(tuple(W.shape))
+                meas.sens[full] = sens.double().cpu()
+            del accs
+            inputs.close()
+            inputs = outputs
+            block.to(home)
+    finally:
+        inputs.close()
+
+
+def _off(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress
