@@ -60,15 +60,18 @@ def _measured(summary: dict) -> list[str]:
     return rows
 
 
-def model_card(qconfig: dict, name: str) -> str:
+def model_card(qconfig: dict) -> str:
     """The README.md text of a saved folder.
+
+    A function of the ``quantization_config`` block alone (not of the folder's name), so the
+    same run saved twice, under any name, gives the same bytes.
 
     Args:
         qconfig: the folder's ``quantization_config`` block (docs/FORMAT.md, section 3).
-        name: the folder's name, used in the title and the loading example.
     Returns:
         Markdown with YAML front matter.
     """
+    name = "FOLDER"  # the loading example's placeholder for where the folder lives
     base = qconfig.get("base_model")
     method, bits = str(qconfig.get("method", "?")), qconfig.get("bits")
     front = ["---"]
@@ -91,7 +94,8 @@ def model_card(qconfig: dict, name: str) -> str:
     lines = [
         *front,
         "",
-        f"# {name}",
+        f"# {base.rpartition('/')[2] if base else 'Model'}, {method.upper()} "
+        f"{_number(bits)} bits (baq)",
         "",
         f"{source} quantized with [baq](https://pypi.org/project/baq/) ({method.upper()}, "
         f"{_number(bits)} bits per weight on average). The quantized linear layers are stored "

@@ -258,7 +258,7 @@ def save_packed(
         _save_generation_config(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / CARD_FILE).write_text(model_card(qconfig, target.name), encoding="utf-8")
+        (tmp / CARD_FILE).write_text(model_card(qconfig), encoding="utf-8")
         files = {}
         for rel in list_files(tmp):
             fsync(tmp / rel)
