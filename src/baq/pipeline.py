@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +28,7 @@ from . import blocks, models, streaming
 from .activations import ActivationStore
 from .config import QuantConfig
 from .hessian import StopForward, hessian_hooks
+from .memory_plan import retry_halving
 from .quant.gptq import QuantResult
 from .quant.grid import Grid
 from .quant.layer import LayerRecord, quantize_layer
@@ -150,7 +152,7 @@ def quantize_model(
             if i < start_block:
                 _restore(block, targets, f"{prefix}{i}.", restore_block, i, run, loader is not None)
             else:
-                _solve_block(
+                batch = _solve_block(
                     block,
                     targets,
                     f"{prefix}{i}.",
@@ -165,8 +167,9 @@ def quantize_model(
                 )
             # the last block's outputs feed nothing: its quantized forward is skipped
             if not isinstance(inputs, _NoInputs) and i + 1 < len(layers):
-                with torch.inference_mode():
-                    outputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
+                with torch.inference_mode():  # on CUDA, out of memory retries half the batch
+                    forward = partial(forward_all, block, inputs, kwargs, device, keep=True)
+                    outputs, batch = retry_halving(forward, batch)
                 inputs.close()
                 inputs = outputs
             if loader is not None:
@@ -204,14 +207,21 @@ def _solve_block(
     hdtype: torch.dtype,
     run: QuantRun,
     compact: bool,
-) -> None:
-    """Hessians from one forward over ``inputs``, then each linear solved and written back."""
+) -> int:
+    """Hessians from one forward over ``inputs``, then each linear solved and written back.
+
+    Returns the batch size the forward used (halved when CUDA ran out of memory).
+    """
     hessians: dict[str, Tensor] = {}
     if cfg.method != "rtn" and targets:
-        hooks = hessian_hooks(block, targets, hdtype, stop_early=True)
-        with torch.inference_mode(), hooks as accs:
-            forward_all(block, inputs, kwargs, device, batch, keep=False)
-        hessians = {name: accs[name].hessian() for name in targets if name in accs}
+
+        def accumulate(b: int) -> dict[str, Tensor]:  # fresh accumulators on every try
+            hooks = hessian_hooks(block, targets, hdtype, stop_early=True)
+            with torch.inference_mode(), hooks as accs:
+                forward_all(block, inputs, kwargs, device, b, keep=False)
+            return {name: accs[name].hessian() for name in targets if name in accs}
+
+        hessians, batch = retry_halving(accumulate, batch)
     for name, mod in targets.items():
         full = f"{prefix}{name}"
         t = time.perf_counter()
@@ -230,6 +240,7 @@ def _solve_block(
             "" if rec.predicted_gain is None else f", predicted gain {rec.predicted_gain:.3f}",
             "" if rec.percdamp in (None, cfg.percdamp) else f", percdamp {rec.percdamp:g}",
         )
+    return batch
 
 
 def _restore(

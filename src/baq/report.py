@@ -156,12 +156,19 @@ def build_report(
     perplexity: dict[str, dict[str, float | None]],
     storage_bits: float | None = None,
     divergence: dict[str, dict[str, float]] | None = None,
+    memory_plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run report: settings, headline numbers, and one row per quantized layer.
 
     ``divergence`` maps each evaluation set to its KL statistics against the model before
     quantization (:mod:`baq.divergence`, compact base with the top tokens per position).
+    ``memory_plan`` (:meth:`baq.memory_plan.MemoryPlan.as_dict`) goes under ``memory.plan``, its
+    estimated peak beside the measured one as ``memory.estimated_peak_gib``.
     """
+    memory = peak_memory()
+    if memory_plan is not None:
+        memory["estimated_peak_gib"] = memory_plan["estimated_peak_gib"]
+        memory["plan"] = memory_plan
     return {
         "report_version": REPORT_VERSION,
         "model": model,
@@ -174,7 +181,7 @@ def build_report(
         "perplexity": perplexity,
         "divergence": divergence or {},
         "seconds": seconds,
-        "memory": peak_memory(),
+        "memory": memory,
         "environment": environment(),
         "layers": layer_rows(records),
     }

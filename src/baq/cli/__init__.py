@@ -12,6 +12,7 @@ import os
 import sys
 
 from .. import __version__
+from ..memory_plan import out_of_memory
 from . import bench, export, quantize, saved
 from .common import UsageError, error_line, interrupted_line
 
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"baq: {interrupted_line(args)}", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as err:  # UsageError, bad files, bad data, full disks
+    except (ValueError, OSError, RuntimeError, MemoryError) as err:  # also full disks, memory
+        if isinstance(err, (RuntimeError, MemoryError)) and not out_of_memory(err):
+            raise
         print(f"baq: error: {error_line(err, args)}", file=sys.stderr)
         return 2
 

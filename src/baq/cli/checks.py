@@ -298,7 +298,11 @@ def kept_checkpoint(args: argparse.Namespace) -> Path | None:
 
 
 def error_line(err: BaseException, args: argparse.Namespace) -> str:
-    """The one line ``baq: error:`` prints, with the fix for a full disk."""
+    """The one line ``baq: error:`` prints, with the fix for a full disk or memory."""
+    from ..memory_plan import memory_error_line, out_of_memory
+
+    if out_of_memory(err):
+        return memory_error_line(err, kept_checkpoint(args))
     text = one_line(err)
     if no_space(err):
         partial = kept_checkpoint(args)

@@ -29,6 +29,7 @@ from .common import (
     positive,
     score_sets,
 )
+from .memory import plan_run_memory
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -169,9 +170,10 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
     if args.report is not None:
         check_report_file(args.report)
     check_lazy(args)  # before check_model: a hub id or GGUF is refused without reading it
-    check_model(args, args.seqlen, *([args.eval_seqlen] if eval_sources(args) else []))
+    config = check_model(args, args.seqlen, *([args.eval_seqlen] if eval_sources(args) else []))
     check_calib_fits(args, calib)
     check_eval_fits(args)
+    plan_run_memory(args, cfg, config)  # sets args.max_activation_bytes (spill), or refuses
     return cfg, calib
 
 
@@ -313,6 +315,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         perplexity={k: {"before": before.get(k), "after": after.get(k)} for k in sets},
         storage_bits=storage_bits,
         divergence=kl,
+        memory_plan=None if args.memory_plan is None else args.memory_plan.as_dict(),
     )
     if args.report is not None:
         report.write_json(args.report, rep)
