@@ -1,4 +1,4 @@
-"""``baq export``: a saved quantized folder as a plain Hugging Face folder of dequantized weights."""
+"""``baq export``: a saved quantized folder as a plain Hugging Face folder, weights dequantized."""
 
 from __future__ import annotations
 
