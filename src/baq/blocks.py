@@ -74,6 +74,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def module_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
+    """``'model.layers.'``: the name of the block list inside ``model``, with a trailing dot."""
+    for name, mod in model.named_modules():
+        if mod is layers:
+            return f"{name}."
+    raise ValueError("decoder blocks are not a submodule of the model")
+
+
 def linears(block: nn.Module) -> dict[str, nn.Module]:
     """Linear layers of one block, in registration order.
 

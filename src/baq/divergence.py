@@ -203,7 +203,7 @@ class BaseRecord:
                 if meta.get("format") != BASE_FORMAT:
                     raise ValueError("not a baq base-logits file")
                 t = {k: f.get_tensor(k) for k in ("topk_logp", "topk_ids", "target_logp")}
-        except (OSError, ValueError, KeyError) as err:
+        except Exception as err:  # safetensors raises its own error type on a damaged header
             raise ValueError(
                 f"{path}: not a readable base-logits file ({err}); write one with "
                 "--base BASE_MODEL --base-logits FILE"

@@ -128,7 +128,12 @@ def format_summary(report: dict[str, Any]) -> str:
         f"method {q['method']}  target {q['bits']:g} bits  achieved {report['nominal_bits']:.4f} "
         f"nominal bits  ({report['quantized_layers']} layers, {report['quantized_weights']:,} "
         "weights)",
-        f"quantization {report['seconds']['quantize']:.1f} s",
+        f"quantization {report['seconds']['quantize']:.1f} s"
+        + (
+            f" (after a {report['seconds']['measure']:.1f} s measurement)"
+            if "measure" in report["seconds"]
+            else ""
+        ),
     ]
     ppl = report.get("perplexity") or {}
     for name, v in ppl.items():

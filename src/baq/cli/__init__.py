@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 from ..memory_plan import out_of_memory
-from . import bench, export, quantize, saved
+from . import bench, export, measure, quantize, saved
 from .common import UsageError, error_line, interrupted_line
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize.add_parser(sub, common)
     saved.add_parsers(sub, common)
+    measure.add_parsers(sub, common)
     export.add_parser(sub, common)
     bench.add_parser(sub, common)
     return parser
