@@ -241,7 +241,7 @@ def test_sliding_window_mix_warns_past_the_window(caplog):
     config = Qwen2Config(**_ROPE, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     config._attn_implementation = "eager"
     model = Qwen2ForCausalLM(config).eval()
-    with caplog.at_level(logging.WARNING, logger="baq.models"):
+    with caplog.at_level(logging.WARNING, logger="baq"):
         blocks.capture_block_inputs(model, torch.zeros(1, 4, dtype=torch.int64), "cpu")
         assert not caplog.records
         blocks.capture_block_inputs(model, torch.zeros(1, 5, dtype=torch.int64), "cpu")
