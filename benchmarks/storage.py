@@ -12,6 +12,12 @@ calibration, so this uses fewer calibration windows than the perplexity protocol
 default 16) to stay quick; the perplexity of these models is not what it measures.
 
     python benchmarks/storage.py --out /tmp/storage-bench      # ~15 min on two CPU cores
+
+``--forward`` times instead the ``cache="codes"`` forward of one packed layer per grid dimension
+(per-OC, per-IC by whole column, per-IC in groups of 128 rows) on the reference model's linear
+shapes, all in this one process with the same random level counts, against the float layer:
+
+    OMP_NUM_THREADS=1 python benchmarks/storage.py --forward       # ~1 min, no model needed
 """
 
 from __future__ import annotations
@@ -99,6 +105,72 @@ def save_float(model, folder: Path) -> None:
     fresh.save_pretrained(folder)
 
 
+# (rows, cols) of SmolLM2-135M's linears: q/o, k/v, gate/up, down
+SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
+FORWARD_GRIDS = (("oc", None), ("ic", None), ("ic", 128))
+
+
+def forward_speeds(tokens: tuple[int, ...] = (1, 512), repeats: int = 20) -> list[dict]:
+    """Best-of-``repeats`` seconds of the codes forward per grid, shape and token count.
+
+    The same weights and level counts (random, 2 to 16 levels a column, like BAQ at 3 bits) for
+    every grid, so only the grid's layout differs.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from baq.packed_linear import PackedLinear
+    from baq.quant.gptq import rtn_solve
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    g = torch.Generator().manual_seed(0)
+    rows_out = []
+    with torch.inference_mode():
+        for rows, cols in SHAPES:
+            W = torch.randn(rows, cols, generator=g) * 0.02
+            levels = torch.randint(2, 17, (cols,), generator=g)
+            layers = {}
+            for dim, gs in FORWARD_GRIDS:
+                res = rtn_solve(W, levels, gs, dim=dim)
+                layers[f"{dim}" + (f"-g{gs}" if gs else "")] = PackedLinear.from_quantized(
+                    res, cache="codes"
+                )
+            for n in tokens:
+                x = torch.randn(n, cols, generator=g)
+                row = {"shape": [rows, cols], "tokens": n}
+                row["float"] = best(lambda x=x, W=W: F.linear(x, W))
+                for name, layer in layers.items():
+                    row[name] = best(lambda layer=layer, x=x: layer(x))
+                rows_out.append(row)
+                print(json.dumps(row), flush=True)
+    return rows_out
+
+
+def format_forward(rows: list[dict]) -> str:
+    names = [k for k in rows[0] if k not in ("shape", "tokens", "float")]
+    lines = [
+        "| shape (rows x cols) | tokens | float us | "
+        + " | ".join(f"{n} us (x oc)" for n in names)
+        + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r[n] * 1e6:.0f} ({r[n] / r['oc']:.2f})" for n in names)
+        lines.append(
+            f"| {r['shape'][0]} x {r['shape'][1]} | {r['tokens']} | {r['float'] * 1e6:.0f} | "
+            f"{cells} |"
+        )
+    return "\n".join(lines)
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -114,7 +186,11 @@ def main() -> None:
     p.add_argument("--child")
     p.add_argument("--packed", action="store_true")
     p.add_argument("--cache", choices=CACHES, default="none")
+    p.add_argument("--forward", action="store_true", help="per-OC vs per-IC codes forward only")
     args = p.parse_args()
+    if args.forward:
+        print(format_forward(forward_speeds()))
+        return
     if args.child:
         res = measure_child(args.child, args.packed, args.cache, args.new_tokens, args.repeats)
         print(json.dumps(res))

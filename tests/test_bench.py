@@ -261,3 +261,22 @@ def test_table_has_one_summary_per_evaluation_set_with_each_cell_in_place():
     row = next(line for line in lines if line.startswith("| gptq-2b |"))
     assert row.endswith("| <= 1.50 |")  # a peak counted from process start is an upper bound
     assert next(line for line in lines if line.startswith("| baq-3b |")).count("not run") == 1
+
+
+def test_grid_dims_add_named_variants_and_keep_per_oc_keys(text, tmp_path):
+    base = bench.BenchSettings(model="m", text=str(text))
+    oc = bench.build_grid(["rtn", "gptq"], [3], [])
+    both = bench.build_grid(["rtn", "gptq"], [3], [], dims=("oc", "ic", "auto"))
+    assert [s.name for s in both] == [
+        "rtn-3b",
+        "rtn-ic-3b",
+        "gptq-3b",
+        "gptq-ic-3b",
+        "gptq-auto-3b",
+    ]
+    k_oc, k_both = keys(base, oc, tmp_path), keys(base, both, tmp_path)
+    # per-OC runs keep the keys they had before the dim field existed
+    assert all(k_both[name] == k for name, k in k_oc.items())
+    assert len(set(k_both.values())) == 5
+    quant = {e.spec.name: e.settings.get("quant", {}) for e in bench.plan(base, both, tmp_path)}
+    assert "dim" not in quant["gptq-3b"] and quant["gptq-ic-3b"]["dim"] == "ic"

@@ -60,6 +60,9 @@ CFGS = [
     QuantConfig(method="baq", bits=3, group_size=24, act_order=True, sym=True),
     QuantConfig(method="baq", bits=2, integer_bits=True),
     QuantConfig(method="baq", bits=2.5, group_size=16, range_dtype="float32"),
+    QuantConfig(method="rtn", bits=3, dim="ic", group_size=24),
+    QuantConfig(method="gptq", bits=3, dim="ic", group_size=16, act_order=True),
+    QuantConfig(method="baq", bits=2.5, dim="ic", sym=True),
 ]
 CFG_IDS = [
     "rtn4",
@@ -69,6 +72,9 @@ CFG_IDS = [
     "baq3-g24-act-sym",
     "baq2-int",
     "baq2.5-g16-f32ranges",
+    "rtn3-ic-g24",
+    "gptq3-ic-g16-act",
+    "baq2.5-ic-sym",
 ]
 
 
@@ -244,16 +250,16 @@ def test_wrong_format_version_is_reported(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["format_version"] = 99
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    _load_error(copy, r"manifest\.json: format version 99 is not supported: .* reads version 1")
+    _load_error(copy, r"manifest\.json: format version 99 is not supported: .* reads versions 1, 2")
 
 
 def test_wrong_version_in_config_is_reported(copy):
     config = json.loads((copy / "config.json").read_text())
-    config["quantization_config"]["format_version"] = 2
+    config["quantization_config"]["format_version"] = 3
     (copy / "config.json").write_text(json.dumps(config))
     _load_error(copy, r"config\.json: (SHA-256 differs|\d+ bytes, manifest\.json says)")
     _rehash(copy, "config.json")
-    _load_error(copy, r"config\.json: format version 2 is not supported")
+    _load_error(copy, r"config\.json: format version 3 is not supported")
 
 
 def test_hand_edited_manifest_is_reported(copy):

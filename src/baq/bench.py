@@ -43,7 +43,7 @@ REFERENCE_ID = "reference:SmolLM2-135M-Instruct.Q4_1"
 DEFAULT_TEXT = Path("..", "shared", "data", "wikitext2-test.txt")
 
 # QuantConfig fields added after bench version 2: in a run's key only when not at this default
-KEY_OPTIONAL: dict[str, Any] = {"range_dtype": "float16"}
+KEY_OPTIONAL: dict[str, Any] = {"range_dtype": "float16", "dim": "oc"}
 
 # family -> (label, QuantConfig fields); the order is the default grid's order
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -117,11 +117,14 @@ def build_grid(
     act_order: bool = False,
     percdamp: float = 0.01,
     range_dtype: str = "float16",
+    dims: Sequence[str] = ("oc",),
 ) -> list[BenchSpec]:
     """The runs, in order: each family at each of ``bits`` (BAQ measured also at ``baq_bits``).
 
     ``group_size`` and ``act_order`` add variants of every quantized run next to the per-row,
     natural-order ones (``-g128``, ``-act`` in the name; RTN has no column order to change).
+    ``dims`` repeats every variant on each grid dimension (``-ic``, ``-auto`` in the name; the
+    per-OC runs keep their names and cache keys; RTN has no Hessian for ``auto``).
 
     Returns:
         The specs; names are unique. Bad settings raise ``ValueError`` from :class:`QuantConfig`.
@@ -140,21 +143,27 @@ def build_grid(
             grid["fp"] = BenchSpec("fp", "fp", label, None)
             continue
         budgets = [*bits, *(baq_bits if family == "baq-measured" else ())]
-        for gs, order in variants:
-            if order and fields["method"] == "rtn":
-                continue
-            tag = (f"-g{gs}" if gs else "") + ("-act" if order else "")
-            for b in budgets:
-                cfg = QuantConfig(
-                    bits=float(b),
-                    group_size=gs,
-                    act_order=order,
-                    percdamp=percdamp,
-                    range_dtype=range_dtype,
-                    **fields,
+        for dim in dims:
+            for gs, order in variants:
+                if (order or dim == "auto") and fields["method"] == "rtn":
+                    continue
+                tag = (
+                    ("" if dim == "oc" else f"-{dim}")
+                    + (f"-g{gs}" if gs else "")
+                    + ("-act" if order else "")
                 )
-                name = f"{family}{tag}-{float(b):g}b"
-                grid[name] = BenchSpec(name, family, label + tag.replace("-", " "), cfg)
+                for b in budgets:
+                    cfg = QuantConfig(
+                        bits=float(b),
+                        group_size=gs,
+                        act_order=order,
+                        percdamp=percdamp,
+                        range_dtype=range_dtype,
+                        dim=dim,
+                        **fields,
+                    )
+                    name = f"{family}{tag}-{float(b):g}b"
+                    grid[name] = BenchSpec(name, family, label + tag.replace("-", " "), cfg)
     return list(grid.values())
 
 

@@ -184,7 +184,11 @@ class Checkpoint:
             tensors[f"{name}.lo"] = res.grid.lo.float().contiguous()
             tensors[f"{name}.hi"] = res.grid.hi.float().contiguous()
             tensors[f"{name}.losses"] = res.losses.float().contiguous()
-            meta[name] = {"group_size": res.grid.group_size, "sym": res.grid.sym}
+            meta[name] = {
+                "group_size": res.grid.group_size,
+                "sym": res.grid.sym,
+                "dim": res.grid.dim,
+            }
         stem = self.folder / f"block-{index:05d}"
         tmp = stem.with_name(stem.name + ".tmp.safetensors")
         save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta)})
@@ -216,6 +220,7 @@ class Checkpoint:
                 tensors[f"{name}.hi"],
                 meta[name]["group_size"],
                 meta[name]["sym"],
+                meta[name].get("dim", "oc"),  # checkpoints from before per-IC grids
             )
             levels = tensors[f"{name}.levels"].to(torch.int64)
             codes = tensors[f"{name}.codes"].to(torch.int32)

@@ -16,6 +16,9 @@ Sensitivity = Literal["measured", "analytic"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "baq")
 SENSITIVITIES: tuple[str, ...] = ("measured", "analytic")
 RANGE_DTYPES: tuple[str, ...] = ("float16", "float32")  # grid ranges (quant/grid.py)
+# grid dimension (quant/grid.py): per output channel (a row's range), per input channel (a
+# column's), or AdaDim's choice per layer (quant/adadim.py)
+GRID_DIMS: tuple[str, ...] = ("oc", "ic", "auto")
 # Text sources (data.py); the hub ones are downloaded with ``datasets``, calibrate on their
 # train split and evaluate on their test split.
 HUB_TEXT_SOURCES: tuple[str, ...] = ("wikitext2", "ptb", "c4")
@@ -38,7 +41,7 @@ class QuantConfig:
 
     method: Method = "baq"
     bits: float = 3.0
-    group_size: int | None = None  # None: one range per row
+    group_size: int | None = None  # None: one range per row (per column with dim="ic")
     sym: bool = False
     act_order: bool = False
     percdamp: float = 0.01  # fraction of mean(diag H) added to the diagonal
@@ -49,6 +52,7 @@ class QuantConfig:
     max_levels: int = 256  # BAQ: cap on the level count of one column
     hessian_dtype: Literal["float32", "float64"] = "float32"
     range_dtype: Literal["float16", "float32"] = "float16"  # grid ranges (quant/grid.py)
+    dim: Literal["oc", "ic", "auto"] = "oc"  # grid ranges per row, per column, or AdaDim's pick
     skip: tuple[str, ...] = ()  # fnmatch patterns of linear names left in full precision
 
     def __post_init__(self) -> None:
@@ -92,6 +96,13 @@ class QuantConfig:
         if self.range_dtype not in RANGE_DTYPES:
             raise ValueError(
                 f"range_dtype={self.range_dtype!r}: use one of {', '.join(RANGE_DTYPES)}"
+            )
+        if self.dim not in GRID_DIMS:
+            raise ValueError(f"dim={self.dim!r}: use one of {', '.join(GRID_DIMS)}")
+        if self.dim == "auto" and self.method == "rtn":
+            raise ValueError(
+                "dim='auto' compares the grids on the layer's Hessian, which RTN does not collect: "
+                "use --dim oc or ic with rtn, or --method gptq/baq"
             )
         if self.hessian_dtype not in ("float32", "float64"):
             raise ValueError(f"hessian_dtype={self.hessian_dtype!r}: use float32 or float64")

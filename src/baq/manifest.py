@@ -26,7 +26,8 @@ from .errors import one_line
 log = logging.getLogger(__name__)
 
 FORMAT = "baq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-IC grids (a layer's "dim"); version 1 folders are read as per-OC
+READ_VERSIONS = (1, 2)
 CONFIG_FILE = "config.json"
 DENSE_FILE = "model.safetensors"
 QUANTIZED_FILE = "quantized.safetensors"
@@ -125,10 +126,10 @@ def read_json(path: Path, what: str) -> dict:
 def check_version(path: Path, fmt: Any, version: Any, fmt_key: str) -> None:
     if fmt != FORMAT:
         raise StorageError(f"{path}: {fmt_key} is {fmt!r}, not {FORMAT!r}: not a baq model folder")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise StorageError(
             f"{path}: format version {version!r} is not supported: baq {__version__} reads "
-            f"version {FORMAT_VERSION}"
+            f"versions {', '.join(map(str, READ_VERSIONS))}"
         )
 
 
@@ -203,8 +204,10 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[i
 
 
 def layers_meta(path: Path, meta: dict[str, str]) -> dict[str, dict]:
-    """The ``layers`` metadata of quantized.safetensors, checked: name -> shape, group_size, sym."""
-    check_version(path, meta.get("format"), int_or(meta.get("format_version")), "format")
+    """The ``layers`` metadata of quantized.safetensors, checked: name -> shape, group_size, sym,
+    dim ("oc" when absent, as in every version 1 file)."""
+    version = int_or(meta.get("format_version"))
+    check_version(path, meta.get("format"), version, "format")
     try:
         layers = json.loads(meta["layers"])
         for name, m in layers.items():
@@ -212,8 +215,14 @@ def layers_meta(path: Path, meta: dict[str, str]) -> dict[str, dict]:
             gs = m["group_size"]
             if rows < 1 or cols < 1 or not (gs is None or int(gs) >= 1):
                 raise ValueError(f"layer {name}: bad shape or group_size")
+            dim = m.get("dim", "oc")
+            if dim not in ("oc", "ic") or (dim == "ic" and version < 2):
+                raise ValueError(f"layer {name}: dim {dim!r} (format version {version})")
             m.update(
-                shape=(rows, cols), group_size=None if gs is None else int(gs), sym=bool(m["sym"])
+                shape=(rows, cols),
+                group_size=None if gs is None else int(gs),
+                sym=bool(m["sym"]),
+                dim=dim,
             )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise StorageError(f"{path}: bad 'layers' metadata ({one_line(err)})") from err
@@ -245,7 +254,7 @@ def inspect_quantized(path: str | os.PathLike, verify: bool = True) -> list[dict
     Returns:
         Rows in file order with ``name``, ``shape`` (rows, cols), ``nominal_bits`` (mean log2 L),
         ``storage_bits`` (the layer's stored bytes * 8 / (rows * cols)), ``bytes``,
-        ``group_size``, ``sym`` and ``levels`` ({L: number of columns}).
+        ``group_size``, ``sym``, ``dim`` and ``levels`` ({L: number of columns}).
     """
     from safetensors import safe_open
 
@@ -272,6 +281,7 @@ def inspect_quantized(path: str | os.PathLike, verify: bool = True) -> list[dict
                         "bytes": nbytes,
                         "group_size": m["group_size"],
                         "sym": m["sym"],
+                        "dim": m["dim"],
                         "levels": dict(zip(L, n)),
                     }
                 )

@@ -20,6 +20,7 @@ from .packing import (
     layer_tensors,
     pack_columns,
     range_dtype,
+    range_groups,
     unpack_sorted,
 )
 from .quant.gptq import QuantResult
@@ -30,9 +31,9 @@ class PackedLinear(nn.Module):
     """A linear layer that keeps its weight packed and dequantizes it in ``forward``.
 
     Buffers only: ``level_classes`` (K, 2) int32, ``perm`` (cols,) int16/int32 or None,
-    ``codes_<L>`` one packed stream per level class, ``lo_bits``/``hi_bits`` (rows, ngroups) the
-    ranges as raw bit patterns (int16 for float16 ranges, int32 for float32 ones, so that
-    ``model.to(dtype)`` cannot round them), and
+    ``codes_<L>`` one packed stream per level class, ``lo_bits``/``hi_bits`` (rows, ngroups), per
+    IC (ngroups, cols), the ranges as raw bit patterns (int16 for float16 ranges, int32 for
+    float32 ones, so that ``model.to(dtype)`` cannot round them), and
     ``bias`` (rows,) or None. ``forward(x) = F.linear(x, W, bias)`` with ``W`` the dequantized
     (out_features, in_features) weight, bitwise equal to the solver's ``QuantResult.weight``.
 
@@ -49,12 +50,13 @@ class PackedLinear(nn.Module):
 
     Args:
         packed: the codes, grouped by level count.
-        lo, hi: (rows, ngroups) grid ranges; kept in float16 when they are float16 values,
-            else in float32.
-        group_size: columns per range group, or None.
+        lo, hi: (rows, ngroups) grid ranges, per IC (ngroups, cols); kept in float16 when they
+            are float16 values, else in float32.
+        group_size: columns (per IC: rows) per range group, or None.
         sym: symmetric grid (zero point L // 2).
         bias: (rows,) or None.
         cache: ``"none"``, ``"codes"`` or ``"weight"`` (above).
+        dim: ``"oc"`` (ranges per row) or ``"ic"`` (per column; quant/grid.py).
     """
 
     def __init__(
@@ -66,12 +68,15 @@ class PackedLinear(nn.Module):
         sym: bool,
         bias: Tensor | None = None,
         cache: str = "none",
+        dim: str = "oc",
     ) -> None:
         super().__init__()
         if cache not in WEIGHT_CACHES:
             raise ValueError(f"cache={cache!r}: use one of {', '.join(WEIGHT_CACHES)}")
+        if dim not in ("oc", "ic"):
+            raise ValueError(f"dim={dim!r}: use oc or ic")
         self.out_features, self.in_features = packed.rows, packed.cols
-        self.group_size, self.sym = group_size, sym
+        self.group_size, self.sym, self.dim = group_size, sym, dim
         self.cache = cache
         self.register_buffer("level_classes", packed.classes)
         self.register_buffer("perm", packed.perm)
@@ -103,7 +108,7 @@ class PackedLinear(nn.Module):
         if (levels < 1).any() or (codes < 0).any() or (codes >= levels.unsqueeze(0)).any():
             raise ValueError("codes outside [0, L - 1] of their column: not a solver result")
         packed = pack_columns(codes, levels)
-        return cls(packed, grid.lo, grid.hi, grid.group_size, grid.sym, bias, cache)
+        return cls(packed, grid.lo, grid.hi, grid.group_size, grid.sym, bias, cache, grid.dim)
 
     @property
     def packed(self) -> PackedCodes:
@@ -115,7 +120,7 @@ class PackedLinear(nn.Module):
         dtype = torch.float16 if self.lo_bits.dtype == torch.int16 else torch.float32
         lo = self.lo_bits.view(dtype).float()
         hi = self.hi_bits.view(dtype).float()
-        return Grid(lo=lo, hi=hi, group_size=self.group_size, sym=self.sym)
+        return Grid(lo=lo, hi=hi, group_size=self.group_size, sym=self.sym, dim=self.dim)
 
     @property
     def nominal_bits(self) -> float:
@@ -141,13 +146,18 @@ class PackedLinear(nn.Module):
         """
         packed = self.packed
         codes = unpack_sorted(packed)  # (rows, cols), stored order
-        step, zero = column_params(self.grid, packed.sorted_levels(), packed.order())
+        step, zero = column_params(
+            self.grid, packed.sorted_levels(), packed.order(), self.out_features
+        )
         return packed.unsort(dequantize_codes(codes, step, zero))
 
     def offset_codes(self) -> OffsetCodes:
-        """The layer as :class:`OffsetCodes`: ``W[r, c] = D[r, c] * span[r, g(c)] * inv[c]``."""
+        """The layer as :class:`OffsetCodes`: ``W[r, c] = D[r, c] * span[r, g(c)] * inv[c]``
+        (per IC ``span[g(r), c]``)."""
         packed = self.packed
-        step, zero = column_params(self.grid, packed.sorted_levels(), packed.order())
+        step, zero = column_params(
+            self.grid, packed.sorted_levels(), packed.order(), self.out_features
+        )
         offsets = packed.unsort(unpack_sorted(packed) - zero.to(torch.int64))
         levels = packed.levels()
         # |code - zero| <= L - 1, so int8 holds every column of at most 128 levels
@@ -155,7 +165,7 @@ class PackedLinear(nn.Module):
         offsets = offsets.to(torch.int8 if small else torch.int16)
         inv = torch.where(levels > 1, 1.0 / (levels - 1).clamp(min=1).double(), 0.0).float()
         grid = self.grid
-        return OffsetCodes(offsets, grid.hi - grid.lo, inv, self.group_size)
+        return OffsetCodes(offsets, grid.hi - grid.lo, inv, self.group_size, self.dim)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -179,7 +189,7 @@ class PackedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, nominal_bits={self.nominal_bits:.3f}, "
             f"storage_bits={self.storage_bits:.3f}, level_classes={len(self.level_classes)}, "
-            f"group_size={self.group_size}, sym={self.sym}, cache={self.cache}"
+            f"group_size={self.group_size}, sym={self.sym}, dim={self.dim}, cache={self.cache}"
         )
 
     def file_tensors(self, name: str) -> dict[str, Tensor]:
@@ -189,11 +199,14 @@ class PackedLinear(nn.Module):
 
     def file_meta(self) -> dict[str, Any]:
         """This layer's entry in the ``layers`` metadata of quantized.safetensors."""
-        return {
+        meta = {
             "shape": [self.out_features, self.in_features],
             "group_size": self.group_size,
             "sym": self.sym,
         }
+        if self.dim != "oc":  # absent means per-OC, as in every version 1 file
+            meta["dim"] = self.dim
+        return meta
 
 
 @dataclass(frozen=True)
@@ -210,22 +223,35 @@ class OffsetCodes:
     No dequantized weight exists at any time; the result equals ``x @ W.T`` up to the rounding
     of a different summation order and of ``span * inv`` against ``span / (L - 1)``.
 
+    Per IC (``dim="ic"``) the scale belongs to the column, or to the column and a group of rows:
+    ``W[r, c] = D[r, c] * s[g(r), c]`` with ``s = span * inv``, so the whole scale folds into the
+    input side, ``y[t, r] = sum_c D[r, c] * (x[t, c] * s[g(r), c])``: one product of ``D`` with
+    the scaled input without row groups, one per row group (each on its own rows of ``D``) with
+    them; the same multiply-adds as the per-OC forward and no scale on the output. The zero
+    points need no term of their own: ``D`` already holds ``code - zero``.
+
     Attributes:
         offsets: (rows, cols) int8 (int16 when a column has more than 128 levels) ``code - zero``
             in the original column order; 0 for single-level columns.
-        span: (rows, ngroups) float32 ``hi - lo``.
+        span: (rows, ngroups) float32 ``hi - lo``; per IC (ngroups, cols).
         inv: (cols,) float32 ``1 / (L_c - 1)``, 0 for single-level columns.
-        group_size: columns per range group, or None.
+        group_size: columns (per IC: rows) per range group, or None.
+        dim: "oc" or "ic".
     """
 
     offsets: Tensor
     span: Tensor
     inv: Tensor
     group_size: int | None
+    dim: str = "oc"
 
     def to(self, device: torch.device | str) -> OffsetCodes:
         return OffsetCodes(
-            self.offsets.to(device), self.span.to(device), self.inv.to(device), self.group_size
+            self.offsets.to(device),
+            self.span.to(device),
+            self.inv.to(device),
+            self.group_size,
+            self.dim,
         )
 
     def nbytes(self) -> int:
@@ -235,6 +261,8 @@ class OffsetCodes:
         """``F.linear(x, W, bias)`` for ``x`` (..., cols), computed in ``x.dtype``."""
         dtype = x.dtype
         rows, cols = self.offsets.shape
+        if self.dim == "ic":
+            return self._linear_ic(x, bias)
         scaled = x * self.inv.to(dtype)
         D = self.offsets.to(dtype)
         if self.span.shape[1] == 1:
@@ -250,9 +278,21 @@ class OffsetCodes:
             y = y.view(*x.shape[:-1], rows)
         return y if bias is None else y + bias
 
-
-def _ngroups(cols: int, group_size: int | None) -> int:
-    return 1 if group_size is None else -(-cols // group_size)
+    def _linear_ic(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """Per-IC forward: the scale of each (row group, column) applied to the input."""
+        dtype = x.dtype
+        rows, cols = self.offsets.shape
+        scale = (self.span * self.inv.unsqueeze(0)).to(dtype)  # (G, cols)
+        D = self.offsets.to(dtype)
+        if scale.shape[0] == 1:
+            y = F.linear(x * scale[0], D)
+        else:
+            # one product per row group on its own rows of D (views, the ragged last one shorter);
+            # on CPU faster than a padded batched product, which copies D every forward
+            gs = self.group_size
+            parts = [F.linear(x * s, D[k * gs : (k + 1) * gs]) for k, s in enumerate(scale)]
+            y = torch.cat(parts, dim=-1)
+        return y if bias is None else y + bias
 
 
 def storage_bits_of(results: dict[str, QuantResult]) -> float:
@@ -267,9 +307,10 @@ def storage_bits_of(results: dict[str, QuantResult]) -> float:
     nbytes = weights = 0
     for res in results.values():
         rows, cols = res.codes.shape
-        ngroups = _ngroups(cols, res.grid.group_size)
+        dim = res.grid.dim
+        ngroups = range_groups((rows, cols), res.grid.group_size, dim)
         range_bytes = range_dtype(res.grid.lo, res.grid.hi).itemsize
-        nbytes += layer_nbytes(rows, ngroups, res.levels, range_bytes)
+        nbytes += layer_nbytes(rows, ngroups, res.levels, range_bytes, dim)
         weights += rows * cols
     return nbytes * 8 / weights if weights else 0.0
 

@@ -348,7 +348,7 @@ def layer_tensors(name: str, packed: PackedCodes, lo: Tensor, hi: Tensor) -> dic
     Args:
         name: full module name ``N``.
         packed: its codes.
-        lo, hi: (rows, ngroups) grid ranges.
+        lo, hi: (rows, ngroups) grid ranges, per IC (ngroups, cols).
     Returns:
         ``N.level_classes`` (K, 2) int32, ``N.lo``/``N.hi`` float16 (float32 when a range is not
         a float16 value), ``N.perm`` (only when not the identity) and ``N.codes.<L>`` per class
@@ -373,17 +373,27 @@ def range_dtype(lo: Tensor, hi: Tensor) -> torch.dtype:
     return torch.float16 if exact else torch.float32
 
 
-def layer_nbytes(rows: int, ngroups: int, levels: Tensor, range_bytes: int = 2) -> int:
+def range_groups(shape: tuple[int, int], group_size: int | None, dim: str = "oc") -> int:
+    """Range groups ``G`` of a layer: ``ceil(cols / group_size)`` per row (``dim="oc"``) or
+    ``ceil(rows / group_size)`` per column (``dim="ic"``), 1 without groups."""
+    along = shape[1] if dim == "oc" else shape[0]
+    return 1 if group_size is None else -(-along // group_size)
+
+
+def layer_nbytes(
+    rows: int, ngroups: int, levels: Tensor, range_bytes: int = 2, dim: str = "oc"
+) -> int:
     """Bytes :func:`layer_tensors` stores for a layer, computed from its level counts alone.
 
-    ``2 * range_bytes * rows * ngroups`` (lo and hi, 2 bytes each in float16) ``+ 8 * K`` (the
-    classes table) ``+ cols * 2 or 4`` (the permutation, only if the level counts are not already
-    ascending) ``+`` the code streams.
+    ``2 * range_bytes * rows * ngroups`` (lo and hi, 2 bytes each in float16; per IC
+    ``2 * range_bytes * ngroups * cols``) ``+ 8 * K`` (the classes table) ``+ cols * 2 or 4``
+    (the permutation, only if the level counts are not already ascending) ``+`` the code streams.
     """
     levels = levels.reshape(-1).to(torch.int64).cpu()
     cols = levels.numel()
     values, counts = torch.unique(levels, return_counts=True)
-    total = 2 * range_bytes * rows * ngroups + 8 * values.numel()
+    nranges = ngroups * (rows if dim == "oc" else cols)
+    total = 2 * range_bytes * nranges + 8 * values.numel()
     if cols > 1 and bool((levels[1:] < levels[:-1]).any()):
         total += cols * torch.empty((), dtype=perm_dtype(cols)).element_size()
     for L, n in zip(values.tolist(), counts.tolist()):
@@ -405,7 +415,7 @@ def _take(tensors: dict[str, Tensor], key: str, dtypes: tuple[torch.dtype, ...],
 
 
 def read_layer(
-    name: str, tensors: dict[str, Tensor], shape: tuple[int, int], ngroups: int
+    name: str, tensors: dict[str, Tensor], shape: tuple[int, int], ngroups: int, dim: str = "oc"
 ) -> tuple[PackedCodes, Tensor, Tensor]:
     """Check and take one layer's tensors out of ``tensors`` (the inverse of :func:`layer_tensors`).
 
@@ -417,9 +427,10 @@ def read_layer(
         name: full module name ``N``.
         tensors: file tensors; this layer's are removed from it.
         shape: (rows, cols) the layer must have.
-        ngroups: columns groups of its ranges (1 without groups).
+        ngroups: range groups (:func:`range_groups`; 1 without groups).
+        dim: "oc": ranges (rows, ngroups); "ic": (ngroups, cols).
     Returns:
-        ``(packed, lo, hi)`` with lo, hi (rows, ngroups) float16 or float32.
+        ``(packed, lo, hi)`` with lo, hi float16 or float32 of that shape.
     Raises:
         ValueError: one line naming the tensor and the problem.
     """
@@ -437,9 +448,10 @@ def read_layer(
         )
     lo = _take(tensors, f"{name}.lo", (torch.float16, torch.float32), 2)
     hi = _take(tensors, f"{name}.hi", (torch.float16, torch.float32), 2)
+    want = (rows, ngroups) if dim == "oc" else (ngroups, cols)
     for key, t in ((f"{name}.lo", lo), (f"{name}.hi", hi)):
-        if tuple(t.shape) != (rows, ngroups):
-            raise ValueError(f"tensor {key} has shape {tuple(t.shape)}: expected {(rows, ngroups)}")
+        if tuple(t.shape) != want:
+            raise ValueError(f"tensor {key} has shape {tuple(t.shape)}: expected {want}")
     lo32, hi32 = lo.float(), hi.float()
     if not (torch.isfinite(lo32).all() and torch.isfinite(hi32).all()):
         raise ValueError(f"tensors {name}.lo/.hi hold NaN or Inf")

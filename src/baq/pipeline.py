@@ -340,7 +340,7 @@ def _to_cpu(res: QuantResult) -> QuantResult:
         res,
         weight=res.weight.cpu(),
         codes=res.codes.to(torch.int32).cpu(),
-        grid=Grid(g.lo.cpu(), g.hi.cpu(), g.group_size, g.sym),
+        grid=Grid(g.lo.cpu(), g.hi.cpu(), g.group_size, g.sym, g.dim),
         levels=res.levels.cpu(),
         losses=res.losses.cpu(),
     )

@@ -55,7 +55,7 @@ from .manifest import (
     write_json,
 )
 from .packed_linear import PackedLinear, nominal_bits_of, storage_bits_of
-from .packing import read_layer
+from .packing import range_groups, read_layer
 from .quant.gptq import QuantResult
 
 log = logging.getLogger(__name__)
@@ -476,11 +476,11 @@ def install_packed(
         shape = m["shape"]
         bias = take_bias(name, model.get_submodule(name))
         try:
-            ngroups = 1 if m["group_size"] is None else -(-shape[1] // m["group_size"])
-            packed, lo, hi = read_layer(name, qtensors, shape, ngroups)
+            ngroups = range_groups(shape, m["group_size"], m["dim"])
+            packed, lo, hi = read_layer(name, qtensors, shape, ngroups, m["dim"])
         except ValueError as err:
             raise StorageError(f"{qpath}: {err}") from None
-        layer = PackedLinear(packed, lo, hi, m["group_size"], m["sym"], bias, cache)
+        layer = PackedLinear(packed, lo, hi, m["group_size"], m["sym"], bias, cache, m["dim"])
         model.set_submodule(name, layer)
     if qtensors:
         raise StorageError(f"{qpath}: unexpected tensor {sorted(qtensors)[0]}")

@@ -70,7 +70,7 @@ def compact(res: QuantResult) -> QuantResult:
         res,
         weight=None,
         codes=res.codes.to("cpu", codes_dtype),
-        grid=Grid(g.lo.cpu(), g.hi.cpu(), g.group_size, g.sym),
+        grid=Grid(g.lo.cpu(), g.hi.cpu(), g.group_size, g.sym, g.dim),
         levels=res.levels.cpu(),
         losses=res.losses.cpu(),
     )

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import RANGE_DTYPES
+from ..config import GRID_DIMS, RANGE_DTYPES
 from .common import UsageError, add_model_args, check_model, check_source, flagify
 
 
@@ -31,6 +31,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--group-size", type=int, help="also run every method with groups of N columns")
     g.add_argument("--act-order", action="store_true", help="also run GPTQ and BAQ in act order")
+    g.add_argument(
+        "--dim",
+        nargs="+",
+        default=["oc"],
+        choices=GRID_DIMS,
+        help="grid dimensions to run every variant on (oc: per row, ic: per column, auto: AdaDim)",
+    )
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
     g.add_argument(
         "--range-dtype",
@@ -87,6 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.act_order,
             args.percdamp,
             args.range_dtype,
+            tuple(dict.fromkeys(args.dim)),
         )
         settings = bench.BenchSettings(
             model=args.model,

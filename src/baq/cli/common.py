@@ -181,8 +181,9 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--base",
         metavar="MODEL",
-        help="base model (hub id, folder, .gguf): report KL(base || model), top-token agreement "
-        "and RMS dp, both models run per window",
+        help="base model (hub id, folder, .gguf, or 'reference' for the built-in reference "
+        "model): report KL(base || model), top-token agreement and RMS dp, both models run "
+        "per window",
     )
     g.add_argument("--base-gguf-file", help="GGUF file name inside --base (a repo or folder)")
     g.add_argument(

@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import HUB_TEXT_SOURCES, METHODS, RANGE_DTYPES, SENSITIVITIES, QuantConfig
+from ..config import (
+    GRID_DIMS,
+    HUB_TEXT_SOURCES,
+    METHODS,
+    RANGE_DTYPES,
+    SENSITIVITIES,
+    QuantConfig,
+)
 from ..divergence import DEFAULT_TOPK
 from .common import (
     UsageError,
@@ -50,6 +57,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "columns, the last group is shorter",
     )
     g.add_argument("--sym", action="store_true", help="symmetric grid")
+    g.add_argument(
+        "--dim",
+        default="oc",
+        choices=GRID_DIMS,
+        help="grid ranges per row (oc, default), per input column (ic; --group-size then counts "
+        "rows), or per layer the one with the smaller RTN output error (auto: AdaDim)",
+    )
     g.add_argument("--act-order", action="store_true", help="solve columns by decreasing diag H")
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
     g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch block")
@@ -122,6 +136,7 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
             bits=args.bits,
             group_size=args.group_size,
             sym=args.sym,
+            dim=args.dim,
             act_order=args.act_order,
             percdamp=args.percdamp,
             block_size=args.block_size,

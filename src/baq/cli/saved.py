@@ -36,7 +36,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     add_cache_arg(e)
     add_base_args(e)
     add_task_args(e)
-    e.add_argument("--report", type=Path, help="write perplexity and KL statistics (JSON) here")
+    e.add_argument(
+        "--report", type=Path, help="write perplexity, KL statistics and task results (JSON) here"
+    )
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser(
@@ -133,7 +135,9 @@ def check_base(args: argparse.Namespace, sources: list[str]) -> tuple[Any, Any]:
         raise UsageError("--base-logits holds one evaluation set: give a single --eval")
     base_args = None
     if args.base is not None:
-        base_args = argparse.Namespace(**{**vars(args), "model": args.base})
+        # "reference": the built-in reference model, what MODEL defaults to
+        base_model = None if args.base == "reference" else args.base
+        base_args = argparse.Namespace(**{**vars(args), "model": base_model})
         base_args.gguf_file = args.base_gguf_file
         check_model(base_args, args.eval_seqlen)
     writes = args.base is not None or args.save_base_logits

@@ -13,6 +13,11 @@ column, to the rest of the matrix once per block. The per-column loss
 is the share of the layer-output error caused by column ``j``; BAQ (Zhang et al., 2025) uses it as
 the sensitivity of that column.
 
+With a per-IC grid (``dim="ic"``, Heo et al., ICLR 2024) the range(s) of column ``j`` are fitted
+when the solver reaches it, from its values after the earlier columns' error feedback, as in the
+paper's code: activation order then needs no static groups, and the stored ranges are the ones
+the codes were rounded against.
+
 The Hessian is factorised once (:func:`factor_hessian`) and can serve several solves, which is what
 makes BAQ cost one extra solve per layer rather than an extra pass over the calibration data.
 """
@@ -134,6 +139,8 @@ def gptq_solve(
     block_size: int = 128,
     group_size: int | None = None,
     sym: bool = False,
+    dim: str = "oc",
+    range_dtype: str = "float16",
 ) -> QuantResult:
     """Quantize ``W`` column by column with GPTQ error feedback and per-column level counts.
 
@@ -146,6 +153,10 @@ def gptq_solve(
             ranges are taken before any error feedback ("static groups"), so act-order and groups
             combine without reordering the stored ranges.
         block_size: lazy-batch block (the result does not depend on it, up to rounding).
+        group_size, sym: of the grid fitted here (``grid`` None).
+        dim: "oc": one fixed grid as above; "ic": per-IC ranges (``group_size`` rows per range,
+            or the whole column) fitted to each column when it is reached; ``grid`` must be None.
+        range_dtype: of the per-IC ranges ("float16" or "float32", as :func:`fit_grid`).
     Returns:
         The :class:`QuantResult`, in the original column order.
     """
@@ -153,31 +164,71 @@ def gptq_solve(
     device = factor.U.device
     W = W.to(device=device, dtype=torch.float32).clone()
     W[:, factor.dead] = 0
-    if grid is None:
-        grid = fit_grid(W, group_size=group_size, sym=sym)
+    if dim not in ("oc", "ic"):
+        raise ValueError(f"dim={dim!r}: use oc or ic")
+    if dim == "ic" and grid is not None:
+        raise ValueError("per-IC ranges are fitted during the solve: pass grid=None")
     perm = factor.perm
-    U = factor.U
     levels = levels.to(device=device, dtype=torch.int64)
     lv = levels[perm]
+    if dim == "ic":
+        block_params, grid_of = _ic_ranges(rows, lv, group_size, sym, range_dtype)
+    else:
+        if grid is None:
+            grid = fit_grid(W, group_size=group_size, sym=sym)
 
+        def block_params(i1: int, i2: int):
+            step, zero = column_params(grid, lv[i1:i2], perm[i1:i2])  # (rows, b)
+            step, zero = step.t().contiguous(), zero.t().contiguous()  # (b, rows)
+            return lambda i, w: (step[i], zero[i])
+
+        def grid_of(inv: Tensor) -> Grid:
+            return grid
+
+    Qt, Ct, losses = _blocked_solve(W, factor, lv, block_size, block_params)
+    inv = torch.argsort(perm)
+    return QuantResult(
+        weight=Qt[inv].t().contiguous(),
+        codes=Ct[inv].t().long().contiguous(),
+        grid=grid_of(inv),
+        levels=levels,
+        losses=losses[inv],
+    )
+
+
+def _blocked_solve(
+    W: Tensor, factor: HessianFactor, lv: Tensor, block_size: int, block_params
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The lazy-batch GPTQ loop, in processing order.
+
+    Args:
+        W: (rows, cols) float32, dead columns zeroed; lv: (cols,) levels in processing order.
+        block_params: ``(i1, i2) -> params``, called once per block; ``params(i, w)`` gives the
+            step and zero point (broadcastable to (rows,)) of the block's column ``i`` from its
+            current values ``w``, i.e. after the earlier columns' error feedback.
+    Returns:
+        (cols, rows) dequantized weights and codes, and the (cols,) losses, processing order.
+    """
+    cols = W.shape[1]
+    U = factor.U
     # transposed layout: a column of W is a contiguous row of Wt, and so are the updates
-    Wt = W[:, perm].t().contiguous()  # (cols, rows), processing order
+    Wt = W[:, factor.perm].t().contiguous()  # (cols, rows), processing order
     Qt = torch.empty_like(Wt)
     Ct = torch.empty_like(Wt)
-    losses = torch.empty(cols, dtype=torch.float32, device=device)
+    losses = torch.empty(cols, dtype=torch.float32, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[i1:i2]  # (b, rows) view, updated in place
         U1 = U[i1:i2, i1:i2]
-        step, zero = column_params(grid, lv[i1:i2], perm[i1:i2])  # (rows, b)
-        step, zero = step.t().contiguous(), zero.t().contiguous()  # (b, rows)
+        params = block_params(i1, i2)
         maxq = (lv[i1:i2] - 1).clamp(min=0).float()
         E1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             w = W1[i]
-            q = torch.clamp(torch.round(w / step[i]) + zero[i], 0, maxq[i])
+            step, zero = params(i, w)
+            q = torch.clamp(torch.round(w / step) + zero, 0, maxq[i])
             Ct[i1 + i] = q
-            deq = (q - zero[i]) * step[i]
+            deq = (q - zero) * step
             Qt[i1 + i] = deq
             err = (w - deq) / U1[i, i]
             E1[i] = err
@@ -186,15 +237,35 @@ def gptq_solve(
         losses[i1:i2] = E1.square().sum(dim=1) / 2
         if i2 < cols:
             Wt[i2:] -= U[i1:i2, i2:].t() @ E1
+    return Qt, Ct, losses
 
-    inv = torch.argsort(perm)
-    return QuantResult(
-        weight=Qt[inv].t().contiguous(),
-        codes=Ct[inv].t().long().contiguous(),
-        grid=grid,
-        levels=levels,
-        losses=losses[inv],
-    )
+
+def _ic_ranges(rows: int, lv: Tensor, group_size: int | None, sym: bool, range_dtype: str):
+    """Per-IC ranges fitted to each column as the solver reaches it (``block_params`` of
+    :func:`_blocked_solve`), and ``grid_of(inv)``: the grid they make, in the original order.
+
+    A column's ranges are ``fit_grid`` of the column alone, so they are exactly what
+    :func:`fit_grid` with ``dim="ic"`` gives for its values after the earlier columns' feedback.
+    """
+    if group_size is not None and group_size >= rows:
+        group_size = None  # one group holds the whole column: as fit_grid stores it
+    ngroups = 1 if group_size is None else -(-rows // group_size)
+    lo_t = torch.empty(lv.numel(), ngroups, dtype=torch.float32, device=lv.device)  # processing
+    hi_t = torch.empty_like(lo_t)
+
+    def block_params(i1: int, i2: int):
+        def params(i: int, w: Tensor) -> tuple[Tensor, Tensor]:
+            g = fit_grid(w.unsqueeze(1), group_size, sym, range_dtype, dim="ic")  # (G, 1)
+            lo_t[i1 + i], hi_t[i1 + i] = g.lo[:, 0], g.hi[:, 0]
+            step, zero = column_params(g, lv[i1 + i : i1 + i + 1], rows=rows)  # (rows or 1, 1)
+            return step[:, 0], zero[:, 0]
+
+        return params
+
+    def grid_of(inv: Tensor) -> Grid:
+        return Grid(lo_t[inv].t().contiguous(), hi_t[inv].t().contiguous(), group_size, sym, "ic")
+
+    return block_params, grid_of
 
 
 def rtn_solve(
@@ -203,9 +274,12 @@ def rtn_solve(
     group_size: int | None = None,
     sym: bool = False,
     range_dtype: str = "float16",
+    dim: str = "oc",
 ) -> QuantResult:
-    """Round-to-nearest on the same grid, no error feedback (the baseline GPTQ improves on)."""
-    grid = fit_grid(W, group_size=group_size, sym=sym, range_dtype=range_dtype)
+    """Round-to-nearest on the same grid, no error feedback (the baseline GPTQ improves on).
+
+    ``dim="ic"``: per-IC ranges fitted to the weights at once (no feedback to wait for)."""
+    grid = fit_grid(W, group_size=group_size, sym=sym, range_dtype=range_dtype, dim=dim)
     codes, weight = quantize(W, grid, levels)
     zeros = torch.zeros(W.shape[1], dtype=torch.float32, device=W.device)
     return QuantResult(weight, codes, grid, levels.to(torch.int64), zeros)

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from ..config import QuantConfig
-from . import allocate
+from . import adadim, allocate
 from .gptq import HessianFactor, QuantResult, factor_hessian, gptq_solve, rtn_solve
-from .grid import Grid, fit_grid, group_of, nominal_bits, uniform_levels
+from .grid import Grid, expand_rows, fit_grid, group_of, nominal_bits, uniform_levels
 
 
 @dataclass
@@ -38,6 +38,7 @@ class LayerRecord:
     predicted_gain: float | None = None  # geomean(c) / mean(c)
     modelled_gain: float | None = None  # modelled loss at the allocated levels / uniform
     percdamp: float | None = None
+    dim: str = "oc"  # grid dimension: "oc" per row, "ic" per column (AdaDim's choice with auto)
     seconds: float = 0.0
     level_histogram: dict[int, int] = field(default_factory=dict)
 
@@ -81,15 +82,26 @@ def quantize_layer(
     rows, cols = W.shape
     if cfg.method == "rtn":
         levels = uniform_levels(cols, int(cfg.bits), W.device)
-        res = rtn_solve(W, levels, cfg.group_size, cfg.sym, cfg.range_dtype)
+        res = rtn_solve(W, levels, cfg.group_size, cfg.sym, cfg.range_dtype, cfg.dim)
         return res, _record(name, cfg, res)
 
     assert H is not None, "GPTQ and BAQ need the layer's Hessian"
     factor = factor_hessian(H, cfg.percdamp, cfg.act_order)
     Wd = W.to(factor.U.device, torch.float32).clone()
     Wd[:, factor.dead] = 0
-    grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype)
-    solve = dict(grid=grid, block_size=cfg.block_size)
+    dim = cfg.dim
+    if dim == "auto":  # AdaDim: RTN in each dimension, the smaller proxy error on this H
+        if levels is not None:
+            probe = levels
+        elif cfg.method == "gptq":
+            probe = uniform_levels(cols, int(cfg.bits), Wd.device)
+        else:
+            probe = torch.full((cols,), uniform_probe_levels(cfg.bits), device=Wd.device)
+        grid_kw = dict(group_size=cfg.group_size, sym=cfg.sym, range_dtype=cfg.range_dtype)
+        dim, _ = adadim.choose_dim(Wd, H, probe, **grid_kw)
+    # per-IC: the float weights' ranges (the analytic sensitivity's); the solve refits them
+    grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype, dim)
+    solve = solve_args(grid, cfg)
     if cfg.method == "gptq":
         res = gptq_solve(Wd, factor, uniform_levels(cols, int(cfg.bits), Wd.device), **solve)
         return res, _record(name, cfg, res, percdamp=factor.percdamp)
@@ -125,11 +137,15 @@ def column_sensitivity(
 
     Measured: ``c_j = l_j 2^(2B)`` from a uniform GPTQ solve at ``round(2^B)`` levels (the solve
     is returned too); analytic: ``c_j = sum_r range_r^2 / (12 U_jj^2)``, no solve (None).
+    With a per-IC grid the analytic form is ``sum_groups rows_g range_gj^2 / (12 U_jj^2)`` with
+    the column's own ranges: those of the float weights (``grid``), since the solve fits each
+    column's ranges to its values after the earlier columns' feedback, which depend on the
+    levels being chosen here; the measured solve refits them as the final solve does.
 
     Args:
         Wd: (rows, cols) float32 weights with dead columns zeroed.
         factor: :func:`factor_hessian` of the layer's ``H``.
-        grid: the grid fitted on ``Wd``.
+        grid: the grid fitted on ``Wd`` (per-OC or per-IC).
         cfg: ``sensitivity``, ``bits``, ``block_size``.
     Returns:
         ``((cols,) float64 c_j, the uniform solve or None)``.
@@ -137,10 +153,13 @@ def column_sensitivity(
     cols = Wd.shape[1]
     if cfg.sensitivity == "measured":
         probe = torch.full((cols,), uniform_probe_levels(cfg.bits), dtype=torch.int64)
-        uniform = gptq_solve(Wd, factor, probe.to(Wd.device), grid=grid, block_size=cfg.block_size)
+        uniform = gptq_solve(Wd, factor, probe.to(Wd.device), **solve_args(grid, cfg))
         return allocate.uniform_sensitivity(uniform.losses, math.log2(probe[0].item())), uniform
-    cols_idx = torch.arange(cols, device=grid.lo.device)
-    ranges = (grid.hi - grid.lo)[:, group_of(cols_idx, grid.group_size)]
+    if grid.dim == "ic":
+        ranges = expand_rows(grid, grid.hi - grid.lo, Wd.shape[0]).expand(Wd.shape[0], -1)
+    else:
+        cols_idx = torch.arange(cols, device=grid.lo.device)
+        ranges = (grid.hi - grid.lo)[:, group_of(cols_idx, grid.group_size)]
     Udiag = torch.empty(cols, dtype=torch.float32, device=factor.U.device)
     Udiag[factor.perm] = torch.diagonal(factor.U)
     sens = allocate.analytic_sensitivity(ranges, Udiag)
@@ -148,11 +167,26 @@ def column_sensitivity(
     return sens, None
 
 
+def solve_args(grid: Grid, cfg: QuantConfig) -> dict:
+    """Keyword arguments of :func:`gptq_solve` for ``grid``: the grid itself (per-OC), or the
+    settings of the per-IC ranges that the solve fits column by column."""
+    if grid.dim == "ic":
+        return dict(
+            dim="ic",
+            group_size=cfg.group_size,
+            sym=cfg.sym,
+            range_dtype=cfg.range_dtype,
+            block_size=cfg.block_size,
+        )
+    return dict(grid=grid, block_size=cfg.block_size)
+
+
 def _record(name: str, cfg: QuantConfig, res: QuantResult, **extra) -> LayerRecord:
     return LayerRecord(
         name=name,
         shape=tuple(res.weight.shape),
         method=cfg.method,
+        dim=res.grid.dim,
         nominal_bits=nominal_bits(res.levels),
         loss=res.loss,
         level_histogram=level_histogram(res.levels),
