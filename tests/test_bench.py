@@ -25,12 +25,13 @@ def calls(monkeypatch):
         return pipeline.quantize_model(model, calib, cfg, **kw)
 
     def ppl(*args, **kw):
-        seen["ppl"] += 1
-        return real_ppl(*args, **kw)
+        if kw.get("record_topk") is None:  # not the float model's KL base records
+            seen["ppl"] += 1
+        return real_score(*args, **kw)
 
-    real_ppl = bench.perplexity
+    real_score = bench.score
     monkeypatch.setattr(bench, "quantize_model", quantize)
-    monkeypatch.setattr(bench, "perplexity", ppl)
+    monkeypatch.setattr(bench, "score", ppl)
     return seen
 
 
@@ -78,8 +79,10 @@ def test_run_keys_are_stable_and_follow_the_settings(text, tmp_path):
 
 def test_grid_names():
     names = [s.name for s in bench.build_grid()]
-    assert names[0] == "fp" and len(names) == len(set(names)) == 1 + 5 * 3 + 1
+    # FP, eight quantized families at 2/3/4 bits, and the two that take 2.5 bits
+    assert names[0] == "fp" and len(names) == len(set(names)) == 1 + 8 * 3 + 2
     assert {"rtn-2b", "gptq-4b", "baq-measured-2.5b", "baq-analytic-3b", "baq-int-2b"} <= set(names)
+    assert {"baq-model-2.5b", "baq-model-int-3b", "baq-model-noise-3b"} <= set(names)
     extra = [
         s.name for s in bench.build_grid(["rtn", "gptq"], [3], [], group_size=128, act_order=True)
     ]
@@ -280,3 +283,48 @@ def test_grid_dims_add_named_variants_and_keep_per_oc_keys(text, tmp_path):
     assert len(set(k_both.values())) == 5
     quant = {e.spec.name: e.settings.get("quant", {}) for e in bench.plan(base, both, tmp_path)}
     assert "dim" not in quant["gptq-3b"] and quant["gptq-ic-3b"]["dim"] == "ic"
+
+
+def test_model_allocation_runs_share_one_measurement_and_report_kl(
+    tiny_model_dir, text, tmp_path, calls
+):
+    out = tmp_path / "out"
+    grid = ["--methods", "fp", "gptq", "baq-model", "--bits", "2", "3", "--baq-bits"]
+    run(tiny_model_dir, text, out, *grid)
+    results = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert list(out.glob("measurement-fisher-*.safetensors"))
+    first, second = results["baq-model-2b"], results["baq-model-3b"]
+    assert first["measurement"]["cached"] is False and second["measurement"]["cached"] is True
+    assert first["measurement"]["file"] == second["measurement"]["file"]
+    assert first["seconds"]["measure"] > 0 and all(r["beta"] > 0 for r in first["layers"])
+    # KL against the float model for every quantized run, none for FP; more bits, less KL
+    assert "kl" not in results["fp"] or not results["fp"]["kl"]
+    for name in ("gptq-2b", "gptq-3b", "baq-model-2b", "baq-model-3b"):
+        kl = results[name]["kl"]["corpus"]
+        assert kl["kl_mean"] > 0 and 0 < kl["kl_top_token_agreement"] <= 1
+    assert first["kl"]["corpus"]["kl_mean"] > second["kl"]["corpus"]["kl_mean"]
+    table = (out / "results.md").read_text()
+    assert "Mean KL divergence to FP on corpus" in table and "| BAQ model |" in table
+    for name in ("kl.png", "beta.png", "linearity.png", "model-bits-heatmap.png"):
+        assert (out / name).stat().st_size > 1024
+    # a run cached before KL existed is quantized again and only evaluated
+    path = next(out.glob("gptq-3b-*.json"))
+    cached = json.loads(path.read_text())
+    del cached["kl"]
+    path.write_text(json.dumps(cached))
+    n = len(calls["quantize"])
+    run(tiny_model_dir, text, out, *grid)
+    assert len(calls["quantize"]) == n + 1
+    assert json.loads(path.read_text())["kl"]["corpus"] == results["gptq-3b"]["kl"]["corpus"]
+
+
+def test_correlations_against_slow_definitions():
+    from baq import plots
+
+    xs = [1.0, 2.0, 5.0, 3.0, 10.0]
+    ys = [2.0, 1.0, 50.0, 4.0, 20.0]
+    assert plots.rank_correlation(xs, ys) == pytest.approx(0.8)  # 1 - 6 * 4 / (5 * 24)
+    assert plots.log_correlation(list(zip(xs, [3 * x**2 for x in xs]))) == pytest.approx(1.0)
+    row = {"layers": [{"name": "a", "loss": 2.0}, {"name": "b", "loss": 3.0}]}
+    assert plots.predicted_kl(row, {"a": 0.5, "b": 2.0}) == pytest.approx(7.0)
+    assert plots.predicted_kl(row, {"a": 0.5}) is None

@@ -30,9 +30,12 @@ from torch import Tensor, nn
 
 from . import blocks, data, models, plots, report
 from .config import HUB_TEXT_SOURCES, TEXT_FILE_SUFFIXES, QuantConfig
-from .evaluate import perplexity
+from .divergence import DEFAULT_TOPK, BaseRecord, windows_digest
+from .evaluate import score
+from .measure import MEASURED_FIELDS, Measurement, measure_model, settings_of
 from .packed_linear import storage_bits_of
 from .pipeline import quantize_model
+from .plan import plan_levels
 from .quant.layer import quantize_layer
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,13 @@ REFERENCE_ID = "reference:SmolLM2-135M-Instruct.Q4_1"
 DEFAULT_TEXT = Path("..", "shared", "data", "wikitext2-test.txt")
 
 # QuantConfig fields added after bench version 2: in a run's key only when not at this default
-KEY_OPTIONAL: dict[str, Any] = {"range_dtype": "float16", "dim": "oc"}
+KEY_OPTIONAL: dict[str, Any] = {
+    "range_dtype": "float16",
+    "allocation": "layer",
+    "importance": "fisher",
+    "importance_samples": 32,
+    "dim": "oc",
+}
 
 # family -> (label, QuantConfig fields); the order is the default grid's order
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -53,7 +62,22 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "baq-measured": ("BAQ measured", {"method": "baq", "sensitivity": "measured"}),
     "baq-analytic": ("BAQ analytic", {"method": "baq", "sensitivity": "analytic"}),
     "baq-int": ("BAQ integer bits", {"method": "baq", "integer_bits": True}),
+    # one budget for the whole model (measure.py, plan.py): analytic c_lj, Fisher or noise beta_l
+    "baq-model": (
+        "BAQ model",
+        {"method": "baq", "allocation": "model", "sensitivity": "analytic"},
+    ),
+    "baq-model-int": (
+        "BAQ model integer bits",
+        {"method": "baq", "allocation": "model", "sensitivity": "analytic", "integer_bits": True},
+    ),
+    "baq-model-noise": (
+        "BAQ model noise",
+        {"method": "baq", "allocation": "model", "sensitivity": "analytic", "importance": "noise"},
+    ),
 }
+# families whose fractional budgets (baq_bits) are run too
+FRACTIONAL = ("baq-measured", "baq-model")
 
 
 @dataclass(frozen=True)
@@ -142,7 +166,7 @@ def build_grid(
         if family == "fp":
             grid["fp"] = BenchSpec("fp", "fp", label, None)
             continue
-        budgets = [*bits, *(baq_bits if family == "baq-measured" else ())]
+        budgets = [*bits, *(baq_bits if family in FRACTIONAL else ())]
         for dim in dims:
             for gs, order in variants:
                 if (order or dim == "auto") and fields["method"] == "rtn":
@@ -255,7 +279,14 @@ def load_result(entry: Entry) -> dict[str, Any] | None:
 def missing_sets(entry: Entry, result: dict[str, Any] | None) -> list[str]:
     """The evaluation sets of ``entry`` that ``result`` lacks (or holds for another text)."""
     have = {} if result is None else result.get("eval_digests", {})
-    return [name for name, digest in entry.evals.items() if have.get(name) != digest]
+    # a quantized run also needs its KL divergence against the float model on every set
+    kl = {} if result is None or entry.spec.cfg is None else result.get("kl", {})
+    need_kl = entry.spec.cfg is not None
+    return [
+        name
+        for name, digest in entry.evals.items()
+        if have.get(name) != digest or (need_kl and name not in kl)
+    ]
 
 
 def resolve_calib_start(settings: BenchSettings, ntokens: int) -> int:
@@ -336,7 +367,12 @@ def estimate_seconds(
 
 
 def run_one(
-    model: nn.Module, entry: Entry, calib: Tensor, sets: dict[str, Tensor], device: torch.device
+    model: nn.Module,
+    entry: Entry,
+    calib: Tensor,
+    sets: dict[str, Tensor],
+    device: torch.device,
+    base: dict[str, BaseRecord] | None = None,
 ) -> dict[str, Any]:
     """Quantize (unless FP) and evaluate ``sets``; the model must hold its original weights.
 
@@ -348,12 +384,18 @@ def run_one(
     peak_is_own = report.reset_peak_memory()  # the peak of this run, not of the whole grid
     first = next(iter(blocks.linears(blocks.decoder_layers(model)[0]).values()))
     nominal = storage = float(first.weight.element_size() * 8)  # FP: the dense weights
-    seconds, records = {"quantize": 0.0}, []
+    seconds, records, measurement = {"quantize": 0.0}, [], None
     if cfg is not None:
-        run = quantize_model(model, calib, cfg, device=device)
+        plan = None
+        if cfg.allocation == "model":
+            meas, measurement = bench_measurement(model, entry, calib, device)
+            seconds["measure"] = sum(meas.seconds.values())
+            plan = {p.name: p for p in plan_levels(meas, cfg)}
+        run = quantize_model(model, calib, cfg, device=device, plan=plan)
         seconds["quantize"], records, nominal = run.seconds, run.records, run.nominal_bits
         storage = storage_bits_of(run.results)
-    ppl, seconds["eval"] = evaluate_sets(model, sets, device, spec.name)
+    base = base if cfg is not None else None  # FP is the base: its KL is 0 by definition
+    ppl, kl, seconds["eval"] = evaluate_sets(model, sets, device, spec.name, base)
     return {
         "bench_version": BENCH_VERSION,
         "name": spec.name,
@@ -363,7 +405,9 @@ def run_one(
         "bits": None if cfg is None else cfg.bits,
         "settings": entry.settings,
         "perplexity": ppl,
+        "kl": kl,
         "eval_digests": {name: entry.evals[name] for name in ppl},
+        "measurement": measurement,
         "nominal_bits": nominal,
         "storage_bits": storage,
         "seconds": seconds,
@@ -375,17 +419,91 @@ def run_one(
 
 
 def evaluate_sets(
-    model: nn.Module, sets: dict[str, Tensor], device: torch.device, tag: str
-) -> tuple[dict[str, float], float]:
-    """Perplexity of ``model`` on each set of windows, and the seconds it took."""
+    model: nn.Module,
+    sets: dict[str, Tensor],
+    device: torch.device,
+    tag: str,
+    base: dict[str, BaseRecord] | None = None,
+) -> tuple[dict[str, float], dict[str, dict[str, float]], float]:
+    """Perplexity of ``model`` on each set of windows, its KL statistics against the float
+    model where ``base`` has the set's record, and the seconds it took."""
     t = time.perf_counter()
     model.to(device)
-    ppl = {
-        name: perplexity(model, windows, device=device, desc=f"{tag} {name}")
-        for name, windows in sets.items()
-    }
+    ppl, kl = {}, {}
+    for name, windows in sets.items():
+        record = (base or {}).get(name)
+        sc = score(model, windows, device=device, desc=f"{tag} {name}", base_record=record)
+        ppl[name] = sc.perplexity
+        if sc.divergence is not None:
+            kl[name] = sc.divergence
     model.to("cpu")
-    return ppl, time.perf_counter() - t
+    return ppl, kl, time.perf_counter() - t
+
+
+def bench_measurement(
+    model: nn.Module, entry: Entry, calib: Tensor, device: torch.device
+) -> tuple[Measurement, dict[str, Any]]:
+    """The model allocation's measurement of this run's model and calibration, cached in the
+    output folder beside the runs (one per settings it depends on), measured when missing.
+
+    Returns:
+        The measurement and what the run records of it (file, whether it was cached).
+    """
+    from . import checkpoint
+
+    cfg = entry.spec.cfg
+    assert cfg is not None
+    path = measurement_path(entry)
+    if path.is_file():
+        return Measurement.load(path), {"file": path.name, "cached": True}
+    digest = checkpoint.tensor_digest(model.state_dict().items())
+    # a measurement of the same model and data made another way (``baq measure`` of both
+    # estimators, copied into the folder) serves as well
+    settings = settings_of(digest, calib, cfg)
+    for other in sorted(path.parent.glob("measurement-*.safetensors")):
+        try:
+            meas = Measurement.load(other)
+            meas.check(settings)
+            meas.betas(cfg.importance)
+        except ValueError:
+            continue
+        return meas, {"file": other.name, "cached": True}
+    meas = measure_model(model, calib, cfg, (cfg.importance,), device, digest)
+    meas.save(path)
+    return meas, {"file": path.name, "cached": False}
+
+
+def measurement_path(entry: Entry) -> Path:
+    """Where the measurement of a model-allocation run is cached: keyed by what it depends on
+    (model, data, the measured settings, the estimator), so runs at other budgets share it."""
+    cfg = entry.spec.cfg
+    assert cfg is not None
+    src = {k: entry.settings[k] for k in ("bench_version", "model", "dtype", "calib", "eval")}
+    src |= {k: getattr(cfg, k) for k in MEASURED_FIELDS} | {"importance": cfg.importance}
+    if cfg.sensitivity == "measured":
+        src["bits"] = cfg.bits
+    key = hashlib.sha256(json.dumps(src, sort_keys=True, default=list).encode()).hexdigest()[:12]
+    return entry.path.parent / f"measurement-{cfg.importance}-{key}.safetensors"
+
+
+def base_records(
+    model: nn.Module, sets: dict[str, Tensor], device: torch.device, out: Path
+) -> dict[str, BaseRecord]:
+    """The float model's compact log-probabilities of each set (KL's base side), cached in the
+    output folder by the windows' hash and computed from the model's original weights when
+    missing (one evaluation pass per set)."""
+    records = {}
+    for name, windows in sets.items():
+        path = out / f"base-{windows_digest(windows)}.safetensors"
+        if path.is_file():
+            records[name] = BaseRecord.load(path)
+            continue
+        model.to(device)
+        sc = score(model, windows, device, f"base {name}", record_topk=DEFAULT_TOPK)
+        model.to("cpu")
+        sc.base_record.save(path)
+        records[name] = sc.base_record
+    return records
 
 
 def same_quantization(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -409,6 +527,7 @@ def complete_run(
     calib: Tensor,
     sets: dict[str, Tensor],
     device: torch.device,
+    base: dict[str, BaseRecord] | None = None,
 ) -> dict[str, Any]:
     """The run's result with every set of ``entry`` evaluated, reusing what ``cached`` holds.
 
@@ -417,10 +536,11 @@ def complete_run(
     and the fresh result replaces the cached one.
     """
     missing = missing_sets(entry, cached)
-    result = run_one(model, entry, calib, {n: sets[n] for n in missing}, device)
+    result = run_one(model, entry, calib, {n: sets[n] for n in missing}, device, base)
     if cached is not None and same_quantization(cached, result):
         merged = dict(cached)
         merged["perplexity"] = {**cached["perplexity"], **result["perplexity"]}
+        merged["kl"] = {**cached.get("kl", {}), **result["kl"]}
         merged["eval_digests"] = {**cached.get("eval_digests", {}), **result["eval_digests"]}
         merged["seconds"] = dict(cached["seconds"])
         merged["seconds"]["eval"] = cached["seconds"].get("eval", 0.0) + result["seconds"]["eval"]
@@ -428,8 +548,9 @@ def complete_run(
     elif cached is not None:
         log.warning("%s quantized differently from its cache: every set evaluated", entry.spec.name)
         rest = {n: w for n, w in sets.items() if n in entry.evals and n not in missing}
-        more, spent = evaluate_sets(model, rest, device, entry.spec.name)
+        more, kl, spent = evaluate_sets(model, rest, device, entry.spec.name, base)
         result["perplexity"].update(more)
+        result["kl"].update(kl)
         result["eval_digests"].update({n: entry.evals[n] for n in more})
         result["seconds"]["eval"] += spent
     order = [*entry.evals, *result["perplexity"]]  # the planned sets first, in their order
@@ -469,10 +590,11 @@ def run_bench(
         tokens = [sum(sets[n].numel() for n in missing_sets(e, r)) for e, r in todo]
         costs = estimate_seconds(model, [e.spec for e, _ in todo], calib, tokens, sets, device)
         echo(f"{len(todo)} of {len(entries)} runs to do, estimated {_hms(sum(costs))}")
+        base = base_records(model, sets, device, Path(out))
         spent = 0.0
         for i, (entry, cached) in enumerate(todo):
             t = time.perf_counter()
-            result = complete_run(model, entry, cached, calib, sets, device)
+            result = complete_run(model, entry, cached, calib, sets, device, base)
             result["data"] = info
             report.write_json(entry.path, result)
             if entry.spec.cfg is not None:  # quantization rewrote the linears in place
@@ -486,6 +608,9 @@ def run_bench(
 
 def progress_line(result: dict[str, Any]) -> str:
     ppl = ", ".join(f"{k} {v:.3f}" for k, v in result["perplexity"].items())
+    kl = result.get("kl") or {}
+    if kl:
+        ppl += "; KL " + ", ".join(f"{k} {v['kl_mean']:.4f}" for k, v in kl.items())
     return (
         f"{result['name']}: ppl {ppl}; {result['nominal_bits']:.3f} nominal / "
         f"{result['storage_bits']:.3f} storage bits; {sum(result['seconds'].values()):.1f} s"
@@ -524,8 +649,19 @@ def write_outputs(out: str | os.PathLike, entries: list[Entry], draw: bool = Tru
     rows = [(e.spec.name, e.spec.label, e.spec.cfg and e.spec.cfg.bits) for e in entries]
     _write_text(out / "results.md", plots.format_table(rows, results))
     if draw:
-        plots.write_plots(list(results.values()), out)
+        plots.write_plots(list(results.values()), out, cached_betas(out))
     return list(results.values())
+
+
+def cached_betas(out: Path) -> dict[str, dict[str, float]]:
+    """Estimator -> layer -> beta from the measurements cached in ``out`` (newest of each)."""
+    found: dict[str, dict[str, float]] = {}
+    for path in sorted(out.glob("measurement-*.safetensors"), key=lambda p: p.stat().st_mtime):
+        try:
+            found.update(Measurement.load(path).beta)
+        except ValueError as err:
+            log.warning("ignoring %s (%s)", path, err)
+    return found
 
 
 def _write_text(path: Path, text: str) -> None:

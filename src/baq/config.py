@@ -15,6 +15,10 @@ Sensitivity = Literal["measured", "analytic"]
 
 METHODS: tuple[str, ...] = ("rtn", "gptq", "baq")
 SENSITIVITIES: tuple[str, ...] = ("measured", "analytic")
+# BAQ's allocation scope: each layer its own budget (the paper), or one budget for the model
+ALLOCATIONS: tuple[str, ...] = ("layer", "model")
+# estimators of a layer's importance beta_l for the model-level allocation (importance.py)
+IMPORTANCES: tuple[str, ...] = ("fisher", "noise")
 RANGE_DTYPES: tuple[str, ...] = ("float16", "float32")  # grid ranges (quant/grid.py)
 # grid dimension (quant/grid.py): per output channel (a row's range), per input channel (a
 # column's), or AdaDim's choice per layer (quant/adadim.py)
@@ -54,6 +58,9 @@ class QuantConfig:
     range_dtype: Literal["float16", "float32"] = "float16"  # grid ranges (quant/grid.py)
     dim: Literal["oc", "ic", "auto"] = "oc"  # grid ranges per row, per column, or AdaDim's pick
     skip: tuple[str, ...] = ()  # fnmatch patterns of linear names left in full precision
+    allocation: Literal["layer", "model"] = "layer"  # BAQ: budget per layer or for the model
+    importance: Literal["fisher", "noise"] = "fisher"  # model allocation: beta_l estimator
+    importance_samples: int = 32  # calibration windows the beta_l estimator reads
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -106,5 +113,15 @@ class QuantConfig:
             )
         if self.hessian_dtype not in ("float32", "float64"):
             raise ValueError(f"hessian_dtype={self.hessian_dtype!r}: use float32 or float64")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={self.allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "model" and self.method != "baq":
+            raise ValueError("allocation='model' applies to --method baq only")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance={self.importance!r}: use one of {', '.join(IMPORTANCES)}")
+        if self.importance_samples < 1:
+            raise ValueError(
+                f"importance_samples={self.importance_samples}: use a positive integer, e.g. 32"
+            )
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise ValueError(f"skip={self.skip!r}: use a tuple of name patterns")

@@ -35,6 +35,7 @@ from .quant.layer import LayerRecord, quantize_layer
 
 if TYPE_CHECKING:
     from .lazy import LazyLoader
+    from .plan import LayerPlan
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def quantize_model(
     restore_block: Callable[[int], tuple[dict[str, QuantResult], list[LayerRecord]]] | None = None,
     loader: LazyLoader | None = None,
     max_activation_bytes: int | None = None,
+    plan: dict[str, LayerPlan] | None = None,
 ) -> QuantRun:
     """Quantize every linear layer of every decoder block, in place, block by block.
 
@@ -110,6 +112,8 @@ def quantize_model(
             host memory stays about one block plus the activations whatever the depth.
         max_activation_bytes: RAM budget of the calibration activations (each of the input and
             output stores of a block); beyond it they spill to a temporary file. None: in RAM.
+        plan: full linear name -> planned level counts of the model-level allocation
+            (``baq.plan``); each layer is then one GPTQ solve with its planned levels.
     Returns:
         The :class:`QuantRun`. Without a loader the model's linears now hold the dequantized
         weights; with one the blocks are released again (run the quantized model with
@@ -120,7 +124,7 @@ def quantize_model(
     t0 = time.perf_counter()
     run = QuantRun()
     layers = blocks.decoder_layers(model)
-    prefix = _module_prefix(model, layers)
+    prefix = blocks.module_prefix(model, layers)
     # RTN reads no data: no capture, no propagation, just the grid on every weight
     inputs, kwargs, batch = _NoInputs(), {}, 1
     if cfg.method != "rtn":
@@ -148,7 +152,7 @@ def quantize_model(
                 if not is_skipped(f"{prefix}{i}.{name}", cfg.skip)
             }
             if i == 0 and not isinstance(inputs, _NoInputs):
-                batch = batch_size or _batch_size_for(block, inputs, kwargs, device, batch_tokens)
+                batch = batch_size or batch_size_for(block, inputs, kwargs, device, batch_tokens)
             if i < start_block:
                 _restore(block, targets, f"{prefix}{i}.", restore_block, i, run, loader is not None)
             else:
@@ -164,6 +168,7 @@ def quantize_model(
                     hdtype,
                     run,
                     compact=loader is not None,
+                    plan=plan,
                 )
             # the last block's outputs feed nothing: its quantized forward is skipped
             if not isinstance(inputs, _NoInputs) and i + 1 < len(layers):
@@ -207,6 +212,7 @@ def _solve_block(
     hdtype: torch.dtype,
     run: QuantRun,
     compact: bool,
+    plan: dict[str, LayerPlan] | None = None,
 ) -> int:
     """Hessians from one forward over ``inputs``, then each linear solved and written back.
 
@@ -227,7 +233,13 @@ def _solve_block(
         t = time.perf_counter()
         W = blocks.get_weight(mod)
         check_finite(full, W)
-        res, rec = quantize_layer(W, hessians.pop(name, None), cfg, full)
+        planned = None if plan is None else plan.get(full)
+        if plan is not None and planned is None:
+            raise ValueError(f"the allocation plan has no levels for {full}: measure again")
+        levels = None if planned is None else planned.levels
+        res, rec = quantize_layer(W, hessians.pop(name, None), cfg, full, levels=levels)
+        if planned is not None:
+            rec.beta, rec.modelled_loss = planned.beta, planned.modelled_loss
         blocks.set_weight(mod, res.weight)
         rec.seconds = time.perf_counter() - t
         run.results[full] = streaming.compact(res) if compact else _to_cpu(res)
@@ -300,7 +312,7 @@ def forward_all(
     return outs
 
 
-def _batch_size_for(
+def batch_size_for(
     block: nn.Module, inputs: Tensor, kwargs: dict, device: torch.device, batch_tokens: int
 ) -> int:
     """Largest batch within ``batch_tokens`` tokens, if it reproduces one-sample forwards.
@@ -324,14 +336,6 @@ def _batch_size_for(
         log.info("batched block forward differs from one-sample forwards; one at a time")
         return 1
     return want
-
-
-def _module_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
-    """``'model.layers.'``: the name of the block list inside ``model``, with a trailing dot."""
-    for name, mod in model.named_modules():
-        if mod is blocks:
-            return f"{name}."
-    raise ValueError("decoder blocks are not a submodule of the model")
 
 
 def _to_cpu(res: QuantResult) -> QuantResult:

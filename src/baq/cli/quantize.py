@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (
+    ALLOCATIONS,
     GRID_DIMS,
     HUB_TEXT_SOURCES,
+    IMPORTANCES,
     METHODS,
     RANGE_DTYPES,
     SENSITIVITIES,
@@ -36,6 +38,7 @@ from .common import (
     positive,
     score_sets,
 )
+from .measure import allocation_plan, check_measurement_args
 from .memory import plan_run_memory
 
 
@@ -68,7 +71,14 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
     g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch block")
     g.add_argument("--integer-bits", action="store_true", help="BAQ: power-of-two levels only")
-    g.add_argument("--sensitivity", default="measured", choices=SENSITIVITIES)
+    g.add_argument(
+        "--sensitivity",
+        default=None,
+        choices=SENSITIVITIES,
+        help="BAQ's c_j: measured (a uniform solve; default with --allocation layer) or "
+        "analytic (default with --allocation model)",
+    )
+    add_allocation_args(g)
     g.add_argument("--exponent", type=float, default=2.0, help="BAQ: t in B + log2(c/g)/t")
     g.add_argument("--max-levels", type=int, default=256, help="BAQ: cap on levels per column")
     g.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"])
@@ -86,19 +96,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="PATTERN",
         help="leave linears matching this fnmatch pattern unquantized (repeatable)",
     )
-    c = q.add_argument_group("calibration")
-    c.add_argument("--calib", default="builtin", metavar="SRC", help="calibration text source")
-    c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
-    c.add_argument("--seed", type=int, default=0, help="seed of the window positions")
-    c.add_argument(
-        "--calib-start",
-        type=int,
-        default=None,
-        help="first token windows may start at (default 0, or the token after the evaluation "
-        "windows when --calib and --eval read the same local text)",
-    )
-    c.add_argument("--calib-end", type=int, default=None, help="token index windows end before")
+    add_calib_args(q)
     # 16 windows: perplexity before and after in about a minute each on two CPU cores
     add_eval_args(q, default=["builtin"], windows=16)
     m = q.add_argument_group("memory")
@@ -129,6 +127,53 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     q.set_defaults(func=cmd_quantize)
 
 
+def add_calib_args(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", default="builtin", metavar="SRC", help="calibration text source")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    c.add_argument("--seed", type=int, default=0, help="seed of the window positions")
+    c.add_argument(
+        "--calib-start",
+        type=int,
+        default=None,
+        help="first token windows may start at (default 0, or the token after the evaluation "
+        "windows when --calib and --eval read the same local text)",
+    )
+    c.add_argument("--calib-end", type=int, default=None, help="token index windows end before")
+
+
+def add_allocation_args(g: Any) -> None:
+    """BAQ's allocation scope and, for the model-level allocation, its importance estimator."""
+    g.add_argument(
+        "--allocation",
+        default="layer",
+        choices=ALLOCATIONS,
+        help="BAQ: every layer gets --bits (layer, the paper's) or one budget for the whole "
+        "model, layers priced by their measured importance (model)",
+    )
+    g.add_argument(
+        "--importance",
+        default="fisher",
+        choices=IMPORTANCES,
+        help="model allocation: importance estimator, fisher (one backward per window) or "
+        "noise (one partial forward per layer)",
+    )
+    g.add_argument(
+        "--importance-samples",
+        type=int,
+        default=32,
+        metavar="N",
+        help="calibration windows the importance estimator reads (noise: at most 4)",
+    )
+    g.add_argument(
+        "--measurement",
+        type=Path,
+        metavar="FILE",
+        help="model allocation: reuse this baq measure file instead of measuring first",
+    )
+
+
 def quant_config(args: argparse.Namespace) -> QuantConfig:
     try:
         return QuantConfig(
@@ -141,12 +186,16 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
             percdamp=args.percdamp,
             block_size=args.block_size,
             integer_bits=args.integer_bits,
-            sensitivity=args.sensitivity,
+            sensitivity=args.sensitivity
+            or ("analytic" if args.allocation == "model" else "measured"),
             exponent=args.exponent,
             max_levels=args.max_levels,
             hessian_dtype=args.hessian_dtype,
             range_dtype=args.range_dtype,
             skip=tuple(args.skip),
+            allocation=args.allocation,
+            importance=args.importance,
+            importance_samples=args.importance_samples,
         )
     except ValueError as err:
         raise UsageError(flagify(str(err))) from None
@@ -154,32 +203,19 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
 
 def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
     from ..activations import parse_size
-    from ..data import CalibConfig
 
     cfg = quant_config(args)
+    args.measurement_file = check_measurement_args(args, cfg)
     try:
         args.max_activation_bytes = parse_size(args.max_activation_memory)
     except ValueError as err:
         raise UsageError(f"--max-activation-memory: {err}") from None
-    positive("nsamples", args.nsamples)
     positive("eval-windows", args.eval_windows)
-    for name in ("seqlen", "eval_seqlen"):
-        if getattr(args, name) < 2:
-            raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)}: use at least 2")
-    check_source(args.calib, "--calib")
+    if args.eval_seqlen < 2:
+        raise UsageError(f"--eval-seqlen={args.eval_seqlen}: use at least 2")
     for src in eval_sources(args):
         check_source(src, "--eval")
-    try:
-        calib = CalibConfig(
-            source=args.calib,
-            nsamples=args.nsamples,
-            seqlen=args.seqlen,
-            seed=args.seed,
-            start=calib_start(args),
-            end=args.calib_end,
-        )
-    except ValueError as err:
-        raise UsageError(flagify(str(err))) from None
+    calib = calib_config(args)
     if args.output is not None:
         check_output_folder(args.output, args.force)
     if args.report is not None:
@@ -190,6 +226,36 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
     check_eval_fits(args)
     plan_run_memory(args, cfg, config)  # sets args.max_activation_bytes (spill), or refuses
     return cfg, calib
+
+
+def calib_config(args: argparse.Namespace) -> Any:
+    """The :class:`~baq.data.CalibConfig` of the calibration arguments, checked."""
+    from ..data import CalibConfig
+
+    positive("nsamples", args.nsamples)
+    if args.seqlen < 2:
+        raise UsageError(f"--seqlen={args.seqlen}: use at least 2")
+    check_source(args.calib, "--calib")
+    try:
+        return CalibConfig(
+            source=args.calib,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            seed=args.seed,
+            start=calib_start(args),
+            end=args.calib_end,
+        )
+    except ValueError as err:
+        raise UsageError(flagify(str(err))) from None
+
+
+def calib_windows(tok: Any, calib_cfg: Any) -> Any:
+    """(nsamples, seqlen) calibration token windows of a checked ``CalibConfig``."""
+    from .. import data
+
+    tokens = data.tokenize(tok, data.load_text(calib_cfg.source, split="train"))
+    c = calib_cfg
+    return data.calibration_windows(tokens, c.nsamples, c.seqlen, c.seed, c.start, c.end)
 
 
 def calib_start(args: argparse.Namespace) -> int:
@@ -218,7 +284,7 @@ def calib_start(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .. import checkpoint, data, models, report, streaming
+    from .. import checkpoint, models, report, streaming
     from ..pipeline import quantize_model
 
     cfg, calib_cfg = validate_quantize(args)
@@ -234,15 +300,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     seconds["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    calib_tokens = data.tokenize(tok, data.load_text(calib_cfg.source, split="train"))
-    calib = data.calibration_windows(
-        calib_tokens,
-        calib_cfg.nsamples,
-        calib_cfg.seqlen,
-        calib_cfg.seed,
-        calib_cfg.start,
-        calib_cfg.end,
-    )
+    calib = calib_windows(tok, calib_cfg)
     sets = eval_sets(args, tok)
     seconds["data"] = time.perf_counter() - t
 
@@ -272,6 +330,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         done = ckpt.open(resume=args.resume)
         if done:
             log.info("resuming after %d finished blocks from %s", done, ckpt.folder)
+    plan = None
+    if cfg.allocation == "model":
+        t = time.perf_counter()
+        folder = None if ckpt is None else ckpt.folder
+        plan, measured = allocation_plan(args, model, calib, cfg, device, loader, folder)
+        if measured:
+            seconds["measure"] = time.perf_counter() - t
     try:
         run = quantize_model(
             model,
@@ -283,6 +348,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             restore_block=None if ckpt is None else ckpt.load_block,
             loader=loader,
             max_activation_bytes=args.max_activation_bytes,
+            plan=plan,
         )
     except KeyboardInterrupt:
         if ckpt is not None:

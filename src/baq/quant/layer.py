@@ -41,6 +41,8 @@ class LayerRecord:
     dim: str = "oc"  # grid dimension: "oc" per row, "ic" per column (AdaDim's choice with auto)
     seconds: float = 0.0
     level_histogram: dict[int, int] = field(default_factory=dict)
+    beta: float | None = None  # model-level allocation: importance of one unit of its loss
+    modelled_loss: float | None = None  # model-level allocation: sum_j c_j / L_j^2 planned
 
     @property
     def loss_ratio(self) -> float | None:
