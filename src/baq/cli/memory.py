@@ -38,8 +38,14 @@ def plan_run_memory(args: argparse.Namespace, cfg: Any, config: Any) -> Any:
         return None
     evaluating = bool(eval_sources(args))
     gguf = args.gguf_file is not None or (args.model or ".gguf").endswith(".gguf")
+    try:
+        shape = memory_plan.model_shape(config)
+    except Exception as err:  # an architecture the meta device cannot build: run unplanned
+        log.info("memory not planned: cannot build %s without weights (%s)", type(config), err)
+        return None
     est = memory_plan.estimate(
         config,
+        shape=shape,
         method=cfg.method,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
