@@ -27,7 +27,6 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -178,9 +177,8 @@ class BaseRecord:
 
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file (atomic): stacked top-k log-probs, ids and target log-probs."""
-        from safetensors.torch import save_file
+        from .report import write_safetensors
 
-        path = Path(path)
         tensors = {
             "topk_logp": torch.stack([w.topk_logp for w in self.windows]).contiguous(),
             "topk_ids": torch.stack([w.topk_ids.to(torch.int32) for w in self.windows]),
@@ -188,10 +186,7 @@ class BaseRecord:
         }
         meta = {"format": BASE_FORMAT, "digest": self.digest, "vocab": str(self.vocab)}
         meta |= {"base": self.base, "k": str(self.k)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        write_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BaseRecord:

@@ -20,7 +20,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,10 +30,11 @@ from . import blocks, importance, streaming
 from .config import QuantConfig
 from .divergence import windows_digest
 from .hessian import hessian_hooks
-from .pipeline import batch_size_for, forward_all, is_skipped
+from .pipeline import batch_size_for, block_targets, forward_all
 from .quant.gptq import factor_hessian
 from .quant.grid import fit_grid
 from .quant.layer import column_sensitivity
+from .report import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,6 @@ class Measurement:
 
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file, written atomically: ``sens/<name>`` tensors, JSON metadata."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
         meta = {
             "format": MEASUREMENT_FORMAT,
             "names": json.dumps(self.names),
@@ -114,10 +111,7 @@ class Measurement:
             "seconds": json.dumps(self.seconds),
         }
         tensors = {f"sens/{n}": self.sens[n].double().contiguous() for n in self.names}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        write_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Measurement:
@@ -241,11 +235,7 @@ def _sensitivities(
             block = layers[i]
             home = next(block.parameters()).device
             block.to(device)
-            targets = {
-                name: mod
-                for name, mod in blocks.linears(block).items()
-                if not is_skipped(f"{prefix}{i}.{name}", cfg.skip)
-            }
+            targets = block_targets(block, f"{prefix}{i}.", cfg.skip)
             if i == 0:
                 batch = batch_size_for(block, inputs, kwargs, device, batch_tokens)
             with torch.inference_mode(), hessian_hooks(block, targets, hdtype) as accs:

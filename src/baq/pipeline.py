@@ -68,6 +68,12 @@ def is_skipped(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(short, p) for p in patterns)
 
 
+def block_targets(block: nn.Module, prefix: str, skip: tuple[str, ...]) -> dict[str, nn.Module]:
+    """The block's linears to quantize (short name -> module): all but the ``--skip`` matches of
+    their full names ``prefix + name``."""
+    return {n: m for n, m in blocks.linears(block).items() if not is_skipped(prefix + n, skip)}
+
+
 def check_finite(name: str, W: Tensor) -> None:
     if not torch.isfinite(W).all():
         bad = int((~torch.isfinite(W)).sum())
@@ -146,11 +152,7 @@ def quantize_model(
                 block = layers[i]
                 home = next(block.parameters()).device
                 block.to(device)
-            targets = {
-                name: mod
-                for name, mod in blocks.linears(block).items()
-                if not is_skipped(f"{prefix}{i}.{name}", cfg.skip)
-            }
+            targets = block_targets(block, f"{prefix}{i}.", cfg.skip)
             if i == 0 and not isinstance(inputs, _NoInputs):
                 batch = batch_size or batch_size_for(block, inputs, kwargs, device, batch_tokens)
             if i < start_block:
