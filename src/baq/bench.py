@@ -494,7 +494,7 @@ def base_records(
     missing (one evaluation pass per set)."""
     records = {}
     for name, windows in sets.items():
-        path = out / f"base-{windows_digest(windows)}.safetensors"
+        path = out / f"base-{windows_digest(windows)}-top{DEFAULT_TOPK}.safetensors"
         if path.is_file():
             records[name] = BaseRecord.load(path)
             continue

@@ -31,9 +31,10 @@ from .config import QuantConfig
 from .divergence import windows_digest
 from .hessian import hessian_hooks
 from .pipeline import batch_size_for, block_targets, forward_all
+from .quant import adadim
 from .quant.gptq import factor_hessian
 from .quant.grid import fit_grid
-from .quant.layer import column_sensitivity
+from .quant.layer import column_sensitivity, uniform_probe_levels
 from .report import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ MEASUREMENT_FORMAT = "baq-measurement/1"
 # QuantConfig fields a measurement depends on (bits only through measured sensitivities)
 MEASURED_FIELDS = (
     "sensitivity",
+    "dim",
     "group_size",
     "sym",
     "percdamp",
@@ -242,11 +244,17 @@ def _sensitivities(
                 outputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
             for name, mod in targets.items():
                 full = f"{prefix}{i}.{name}"
-                W = blocks.get_weight(mod)
-                factor = factor_hessian(accs[name].hessian(), cfg.percdamp, False)
+                W, H = blocks.get_weight(mod), accs[name].hessian()
+                factor = factor_hessian(H, cfg.percdamp, False)
                 Wd = W.to(factor.U.device, torch.float32).clone()
                 Wd[:, factor.dead] = 0
-                grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype)
+                dim = cfg.dim
+                if dim == "auto":  # AdaDim's choice at the uniform budget, on the float H
+                    probe = torch.full((W.shape[1],), uniform_probe_levels(cfg.bits))
+                    grid_kw = dict(group_size=cfg.group_size, sym=cfg.sym)
+                    grid_kw["range_dtype"] = cfg.range_dtype
+                    dim, _ = adadim.choose_dim(Wd, H, probe, **grid_kw)
+                grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype, dim)
                 sens, _ = column_sensitivity(Wd, factor, grid, cfg)
                 meas.names.append(full)
                 meas.shapes.append(tuple(W.shape))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TEXT_SOURCES
+from ..divergence import DEFAULT_TOPK
 from .checks import (  # noqa: F401  (re-exported for the command modules)
     CHARS_PER_TOKEN_MAX,
     WEIGHT_FILES,
@@ -201,6 +202,6 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--base-topk",
         type=int,
-        default=32,
+        default=DEFAULT_TOPK,
         help="top tokens per position kept in --base-logits (the rest merged into one bin)",
     )
