@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +160,7 @@ def measure_model(
     progress: bool | None = None,
     batch_tokens: int = 4096,
     max_activation_bytes: int | None = None,
+    on_stage: Callable[[Measurement], None] | None = None,
 ) -> Measurement:
     """Measure sensitivities and importances of every quantizable linear of the float model.
 
@@ -173,6 +175,8 @@ def measure_model(
         model_digest: hash of the weights, recorded in the settings.
         progress: progress bars (None: on a terminal).
         batch_tokens, max_activation_bytes: as in :func:`baq.pipeline.quantize_model`.
+        on_stage: called with the measurement so far after each estimator (to save it, so an
+            interrupted measurement of several estimators keeps the finished ones).
     Returns:
         The :class:`Measurement`.
     """
@@ -203,6 +207,8 @@ def measure_model(
             else:
                 raise ValueError(f"importance estimator {est!r}: use fisher or noise")
             meas.seconds[est] = time.perf_counter() - t
+            if on_stage is not None:
+                on_stage(meas)
             log.info("%s importances of %d layers in %.1f s", est, len(targets), meas.seconds[est])
     finally:
         model.to(home)

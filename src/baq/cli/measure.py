@@ -124,8 +124,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
         device,
         digest,
         max_activation_bytes=max_bytes,
+        on_stage=lambda m: m.save(args.output),  # each finished estimator lands at once
     )
-    meas.save(args.output)
     if not args.quiet:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in meas.seconds.items())
         print(f"measured {len(meas.names)} layers in {time.perf_counter() - t:.1f} s ({stages})")
