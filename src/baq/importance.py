@@ -35,7 +35,7 @@ from . import blocks
 log = logging.getLogger(__name__)
 
 NOISE_BITS = 3  # the noise estimator's perturbation: uniform noise of a 3-bit row grid
-NOISE_WINDOWS = 4  # calibration windows the noise estimator reads (one forward per layer each)
+NOISE_WINDOWS = 2  # calibration windows the noise estimator reads (one forward per layer each)
 
 
 @contextmanager

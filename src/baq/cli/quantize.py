@@ -164,7 +164,7 @@ def add_allocation_args(g: Any) -> None:
         type=int,
         default=32,
         metavar="N",
-        help="calibration windows the importance estimator reads (noise: at most 4)",
+        help="calibration windows the importance estimator reads (noise: at most 2)",
     )
     g.add_argument(
         "--measurement",
