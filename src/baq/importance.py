@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import blocks
+from .pipeline import bar_disabled
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def fisher_importance(
     handles += [mod.register_forward_hook(watch(name)) for name, mod in targets.items()]
     try:
         with _frozen(model), torch.enable_grad():
-            for window in tqdm(windows, desc="fisher", disable=_off(progress), leave=False):
+            for window in tqdm(windows, desc="fisher", disable=bar_disabled(progress), leave=False):
                 ids = window[None].to(device)
                 logits = model(input_ids=ids, use_cache=False).logits[0].float()  # (seq, vocab)
                 probs = torch.softmax(logits.detach(), dim=-1).cpu()
@@ -147,7 +148,9 @@ def noise_importance(
         base = [torch.log_softmax(_head(model, h[None]).float(), -1) for h in inputs[-1]]
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, float] = {}
-    for name, mod in tqdm(targets.items(), desc="noise", disable=_off(progress), leave=False):
+    for name, mod in tqdm(
+        targets.items(), desc="noise", disable=bar_disabled(progress), leave=False
+    ):
         b = int(name[len(prefix) :].split(".", 1)[0])
         W = blocks.get_weight(mod)
         Wf = W.float()
@@ -209,7 +212,3 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 def _out_features(mod: nn.Module) -> int:
     return int(blocks.get_weight(mod).shape[0])
-
-
-def _off(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress

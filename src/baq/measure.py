@@ -31,7 +31,7 @@ from . import blocks, importance, streaming
 from .config import QuantConfig
 from .divergence import windows_digest
 from .hessian import hessian_hooks
-from .pipeline import batch_size_for, block_targets, forward_all
+from .pipeline import bar_disabled, batch_size_for, block_targets, forward_all
 from .quant import adadim
 from .quant.gptq import factor_hessian
 from .quant.grid import fit_grid
@@ -239,7 +239,7 @@ def _sensitivities(
     kwargs = blocks.move_kwargs(kwargs, device)
     batch = 1
     try:
-        for i in tqdm(range(len(layers)), desc="measure", disable=_off(progress)):
+        for i in tqdm(range(len(layers)), desc="measure", disable=bar_disabled(progress)):
             block = layers[i]
             home = next(block.parameters()).device
             block.to(device)
@@ -271,7 +271,3 @@ def _sensitivities(
             block.to(home)
     finally:
         inputs.close()
-
-
-def _off(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress

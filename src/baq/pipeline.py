@@ -143,7 +143,9 @@ def quantize_model(
         if inputs.spilled:
             log.info("calibration activations spill to %s", inputs.path)
 
-    bar = tqdm(range(len(layers)), desc=f"{cfg.method} {cfg.bits:g} bits", disable=_off(progress))
+    bar = tqdm(
+        range(len(layers)), desc=f"{cfg.method} {cfg.bits:g} bits", disable=bar_disabled(progress)
+    )
     try:
         for i in bar:
             if loader is not None:
@@ -352,5 +354,6 @@ def _to_cpu(res: QuantResult) -> QuantResult:
     )
 
 
-def _off(progress: bool | None) -> bool | None:
+def bar_disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a ``progress`` flag: None (only on a terminal) stays None."""
     return None if progress is None else not progress
