@@ -82,6 +82,18 @@ def module_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     raise ValueError("decoder blocks are not a submodule of the model")
 
 
+def final_norm(model: nn.Module) -> nn.Module:
+    """The normalisation between the last block and the LM head (Llama ``norm``, OPT
+    ``final_layer_norm``, GPT-2 ``ln_f``), found beside the block list."""
+    layers = decoder_layers(model)
+    for mod in model.modules():
+        if any(child is layers for child in mod.children()):
+            for name in ("norm", "final_layer_norm", "ln_f", "final_norm"):
+                if isinstance(getattr(mod, name, None), nn.Module):
+                    return getattr(mod, name)
+    raise ValueError(f"{type(model).__name__}: no final norm found beside the decoder blocks")
+
+
 def linears(block: nn.Module) -> dict[str, nn.Module]:
     """Linear layers of one block, in registration order.
 

@@ -61,6 +61,8 @@ class QuantConfig:
     allocation: Literal["layer", "model"] = "layer"  # BAQ: budget per layer or for the model
     importance: Literal["fisher", "noise"] = "fisher"  # model allocation: beta_l estimator
     importance_samples: int = 32  # calibration windows the beta_l estimator reads
+    # the output head as one more layer after the last block (its tied embedding reads it too)
+    include_head: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -123,5 +125,7 @@ class QuantConfig:
             raise ValueError(
                 f"importance_samples={self.importance_samples}: use a positive integer, e.g. 32"
             )
+        if not isinstance(self.include_head, bool):
+            raise ValueError(f"include_head={self.include_head!r}: use True or False")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise ValueError(f"skip={self.skip!r}: use a tuple of name patterns")

@@ -191,23 +191,11 @@ def _run_each(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
 
 def _head(model: nn.Module, hidden: Tensor) -> Tensor:
     """Logits (seq, vocab) from the last block's output (1, seq, hidden): final norm, LM head."""
-    norm = final_norm(model)
+    try:
+        norm = blocks.final_norm(model)
+    except ValueError as err:
+        raise ValueError(f"{err}; use --importance fisher") from None
     return model.get_output_embeddings()(norm(hidden))[0]
-
-
-def final_norm(model: nn.Module) -> nn.Module:
-    """The normalisation between the last block and the LM head (Llama ``norm``, OPT
-    ``final_layer_norm``, GPT-2 ``ln_f``), found beside the block list."""
-    layers = blocks.decoder_layers(model)
-    for mod in model.modules():
-        if any(child is layers for child in mod.children()):
-            for name in ("norm", "final_layer_norm", "ln_f", "final_norm"):
-                if isinstance(getattr(mod, name, None), nn.Module):
-                    return getattr(mod, name)
-    raise ValueError(
-        f"{type(model).__name__}: no final norm found beside the decoder blocks; "
-        "use --importance fisher"
-    )
 
 
 def _out_features(mod: nn.Module) -> int:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import blocks, models, streaming
+from . import blocks, head, models, streaming
 from .activations import ActivationStore
 from .config import QuantConfig
 from .hessian import StopForward, hessian_hooks
@@ -95,7 +95,9 @@ def quantize_model(
     max_activation_bytes: int | None = None,
     plan: dict[str, LayerPlan] | None = None,
 ) -> QuantRun:
-    """Quantize every linear layer of every decoder block, in place, block by block.
+    """Quantize every linear layer of every decoder block, in place, block by block; with
+    ``cfg.include_head`` the output head too, as one more layer after the last block
+    (:mod:`baq.head`).
 
     Args:
         model: a Hugging Face causal LM (on the CPU or on ``device``).
@@ -104,13 +106,14 @@ def quantize_model(
         device: where blocks and solves run (default: CUDA when present, else CPU).
         progress: show a progress bar (None: only on a terminal).
         on_block_done: called after each quantized block with its index, results and records
-            (checkpoints).
+            (checkpoints); the head is stage ``len(blocks)``, after the last block.
         batch_size: calibration samples per block forward; default: as many as fit in
             ``batch_tokens`` tokens, if batching reproduces the one-sample outputs on block 0.
         batch_tokens: token budget of one batched forward.
         start_block: blocks before this one were quantized by an interrupted run: their results
             come from ``restore_block(i)`` and they are only run forward, to recompute the next
-            block's inputs exactly as the interrupted run saw them.
+            block's inputs exactly as the interrupted run saw them. ``len(blocks) + 1`` with
+            the head: the head was finished too.
         restore_block: block index -> ``(results, records)`` saved by ``on_block_done``.
         loader: the :class:`baq.lazy.LazyLoader` of a model opened with ``open_lazy``: each
             block is read from disk before its Hessian pass and released after its outputs are
@@ -143,6 +146,14 @@ def quantize_model(
         if inputs.spilled:
             log.info("calibration activations spill to %s", inputs.path)
 
+    compact = loader is not None
+    # checked before any block is solved: a refusal after all of them would waste the run
+    head_target = head.head_target(model) if cfg.include_head else {}
+    for name in head_target:
+        if is_skipped(name, cfg.skip):
+            raise ValueError(f"--include-head quantizes {name}, which --skip names: drop one")
+    # the head is quantized unless a resumed run finished it already
+    head_next = bool(head_target) and start_block <= len(layers)
     bar = tqdm(
         range(len(layers)), desc=f"{cfg.method} {cfg.bits:g} bits", disable=bar_disabled(progress)
     )
@@ -158,7 +169,7 @@ def quantize_model(
             if i == 0 and not isinstance(inputs, _NoInputs):
                 batch = batch_size or batch_size_for(block, inputs, kwargs, device, batch_tokens)
             if i < start_block:
-                _restore(block, targets, f"{prefix}{i}.", restore_block, i, run, loader is not None)
+                _restore(block, targets, f"{prefix}{i}.", restore_block, i, run, compact)
             else:
                 batch = _solve_block(
                     block,
@@ -171,11 +182,11 @@ def quantize_model(
                     cfg,
                     hdtype,
                     run,
-                    compact=loader is not None,
+                    compact=compact,
                     plan=plan,
                 )
-            # the last block's outputs feed nothing: its quantized forward is skipped
-            if not isinstance(inputs, _NoInputs) and i + 1 < len(layers):
+            # the last block's outputs feed only the head: its forward is skipped without one
+            if not isinstance(inputs, _NoInputs) and (i + 1 < len(layers) or head_next):
                 with torch.inference_mode():  # on CUDA, out of memory retries half the batch
                     forward = partial(forward_all, block, inputs, kwargs, device, keep=True)
                     outputs, batch = retry_halving(forward, batch)
@@ -191,6 +202,19 @@ def quantize_model(
                 names = [f"{prefix}{i}.{name}" for name in targets]
                 block_records = run.records[len(run.records) - len(names) :]
                 on_block_done(i, {n: run.results[n] for n in names}, block_records)
+        if head_target:  # stage len(layers), one more layer after the last block
+            (name,) = head_target
+            if len(layers) < start_block:
+                _restore(model, head_target, "", restore_block, len(layers), run, compact)
+            else:
+                hessians = {}
+                if not isinstance(inputs, _NoInputs):
+                    hessians[name] = head.head_hessian(model, inputs, device, batch, hdtype)
+                solve_targets(head_target, "", hessians, cfg, run, compact, plan)
+                run.seconds = time.perf_counter() - t0
+                if on_block_done is not None:
+                    on_block_done(len(layers), {name: run.results[name]}, run.records[-1:])
+            head.log_tie(model)
     finally:
         inputs.close()
     run.seconds = time.perf_counter() - t0
@@ -232,6 +256,27 @@ def _solve_block(
             return {name: accs[name].hessian() for name in targets if name in accs}
 
         hessians, batch = retry_halving(accumulate, batch)
+    solve_targets(targets, prefix, hessians, cfg, run, compact, plan)
+    return batch
+
+
+def solve_targets(
+    targets: dict[str, nn.Module],
+    prefix: str,
+    hessians: dict[str, Tensor],
+    cfg: QuantConfig,
+    run: QuantRun,
+    compact: bool,
+    plan: dict[str, LayerPlan] | None = None,
+) -> None:
+    """Solve each linear of ``targets`` on its Hessian, write it back, add it to ``run``.
+
+    Args:
+        targets: name relative to ``prefix`` -> linear.
+        prefix: the full name of the block with a trailing dot ("" for the head).
+        hessians: name -> (cols, cols) Hessian, consumed; none for RTN.
+        cfg, run, compact, plan: as in :func:`_solve_block`.
+    """
     for name, mod in targets.items():
         full = f"{prefix}{name}"
         t = time.perf_counter()
@@ -256,7 +301,6 @@ def _solve_block(
             "" if rec.predicted_gain is None else f", predicted gain {rec.predicted_gain:.3f}",
             "" if rec.percdamp in (None, cfg.percdamp) else f", percdamp {rec.percdamp:g}",
         )
-    return batch
 
 
 def _restore(
@@ -281,7 +325,7 @@ def _restore(
         results = {name: streaming.compact(res) for name, res in results.items()}
     run.results.update(results)
     run.records.extend(records)
-    log.info("block %d restored from the checkpoint", index)
+    log.info("%s restored from the checkpoint", f"block {index}" if prefix else "the head")
 
 
 def forward_all(
