@@ -126,11 +126,14 @@ def noise_importance(
     measured on the same tokens (``mean_t |dW x_t|^2``, a forward hook), and the KL divergence
     of the logits against the unperturbed model is averaged over the predicted positions. Only
     the blocks from the layer's own onwards are run: the inputs of every block are computed once.
+    The output head (``--include-head``) runs no block at all: its perturbed logits come from the
+    last block's stored outputs. A tied embedding shares the perturbed weight, but the stored
+    block inputs were computed before, so its beta prices the head's error alone.
 
     Args:
         model: the float causal LM (on ``device``).
         windows: (n, seq) int64 windows; every layer costs one partial forward of each.
-        targets: full module name -> linear, every one inside a decoder block.
+        targets: full module name -> linear, each inside a decoder block or the output head.
         device: where the model runs.
         seed: seed of the noise.
     Returns:
@@ -151,7 +154,8 @@ def noise_importance(
     for name, mod in tqdm(
         targets.items(), desc="noise", disable=bar_disabled(progress), leave=False
     ):
-        b = int(name[len(prefix) :].split(".", 1)[0])
+        # the first block to run again: the layer's own, none after the last for the head
+        b = int(name[len(prefix) :].split(".", 1)[0]) if name.startswith(prefix) else len(layers)
         W = blocks.get_weight(mod)
         Wf = W.float()
         lo, hi = Wf.min(dim=1).values.clamp(max=0), Wf.max(dim=1).values.clamp(min=0)

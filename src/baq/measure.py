@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import blocks, importance, streaming
+from . import blocks, head, importance, streaming
 from .config import QuantConfig
 from .divergence import windows_digest
 from .hessian import hessian_hooks
@@ -53,6 +53,15 @@ MEASURED_FIELDS = (
     "skip",
     "importance_samples",
 )
+# fields added later: recorded only when not at their default, and files without them read as at
+# the default, so measurements written before them keep serving the runs they served
+MEASURED_LATER: dict[str, Any] = {"include_head": False}
+# what a refusal calls a setting, where its key is not the flag
+_LABELS = {
+    "model": "model weights",
+    "calib": "calibration windows",
+    "include_head": "--include-head",
+}
 
 
 @dataclass
@@ -85,19 +94,28 @@ class Measurement:
             )
         return torch.tensor([self.beta[estimator][n] for n in self.names], dtype=torch.float64)
 
-    def check(self, settings: dict[str, Any]) -> None:
-        """Refuse (``ValueError``, one line naming what differs) to serve another run."""
-        diff = [k for k in sorted(set(settings) | set(self.settings)) if k != "bits"]
-        diff = [k for k in diff if settings.get(k) != self.settings.get(k)]
+    def check(self, settings: dict[str, Any], config_only: bool = False) -> None:
+        """Refuse (``ValueError``, one line naming what differs) to serve another run.
+
+        Args:
+            settings: :func:`settings_of` the run.
+            config_only: compare the settings only, not the weights and calibration windows
+                (before the model is loaded).
+        """
+        keys = sorted((set(settings) | set(self.settings)) - {"bits"})
+        if config_only:
+            keys = [k for k in keys if k not in ("model", "calib")]
+
+        def get(d: dict[str, Any], k: str) -> Any:
+            return d.get(k, MEASURED_LATER.get(k))
+
+        diff = [k for k in keys if get(settings, k) != get(self.settings, k)]
         if self.settings.get("sensitivity") == "measured" and settings.get(
             "bits"
         ) != self.settings.get("bits"):
             diff.append("bits (measured sensitivities depend on the probe budget)")
         if diff:
-            what = ", ".join(
-                "model weights" if k == "model" else "calibration windows" if k == "calib" else k
-                for k in diff
-            )
+            what = ", ".join(_LABELS.get(k, k) for k in diff)
             raise ValueError(
                 f"the measurement was made for another run ({what} differ): measure again "
                 "with baq measure, or drop --measurement"
@@ -143,8 +161,14 @@ class Measurement:
 
 def settings_of(model_digest: str, calib_ids: Tensor, cfg: QuantConfig) -> dict[str, Any]:
     """What a measurement depends on: the weights, the calibration windows, some settings."""
-    out: dict[str, Any] = {"model": model_digest, "calib": windows_digest(calib_ids)}
-    out |= {k: getattr(cfg, k) for k in MEASURED_FIELDS}
+    return {"model": model_digest, "calib": windows_digest(calib_ids)} | config_settings(cfg)
+
+
+def config_settings(cfg: QuantConfig) -> dict[str, Any]:
+    """The part of :func:`settings_of` that ``cfg`` alone gives: :data:`MEASURED_FIELDS`, those
+    of :data:`MEASURED_LATER` not at their default, and ``bits``."""
+    out = {k: getattr(cfg, k) for k in MEASURED_FIELDS}
+    out |= {k: getattr(cfg, k) for k, d in MEASURED_LATER.items() if getattr(cfg, k) != d}
     out["skip"] = list(cfg.skip)
     out["bits"] = cfg.bits  # used by measured sensitivities only
     return out
@@ -234,6 +258,7 @@ def _sensitivities(
     hdtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
     layers = blocks.decoder_layers(model)
     prefix = blocks.module_prefix(model, layers)
+    head_target = head.head_target(model) if cfg.include_head else {}
     with torch.inference_mode():
         inputs, kwargs = streaming.capture_inputs(model, calib_ids, device, max_activation_bytes)
     kwargs = blocks.move_kwargs(kwargs, device)
@@ -249,25 +274,33 @@ def _sensitivities(
             with torch.inference_mode(), hessian_hooks(block, targets, hdtype) as accs:
                 outputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
             for name, mod in targets.items():
-                full = f"{prefix}{i}.{name}"
-                W, H = blocks.get_weight(mod), accs[name].hessian()
-                factor = factor_hessian(H, cfg.percdamp, False)
-                Wd = W.to(factor.U.device, torch.float32).clone()
-                Wd[:, factor.dead] = 0
-                dim = cfg.dim
-                if dim == "auto":  # AdaDim's choice at the uniform budget, on the float H
-                    probe = torch.full((W.shape[1],), uniform_probe_levels(cfg.bits))
-                    grid_kw = dict(group_size=cfg.group_size, sym=cfg.sym)
-                    grid_kw["range_dtype"] = cfg.range_dtype
-                    dim, _ = adadim.choose_dim(Wd, H, probe, **grid_kw)
-                grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype, dim)
-                sens, _ = column_sensitivity(Wd, factor, grid, cfg)
-                meas.names.append(full)
-                meas.shapes.append(tuple(W.shape))
-                meas.sens[full] = sens.double().cpu()
+                _add_layer(meas, f"{prefix}{i}.{name}", mod, accs[name].hessian(), cfg)
             del accs
             inputs.close()
             inputs = outputs
             block.to(home)
+        # the head reads the final norm of the last block's float outputs (baq.head)
+        for name, mod in head_target.items():
+            _add_layer(
+                meas, name, mod, head.head_hessian(model, inputs, device, batch, hdtype), cfg
+            )
     finally:
         inputs.close()
+
+
+def _add_layer(meas: Measurement, name: str, mod: nn.Module, H: Tensor, cfg: QuantConfig) -> None:
+    """Sensitivities ``c_j`` of one float linear on its Hessian, recorded in ``meas``."""
+    W = blocks.get_weight(mod)
+    factor = factor_hessian(H, cfg.percdamp, False)
+    Wd = W.to(factor.U.device, torch.float32).clone()
+    Wd[:, factor.dead] = 0
+    dim = cfg.dim
+    if dim == "auto":  # AdaDim's choice at the uniform budget, on the float H
+        probe = torch.full((W.shape[1],), uniform_probe_levels(cfg.bits))
+        grid_kw = dict(group_size=cfg.group_size, sym=cfg.sym, range_dtype=cfg.range_dtype)
+        dim, _ = adadim.choose_dim(Wd, H, probe, **grid_kw)
+    grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype, dim)
+    sens, _ = column_sensitivity(Wd, factor, grid, cfg)
+    meas.names.append(name)
+    meas.shapes.append(tuple(W.shape))
+    meas.sens[name] = sens.double().cpu()

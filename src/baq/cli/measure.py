@@ -53,6 +53,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"])
     g.add_argument("--range-dtype", default="float16", choices=RANGE_DTYPES)
     g.add_argument("--skip", action="append", default=[], metavar="PATTERN")
+    add_head_arg(g)
     g.add_argument("--max-activation-memory", metavar="SIZE", default=None)
     add_calib_args(m)
     m.set_defaults(func=cmd_measure, eval=None, eval_default=[], eval_windows=None, lazy=False)
@@ -91,9 +92,20 @@ def measure_config(args: argparse.Namespace) -> QuantConfig:
             hessian_dtype=args.hessian_dtype,
             range_dtype=args.range_dtype,
             skip=tuple(args.skip),
+            include_head=args.include_head,
         )
     except ValueError as err:
         raise UsageError(flagify(str(err))) from None
+
+
+def add_head_arg(g: Any) -> None:
+    """``--include-head``, shared by ``baq quantize`` and ``baq measure``."""
+    g.add_argument(
+        "--include-head",
+        action="store_true",
+        help="the output head is one more layer after the last block: quantized (a tied input "
+        "embedding then reads the quantized matrix), and measured for --allocation model",
+    )
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
@@ -177,6 +189,8 @@ def check_measurement_args(args: argparse.Namespace, cfg: QuantConfig) -> Any:
     Returns:
         The :class:`~baq.measure.Measurement` of ``--measurement``, or None.
     """
+    from .. import measure
+
     positive("importance-samples", args.importance_samples)
     if args.measurement is not None and cfg.allocation != "model":
         raise UsageError("--measurement serves --allocation model: add it, or drop --measurement")
@@ -190,6 +204,7 @@ def check_measurement_args(args: argparse.Namespace, cfg: QuantConfig) -> Any:
     meas = _read(args.measurement)
     try:
         meas.betas(cfg.importance)
+        meas.check(measure.config_settings(cfg), config_only=True)  # weights and data: loaded
     except ValueError as err:
         raise UsageError(str(err)) from None
     return meas
