@@ -31,7 +31,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     """Replace every :class:`PackedLinear` of ``model`` by the model's own dense linear, in place.
 
     The module type comes from a skeleton of the model built on the meta device, so a GPT-2
-    ``Conv1D`` comes back as a ``Conv1D`` (with its weight stored transposed).
+    ``Conv1D`` comes back as a ``Conv1D`` (with its weight stored transposed). A tensor tied to a
+    packed layer on load (``PackedLinear.aliases``: the input embedding of a packed head) becomes
+    the new linear's very weight again.
 
     Args:
         model: a transformers model with packed linears.
@@ -57,6 +59,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         elif getattr(dense, "bias", None) is not None:
             dense.bias = None
         model.set_submodule(name, dense)
+        for alias in layer.aliases:  # a tied input embedding: one parameter again, as before
+            owner, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(owner), attr, dense.weight)
     return model
 
 

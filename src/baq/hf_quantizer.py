@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import types
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,9 @@ class BaqHfQuantizer(HfQuantizer):
             if names:
                 raise storage.StorageError(f"{root / DENSE_FILE}: tensor {min(names)} is {what}")
         self._root, self._layers, self._tied = root, layers, manifest["tied"]
+        _untie_packed(
+            model, {a for a, t in self._tied.items() if t.removesuffix(".weight") in layers}
+        )
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
@@ -175,6 +179,21 @@ class BaqHfQuantizer(HfQuantizer):
 
         model.__dict__.pop("save_pretrained", None)  # a dense model saves the transformers way
         return dequantize_model(model, dtype)
+
+
+def _untie_packed(model: Any, aliases: set[str]) -> None:
+    """Keep transformers from tying, initialising or reporting as missing the tensors that are
+    tied to a packed layer (a tied input embedding of a packed head): they are not in
+    model.safetensors, and :func:`baq.storage.tie_aliases` fills them after loading."""
+    if not aliases:
+        return
+    mapping = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(mapping, dict):
+        for target, source in list(mapping.items()):
+            if target in aliases or source in aliases:
+                del mapping[target]
+    ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    model._keys_to_ignore_on_load_missing = ignored + [f"^{re.escape(a)}$" for a in aliases]
 
 
 def _device_near(model: Any, name: str) -> Any:

@@ -89,6 +89,9 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias)
         self._weight: Tensor | None = None  # cache == "weight"
         self._offsets: OffsetCodes | None = None  # cache == "codes"
+        # float tensors elsewhere in the model that hold this layer's dequantized weight (the
+        # input embedding tied to a packed head): a save stores them once, as this layer
+        self.aliases: list[str] = []
 
     @classmethod
     def from_quantized(

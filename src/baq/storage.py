@@ -103,35 +103,45 @@ def _dense_state(
 
     Returns:
         ``(tensors, tied)``: contiguous CPU tensors by name, and alias name -> stored name for
-        tensors that are the very same view of one storage (tied embeddings).
+        tensors that are the very same view of one storage (tied embeddings). An alias of a
+        quantized weight ``N.weight`` (the input embedding of a model whose tied head is packed)
+        is not stored: it is the dequantized weight of the packed layer ``N``.
     """
     skip = {f"{name}.weight" for name in quantized}
     modules = dict(model.named_modules())
+    tied: dict[str, str] = {}
     for name in quantized:
         if isinstance(modules.get(name), PackedLinear):  # a packed model: its buffers are the codes
             skip |= {f"{name}.{b}" for b, _ in modules[name].named_buffers() if b != "bias"}
-    first: dict[tuple, str] = {}
-    storages: set[tuple] = set()
-    tensors: dict[str, Tensor] = {}
-    tied: dict[str, str] = {}
+            tied |= {alias: f"{name}.weight" for alias in modules[name].aliases}
     if loader is None:
         state = model.state_dict()
     else:
         from .streaming import dense_state
 
         state = dense_state(model, skip, loader)
-    for key, t in state.items():
+
+    def view_of(key: str, t: Tensor) -> tuple:
         if t.device.type == "meta":
             raise StorageError(f"{key} is on the meta device: load the model's weights first")
-        view = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
-        if key in skip:
-            if view in first:
-                raise StorageError(f"{key} is tied to {first[view]}: a tied weight is not packed")
-            first[view] = key
-            continue
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+
+    first: dict[tuple, str] = {}  # the quantized weights' views first: aliases may come before
+    for key in sorted(skip & set(state)):
+        view = view_of(key, state[key])
         if view in first:
-            if first[view] in skip:
-                raise StorageError(f"{key} is tied to {first[view]}: a tied weight is not packed")
+            raise StorageError(f"{key} is tied to {first[view]}: a tied weight is packed once")
+        first[view] = key
+    storages: set[tuple] = set()
+    tensors: dict[str, Tensor] = {}
+    for key, t in state.items():
+        if key in skip:
+            continue
+        if key in tied:
+            _check_alias(key, t, modules[tied[key].removesuffix(".weight")])
+            continue
+        view = view_of(key, t)
+        if view in first:
             tied[key] = first[view]
             continue
         first[view] = key
@@ -141,6 +151,16 @@ def _dense_state(
         storages.add(storage)
         tensors[key] = t
     return tensors, tied
+
+
+def _check_alias(key: str, t: Tensor, layer: PackedLinear) -> None:
+    """A tensor tied to a packed layer on load must still hold its dequantized weight."""
+    W = layer.dequantize().to(device=t.device, dtype=t.dtype)
+    if not torch.equal(t.detach(), W):
+        raise StorageError(
+            f"{key} no longer equals the dequantized weight it is tied to: a saved folder "
+            "stores it once, packed; load the folder again instead of editing the tensor"
+        )
 
 
 def save_quantized(
@@ -421,7 +441,7 @@ def load_quantized(
     result = model.load_state_dict(dense, strict=False, assign=True)
     if result.unexpected_keys:
         raise StorageError(f"{root / DENSE_FILE}: unexpected tensor {result.unexpected_keys[0]}")
-    tie_aliases(model, root, manifest["tied"])
+    tie_aliases(model, root, manifest["tied"], dtype)
     for key, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.device.type == "meta":
             raise StorageError(f"{root / DENSE_FILE}: tensor {key} is missing")
@@ -486,10 +506,52 @@ def install_packed(
         raise StorageError(f"{qpath}: unexpected tensor {sorted(qtensors)[0]}")
 
 
-def tie_aliases(model: nn.Module, root: Path, tied: dict[str, str]) -> None:
-    """Point every alias of the manifest's ``tied`` at the tensor it names."""
+def tie_aliases(
+    model: nn.Module, root: Path, tied: dict[str, str], dtype: torch.dtype | None = None
+) -> None:
+    """Point every alias of the manifest's ``tied`` at the tensor it names.
+
+    An alias of a packed layer's weight ``N.weight`` (a tied input embedding) gets that layer's
+    dequantized weight (docs/FORMAT.md, section 8) as a parameter of its own, in ``dtype``
+    (None: the alias's dtype in the model skeleton, the model's), and is listed in the layer's
+    ``aliases`` so that a save of the model stores it packed once again.
+    """
     for alias, stored in tied.items():
-        _tie(model, alias, stored, root)
+        owner = stored.rpartition(".")[0]
+        layer = model.get_submodule(owner) if _has_module(model, owner) else None
+        if isinstance(layer, PackedLinear) and stored == f"{owner}.weight":
+            _tie_packed(model, alias, layer, dtype, root)
+        else:
+            _tie(model, alias, stored, root)
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _tie_packed(
+    model: nn.Module, alias: str, layer: PackedLinear, dtype: torch.dtype | None, root: Path
+) -> None:
+    owner, _, attr = alias.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+        current = getattr(module, attr)
+    except AttributeError as err:
+        raise StorageError(f"{root / MANIFEST_FILE}: cannot tie {alias} to {owner}") from err
+    W = layer.dequantize()
+    if tuple(current.shape) != tuple(W.shape):
+        raise StorageError(
+            f"{root / MANIFEST_FILE}: {alias} has shape {tuple(current.shape)}, the packed "
+            f"weight it is tied to {tuple(W.shape)}"
+        )
+    device = layer.level_classes.device if current.device.type == "meta" else current.device
+    W = W.to(device=device, dtype=dtype or current.dtype)
+    setattr(module, attr, nn.Parameter(W, requires_grad=current.requires_grad))
+    layer.aliases.append(alias)
 
 
 def _tie(model: nn.Module, alias: str, stored: str, root: Path) -> None:
