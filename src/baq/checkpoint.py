@@ -5,6 +5,8 @@
     run.json              the fingerprint: settings, calibration and model hashes
     block-00007.safetensors   one per finished block: each layer's codes, levels, ranges, losses
     block-00007.json          that block's layer records (the running report)
+    block-00030.*             with ``--include-head``, the output head: the stage after the
+                              last block (index = number of blocks), written the same way
 
 Each block file is written to a temporary name and renamed, and its JSON (written the same way)
 comes second, so a block counts as done only when both exist. On resume the finished blocks'

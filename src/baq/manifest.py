@@ -94,6 +94,12 @@ def list_files(root: Path) -> list[str]:
     )
 
 
+def folder_bytes(root: str | os.PathLike) -> int:
+    """Bytes of every file of a saved folder, the manifest included."""
+    root = Path(root)
+    return sum((root / rel).stat().st_size for rel in [*list_files(root), MANIFEST_FILE])
+
+
 def swap_in(tmp: Path, target: Path, force: bool) -> None:
     """Rename ``tmp`` to ``target``; with ``force``, move the old folder away first."""
     old = None

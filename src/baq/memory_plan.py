@@ -201,12 +201,14 @@ def model_shape(config: Any) -> dict[str, Any]:
     block = sum(p.numel() for p in first.parameters())
     shapes = [tuple(blocks.get_weight(m).shape) for m in blocks.linears(first).values()]
     largest = max(p.numel() for p in skeleton.parameters())
+    head = skeleton.get_output_embeddings()
     return {
         "params": total,
         "block_params": block,
         "blocks": len(layers),
         "linears": shapes,
         "largest": largest,
+        "head": None if head is None else tuple(blocks.get_weight(head).shape),
     }
 
 
@@ -226,6 +228,7 @@ def estimate(
     saving: bool = False,
     resident: int | None = None,
     shape: dict[str, Any] | None = None,
+    include_head: bool = False,
 ) -> MemoryEstimate:
     """What a run of ``baq quantize`` will hold, in bytes, before any weight is read.
 
@@ -245,6 +248,10 @@ def estimate(
         saving: the run saves the packed model (``--output``).
         resident: resident memory now (default: measured with psutil).
         shape: :func:`model_shape` of the config (computed when not given).
+        include_head: the output head is quantized too, after the last block: its Hessian
+            (counted on top of a block's, an upper bound), its solve (the largest of a block's
+            and the head's: a vocabulary-wide head costs more than any block linear) and its
+            result.
     """
     shape = shape or model_shape(config)
     item = _itemsize(dtype)
@@ -259,9 +266,14 @@ def estimate(
     calibrated = method != "rtn"
     activations = 2 * nsamples * seqlen * hidden * item if calibrated else 0
     hessians = 2 * sum(cols * cols for _, cols in shape["linears"]) * hbytes if calibrated else 0
-    rows, cols = max(shape["linears"], key=lambda rc: rc[0] * rc[1])
+    linears = list(shape["linears"])
+    head = shape.get("head") if include_head else None
+    if head is not None:
+        linears.append(head)
+        hessians += 2 * head[1] ** 2 * hbytes if calibrated else 0
+    rows, cols = max(linears, key=lambda rc: rc[0] * rc[1])
     # weight, dequantized copy, error rows and codes (float32/int32), and H, its Cholesky, H^-1
-    solve = 4 * rows * cols * 4 + 3 * max(c for _, c in shape["linears"]) ** 2 * hbytes
+    solve = 4 * rows * cols * 4 + 3 * max(c for _, c in linears) ** 2 * hbytes
     batch = max(1, min(nsamples, BATCH_TOKENS // seqlen))
     forward = _forward_bytes(batch, seqlen, hidden, inter, heads, item) if calibrated else 0
     if calibrated:  # a hooked input is cast to the Hessian dtype before X^T X
@@ -273,6 +285,7 @@ def estimate(
         evaluation += _forward_bytes(1, eval_seqlen, hidden, inter, heads, item)
         evaluation += (eval_windows or 1) * eval_seqlen * TOPK * (4 + 8)  # top-k logp and ids
     quantized = shape["blocks"] * sum(rows * cols for rows, cols in shape["linears"])
+    quantized += head[0] * head[1] if head is not None else 0
     if resident is None:
         resident = resident_bytes()
     return MemoryEstimate(

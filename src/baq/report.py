@@ -83,6 +83,11 @@ def weighted_nominal_bits(records: list[LayerRecord]) -> float:
     return bits / weights if weights else 0.0
 
 
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of ``model``, a tied one once (meta tensors of a lazy model count too)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def environment() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
@@ -180,8 +185,14 @@ def build_report(
     storage_bits: float | None = None,
     divergence: dict[str, dict[str, float]] | None = None,
     memory_plan: dict[str, Any] | None = None,
+    folder_bytes: int | None = None,
+    parameters: int | None = None,
 ) -> dict[str, Any]:
     """The run report: settings, headline numbers, and one row per quantized layer.
+
+    ``folder_bytes`` (the saved folder's files, all of them) and ``parameters`` (every parameter
+    of the model, tied ones once) give ``folder_bits_per_parameter``, the whole model's rate
+    beside ``storage_bits``, which counts the quantized linears only.
 
     ``divergence`` maps each evaluation set to its KL statistics against the model before
     quantization (:mod:`baq.divergence`, compact base with the top tokens per position).
@@ -199,6 +210,11 @@ def build_report(
         "calib": calib,
         "nominal_bits": weighted_nominal_bits(records),
         "storage_bits": storage_bits,
+        "folder_bytes": folder_bytes,
+        "parameters": parameters,
+        "folder_bits_per_parameter": (
+            None if folder_bytes is None or not parameters else folder_bytes * 8 / parameters
+        ),
         "quantized_layers": len(records),
         "quantized_weights": sum(r.shape[0] * r.shape[1] for r in records),
         "perplexity": perplexity,

@@ -57,6 +57,7 @@ def plan_run_memory(args: argparse.Namespace, cfg: Any, config: Any) -> Any:
         file_bytes=0 if args.lazy else weight_file_bytes(args.model, args.gguf_file),
         gguf=gguf,
         saving=args.output is not None,
+        include_head=cfg.include_head,
     )
     try:
         plan = memory_plan.plan(

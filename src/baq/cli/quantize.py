@@ -38,7 +38,7 @@ from .common import (
     positive,
     score_sets,
 )
-from .measure import allocation_plan, check_measurement_args
+from .measure import add_head_arg, allocation_plan, check_measurement_args
 from .memory import plan_run_memory
 
 
@@ -96,6 +96,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="PATTERN",
         help="leave linears matching this fnmatch pattern unquantized (repeatable)",
     )
+    add_head_arg(g)
     add_calib_args(q)
     # 16 windows: perplexity before and after in about a minute each on two CPU cores
     add_eval_args(q, default=["builtin"], windows=16)
@@ -196,6 +197,7 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
             allocation=args.allocation,
             importance=args.importance,
             importance_samples=args.importance_samples,
+            include_head=args.include_head,
         )
     except ValueError as err:
         raise UsageError(flagify(str(err))) from None
@@ -372,9 +374,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         kl = {name: sc.divergence for name, sc in scored.items() if sc.divergence}
         seconds["eval_after"] = time.perf_counter() - t
 
-    storage_bits = None
+    storage_bits = folder_bytes = None
     if args.output is not None:
         from .. import storage
+        from ..manifest import folder_bytes as size_of
 
         t = time.perf_counter()
         if loader is None:
@@ -384,6 +387,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             args.output, model, tok, run.results, cfg, summary, args.force, loader=loader
         )
         storage_bits = storage.storage_bits(args.output)
+        folder_bytes = size_of(args.output)
         seconds["save"] = time.perf_counter() - t
         ckpt.remove()  # the save landed: the checkpoint has served
 
@@ -397,13 +401,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         storage_bits=storage_bits,
         divergence=kl,
         memory_plan=None if args.memory_plan is None else args.memory_plan.as_dict(),
+        folder_bytes=folder_bytes,
+        parameters=report.parameter_count(model),
     )
     if args.report is not None:
         report.write_json(args.report, rep)
     if not args.quiet:
         print(report.format_summary(rep))
         if storage_bits is not None:
-            print(f"saved {args.output}  ({storage_bits:.3f} storage bits per weight)")
+            print(
+                f"saved {args.output}  ({storage_bits:.3f} storage bits per quantized weight; "
+                f"{folder_bytes:,} bytes, {rep['folder_bits_per_parameter']:.3f} bits per "
+                f"parameter of the whole model)"
+            )
     return 0
 
 
