@@ -32,7 +32,7 @@ from . import blocks, data, models, plots, report
 from .config import HUB_TEXT_SOURCES, TEXT_FILE_SUFFIXES, QuantConfig
 from .divergence import DEFAULT_TOPK, BaseRecord, windows_digest
 from .evaluate import score
-from .measure import MEASURED_FIELDS, Measurement, measure_model, settings_of
+from .measure import Measurement, config_settings, measure_model, settings_of
 from .packed_linear import storage_bits_of
 from .pipeline import quantize_model
 from .plan import plan_levels
@@ -52,6 +52,7 @@ KEY_OPTIONAL: dict[str, Any] = {
     "importance": "fisher",
     "importance_samples": 32,
     "dim": "oc",
+    "include_head": False,
 }
 
 # family -> (label, QuantConfig fields); the order is the default grid's order
@@ -142,6 +143,7 @@ def build_grid(
     percdamp: float = 0.01,
     range_dtype: str = "float16",
     dims: Sequence[str] = ("oc",),
+    include_head: bool = False,
 ) -> list[BenchSpec]:
     """The runs, in order: each family at each of ``bits`` (BAQ measured also at ``baq_bits``).
 
@@ -149,6 +151,7 @@ def build_grid(
     natural-order ones (``-g128``, ``-act`` in the name; RTN has no column order to change).
     ``dims`` repeats every variant on each grid dimension (``-ic``, ``-auto`` in the name; the
     per-OC runs keep their names and cache keys; RTN has no Hessian for ``auto``).
+    ``include_head`` quantizes the output head in every quantized run (same names, other keys).
 
     Returns:
         The specs; names are unique. Bad settings raise ``ValueError`` from :class:`QuantConfig`.
@@ -184,6 +187,7 @@ def build_grid(
                         percdamp=percdamp,
                         range_dtype=range_dtype,
                         dim=dim,
+                        include_head=include_head,
                         **fields,
                     )
                     name = f"{family}{tag}-{float(b):g}b"
@@ -479,9 +483,9 @@ def measurement_path(entry: Entry) -> Path:
     cfg = entry.spec.cfg
     assert cfg is not None
     src = {k: entry.settings[k] for k in ("bench_version", "model", "dtype", "calib", "eval")}
-    src |= {k: getattr(cfg, k) for k in MEASURED_FIELDS} | {"importance": cfg.importance}
-    if cfg.sensitivity == "measured":
-        src["bits"] = cfg.bits
+    src |= config_settings(cfg) | {"importance": cfg.importance}
+    if cfg.sensitivity != "measured":
+        del src["bits"]
     key = hashlib.sha256(json.dumps(src, sort_keys=True, default=list).encode()).hexdigest()[:12]
     return entry.path.parent / f"measurement-{cfg.importance}-{key}.safetensors"
 

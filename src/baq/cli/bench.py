@@ -40,6 +40,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
     g.add_argument(
+        "--include-head",
+        action="store_true",
+        help="also quantize the output head in every quantized run (its own cache keys)",
+    )
+    g.add_argument(
         "--range-dtype",
         default="float16",
         choices=RANGE_DTYPES,
@@ -95,6 +100,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.percdamp,
             args.range_dtype,
             tuple(dict.fromkeys(args.dim)),
+            args.include_head,
         )
         settings = bench.BenchSettings(
             model=args.model,
