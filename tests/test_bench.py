@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from baq import bench, cli, data, pipeline
+from baq import bench, cli, data, evaluate, pipeline
 
 TINY = ["--nsamples", "4", "--seqlen", "32", "--eval-windows", "2", "--eval-seqlen", "64"]
 
@@ -29,9 +29,10 @@ def calls(monkeypatch):
             seen["ppl"] += 1
         return real_score(*args, **kw)
 
-    real_score = bench.score
+    real_score = evaluate.score
     monkeypatch.setattr(bench, "quantize_model", quantize)
-    monkeypatch.setattr(bench, "score", ppl)
+    monkeypatch.setattr(bench, "score", ppl)  # the base records
+    monkeypatch.setattr(evaluate, "score", ppl)  # the runs, through evaluate.score_sets
     return seen
 
 

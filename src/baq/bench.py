@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import blocks, data, models, plots, report
 from .config import HUB_TEXT_SOURCES, TEXT_FILE_SUFFIXES, QuantConfig
 from .divergence import DEFAULT_TOPK, BaseRecord, windows_digest
-from .evaluate import score
+from .evaluate import score, score_sets
 from .measure import Measurement, config_settings, measure_model, settings_of
 from .packed_linear import storage_bits_of
 from .pipeline import quantize_model
@@ -433,13 +433,9 @@ def evaluate_sets(
     model where ``base`` has the set's record, and the seconds it took."""
     t = time.perf_counter()
     model.to(device)
-    ppl, kl = {}, {}
-    for name, windows in sets.items():
-        record = (base or {}).get(name)
-        sc = score(model, windows, device=device, desc=f"{tag} {name}", base_record=record)
-        ppl[name] = sc.perplexity
-        if sc.divergence is not None:
-            kl[name] = sc.divergence
+    scored = score_sets(model, sets, device, tag, base_records=base)
+    ppl = {name: sc.perplexity for name, sc in scored.items()}
+    kl = {name: sc.divergence for name, sc in scored.items() if sc.divergence is not None}
     model.to("cpu")
     return ppl, kl, time.perf_counter() - t
 

@@ -132,3 +132,22 @@ def score(
             recorded, divergence.windows_digest(windows), vocab, base_name, record_topk
         )
     return out
+
+
+def score_sets(
+    model: nn.Module,
+    sets: dict[str, Tensor],
+    device: torch.device | str,
+    when: str,
+    base_records: dict[str, BaseRecord] | None = None,
+    **base: object,
+) -> dict[str, Scores]:
+    """:func:`score` of every set of windows, logged; ``base`` holds ``base_model=``,
+    ``record_topk=`` or ``base_name=`` as :func:`score` takes them, ``base_records`` a stored
+    base side per set name (a set without one gets no KL from it)."""
+    out = {}
+    for name, windows in sets.items():
+        extra = {**base, "base_record": (base_records or {}).get(name)}
+        out[name] = score(model, windows, device=device, desc=f"ppl {name} {when}", **extra)
+        log.info("perplexity %s %s: %.3f", name, when, out[name].perplexity)
+    return out

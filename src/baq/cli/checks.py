@@ -249,9 +249,7 @@ def check_report_file(report: Path, flag: str = "--report") -> None:
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise UsageError(
-            f"{flag} {report}: {folder} is a file, not a folder; choose another path"
-        )
+        raise UsageError(f"{flag} {report}: {folder} is a file, not a folder; choose another path")
     if not writable(folder):
         raise UsageError(
             f"{flag} {report}: cannot write in {folder} (permission denied); "

@@ -160,22 +160,6 @@ def eval_sets(args: argparse.Namespace, tok: Any) -> dict[str, Any]:
     return sets
 
 
-def score_sets(
-    model: Any, sets: dict[str, Any], device: Any, when: str, **base: Any
-) -> dict[str, Any]:
-    """:func:`baq.evaluate.score` of every set; ``base`` holds ``base_model=``, ``record_topk=``
-    or ``base_records=`` (set name -> :class:`~baq.divergence.BaseRecord`)."""
-    from ..evaluate import score
-
-    records = base.pop("base_records", None) or {}
-    out = {}
-    for name, windows in sets.items():
-        extra = {**base, "base_record": records.get(name)}
-        out[name] = score(model, windows, device=device, desc=f"ppl {name} {when}", **extra)
-        log.info("perplexity %s %s: %.3f", name, when, out[name].perplexity)
-    return out
-
-
 def add_base_args(p: argparse.ArgumentParser) -> None:
     """KL divergence against a base model: exact (both models run) or from a stored record."""
     g = p.add_argument_group("KL divergence against a base model")

@@ -36,7 +36,6 @@ from .common import (
     load_lazy,
     log,
     positive,
-    score_sets,
 )
 from .measure import add_head_arg, allocation_plan, check_measurement_args
 from .memory import plan_run_memory
@@ -287,6 +286,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from .. import checkpoint, models, report, streaming
+    from ..evaluate import score_sets
     from ..pipeline import quantize_model
 
     cfg, calib_cfg = validate_quantize(args)
@@ -420,13 +420,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def streamed_scores(
     loader: Any, sets: dict[str, Any], device: Any, when: str, on_load: Any = None, **base: Any
 ) -> dict[str, Any]:
-    """Scores (:func:`~.common.score_sets`) of a lazily loaded model, each block read from disk
+    """Scores (:func:`baq.evaluate.score_sets`) of a lazily loaded model, each block read from disk
     as the forward reaches it.
 
     Memory stays one block, at the price of reading every block once per evaluation window
     (the page cache serves repeats when the model fits in it). ``on_load`` writes the
     quantized weights into each block as it is loaded (after quantization).
     """
+    from ..evaluate import score_sets
+
     loader.to(device)
     try:
         with loader.streaming(on_load=on_load):

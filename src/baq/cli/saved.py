@@ -22,7 +22,6 @@ from .common import (
     load_any,
     log,
     positive,
-    score_sets,
 )
 from .tasks import add_task_args, check_tasks, eval_tasks
 
@@ -70,6 +69,7 @@ def add_cache_arg(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .. import divergence, models, report
+    from ..evaluate import score_sets
 
     positive("eval-windows", args.eval_windows)
     tasks = check_tasks(args)  # before eval_sources: --tasks alone drops the default text
