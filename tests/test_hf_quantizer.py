@@ -208,3 +208,17 @@ def test_model_card(tmp_path):
     model.config._name_or_path = str(tmp_path)
     local = storage.save_quantized(tmp_path / "local", model, None, results, cfg)
     assert "base_model" not in (local / "README.md").read_text()
+
+
+def test_model_card_says_which_grid_allocation_and_head():
+    from baq.model_card import model_card
+
+    base = {"method": "baq", "bits": 3, "group_size": None}
+    oc = model_card({**base, "config": {"dim": "oc", "allocation": "layer"}})
+    assert "| grid | per output row, no groups |" in oc
+    assert "| bit allocation | per layer |" in oc and "| output head | float |" in oc
+    model_level = {"dim": "ic", "allocation": "model", "importance": "noise", "include_head": 1}
+    ic = model_card({**base, "group_size": 128, "config": model_level})
+    assert "| grid | per input column, groups of 128 |" in ic
+    assert "whole model (noise importances)" in ic and "| output head | quantized |" in ic
+    assert "| bit allocation | uniform |" in model_card({**base, "method": "gptq"})

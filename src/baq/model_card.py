@@ -41,6 +41,32 @@ def _number(x: Any) -> str:
     return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
 
 
+def cfg_of(qconfig: dict) -> dict:
+    """The run's full settings (``QuantConfig`` as a dict) recorded in the block, if any."""
+    cfg = qconfig.get("config")
+    return cfg if isinstance(cfg, dict) else {}
+
+
+_DIMS = {"oc": "per output row", "ic": "per input column", "auto": "per layer (AdaDim)"}
+
+
+def _grid(qconfig: dict) -> str:
+    """Where the ranges run: along rows or columns (AdaDim: chosen per layer), and their groups."""
+    dim = cfg_of(qconfig).get("dim", "oc")
+    gs = qconfig.get("group_size")
+    where = _DIMS.get(dim, str(dim))
+    return where + (f", groups of {gs}" if gs else ", no groups")
+
+
+def _allocation(qconfig: dict) -> str:
+    cfg = cfg_of(qconfig)
+    if qconfig.get("method") != "baq":
+        return "uniform"
+    if cfg.get("allocation") == "model":
+        return f"one budget for the whole model ({cfg.get('importance', 'fisher')} importances)"
+    return "per layer"
+
+
 def _measured(summary: dict) -> list[str]:
     rows = []
     for name, ppl in (summary.get("perplexity_after") or {}).items():
@@ -84,10 +110,12 @@ def model_card(qconfig: dict) -> str:
         ("target bits per weight", _number(bits)),
         ("nominal bits (mean log2 levels)", _number(qconfig.get("nominal_bits"))),
         ("storage bits (codes, ranges, tables)", _number(qconfig.get("storage_bits"))),
-        ("group size", qconfig.get("group_size") or "none (one range per row)"),
+        ("grid", _grid(qconfig)),
+        ("bit allocation", _allocation(qconfig)),
         ("symmetric grid", qconfig.get("sym")),
         ("activation order", qconfig.get("act_order")),
         ("quantized linear layers", qconfig.get("quantized_modules")),
+        ("output head", "quantized" if cfg_of(qconfig).get("include_head") else "float"),
         ("baq version", qconfig.get("baq_version")),
     ]
     measured = _measured(qconfig.get("summary") or {})
