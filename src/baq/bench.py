@@ -50,7 +50,7 @@ KEY_OPTIONAL: dict[str, Any] = {
     "range_dtype": "float16",
     "allocation": "layer",
     "importance": "fisher",
-    "importance_samples": 32,
+    "importance_samples": 32,  # the default until session 7: keys made before stay valid
     "dim": "oc",
     "include_head": False,
 }

@@ -44,7 +44,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         choices=IMPORTANCES,
         help="importance estimators to run (one or both)",
     )
-    g.add_argument("--importance-samples", type=int, default=32, metavar="N")
+    g.add_argument(
+        "--importance-samples", type=int, default=QuantConfig.importance_samples, metavar="N"
+    )
     g.add_argument("--sensitivity", default="analytic", choices=SENSITIVITIES)
     g.add_argument("--bits", type=float, default=3.0, help="probe budget of measured sensitivities")
     g.add_argument("--group-size", type=int, default=None)

@@ -162,7 +162,7 @@ def add_allocation_args(g: Any) -> None:
     g.add_argument(
         "--importance-samples",
         type=int,
-        default=32,
+        default=QuantConfig.importance_samples,
         metavar="N",
         help="calibration windows the importance estimator reads (noise: at most 2)",
     )
