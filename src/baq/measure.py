@@ -31,7 +31,7 @@ from . import blocks, head, importance, streaming
 from .config import QuantConfig
 from .divergence import windows_digest
 from .hessian import hessian_hooks
-from .pipeline import bar_disabled, batch_size_for, block_targets, forward_all
+from .pipeline import bar_disabled, batch_size_for, block_targets, check_finite, forward_all
 from .quant import adadim
 from .quant.gptq import factor_hessian
 from .quant.grid import fit_grid
@@ -291,6 +291,7 @@ def _sensitivities(
 def _add_layer(meas: Measurement, name: str, mod: nn.Module, H: Tensor, cfg: QuantConfig) -> None:
     """Sensitivities ``c_j`` of one float linear on its Hessian, recorded in ``meas``."""
     W = blocks.get_weight(mod)
+    check_finite(name, W)  # before the importance pass, which NaN weights would derail
     factor = factor_hessian(H, cfg.percdamp, False)
     Wd = W.to(factor.U.device, torch.float32).clone()
     Wd[:, factor.dead] = 0
