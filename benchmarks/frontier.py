@@ -1,8 +1,9 @@
 """Perplexity against storage bits: every run of one or more ``baq bench`` folders, with the peers.
 
-    python benchmarks/frontier.py BENCH_OUT [BENCH_OUT ...] [--set wikitext2-test] [--out DIR]
+    python benchmarks/frontier.py SOURCE [SOURCE ...] [--set wikitext2-test] [--out DIR]
 
-Reads each folder's ``results.json`` (the bench writes it after every run), draws
+Reads each source's runs (a bench folder's cached runs, a bench ``results.md`` table, or a
+JSON list of runs: :func:`load_runs`), draws
 ``frontier.png`` (one point per run, the runs on the frontier joined, the peers of
 ``../shared/PEERS.md`` beside them) and prints the frontier: the runs that no other run beats at
 equal or fewer storage bits. Only valid for the reference model under the standard protocol, the
@@ -36,16 +37,52 @@ PEERS = {
 FP_PERPLEXITY = 21.81
 
 
-def load_runs(folders: list[Path], eval_set: str) -> list[dict]:
-    """The quantized runs of the folders with a perplexity on ``eval_set`` (the first folder
-    wins a run name present in several)."""
+def load_runs(sources: list[Path], eval_set: str) -> list[dict]:
+    """The quantized runs with a perplexity on ``eval_set`` (a run name present in several sources
+    is taken from the first).
+
+    A source is a ``baq bench`` folder (its cached runs' JSON files), a bench table
+    ``results.md`` (the per-run rows: run, method, bits, ``ppl <set>`` ..., storage bits) or a
+    JSON list of runs
+    ``{"name", "label", "storage_bits", "perplexity": {set: ppl}}`` (runs whose cache is gone,
+    transcribed from docs/RESULTS.md).
+    """
     runs: dict[str, dict] = {}
-    for folder in folders:
-        for r in json.loads((folder / "results.json").read_text())["runs"]:
+    for src in sources:
+        if src.is_dir():  # every cached run, not only the last grid's (results.json)
+            found = [json.loads(f.read_text()) for f in sorted(src.glob("*-*.json"))]
+            found = [r for r in found if isinstance(r, dict) and "perplexity" in r]
+        elif src.suffix == ".md":
+            found = _table_runs(src.read_text())
+        else:
+            found = json.loads(src.read_text())
+        for r in found:
             ppl = r["perplexity"].get(eval_set)
-            if r["family"] != "fp" and ppl is not None and math.isfinite(ppl):
+            if r.get("family") != "fp" and ppl is not None and math.isfinite(ppl):
                 runs.setdefault(r["name"], r)
     return list(runs.values())
+
+
+def _table_runs(text: str) -> list[dict]:
+    """The per-run rows of a bench ``results.md`` (the table whose header starts ``| run |``)."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| run |"))
+    head = [c.strip() for c in lines[start].strip("|").split("|")]
+    runs = []
+    for ln in lines[start + 2 :]:
+        row = dict(zip(head, (c.strip() for c in ln.strip("|").split("|"))))
+        if row.get("bits") in ("", None) or not row.get("storage bits"):
+            continue  # FP, or a run not made
+        sets = {k[4:]: float(v) for k, v in row.items() if k.startswith("ppl ") and v}
+        runs.append(
+            {
+                "name": row["run"],
+                "label": row["method"],
+                "storage_bits": float(row["storage bits"]),
+                "perplexity": sets,
+            }
+        )
+    return runs
 
 
 def frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -77,7 +114,7 @@ def draw(runs: list[dict], eval_set: str, low: float, high: float) -> Figure:
     ax.axhline(FP_PERPLEXITY, color="black", linestyle="--", label=f"FP ({FP_PERPLEXITY})")
     ax.set_xlim(low, high)
     ax.set_yscale("log")
-    ax.set_ylim(FP_PERPLEXITY * 0.9, None)
+    ax.set_ylim(FP_PERPLEXITY * 0.9, 1e5)  # 2-bit RTN and GPTQ (1e6) would squash the rest
     ax.set_xlabel("bits per weight of the decoder linears (storage; peers: see legend)")
     ax.set_ylabel(f"perplexity ({eval_set})")
     ax.grid(True, which="both", alpha=0.3)
@@ -87,12 +124,14 @@ def draw(runs: list[dict], eval_set: str, low: float, high: float) -> Figure:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("folders", type=Path, nargs="+", help="baq bench --out folders")
+    p.add_argument(
+        "sources", type=Path, nargs="+", help="bench folders, results.md tables, JSON run lists"
+    )
     p.add_argument("--set", default="wikitext2-test", help="evaluation set (peers: WikiText-2)")
-    p.add_argument("--bits", type=float, nargs=2, default=(2.4, 5.7), help="x range")
+    p.add_argument("--bits", type=float, nargs=2, default=(1.95, 5.7), help="x range")
     p.add_argument("--out", type=Path, help="write frontier.png here")
     args = p.parse_args()
-    runs = load_runs(args.folders, args.set)
+    runs = load_runs(args.sources, args.set)
     print(f"{len(runs)} runs on {args.set}; the frontier (no run lower at fewer bits):")
     pts = [(r["storage_bits"], r["perplexity"][args.set], r["name"]) for r in runs]
     for bits, ppl, name in frontier(pts):
