@@ -91,6 +91,20 @@ def test_lazy_saves_the_bytes_of_a_full_load(setup, method, spy_stores, tmp_path
     assert list(spill.iterdir()) == []  # spill files are removed
 
 
+def test_lazy_model_allocation_measures_one_block_at_a_time_to_the_same_bytes(setup, tmp_path):
+    """--allocation model --lazy measures the model itself (sensitivities and the Fisher pass
+    block by block) and saves what a full load saves."""
+    extra = ["--allocation", "model"]
+    full, out = tmp_path / "full", tmp_path / "lazy"
+    assert main(argv(setup, full, "baq", *extra, evaluate=False)) == 0
+    assert main(argv(setup, out, "baq", *extra, "--lazy", evaluate=False)) == 0
+    assert folder_bytes(out) == folder_bytes(full)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["quant"]["allocation"] == "model" and "measure" in report["seconds"]
+    # the noise estimator needs the whole model: refused before any weight is read
+    assert main(argv(setup, out, "baq", *extra, "--lazy", "--importance", "noise", evaluate=False)) == 2
+
+
 def test_lazy_run_resumes_to_the_same_bytes(setup, monkeypatch, tmp_path):
     full = tmp_path / "full"
     assert main(argv(setup, full, "baq", evaluate=False)) == 0

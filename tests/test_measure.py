@@ -63,6 +63,22 @@ def test_measurement_round_trip_and_plan_meets_the_budget(tmp_path):
     )
 
 
+def test_hessians_read_the_first_measure_samples_windows():
+    model = make_tiny_llama()
+    calib = torch.randint(3, 512, (6, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=3, allocation="model", sensitivity="analytic", measure_samples=2)
+    every = QuantConfig(bits=3, allocation="model", sensitivity="analytic", measure_samples=None)
+    few = measure.measure_model(model, calib, cfg, (), "cpu", "d")
+    same = measure.measure_model(model, calib[:2], every, (), "cpu", "d")
+    full = measure.measure_model(model, calib, every, (), "cpu", "d")
+    assert all(torch.equal(few.sens[n], same.sens[n]) for n in few.names)
+    assert any(not torch.equal(few.sens[n], full.sens[n]) for n in few.names)
+    # a measurement of every window (and files from before the field) serves no default run
+    with pytest.raises(ValueError, match="--measure-samples"):
+        full.check(measure.settings_of("d", calib, cfg))
+    few.check(measure.settings_of("d", calib, cfg))
+
+
 def test_measure_plan_quantize_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys):
     meas = tmp_path / "m.safetensors"
     argv = ["measure", str(tiny_model_dir), "--calib", str(text_file), *CALIB]

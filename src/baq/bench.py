@@ -53,6 +53,7 @@ KEY_OPTIONAL: dict[str, Any] = {
     "importance_samples": 32,  # the default until session 7: keys made before stay valid
     "dim": "oc",
     "include_head": False,
+    "measure_samples": None,  # all windows until session 8
 }
 
 # family -> (label, QuantConfig fields); the order is the default grid's order

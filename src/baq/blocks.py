@@ -341,9 +341,17 @@ def run_block(block: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tenso
         hidden: (1, seq, hidden_size) input hidden states, on the block's device.
         kwargs: block keyword arguments from ``capture_block_inputs``, on the block's device.
     Returns:
-        (1, seq, hidden_size) output hidden states (transformers 5 blocks return a tensor, older
-        and some other blocks a tuple whose first element is the hidden states).
+        (1, seq, hidden_size) output hidden states.
     """
     with torch.no_grad():
-        out = block(hidden, **kwargs)
+        return block_output(block, hidden, kwargs)
+
+
+def block_output(block: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    """:func:`run_block` with gradients as the caller sets them (the Fisher pass's backward).
+
+    transformers 5 blocks return a tensor, older and some other blocks a tuple whose first
+    element is the hidden states.
+    """
+    out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out

@@ -24,14 +24,18 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import blocks
+from . import blocks, streaming
 from .pipeline import bar_disabled
+
+if TYPE_CHECKING:
+    from .lazy import LazyLoader
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +63,109 @@ def fisher_importance(
     device: torch.device,
     seed: int = 0,
     progress: bool | None = None,
+    loader: LazyLoader | None = None,
 ) -> dict[str, float]:
     """The Fisher estimator ``beta_l = E_t |dL/dy_t|^2 / (2 out_l)`` for every target linear.
 
     ``L`` is the summed negative log-likelihood of next tokens sampled from the model's own
-    predictions (seeded), so ``E |dL/dy_t|^2 = tr F_y`` at position ``t``.
+    predictions (seeded, one window after the other), so ``E |dL/dy_t|^2 = tr F_y`` at position
+    ``t``. The backward runs block by block, as the quantization pass does: a forward stores
+    each block's inputs (for these few windows only), the head's backward gives ``dL/dh`` at
+    the last block's output, and each block, from the last to the first, is run again with
+    gradients on its stored inputs and backpropagates ``dL/dh`` one block down. Only one block
+    is needed at a time, so a lazily loaded model (``loader``) is measured in one block's memory
+    plus ``2 (blocks + 1)`` window-sized activations per window; without a loader the result is
+    that of one backward of the whole model (tests/test_importance.py checks it against one).
 
     Args:
-        model: the float causal LM (on ``device``).
+        model: the float causal LM (on ``device``, or opened with ``baq.lazy.open_lazy``).
         windows: (n, seq) int64 calibration windows, one backward each.
-        targets: full module name -> linear whose output error is priced.
+        targets: full module name -> linear whose output error is priced (decoder blocks'
+            linears and the output head).
         device: where the model runs.
         seed: seed of the sampled next tokens.
+        progress: progress bar (None: on a terminal).
+        loader: the :class:`baq.lazy.LazyLoader` of a lazily opened model.
     Returns:
         name -> beta_l (> 0).
     """
+    layers = blocks.decoder_layers(model)
+    prefix = blocks.module_prefix(model, layers)
     sums = {name: torch.zeros((), dtype=torch.float64) for name in targets}
+    owner = {name: _block_of(name, prefix, len(layers)) for name in targets}
     gen = torch.Generator().manual_seed(seed)
-    tokens = 0
+    with torch.inference_mode():
+        states, kwargs = blocks.capture_block_inputs(model, windows, device)
+    kwargs = _grad_safe(blocks.move_kwargs(kwargs, device))
+    # hidden[b][k]: window k entering block b (hidden[-1]: the last block's outputs), on the CPU
+    hidden = [[h.clone() for h in states]]
+    del states
+    steps = len(layers) * 2 + 1
+    bar = tqdm(total=steps, desc="fisher", disable=bar_disabled(progress), leave=False)
+    try:
+        for i in range(len(layers)):
+            block, home = streaming.open_block(model, i, device, loader)
+            with torch.inference_mode():
+                outs = [blocks.run_block(block, h.to(device), kwargs).cpu() for h in hidden[-1]]
+            hidden.append([o.clone() for o in outs])
+            del block
+            streaming.close_block(model, i, home, loader)
+            bar.update()
+        head_names = [n for n in targets if owner[n] == len(layers)]
+        grads = []
+        with _frozen(model), _watched(targets, head_names, sums), torch.enable_grad():
+            for h in hidden[-1]:
+                x = h.to(device).requires_grad_(True)
+                logits = _head(model, x).float()  # (seq, vocab)
+                probs = torch.softmax(logits.detach(), dim=-1).cpu()
+                labels = torch.multinomial(probs, 1, generator=gen)[:, 0].to(device)
+                F.cross_entropy(logits, labels, reduction="sum").backward()
+                grads.append(x.grad.detach())
+                del logits, probs
+        bar.update()
+        for i in reversed(range(len(layers))):
+            block, home = streaming.open_block(model, i, device, loader)
+            names = [n for n in targets if owner[n] == i]
+            with _frozen(block), _watched(targets, names, sums), torch.enable_grad():
+                for k, h in enumerate(hidden[i]):
+                    x = h.to(device).requires_grad_(True)
+                    y = blocks.block_output(block, x, kwargs)
+                    y.backward(grads[k])
+                    grads[k] = x.grad.detach()
+            hidden[i + 1] = []  # no longer needed
+            del block
+            streaming.close_block(model, i, home, loader)
+            bar.update()
+    finally:
+        bar.close()
+    tokens = windows.numel()
+    return {
+        name: float(sums[name]) / tokens / (2 * _out_features(targets[name])) for name in targets
+    }
+
+
+def _block_of(name: str, prefix: str, n_blocks: int) -> int:
+    """Index of the decoder block holding linear ``name``; ``n_blocks`` for the output head."""
+    return int(name[len(prefix) :].split(".", 1)[0]) if name.startswith(prefix) else n_blocks
+
+
+def _grad_safe(value: Any) -> Any:
+    """Clones of the kwargs' tensors: those captured under inference mode cannot be saved for
+    a backward."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_grad_safe(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _grad_safe(v) for k, v in value.items()}
+    return value
+
+
+@contextmanager
+def _watched(
+    targets: dict[str, nn.Module], names: list[str], sums: dict[str, Tensor]
+) -> Iterator[None]:
+    """Inside, backwards add ``|dL/dy|^2`` of each named target's output ``y`` to its sum."""
 
     def watch(name: str):
         def grad_hook(g: Tensor) -> None:  # returns None: the gradient itself is unchanged
@@ -88,27 +177,12 @@ def fisher_importance(
 
         return hook
 
-    def leaf(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        return out.detach().requires_grad_(True)  # gradients flow from here, not to weights
-
-    handles = [model.get_input_embeddings().register_forward_hook(leaf)]
-    handles += [mod.register_forward_hook(watch(name)) for name, mod in targets.items()]
+    handles = [targets[n].register_forward_hook(watch(n)) for n in names]
     try:
-        with _frozen(model), torch.enable_grad():
-            for window in tqdm(windows, desc="fisher", disable=bar_disabled(progress), leave=False):
-                ids = window[None].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits[0].float()  # (seq, vocab)
-                probs = torch.softmax(logits.detach(), dim=-1).cpu()
-                labels = torch.multinomial(probs, 1, generator=gen)[:, 0].to(device)
-                F.cross_entropy(logits, labels, reduction="sum").backward()
-                tokens += labels.numel()
-                del logits, probs
+        yield
     finally:
         for h in handles:
             h.remove()
-    return {
-        name: float(sums[name]) / tokens / (2 * _out_features(targets[name])) for name in targets
-    }
 
 
 def noise_importance(
@@ -154,8 +228,7 @@ def noise_importance(
     for name, mod in tqdm(
         targets.items(), desc="noise", disable=bar_disabled(progress), leave=False
     ):
-        # the first block to run again: the layer's own, none after the last for the head
-        b = int(name[len(prefix) :].split(".", 1)[0]) if name.startswith(prefix) else len(layers)
+        b = _block_of(name, prefix, len(layers))  # the first block to run again
         W = blocks.get_weight(mod)
         Wf = W.float()
         lo, hi = Wf.min(dim=1).values.clamp(max=0), Wf.max(dim=1).values.clamp(min=0)

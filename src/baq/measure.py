@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,9 @@ from .quant.gptq import factor_hessian
 from .quant.grid import fit_grid
 from .quant.layer import column_sensitivity, uniform_probe_levels
 from .report import write_safetensors
+
+if TYPE_CHECKING:
+    from .lazy import LazyLoader
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +58,13 @@ MEASURED_FIELDS = (
 )
 # fields added later: recorded only when not at their default, and files without them read as at
 # the default, so measurements written before them keep serving the runs they served
-MEASURED_LATER: dict[str, Any] = {"include_head": False}
+MEASURED_LATER: dict[str, Any] = {"include_head": False, "measure_samples": None}
 # what a refusal calls a setting, where its key is not the flag
 _LABELS = {
     "model": "model weights",
     "calib": "calibration windows",
     "include_head": "--include-head",
+    "measure_samples": "--measure-samples",
 }
 
 
@@ -185,14 +189,16 @@ def measure_model(
     batch_tokens: int = 4096,
     max_activation_bytes: int | None = None,
     on_stage: Callable[[Measurement], None] | None = None,
+    loader: LazyLoader | None = None,
 ) -> Measurement:
     """Measure sensitivities and importances of every quantizable linear of the float model.
 
     Args:
         model: the float causal LM (not modified).
-        calib_ids: (nsamples, seqlen) calibration windows; the Hessians read all of them, the
-            importance estimators the first ``cfg.importance_samples`` (the noise estimator at
-            most ``importance.NOISE_WINDOWS``).
+        calib_ids: (nsamples, seqlen) calibration windows; the Hessians read the first
+            ``cfg.measure_samples`` (all with None), the importance estimators the first
+            ``cfg.importance_samples`` (the noise estimator at most
+            ``importance.NOISE_WINDOWS``).
         cfg: sensitivity kind, grid and Hessian settings, ``skip`` patterns.
         estimators: which ``beta`` estimators to run.
         device: where blocks run (default: CUDA when present).
@@ -201,28 +207,41 @@ def measure_model(
         batch_tokens, max_activation_bytes: as in :func:`baq.pipeline.quantize_model`.
         on_stage: called with the measurement so far after each estimator (to save it, so an
             interrupted measurement of several estimators keeps the finished ones).
+        loader: the :class:`baq.lazy.LazyLoader` of a lazily opened model: every pass then
+            holds one block at a time (the Fisher estimator's backward too); the noise
+            estimator, which runs the blocks after each layer, needs the whole model and is
+            refused.
     Returns:
         The :class:`Measurement`.
     """
     from . import models
 
     device = models.resolve_device("auto" if device is None else str(device))
+    if loader is not None and "noise" in estimators:
+        raise ValueError(
+            "the noise estimator runs every block after each layer, so it needs the whole "
+            "model in memory: drop --lazy, or use --importance fisher"
+        )
     meas = Measurement([], [], {}, settings=settings_of(model_digest, calib_ids, cfg))
     t = time.perf_counter()
     _sensitivities(
-        model, calib_ids, cfg, device, meas, progress, batch_tokens, max_activation_bytes
+        model, calib_ids[: cfg.measure_samples], cfg, device, meas, progress, batch_tokens, max_activation_bytes, loader
     )
     meas.seconds["sensitivity"] = time.perf_counter() - t
     targets = dict(zip(meas.names, _modules(model, meas.names)))
     windows = calib_ids[: cfg.importance_samples]
     home = next(model.parameters()).device
-    model.to(device)
+    if loader is not None:
+        loader.to(device)  # the resident part; blocks are loaded one at a time
+        home = torch.device("cpu")
+    else:
+        model.to(device)
     try:
         for est in estimators:
             t = time.perf_counter()
             if est == "fisher":
                 meas.beta[est] = importance.fisher_importance(
-                    model, windows, targets, device, progress=progress
+                    model, windows, targets, device, progress=progress, loader=loader
                 )
             elif est == "noise":
                 meas.beta[est] = importance.noise_importance(
@@ -235,7 +254,10 @@ def measure_model(
                 on_stage(meas)
             log.info("%s importances of %d layers in %.1f s", est, len(targets), meas.seconds[est])
     finally:
-        model.to(home)
+        if loader is not None:
+            loader.to(home)
+        else:
+            model.to(home)
     return meas
 
 
@@ -253,6 +275,7 @@ def _sensitivities(
     progress: bool | None,
     batch_tokens: int,
     max_activation_bytes: int | None,
+    loader: LazyLoader | None = None,
 ) -> None:
     """One pass over the float blocks: each block's Hessians and its outputs in one forward."""
     hdtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
@@ -265,9 +288,7 @@ def _sensitivities(
     batch = 1
     try:
         for i in tqdm(range(len(layers)), desc="measure", disable=bar_disabled(progress)):
-            block = layers[i]
-            home = next(block.parameters()).device
-            block.to(device)
+            block, home = streaming.open_block(model, i, device, loader)
             targets = block_targets(block, f"{prefix}{i}.", cfg.skip)
             if i == 0:
                 batch = batch_size_for(block, inputs, kwargs, device, batch_tokens)
@@ -278,7 +299,8 @@ def _sensitivities(
             del accs
             inputs.close()
             inputs = outputs
-            block.to(home)
+            del block, targets
+            streaming.close_block(model, i, home, loader)
         # the head reads the final norm of the last block's float outputs (baq.head)
         for name, mod in head_target.items():
             _add_layer(

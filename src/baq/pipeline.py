@@ -159,12 +159,7 @@ def quantize_model(
     )
     try:
         for i in bar:
-            if loader is not None:
-                block, home = loader.load_block(i, device), None
-            else:
-                block = layers[i]
-                home = next(block.parameters()).device
-                block.to(device)
+            block, home = streaming.open_block(model, i, device, loader)
             targets = block_targets(block, f"{prefix}{i}.", cfg.skip)
             if i == 0 and not isinstance(inputs, _NoInputs):
                 batch = batch_size or batch_size_for(block, inputs, kwargs, device, batch_tokens)
@@ -192,11 +187,8 @@ def quantize_model(
                     outputs, batch = retry_halving(forward, batch)
                 inputs.close()
                 inputs = outputs
-            if loader is not None:
-                del block
-                loader.release_block(i)  # also gives the freed heap back (trim_heap)
-            else:
-                block.to(home)
+            del block
+            streaming.close_block(model, i, home, loader)
             run.seconds = time.perf_counter() - t0
             if on_block_done is not None and i >= start_block:
                 names = [f"{prefix}{i}.{name}" for name in targets]

@@ -57,6 +57,31 @@ def capture_inputs(
     return store, kwargs
 
 
+def open_block(
+    model: nn.Module, i: int, device: torch.device, loader: LazyLoader | None
+) -> tuple[nn.Module, torch.device | None]:
+    """Decoder block ``i`` on ``device``: read from disk with a loader, else moved there.
+
+    Returns:
+        ``(block, home)``: ``home`` is where :func:`close_block` puts it back (None: released).
+    """
+    if loader is not None:
+        return loader.load_block(i, device), None
+    block = blocks.decoder_layers(model)[i]
+    home = next(block.parameters()).device
+    return block.to(device), home
+
+
+def close_block(
+    model: nn.Module, i: int, home: torch.device | None, loader: LazyLoader | None
+) -> None:
+    """Undo :func:`open_block`: release the block (lazy) or move it back to ``home``."""
+    if loader is not None:
+        loader.release_block(i)  # also gives the freed heap back (trim_heap)
+    else:
+        blocks.decoder_layers(model)[i].to(home)
+
+
 def compact(res: QuantResult) -> QuantResult:
     """A result on the CPU without its float weight, codes in the smallest integer type.
 

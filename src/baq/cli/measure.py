@@ -47,6 +47,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--importance-samples", type=int, default=QuantConfig.importance_samples, metavar="N"
     )
+    add_measure_samples_arg(g)
     g.add_argument("--sensitivity", default="analytic", choices=SENSITIVITIES)
     g.add_argument("--bits", type=float, default=3.0, help="probe budget of measured sensitivities")
     g.add_argument("--group-size", type=int, default=None)
@@ -88,6 +89,7 @@ def measure_config(args: argparse.Namespace) -> QuantConfig:
             sensitivity=args.sensitivity,
             importance=args.importance[0],
             importance_samples=args.importance_samples,
+            measure_samples=measure_samples_of(args),
             group_size=args.group_size,
             sym=args.sym,
             percdamp=args.percdamp,
@@ -98,6 +100,33 @@ def measure_config(args: argparse.Namespace) -> QuantConfig:
         )
     except ValueError as err:
         raise UsageError(flagify(str(err))) from None
+
+
+def add_measure_samples_arg(g: Any) -> None:
+    """``--measure-samples``, shared by ``baq quantize`` and ``baq measure``."""
+    g.add_argument(
+        "--measure-samples",
+        default=str(QuantConfig.measure_samples),
+        metavar="N",
+        help="calibration windows the measurement's Hessians read (the sensitivities of "
+        "--allocation model); 'all' for every window (default %(default)s)",
+    )
+
+
+def measure_samples_of(args: argparse.Namespace) -> int | None:
+    """``--measure-samples`` as the config field: a positive count, or None for 'all'."""
+    if args.measure_samples == "all":
+        return None
+    try:
+        n = int(args.measure_samples)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UsageError(
+            f"--measure-samples {args.measure_samples}: use a positive number of windows, "
+            "e.g. 32, or all"
+        )
+    return n
 
 
 def add_head_arg(g: Any) -> None:
@@ -197,10 +226,12 @@ def check_measurement_args(args: argparse.Namespace, cfg: QuantConfig) -> Any:
     if args.measurement is not None and cfg.allocation != "model":
         raise UsageError("--measurement serves --allocation model: add it, or drop --measurement")
     if cfg.allocation == "model" and args.lazy and args.measurement is None:
-        raise UsageError(
-            "--allocation model with --lazy needs --measurement FILE: the importance pass runs "
-            "the whole model (write the file with baq measure where it fits)"
-        )
+        if cfg.importance == "noise":
+            raise UsageError(
+                "--importance noise with --lazy: the noise estimator runs every block after "
+                "each layer, so it needs the whole model; use --importance fisher, or measure "
+                "with baq measure where the model fits and pass --measurement FILE"
+            )
     if args.measurement is None:
         return None
     meas = _read(args.measurement)
@@ -246,6 +277,7 @@ def allocation_plan(
             device,
             settings["model"],
             max_activation_bytes=args.max_activation_bytes,
+            loader=loader,
         )
         measured = True
         if kept is not None:

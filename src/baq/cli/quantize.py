@@ -37,7 +37,13 @@ from .common import (
     log,
     positive,
 )
-from .measure import add_head_arg, allocation_plan, check_measurement_args
+from .measure import (
+    add_head_arg,
+    add_measure_samples_arg,
+    allocation_plan,
+    check_measurement_args,
+    measure_samples_of,
+)
 from .memory import plan_run_memory
 
 
@@ -166,6 +172,7 @@ def add_allocation_args(g: Any) -> None:
         metavar="N",
         help="calibration windows the importance estimator reads (noise: at most 2)",
     )
+    add_measure_samples_arg(g)
     g.add_argument(
         "--measurement",
         type=Path,
@@ -175,6 +182,7 @@ def add_allocation_args(g: Any) -> None:
 
 
 def quant_config(args: argparse.Namespace) -> QuantConfig:
+    allocation = args.allocation
     try:
         return QuantConfig(
             method=args.method,
@@ -187,15 +195,16 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
             block_size=args.block_size,
             integer_bits=args.integer_bits,
             sensitivity=args.sensitivity
-            or ("analytic" if args.allocation == "model" else "measured"),
+            or ("analytic" if allocation == "model" else "measured"),
             exponent=args.exponent,
             max_levels=args.max_levels,
             hessian_dtype=args.hessian_dtype,
             range_dtype=args.range_dtype,
             skip=tuple(args.skip),
-            allocation=args.allocation,
+            allocation=allocation,
             importance=args.importance,
             importance_samples=args.importance_samples,
+            measure_samples=measure_samples_of(args),
             include_head=args.include_head,
         )
     except ValueError as err:
