@@ -78,6 +78,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         {"method": "baq", "allocation": "model", "sensitivity": "analytic", "importance": "noise"},
     ),
 }
+# QuantConfig fields that only the model-level allocation reads: not in other runs' keys, so a
+# new default of theirs leaves the cached RTN, GPTQ and per-layer BAQ runs valid
+MODEL_ONLY = ("importance", "importance_samples", "measure_samples")
 # families whose fractional budgets (baq_bits) are run too
 FRACTIONAL = ("baq-measured", "baq-model")
 
@@ -246,7 +249,9 @@ def plan(settings: BenchSettings, grid: Sequence[BenchSpec], out: str | os.PathL
         if spec.cfg is not None:
             quant = asdict(spec.cfg)
             for name, default in KEY_OPTIONAL.items():  # keys from before the field stay valid
-                if quant[name] == default:
+                if quant[name] == default or (
+                    name in MODEL_ONLY and spec.cfg.allocation != "model"
+                ):
                     del quant[name]
             key_src["quant"] = quant
             if spec.cfg.method != "rtn":
