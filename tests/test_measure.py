@@ -83,6 +83,15 @@ def test_measure_plan_quantize_on_a_tiny_model(tiny_model_dir, text_file, tmp_pa
     meas = tmp_path / "m.safetensors"
     argv = ["measure", str(tiny_model_dir), "--calib", str(text_file), *CALIB]
     assert main([*argv, "--importance", "fisher", "noise", "--output", str(meas), "-q"]) == 0
+    # --lazy reads one block at a time and measures the same
+    lazy = tmp_path / "lazy.safetensors"
+    assert main([*argv, "--lazy", "--output", str(lazy), "-q"]) == 0
+    full, streamed = measure.Measurement.load(meas), measure.Measurement.load(lazy)
+    assert streamed.settings == full.settings and streamed.names == full.names
+    assert all(torch.equal(streamed.sens[n], full.sens[n]) for n in full.names)
+    assert streamed.beta["fisher"] == pytest.approx(full.beta["fisher"], rel=1e-5)
+    assert main([*argv, "--lazy", "--importance", "noise", "--output", str(lazy)]) == 2
+    assert "needs the whole model" in capsys.readouterr().err
     assert main(["plan", "--measurement", str(meas), "--bits", "2.5"]) == 0
     out = capsys.readouterr().out
     assert "14 layers: 2.4" in out or "14 layers: 2.5000" in out
@@ -138,7 +147,8 @@ def test_model_allocation_refusals(tiny_model_dir, text_file, tmp_path, capsys):
             [*q, *CALIB, "--allocation", "model", "--measurement", str(meas), "--percdamp", "0.05"],
             "percdamp",
         ),
-        ([*q, *CALIB, "--measurement", str(meas)], "--allocation model"),
+        ([*q, *CALIB, "--allocation", "layer", "--measurement", str(meas)], "--allocation model"),
+        ([*q, *CALIB, "--method", "gptq", "--measurement", str(meas)], "--allocation model"),
         (
             [
                 *q,

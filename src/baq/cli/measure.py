@@ -58,8 +58,14 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--skip", action="append", default=[], metavar="PATTERN")
     add_head_arg(g)
     g.add_argument("--max-activation-memory", metavar="SIZE", default=None)
+    g.add_argument(
+        "--lazy",
+        action="store_true",
+        help="read one decoder block at a time from a local safetensors folder (the Fisher "
+        "pass too; the noise estimator needs the whole model)",
+    )
     add_calib_args(m)
-    m.set_defaults(func=cmd_measure, eval=None, eval_default=[], eval_windows=None, lazy=False)
+    m.set_defaults(func=cmd_measure, eval=None, eval_default=[], eval_windows=None)
 
     p = sub.add_parser(
         "plan", parents=[common], help="bits per layer of a model-level allocation, no quantizing"
@@ -140,8 +146,9 @@ def add_head_arg(g: Any) -> None:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    from .. import checkpoint, measure, models
+    from .. import checkpoint, measure, models, streaming
     from ..activations import parse_size
+    from .common import load_lazy
     from .quantize import calib_config, calib_windows
 
     cfg = measure_config(args)
@@ -152,22 +159,34 @@ def cmd_measure(args: argparse.Namespace) -> int:
     calib_cfg = calib_config(args)
     check_report_file(args.output, "--output")
     check_lazy(args)
+    estimators = tuple(dict.fromkeys(args.importance))
+    if args.lazy and "noise" in estimators:
+        raise UsageError(
+            "--importance noise with --lazy: the noise estimator runs every block after each "
+            "layer, so it needs the whole model; drop --lazy, or measure fisher only"
+        )
     check_model(args, args.seqlen)
     check_calib_fits(args, calib_cfg)
     device = models.resolve_device(args.device)
-    model, tok = load(args)
+    loader = None
+    if args.lazy:
+        model, tok, loader = load_lazy(args)
+    else:
+        model, tok = load(args)
     calib = calib_windows(tok, calib_cfg)
-    digest = checkpoint.tensor_digest(model.state_dict().items())
+    items = model.state_dict().items() if loader is None else streaming.state_items(model, loader)
+    digest = checkpoint.tensor_digest(items)
     t = time.perf_counter()
     meas = measure.measure_model(
         model,
         calib,
         cfg,
-        tuple(dict.fromkeys(args.importance)),
+        estimators,
         device,
         digest,
         max_activation_bytes=max_bytes,
         on_stage=lambda m: m.save(args.output),  # each finished estimator lands at once
+        loader=loader,
     )
     if not args.quiet:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in meas.seconds.items())
@@ -224,7 +243,10 @@ def check_measurement_args(args: argparse.Namespace, cfg: QuantConfig) -> Any:
 
     positive("importance-samples", args.importance_samples)
     if args.measurement is not None and cfg.allocation != "model":
-        raise UsageError("--measurement serves --allocation model: add it, or drop --measurement")
+        other = f"--method {cfg.method}" if cfg.method != "baq" else "--allocation layer"
+        raise UsageError(
+            f"--measurement serves BAQ's --allocation model, not {other}: drop one of them"
+        )
     if cfg.allocation == "model" and args.lazy and args.measurement is None:
         if cfg.importance == "noise":
             raise UsageError(
