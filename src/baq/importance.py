@@ -94,20 +94,18 @@ def fisher_importance(
     sums = {name: torch.zeros((), dtype=torch.float64) for name in targets}
     owner = {name: _block_of(name, prefix, len(layers)) for name in targets}
     gen = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: the tensors must be usable in the backward below
+    with torch.no_grad():
         states, kwargs = blocks.capture_block_inputs(model, windows, device)
-    kwargs = _grad_safe(blocks.move_kwargs(kwargs, device))
+    kwargs = blocks.move_kwargs(kwargs, device)
     # hidden[b][k]: window k entering block b (hidden[-1]: the last block's outputs), on the CPU
-    hidden = [[h.clone() for h in states]]
-    del states
+    hidden = [states]
     steps = len(layers) * 2 + 1
     bar = tqdm(total=steps, desc="fisher", disable=bar_disabled(progress), leave=False)
     try:
         for i in range(len(layers)):
             block, home = streaming.open_block(model, i, device, loader)
-            with torch.inference_mode():
-                outs = [blocks.run_block(block, h.to(device), kwargs).cpu() for h in hidden[-1]]
-            hidden.append([o.clone() for o in outs])
+            hidden.append([blocks.run_block(block, h.to(device), kwargs).cpu() for h in hidden[-1]])
             del block
             streaming.close_block(model, i, home, loader)
             bar.update()
@@ -147,18 +145,6 @@ def fisher_importance(
 def _block_of(name: str, prefix: str, n_blocks: int) -> int:
     """Index of the decoder block holding linear ``name``; ``n_blocks`` for the output head."""
     return int(name[len(prefix) :].split(".", 1)[0]) if name.startswith(prefix) else n_blocks
-
-
-def _grad_safe(value: Any) -> Any:
-    """Clones of the kwargs' tensors: those captured under inference mode cannot be saved for
-    a backward."""
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_grad_safe(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _grad_safe(v) for k, v in value.items()}
-    return value
 
 
 @contextmanager

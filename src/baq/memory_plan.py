@@ -78,6 +78,9 @@ class MemoryEstimate:
             quantized weight (8 bytes), or with ``--lazy`` compact uint8 codes (1 byte).
         save: the packed layers built for the save: at most a byte per quantized weight (codes
             of up to 8 bits), with the results still held.
+        importance: the model-level allocation's Fisher pass (``baq.importance``): every
+            block's inputs for its windows, their gradients, the head's logits and one block's
+            backward; its sensitivity pass holds at most what quantizing does.
     """
 
     resident: int
@@ -91,6 +94,7 @@ class MemoryEstimate:
     calib_tokens: int
     results: int = 0
     save: int = 0
+    importance: int = 0
 
     def quantize_peak(self, spilled: bool = False) -> int:
         held = 0 if spilled else self.activations
@@ -107,6 +111,7 @@ class MemoryEstimate:
             self.quantize_peak(spilled),
             kept + self.evaluation + self.calib_tokens,
             kept + self.save,
+            self.resident + self.weights + self.importance + self.calib_tokens,
         )
 
 
@@ -161,6 +166,7 @@ class MemoryPlan:
             f"results {format_size(e.results)}",
             f"block forward {format_size(e.forward)}",
             f"evaluation {format_size(e.evaluation)}",
+            *([f"importance pass {format_size(e.importance)}"] if e.importance else []),
             f"load {format_size(e.load)}",
         ]
         return (
@@ -229,6 +235,7 @@ def estimate(
     resident: int | None = None,
     shape: dict[str, Any] | None = None,
     include_head: bool = False,
+    importance_windows: int = 0,
 ) -> MemoryEstimate:
     """What a run of ``baq quantize`` will hold, in bytes, before any weight is read.
 
@@ -252,6 +259,8 @@ def estimate(
             (counted on top of a block's, an upper bound), its solve (the largest of a block's
             and the head's: a vocabulary-wide head costs more than any block linear) and its
             result.
+        importance_windows: calibration windows of the model-level allocation's Fisher pass
+            (0: no model-level allocation).
     """
     shape = shape or model_shape(config)
     item = _itemsize(dtype)
@@ -286,6 +295,14 @@ def estimate(
         evaluation += (eval_windows or 1) * eval_seqlen * TOPK * (4 + 8)  # top-k logp and ids
     quantized = shape["blocks"] * sum(rows * cols for rows, cols in shape["linears"])
     quantized += head[0] * head[1] if head is not None else 0
+    importance = 0
+    if importance_windows:
+        w = min(importance_windows, nsamples)
+        # block inputs of every block and the last one's outputs, and their gradients
+        importance = (shape["blocks"] + 2) * w * seqlen * hidden * item
+        importance += 3 * seqlen * vocab * 4  # the head's float logits, probabilities, gradient
+        # one block's backward: its forward's temporaries kept for autograd, and their gradients
+        importance += 2 * _forward_bytes(1, seqlen, hidden, inter, heads, 4)
     if resident is None:
         resident = resident_bytes()
     return MemoryEstimate(
@@ -300,6 +317,7 @@ def estimate(
         calib_tokens=nsamples * seqlen * 8 if calibrated else 0,
         results=quantized * (1 if lazy else 8),
         save=quantized if saving else 0,
+        importance=importance,
     )
 
 

@@ -27,6 +27,16 @@ def weight_file_bytes(model: str | None, gguf_file: str | None) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def importance_windows(args: argparse.Namespace, cfg: Any) -> int:
+    """Windows the model-level allocation's importance pass holds the activations of (0 when
+    there is none: another allocation, or a measurement given with --measurement)."""
+    if cfg.allocation != "model" or getattr(args, "measurement", None) is not None:
+        return 0
+    from ..importance import NOISE_WINDOWS
+
+    return NOISE_WINDOWS if cfg.importance == "noise" else cfg.importance_samples
+
+
 def plan_run_memory(args: argparse.Namespace, cfg: Any, config: Any) -> Any:
     """Estimate the run, decide where the activations go (``args.max_activation_bytes``), or
     refuse with one line. Stores the plan in ``args.memory_plan`` (None for a saved folder)."""
@@ -58,6 +68,7 @@ def plan_run_memory(args: argparse.Namespace, cfg: Any, config: Any) -> Any:
         gguf=gguf,
         saving=args.output is not None,
         include_head=cfg.include_head,
+        importance_windows=importance_windows(args, cfg),
     )
     try:
         plan = memory_plan.plan(
