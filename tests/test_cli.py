@@ -62,6 +62,9 @@ def test_quantize_end_to_end_writes_a_consistent_report(tiny_model_dir, text_fil
     assert main([*argv, "--report", str(report), "-q"]) == 0
     rep = json.loads(report.read_text())
     assert rep["quant"]["method"] == "baq" and rep["quant"]["bits"] == 2.5
+    # BAQ's default is one budget for the model, measured first as a stage of its own
+    assert rep["quant"]["allocation"] == "model" and rep["quant"]["sensitivity"] == "analytic"
+    assert rep["seconds"]["measure"] > 0
     assert rep["quantized_layers"] == 14  # 2 blocks x 7 linears
     layers = rep["layers"]
     assert {tuple(r["shape"]) for r in layers} == {(64, 64), (32, 64), (128, 64), (64, 128)}
@@ -83,9 +86,19 @@ def test_quantize_end_to_end_writes_a_consistent_report(tiny_model_dir, text_fil
     ratio = math.log(ppl["after"] / ppl["before"])
     assert kl["kl_mean_ln_ppl_ratio"] == pytest.approx(ratio, rel=1e-4, abs=1e-6)
     for r in layers:
-        assert r["uniform_loss"] > 0 and r["loss"] >= 0 and 0 < r["predicted_gain"] <= 1
+        assert r["beta"] > 0 and r["modelled_loss"] > 0 and r["loss"] >= 0
         assert sum(r["level_histogram"].values()) == r["shape"][1]
     assert rep["seconds"]["quantize"] > 0 and rep["memory"]["peak_rss_gib"] > 0
+    # the paper's per-layer allocation: every layer at 2.5 bits, its uniform probe solve reported
+    argv[argv.index("--eval") + 1 : argv.index("--eval") + 2] = ["none"]
+    assert main([*argv, "--allocation", "layer", "--report", str(report), "-q"]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["quant"]["allocation"] == "layer" and "measure" not in rep["seconds"]
+    for r in rep["layers"]:
+        assert r["uniform_loss"] > 0 and r["loss"] >= 0 and 0 < r["predicted_gain"] <= 1
+        hist = r["level_histogram"]
+        bits = sum(math.log2(int(L)) * n for L, n in hist.items()) / sum(hist.values())
+        assert 2.45 < bits <= 2.5 + 1e-9
 
 
 def test_eval_prints_perplexity(tiny_model_dir, text_file, capsys):

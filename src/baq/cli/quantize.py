@@ -153,10 +153,11 @@ def add_allocation_args(g: Any) -> None:
     """BAQ's allocation scope and, for the model-level allocation, its importance estimator."""
     g.add_argument(
         "--allocation",
-        default="layer",
+        default=None,
         choices=ALLOCATIONS,
-        help="BAQ: every layer gets --bits (layer, the paper's) or one budget for the whole "
-        "model, layers priced by their measured importance (model)",
+        help="BAQ: one budget for the whole model, layers priced by their measured importance "
+        "(model, the default: it wins at every budget measured, docs/RESULTS.md) or every "
+        "layer gets --bits (layer, the paper's)",
     )
     g.add_argument(
         "--importance",
@@ -182,7 +183,8 @@ def add_allocation_args(g: Any) -> None:
 
 
 def quant_config(args: argparse.Namespace) -> QuantConfig:
-    allocation = args.allocation
+    # the model-level allocation is BAQ's; RTN and GPTQ give every weight --bits
+    allocation = args.allocation or ("model" if args.method == "baq" else "layer")
     try:
         return QuantConfig(
             method=args.method,
