@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MEASUREMENT_FORMAT = "baq-measurement/1"
+# why a lazily loaded model cannot have its noise importances measured (one line, with the fix)
+NOISE_NEEDS_WHOLE_MODEL = (
+    "--importance noise with --lazy: the noise estimator runs every block after each layer, so "
+    "it needs the whole model in memory; drop --lazy, or use --importance fisher"
+)
 # QuantConfig fields a measurement depends on (bits only through measured sensitivities)
 MEASURED_FIELDS = (
     "sensitivity",
@@ -218,10 +223,7 @@ def measure_model(
 
     device = models.resolve_device("auto" if device is None else str(device))
     if loader is not None and "noise" in estimators:
-        raise ValueError(
-            "the noise estimator runs every block after each layer, so it needs the whole "
-            "model in memory: drop --lazy, or use --importance fisher"
-        )
+        raise ValueError(NOISE_NEEDS_WHOLE_MODEL)
     meas = Measurement([], [], {}, settings=settings_of(model_digest, calib_ids, cfg))
     t = time.perf_counter()
     _sensitivities(

@@ -161,10 +161,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     check_lazy(args)
     estimators = tuple(dict.fromkeys(args.importance))
     if args.lazy and "noise" in estimators:
-        raise UsageError(
-            "--importance noise with --lazy: the noise estimator runs every block after each "
-            "layer, so it needs the whole model; drop --lazy, or measure fisher only"
-        )
+        raise UsageError(measure.NOISE_NEEDS_WHOLE_MODEL)
     check_model(args, args.seqlen)
     check_calib_fits(args, calib_cfg)
     device = models.resolve_device(args.device)
@@ -249,11 +246,7 @@ def check_measurement_args(args: argparse.Namespace, cfg: QuantConfig) -> Any:
         )
     if cfg.allocation == "model" and args.lazy and args.measurement is None:
         if cfg.importance == "noise":
-            raise UsageError(
-                "--importance noise with --lazy: the noise estimator runs every block after "
-                "each layer, so it needs the whole model; use --importance fisher, or measure "
-                "with baq measure where the model fits and pass --measurement FILE"
-            )
+            raise UsageError(measure.NOISE_NEEDS_WHOLE_MODEL)
     if args.measurement is None:
         return None
     meas = _read(args.measurement)
