@@ -8,8 +8,9 @@ GPTQ/BAQ run's measured layer losses (the ``layers`` rows of its cached JSON) by
 ``beta`` of MEASUREMENT (a ``baq measure`` file) and sets the prediction against what the run
 measured: the mean KL divergence to the float model and the log-perplexity increase
 ``ln(PPL_Q / PPL_FP)``. Prints one row per run and the Pearson correlation of the logs of each
-pair; ``--out`` draws ``linearity.png`` (plots.plot_linearity). A SOURCE is a bench folder; RTN
-runs have no layer losses (no Hessian) and are left out.
+pair; ``--out`` draws ``linearity.png`` (plots.plot_linearity) and ``kl.png``, the KL against
+storage bits of every run with a KL, RTN included (plots.plot_kl). A SOURCE is a bench folder;
+RTN runs have no layer losses (no Hessian) and are left out of the check.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main() -> None:
     if beta is None:
         raise SystemExit(f"{args.measurement}: no Fisher beta; measure with --importance fisher")
     rows, kept = [], []
-    for run in load_runs(args.sources, args.set):
+    runs = load_runs(args.sources, args.set)
+    for run in runs:
         predicted = plots.predicted_kl(run, beta)
         kl = ((run.get("kl") or {}).get(args.set) or {}).get("kl_mean")
         if predicted is None or kl is None:
@@ -62,10 +64,13 @@ def main() -> None:
         print(f"Pearson of (log predicted, log ln(PPL/FP)) {r:.3f} over {len(increase)} runs")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        fig = plots.plot_linearity(kept, beta)
-        FigureCanvasAgg(fig)
-        fig.savefig(args.out / "linearity.png", dpi=120)
-        print(f"wrote {args.out / 'linearity.png'}")
+        for name, fig in {
+            "linearity.png": plots.plot_linearity(kept, beta),
+            "kl.png": plots.plot_kl([r for r in runs if r.get("kl")]),
+        }.items():
+            FigureCanvasAgg(fig)
+            fig.savefig(args.out / name, dpi=120)
+            print(f"wrote {args.out / name}")
 
 
 if __name__ == "__main__":

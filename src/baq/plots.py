@@ -107,7 +107,7 @@ def _plot_against_bits(results: list[Result], metric, ylabel: str, fp_line: bool
         lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for r in results:
             value = metric(r, name)
-            if r["family"] == "fp":
+            if r.get("family") == "fp":  # transcribed runs (frontier.load_runs) carry no family
                 if fp_line and _finite(value):
                     ax.axhline(value, color="black", linestyle="--", label=f"FP ({value:.2f})")
             elif _finite(value):  # a diverged run (inf or nan) has no place on a log axis
