@@ -81,7 +81,9 @@ def whole_model_fisher(model, windows, targets, seed=0):
 
     def watch(name):
         def hook(mod, args, out):
-            out.register_hook(lambda g: sums.__setitem__(name, sums[name] + float(g.double().square().sum())))
+            out.register_hook(
+                lambda g: sums.__setitem__(name, sums[name] + float(g.double().square().sum()))
+            )
 
         return hook
 
@@ -107,7 +109,9 @@ def whole_model_fisher(model, windows, targets, seed=0):
 def every_linear(model, head=False):
     layers = blocks.decoder_layers(model)
     prefix = blocks.module_prefix(model, layers)
-    out = {f"{prefix}{i}.{n}": m for i, b in enumerate(layers) for n, m in blocks.linears(b).items()}
+    out = {
+        f"{prefix}{i}.{n}": m for i, b in enumerate(layers) for n, m in blocks.linears(b).items()
+    }
     if head:
         out["lm_head"] = model.get_output_embeddings()
     return out

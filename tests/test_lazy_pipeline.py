@@ -102,7 +102,10 @@ def test_lazy_model_allocation_measures_one_block_at_a_time_to_the_same_bytes(se
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["quant"]["allocation"] == "model" and "measure" in report["seconds"]
     # the noise estimator needs the whole model: refused before any weight is read
-    assert main(argv(setup, out, "baq", *extra, "--lazy", "--importance", "noise", evaluate=False)) == 2
+    assert (
+        main(argv(setup, out, "baq", *extra, "--lazy", "--importance", "noise", evaluate=False))
+        == 2
+    )
 
 
 def test_lazy_run_resumes_to_the_same_bytes(setup, monkeypatch, tmp_path):

@@ -137,8 +137,11 @@ from baq.report import peak_rss_gib
 model, _ = models.load_model(sys.argv[1])
 layers = blocks.decoder_layers(model)
 prefix = blocks.module_prefix(model, layers)
-targets = {f"{prefix}{i}.{n}": m for i, b in enumerate(layers) for n, m in blocks.linears(b).items()}
-ids = torch.randint(3, 500, (int(sys.argv[2]), int(sys.argv[3])), generator=torch.Generator().manual_seed(0))
+targets = {
+    f"{prefix}{i}.{n}": m for i, b in enumerate(layers) for n, m in blocks.linears(b).items()
+}
+gen = torch.Generator().manual_seed(0)
+ids = torch.randint(3, 500, (int(sys.argv[2]), int(sys.argv[3])), generator=gen)
 before = resident_bytes()
 importance.fisher_importance(model, ids, targets, torch.device("cpu"))
 print(before, int(peak_rss_gib() * 2**30))
@@ -166,7 +169,8 @@ def test_estimated_importance_pass_is_within_a_factor_of_its_measured_growth(tmp
         resident=0, importance_windows=windows,
     )  # fmt: skip
     assert est.importance / 1.5 <= peak - before <= est.importance * 1.5, (
-        (peak - before) / 2**20, est.importance / 2**20,
+        (peak - before) / 2**20,
+        est.importance / 2**20,
     )
     assert est.peak() >= est.importance
 
