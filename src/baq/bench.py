@@ -54,6 +54,7 @@ KEY_OPTIONAL: dict[str, Any] = {
     "dim": "oc",
     "include_head": False,
     "measure_samples": None,  # all windows until session 8
+    "adadim": "proxy",
 }
 
 # family -> (label, QuantConfig fields); the order is the default grid's order
@@ -148,6 +149,7 @@ def build_grid(
     range_dtype: str = "float16",
     dims: Sequence[str] = ("oc",),
     include_head: bool = False,
+    adadim: str = "proxy",
 ) -> list[BenchSpec]:
     """The runs, in order: each family at each of ``bits`` (BAQ measured also at ``baq_bits``).
 
@@ -156,6 +158,8 @@ def build_grid(
     ``dims`` repeats every variant on each grid dimension (``-ic``, ``-auto`` in the name; the
     per-OC runs keep their names and cache keys; RTN has no Hessian for ``auto``).
     ``include_head`` quantizes the output head in every quantized run (same names, other keys).
+    ``adadim`` is how the ``auto`` runs choose (``-auto-block`` in the name for the block output
+    criterion).
 
     Returns:
         The specs; names are unique. Bad settings raise ``ValueError`` from :class:`QuantConfig`.
@@ -180,6 +184,7 @@ def build_grid(
                     continue
                 tag = (
                     ("" if dim == "oc" else f"-{dim}")
+                    + ("-block" if dim == "auto" and adadim == "block" else "")
                     + (f"-g{gs}" if gs else "")
                     + ("-act" if order else "")
                 )
@@ -191,6 +196,7 @@ def build_grid(
                         percdamp=percdamp,
                         range_dtype=range_dtype,
                         dim=dim,
+                        adadim=adadim if dim == "auto" else "proxy",
                         include_head=include_head,
                         **fields,
                     )

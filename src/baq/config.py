@@ -23,6 +23,9 @@ RANGE_DTYPES: tuple[str, ...] = ("float16", "float32")  # grid ranges (quant/gri
 # grid dimension (quant/grid.py): per output channel (a row's range), per input channel (a
 # column's), or AdaDim's choice per layer (quant/adadim.py)
 GRID_DIMS: tuple[str, ...] = ("oc", "ic", "auto")
+# AdaDim's criterion with dim="auto": the layer's proxy error on its Hessian (quant/adadim.py), or
+# the paper's block output error of an RTN pass on calibration windows (baq/adadim_block.py)
+ADADIM_CRITERIA: tuple[str, ...] = ("proxy", "block")
 # Text sources (data.py); the hub ones are downloaded with ``datasets``, calibrate on their
 # train split and evaluate on their test split.
 HUB_TEXT_SOURCES: tuple[str, ...] = ("wikitext2", "ptb", "c4")
@@ -57,6 +60,7 @@ class QuantConfig:
     hessian_dtype: Literal["float32", "float64"] = "float32"
     range_dtype: Literal["float16", "float32"] = "float16"  # grid ranges (quant/grid.py)
     dim: Literal["oc", "ic", "auto"] = "oc"  # grid ranges per row, per column, or AdaDim's pick
+    adadim: Literal["proxy", "block"] = "proxy"  # how dim="auto" picks (ADADIM_CRITERIA)
     skip: tuple[str, ...] = ()  # fnmatch patterns of linear names left in full precision
     allocation: Literal["layer", "model"] = "layer"  # BAQ: budget per layer or for the model
     importance: Literal["fisher", "noise"] = "fisher"  # model allocation: beta_l estimator
@@ -119,6 +123,13 @@ class QuantConfig:
             raise ValueError(
                 "dim='auto' compares the grids on the layer's Hessian, which RTN does not collect: "
                 "use --dim oc or ic with rtn, or --method gptq/baq"
+            )
+        if self.adadim not in ADADIM_CRITERIA:
+            raise ValueError(f"adadim={self.adadim!r}: use one of {', '.join(ADADIM_CRITERIA)}")
+        if self.adadim != "proxy" and self.dim != "auto":
+            raise ValueError(
+                f"adadim={self.adadim!r} is how --dim auto chooses, and dim is {self.dim!r}: "
+                "add --dim auto or drop --adadim"
             )
         if self.hessian_dtype not in ("float32", "float64"):
             raise ValueError(f"hessian_dtype={self.hessian_dtype!r}: use float32 or float64")

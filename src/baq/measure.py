@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import blocks, head, importance, streaming
+from . import adadim_block, blocks, head, importance, streaming
 from .config import QuantConfig
 from .divergence import windows_digest
 from .hessian import hessian_hooks
@@ -35,7 +35,7 @@ from .pipeline import bar_disabled, batch_size_for, block_targets, check_finite,
 from .quant import adadim
 from .quant.gptq import factor_hessian
 from .quant.grid import fit_grid
-from .quant.layer import column_sensitivity, uniform_probe_levels
+from .quant.layer import column_sensitivity, grid_kwargs, uniform_probe_levels
 from .report import write_safetensors
 
 if TYPE_CHECKING:
@@ -63,13 +63,14 @@ MEASURED_FIELDS = (
 )
 # fields added later: recorded only when not at their default, and files without them read as at
 # the default, so measurements written before them keep serving the runs they served
-MEASURED_LATER: dict[str, Any] = {"include_head": False, "measure_samples": None}
+MEASURED_LATER: dict[str, Any] = {"include_head": False, "measure_samples": None, "adadim": "proxy"}
 # what a refusal calls a setting, where its key is not the flag
 _LABELS = {
     "model": "model weights",
     "calib": "calibration windows",
     "include_head": "--include-head",
     "measure_samples": "--measure-samples",
+    "adadim": "--adadim",
 }
 
 
@@ -227,7 +228,15 @@ def measure_model(
     meas = Measurement([], [], {}, settings=settings_of(model_digest, calib_ids, cfg))
     t = time.perf_counter()
     _sensitivities(
-        model, calib_ids[: cfg.measure_samples], cfg, device, meas, progress, batch_tokens, max_activation_bytes, loader
+        model,
+        calib_ids[: cfg.measure_samples],
+        cfg,
+        device,
+        meas,
+        progress,
+        batch_tokens,
+        max_activation_bytes,
+        loader,
     )
     meas.seconds["sensitivity"] = time.perf_counter() - t
     targets = dict(zip(meas.names, _modules(model, meas.names)))
@@ -294,10 +303,15 @@ def _sensitivities(
             targets = block_targets(block, f"{prefix}{i}.", cfg.skip)
             if i == 0:
                 batch = batch_size_for(block, inputs, kwargs, device, batch_tokens)
+            dims = {}
+            if cfg.dim == "auto" and cfg.adadim == "block":  # on the float block's outputs
+                with torch.inference_mode():
+                    dims = adadim_block.choose_dims(block, targets, inputs, kwargs, device, cfg)
             with torch.inference_mode(), hessian_hooks(block, targets, hdtype) as accs:
                 outputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
             for name, mod in targets.items():
-                _add_layer(meas, f"{prefix}{i}.{name}", mod, accs[name].hessian(), cfg)
+                H = accs[name].hessian()
+                _add_layer(meas, f"{prefix}{i}.{name}", mod, H, cfg, dims.get(name))
             del accs
             inputs.close()
             inputs = outputs
@@ -312,18 +326,26 @@ def _sensitivities(
         inputs.close()
 
 
-def _add_layer(meas: Measurement, name: str, mod: nn.Module, H: Tensor, cfg: QuantConfig) -> None:
-    """Sensitivities ``c_j`` of one float linear on its Hessian, recorded in ``meas``."""
+def _add_layer(
+    meas: Measurement,
+    name: str,
+    mod: nn.Module,
+    H: Tensor,
+    cfg: QuantConfig,
+    chosen_dim: str | None = None,
+) -> None:
+    """Sensitivities ``c_j`` of one float linear on its Hessian, recorded in ``meas``; with
+    ``--dim auto`` on the grid of ``chosen_dim`` (the block output criterion's) or, without
+    one, of the proxy criterion's choice."""
     W = blocks.get_weight(mod)
     check_finite(name, W)  # before the importance pass, which NaN weights would derail
     factor = factor_hessian(H, cfg.percdamp, False)
     Wd = W.to(factor.U.device, torch.float32).clone()
     Wd[:, factor.dead] = 0
-    dim = cfg.dim
+    dim = cfg.dim if chosen_dim is None else chosen_dim
     if dim == "auto":  # AdaDim's choice at the uniform budget, on the float H
         probe = torch.full((W.shape[1],), uniform_probe_levels(cfg.bits))
-        grid_kw = dict(group_size=cfg.group_size, sym=cfg.sym, range_dtype=cfg.range_dtype)
-        dim, _ = adadim.choose_dim(Wd, H, probe, **grid_kw)
+        dim, _ = adadim.choose_dim(Wd, H, probe, **grid_kwargs(cfg))
     grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype, dim)
     sens, _ = column_sensitivity(Wd, factor, grid, cfg)
     meas.names.append(name)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import blocks, head, models, streaming
+from . import adadim_block, blocks, head, models, streaming
 from .activations import ActivationStore
 from .config import QuantConfig
 from .hessian import StopForward, hessian_hooks
@@ -248,7 +248,12 @@ def _solve_block(
             return {name: accs[name].hessian() for name in targets if name in accs}
 
         hessians, batch = retry_halving(accumulate, batch)
-    solve_targets(targets, prefix, hessians, cfg, run, compact, plan)
+    dims = None
+    if cfg.dim == "auto" and cfg.adadim == "block" and targets:
+        planned = {n: p.levels for n in targets if plan and (p := plan.get(f"{prefix}{n}"))}
+        with torch.inference_mode():
+            dims = adadim_block.choose_dims(block, targets, inputs, kwargs, device, cfg, planned)
+    solve_targets(targets, prefix, hessians, cfg, run, compact, plan, dims)
     return batch
 
 
@@ -260,6 +265,7 @@ def solve_targets(
     run: QuantRun,
     compact: bool,
     plan: dict[str, LayerPlan] | None = None,
+    dims: dict[str, str] | None = None,
 ) -> None:
     """Solve each linear of ``targets`` on its Hessian, write it back, add it to ``run``.
 
@@ -268,6 +274,8 @@ def solve_targets(
         prefix: the full name of the block with a trailing dot ("" for the head).
         hessians: name -> (cols, cols) Hessian, consumed; none for RTN.
         cfg, run, compact, plan: as in :func:`_solve_block`.
+        dims: name -> AdaDim's grid dimension chosen by the block output criterion
+            (:mod:`baq.adadim_block`); None: ``cfg.dim`` (with auto, the proxy criterion).
     """
     for name, mod in targets.items():
         full = f"{prefix}{name}"
@@ -278,7 +286,9 @@ def solve_targets(
         if plan is not None and planned is None:
             raise ValueError(f"the allocation plan has no levels for {full}: measure again")
         levels = None if planned is None else planned.levels
-        res, rec = quantize_layer(W, hessians.pop(name, None), cfg, full, levels=levels)
+        res, rec = quantize_layer(
+            W, hessians.pop(name, None), cfg, full, levels, (dims or {}).get(name)
+        )
         if planned is not None:
             rec.beta, rec.modelled_loss = planned.beta, planned.modelled_loss
         blocks.set_weight(mod, res.weight)

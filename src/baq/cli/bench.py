@@ -8,6 +8,7 @@ from typing import Any
 
 from ..config import GRID_DIMS, RANGE_DTYPES
 from .common import UsageError, add_model_args, check_model, check_source, flagify
+from .measure import add_adadim_arg
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -39,6 +40,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="grid dimensions to run every variant on (oc: per row, ic: per column, auto: AdaDim)",
     )
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
+    add_adadim_arg(g)
     g.add_argument(
         "--include-head",
         action="store_true",
@@ -101,6 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.range_dtype,
             tuple(dict.fromkeys(args.dim)),
             args.include_head,
+            args.adadim,
         )
         settings = bench.BenchSettings(
             model=args.model,

@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import IMPORTANCES, RANGE_DTYPES, SENSITIVITIES, QuantConfig
+from ..config import (
+    ADADIM_CRITERIA,
+    GRID_DIMS,
+    IMPORTANCES,
+    RANGE_DTYPES,
+    SENSITIVITIES,
+    QuantConfig,
+)
 from .common import (
     UsageError,
     add_model_args,
@@ -52,6 +59,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--bits", type=float, default=3.0, help="probe budget of measured sensitivities")
     g.add_argument("--group-size", type=int, default=None)
     g.add_argument("--sym", action="store_true")
+    g.add_argument("--dim", default="oc", choices=GRID_DIMS, help="grid dimension, as quantize's")
+    add_adadim_arg(g)
     g.add_argument("--percdamp", type=float, default=0.01)
     g.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"])
     g.add_argument("--range-dtype", default="float16", choices=RANGE_DTYPES)
@@ -98,6 +107,8 @@ def measure_config(args: argparse.Namespace) -> QuantConfig:
             measure_samples=measure_samples_of(args),
             group_size=args.group_size,
             sym=args.sym,
+            dim=args.dim,
+            adadim=args.adadim,
             percdamp=args.percdamp,
             hessian_dtype=args.hessian_dtype,
             range_dtype=args.range_dtype,
@@ -133,6 +144,18 @@ def measure_samples_of(args: argparse.Namespace) -> int | None:
             "e.g. 32, or all"
         )
     return n
+
+
+def add_adadim_arg(g: Any) -> None:
+    """``--adadim``, shared by ``baq quantize``, ``baq measure`` and ``baq bench``."""
+    g.add_argument(
+        "--adadim",
+        default="proxy",
+        choices=ADADIM_CRITERIA,
+        help="how --dim auto picks each layer's grid: the smaller RTN proxy error on the layer's "
+        "Hessian (proxy, default: no extra pass) or the smaller block output error of RTN on 8 "
+        "calibration windows (block: the AdaDim paper's, two block forwards per linear)",
+    )
 
 
 def add_head_arg(g: Any) -> None:

@@ -38,6 +38,7 @@ from .common import (
     positive,
 )
 from .measure import (
+    add_adadim_arg,
     add_head_arg,
     add_measure_samples_arg,
     allocation_plan,
@@ -72,6 +73,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="grid ranges per row (oc, default), per input column (ic; --group-size then counts "
         "rows), or per layer the one with the smaller RTN output error (auto: AdaDim)",
     )
+    add_adadim_arg(g)
     g.add_argument("--act-order", action="store_true", help="solve columns by decreasing diag H")
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
     g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch block")
@@ -192,12 +194,12 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
             group_size=args.group_size,
             sym=args.sym,
             dim=args.dim,
+            adadim=args.adadim,
             act_order=args.act_order,
             percdamp=args.percdamp,
             block_size=args.block_size,
             integer_bits=args.integer_bits,
-            sensitivity=args.sensitivity
-            or ("analytic" if allocation == "model" else "measured"),
+            sensitivity=args.sensitivity or ("analytic" if allocation == "model" else "measured"),
             exponent=args.exponent,
             max_levels=args.max_levels,
             hessian_dtype=args.hessian_dtype,

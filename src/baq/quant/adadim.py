@@ -27,31 +27,39 @@ log = logging.getLogger(__name__)
 DIMS: tuple[str, ...] = ("oc", "ic")
 
 
-def rtn_errors(
-    W: Tensor,
-    H: Tensor,
-    levels: Tensor,
-    group_size: int | None = None,
-    sym: bool = False,
-    range_dtype: str = "float16",
-) -> dict[str, float]:
+def rtn_errors(W: Tensor, H: Tensor, levels: Tensor, **grid: Any) -> dict[str, float]:
     """Proxy output error of RTN in each grid dimension.
 
     Args:
         W: (rows, cols) weights (dead columns zeroed, as the solver sees them).
         H: (cols, cols) Hessian proxy of the layer's inputs.
         levels: (cols,) level counts of the comparison (uniform: the layer's bits).
-        group_size, sym, range_dtype: of the grids compared (``group_size`` counts columns per
-            range for ``oc``, rows per range for ``ic``, as :func:`fit_grid` takes it).
+        grid: ``group_size``, ``sym``, ``range_dtype`` of the grids compared, as
+            :func:`rtn_weights` takes them.
     Returns:
         ``{"oc": E_oc, "ic": E_ic}``.
     """
-    out = {}
-    for dim in DIMS:
-        grid = fit_grid(W, group_size, sym, range_dtype, dim=dim)
-        _, Q = quantize(W, grid, levels.to(W.device))
-        out[dim] = proxy_loss(W, Q, H)
-    return out
+    return {dim: proxy_loss(W, rtn_weights(W, levels, dim, **grid), H) for dim in DIMS}
+
+
+def rtn_weights(
+    W: Tensor,
+    levels: Tensor,
+    dim: str,
+    group_size: int | None = None,
+    sym: bool = False,
+    range_dtype: str = "float16",
+) -> Tensor:
+    """``W`` rounded to nearest on its own grid in dimension ``dim`` (dequantized, W's shape).
+
+    Args:
+        W, levels: as :func:`rtn_errors`.
+        group_size, sym, range_dtype: of the grid (``group_size`` counts columns per range for
+            ``oc``, rows per range for ``ic``, as :func:`fit_grid` takes it).
+    """
+    grid = fit_grid(W, group_size, sym, range_dtype, dim=dim)
+    _, Q = quantize(W, grid, levels.to(W.device))
+    return Q
 
 
 def choose_dim(W: Tensor, H: Tensor, levels: Tensor, **grid: Any) -> tuple[str, dict[str, float]]:

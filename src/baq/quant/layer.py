@@ -62,12 +62,30 @@ def uniform_probe_levels(bits: float) -> int:
     return max(2, int(round(2.0**bits)))
 
 
+def adadim_probe_levels(
+    cols: int, cfg: QuantConfig, levels: Tensor | None, device: torch.device | str
+) -> Tensor:
+    """The level counts AdaDim compares the two grids at: the planned ones (model level), the
+    uniform integer bitwidth (GPTQ), or BAQ's uniform measuring solve's ``round(2^B)``."""
+    if levels is not None:
+        return levels.to(device)
+    if cfg.method == "gptq":
+        return uniform_levels(cols, int(cfg.bits), device)
+    return torch.full((cols,), uniform_probe_levels(cfg.bits), device=device)
+
+
+def grid_kwargs(cfg: QuantConfig) -> dict:
+    """The grid settings :mod:`.adadim` compares, from ``cfg``."""
+    return dict(group_size=cfg.group_size, sym=cfg.sym, range_dtype=cfg.range_dtype)
+
+
 def quantize_layer(
     W: Tensor,
     H: Tensor | None,
     cfg: QuantConfig,
     name: str = "",
     levels: Tensor | None = None,
+    chosen_dim: str | None = None,
 ) -> tuple[QuantResult, LayerRecord]:
     """Quantize one weight matrix with ``cfg.method``.
 
@@ -78,6 +96,8 @@ def quantize_layer(
         name: layer name for the record.
         levels: (cols,) planned level counts (BAQ with the model-level allocation, planned
             before any layer was quantized): one GPTQ solve with them, no allocation here.
+        chosen_dim: with ``cfg.dim == "auto"``, the dimension AdaDim chose outside (the block
+            output criterion, ``baq.adadim_block``); None: the proxy error on ``H`` chooses.
     Returns:
         The result (original column order) and its :class:`LayerRecord`.
     """
@@ -91,16 +111,13 @@ def quantize_layer(
     factor = factor_hessian(H, cfg.percdamp, cfg.act_order)
     Wd = W.to(factor.U.device, torch.float32).clone()
     Wd[:, factor.dead] = 0
-    dim = cfg.dim
-    if dim == "auto":  # AdaDim: RTN in each dimension, the smaller proxy error on this H
-        if levels is not None:
-            probe = levels
-        elif cfg.method == "gptq":
-            probe = uniform_levels(cols, int(cfg.bits), Wd.device)
-        else:
-            probe = torch.full((cols,), uniform_probe_levels(cfg.bits), device=Wd.device)
-        grid_kw = dict(group_size=cfg.group_size, sym=cfg.sym, range_dtype=cfg.range_dtype)
-        dim, _ = adadim.choose_dim(Wd, H, probe, **grid_kw)
+    if cfg.dim != "auto":
+        dim = cfg.dim
+    elif chosen_dim is None:  # AdaDim: RTN in each dimension, the smaller proxy error on this H
+        probe = adadim_probe_levels(cols, cfg, levels, Wd.device)
+        dim, _ = adadim.choose_dim(Wd, H, probe, **grid_kwargs(cfg))
+    else:
+        dim = chosen_dim
     # per-IC: the float weights' ranges (the analytic sensitivity's); the solve refits them
     grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype, dim)
     solve = solve_args(grid, cfg)
