@@ -181,6 +181,7 @@ def test_results_table_and_plots(tiny_model_dir, text, tmp_path):
     assert "peak GiB" in table
 
     plots = ["perplexity.png", "bits-heatmap.png", "level-histogram.png", "predicted-gain.png"]
+    plots.append("adadim.png")
     for name in plots:
         path = out / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1024
@@ -189,6 +190,31 @@ def test_results_table_and_plots(tiny_model_dir, text, tmp_path):
         path.unlink()
     run(tiny_model_dir, text, out, *grid, "--plots-only")
     assert all((out / name).stat().st_size > 1024 for name in plots)
+
+
+def test_dim_choice_plot_shows_each_layers_grid():
+    import numpy as np
+
+    from baq import plots
+
+    rng = np.random.default_rng(0)
+    modules = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
+    dims = {(b, m): rng.choice(["oc", "ic"]) for b in range(4) for m in modules}
+    layers = [{"name": f"model.layers.{b}.{m}", "dim": d} for (b, m), d in dims.items()]
+    layers.append({"name": "lm_head", "dim": "ic"})  # not a block's: left out
+
+    def run(name, dim):
+        return {"name": name, "settings": {"quant": {"dim": dim}}, "layers": layers}
+
+    run_auto, run_oc = run("baq-model-auto-3b", "auto"), run("baq-model-3b", "oc")
+    blocks, mods, grid = plots.dim_choice_grid(run_auto)
+    assert blocks == [0, 1, 2, 3] and mods == modules
+    for (b, m), d in dims.items():
+        assert grid[b][modules.index(m)] == (1.0 if d == "ic" else 0.0)
+    fig = plots.plot_dim_choice([run_oc, run_auto])  # only --dim auto runs get a panel
+    (ax,) = fig.axes
+    assert np.array_equal(ax.images[0].get_array(), np.array(grid))
+    assert f"{sum(d == 'ic' for d in dims.values())} of 12" in ax.get_title()
 
 
 def test_adding_an_evaluation_set_evaluates_only_it(

@@ -38,7 +38,8 @@ def write_plots(
             model-level allocation's); the beta and linearity plots need them.
     Returns:
         The paths written: perplexity.png, kl.png, bits-heatmap.png, model-bits-heatmap.png,
-        level-histogram.png, predicted-gain.png, and with ``beta`` beta.png, linearity.png.
+        level-histogram.png, predicted-gain.png, adadim.png, and with ``beta`` beta.png and
+        linearity.png.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +50,7 @@ def write_plots(
         "model-bits-heatmap.png": lambda r: plot_bits_heatmap(r, MODEL_LABEL, None),
         "level-histogram.png": plot_level_histogram,
         "predicted-gain.png": plot_predicted_gain,
+        "adadim.png": plot_dim_choice,
     }
     if beta:
         drawers["beta.png"] = lambda r: plot_beta(beta)
@@ -294,6 +296,44 @@ def plot_bits_heatmap(
             ax.set_ylabel("block")
             ax.set_title(f"{label}, {bits:g} bits: {title}")
             fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig
+
+
+def dim_choice_grid(run: Result) -> tuple[list[int], list[str], list[list[float]]]:
+    """The grid dimension of every layer of ``run``: blocks, modules, and 1.0 where the layer is
+    per-IC, 0.0 per-OC, NaN where the run has no such layer (the head, skipped linears)."""
+    cells = [
+        (*where, 1.0 if row.get("dim") == "ic" else 0.0)
+        for row in run.get("layers", [])
+        if (where := _block_and_module(row["name"])) is not None
+    ]
+    blocks = sorted({c[0] for c in cells})
+    modules = list(dict.fromkeys(c[1] for c in cells))
+    grid = [[math.nan] * len(modules) for _ in blocks]
+    for block, module, ic in cells:
+        grid[blocks.index(block)][modules.index(module)] = ic
+    return blocks, modules, grid
+
+
+def plot_dim_choice(results: list[Result]) -> Figure:
+    """Which layers AdaDim (``--dim auto``) put on per-IC grids, one panel per such run (each
+    budget, criterion and allocation): blocks down, modules across, IC dark."""
+    runs = [r for r in results if r.get("settings", {}).get("quant", {}).get("dim") == "auto"]
+    fig, axes = _figure(max(1, len(runs)), 3.6, 6.0)
+    if not runs:
+        _empty(axes[0], "no --dim auto run")
+        return fig
+    for ax, run in zip(axes, runs):
+        blocks, modules, grid = dim_choice_grid(run)
+        ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1.4)
+        short = _short_names(modules)
+        ax.set_xticks(range(len(modules)), [short[m] for m in modules], rotation=45, ha="right")
+        step = max(1, len(blocks) // 15)
+        ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
+        ax.set_ylabel("block")
+        n_ic = sum(v == 1.0 for row in grid for v in row)
+        n_all = sum(not math.isnan(v) for row in grid for v in row)
+        ax.set_title(f"{run['name']}\nper-IC (dark): {n_ic} of {n_all}", fontsize=9)
     return fig
 
 
