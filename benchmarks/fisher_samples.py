@@ -16,33 +16,25 @@ measurement's own plan (1.000 is no loss; the closed form is the minimum, so it 
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
-from baq import bench, importance, models
+from protocol import reference_and_calibration, samples_args
+
+from baq import importance, models
 from baq.config import QuantConfig
-from baq.divergence import windows_digest
 from baq.measure import Measurement
 from baq.plan import plan_levels
 from baq.plots import rank_correlation
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("measurement", type=Path)
-    p.add_argument("--samples", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--bits", type=float, default=3.0)
-    args = p.parse_args()
+    args = samples_args(__doc__, [4, 8, 16])
     meas = Measurement.load(args.measurement)
     ref = meas.betas("fisher")
-    model, tok = models.load_model(None, dtype="float32")
-    calib, _, _ = bench.prepare_data(bench.BenchSettings(text=bench.default_text()), tok)
-    if windows_digest(calib) != meas.settings["calib"]:
-        raise SystemExit("the measurement was made on other calibration windows")
+    model, calib = reference_and_calibration(meas)
     device = models.resolve_device("auto")
     model.to(device)
     mods = dict(model.named_modules())

@@ -17,17 +17,14 @@ plan (1.000 is no loss; the closed form is the minimum of the modelled loss, so 
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+from protocol import reference_and_calibration, samples_args
 
-from baq import bench, models
 from baq.config import QuantConfig
-from baq.divergence import windows_digest
 from baq.measure import MEASURED_FIELDS, Measurement, measure_model
 from baq.plan import plan_levels
 from baq.plots import rank_correlation
@@ -49,17 +46,10 @@ def config_of(meas: Measurement, bits: float) -> QuantConfig:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("measurement", type=Path)
-    p.add_argument("--samples", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--bits", type=float, default=3.0)
-    args = p.parse_args()
+    args = samples_args(__doc__, [16, 32, 64])
     ref = Measurement.load(args.measurement)
     estimator = next(iter(ref.beta))
-    model, tok = models.load_model(None, dtype="float32")
-    calib, _, _ = bench.prepare_data(bench.BenchSettings(text=bench.default_text()), tok)
-    if windows_digest(calib) != ref.settings["calib"]:
-        raise SystemExit("the measurement was made on other calibration windows")
+    model, calib = reference_and_calibration(ref)
     cfg = config_of(ref, args.bits)
     beta = ref.betas(estimator)
     best = priced(plan_levels(ref, cfg), ref, beta)

@@ -11,8 +11,10 @@ the cache are not repeated, so the script can be interrupted and started again.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from baq.cli import main
 
@@ -31,6 +33,28 @@ def protocol_argv(argv: list[str]) -> list[str]:
     if "--out" not in argv:
         args += ["--out", str(ROOT / "bench-out")]
     return args + argv
+
+
+def samples_args(doc: str, default_samples: list[int]) -> argparse.Namespace:
+    """The command line of the window-count studies: a measurement, ``--samples``, ``--bits``."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("measurement", type=Path)
+    p.add_argument("--samples", type=int, nargs="+", default=default_samples)
+    p.add_argument("--bits", type=float, default=3.0)
+    return p.parse_args()
+
+
+def reference_and_calibration(meas: Any) -> tuple[Any, Any]:
+    """The float32 reference model and the protocol's calibration windows, refused (exit) when
+    ``meas`` (a ``baq.measure.Measurement``) was measured on other windows."""
+    from baq import bench, models
+    from baq.divergence import windows_digest
+
+    model, tok = models.load_model(None, dtype="float32")
+    calib, _, _ = bench.prepare_data(bench.BenchSettings(text=bench.default_text()), tok)
+    if windows_digest(calib) != meas.settings["calib"]:
+        raise SystemExit("the measurement was made on other calibration windows")
+    return model, calib
 
 
 if __name__ == "__main__":
