@@ -2,6 +2,7 @@ import logging
 
 import pytest
 import torch
+from slow_obq import slow_obq
 
 from baq.quant import grid as G
 from baq.quant.gptq import HessianError, factor_hessian, gptq_solve, proxy_loss, rtn_solve
@@ -15,39 +16,15 @@ def correlated_hessian(cols: int, n: int = 512, device="cpu") -> torch.Tensor:
 
 
 def slow_gptq(W, H, levels, grid, percdamp, act_order):
-    """Column-by-column GPTQ from the explicit inverse (OBQ form), float64, no Cholesky, no blocks.
+    """:func:`slow_obq` on the per-row grid ``grid``, each column at its own level count."""
 
-    After column j is quantized the remaining columns absorb (w_j - q_j) / Hinv_jj * Hinv[j, :],
-    and j is eliminated from Hinv by one Gaussian step; the loss of column j is
-    (w_j - q_j)^2 / Hinv_jj / 2.
-    """
-    W = W.double().clone()
-    H = H.double().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    cols = W.shape[1]
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
-    perm = torch.arange(cols) if perm is None else perm
-    H = H[perm][:, perm]
-    H += percdamp * torch.diagonal(H).mean() * torch.eye(cols, dtype=H.dtype)
-    Hinv = torch.linalg.inv(H)
-    Wp = W[:, perm]
-    Q = torch.zeros_like(Wp)
-    losses = torch.zeros(cols, dtype=torch.float64)
-    for j in range(cols):
-        c = perm[j : j + 1]
-        step, zero = G.column_params(grid, levels[c], c)
-        w = Wp[:, j : j + 1].float()
-        q = G.dequantize_codes(G.quantize_codes(w, step, zero, levels[c]), step, zero).double()
-        d = Hinv[j, j]
-        err = (Wp[:, j] - q[:, 0]) / d
-        Q[:, j] = q[:, 0]
-        losses[j] = ((Wp[:, j] - q[:, 0]) ** 2).sum() / d / 2
-        Wp[:, j + 1 :] -= err.unsqueeze(1) * Hinv[j, j + 1 :].unsqueeze(0)
-        Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / d
-    inv = torch.argsort(perm)
-    return Q[:, inv], losses[inv]
+    def round_column(c, w):
+        idx = torch.tensor([c])
+        step, zero = G.column_params(grid, levels[idx], idx)
+        codes = G.quantize_codes(w.unsqueeze(1), step, zero, levels[idx])
+        return G.dequantize_codes(codes, step, zero)[:, 0]
+
+    return slow_obq(W, H, percdamp, act_order, round_column)
 
 
 CASES = [

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from slow_obq import slow_obq
 
 from baq.config import QuantConfig
 from baq.quant import grid as G
@@ -46,41 +47,23 @@ def slow_round(w, lo, hi, L, sym):
 
 
 def slow_gptq_ic(W, H, levels, group_size, sym, percdamp, act_order):
-    """Column-by-column GPTQ (explicit inverse, no blocks) fitting each column's ranges on reach."""
-    W = W.double().clone()
-    H = H.double().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    """:func:`slow_obq` fitting each column's ranges on reach, on its values after feedback."""
     rows, cols = W.shape
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
-    perm = torch.arange(cols) if perm is None else perm
-    H = H[perm][:, perm]
-    H += percdamp * torch.diagonal(H).mean() * torch.eye(cols, dtype=H.dtype)
-    Hinv = torch.linalg.inv(H)
-    Wp = W[:, perm]
-    Q = torch.zeros_like(Wp)
     gs = rows if group_size is None else group_size
     ngroups = -(-rows // gs)
     lo_all, hi_all = torch.zeros(ngroups, cols), torch.zeros(ngroups, cols)
-    for j in range(cols):
-        w = Wp[:, j].float()
+
+    def round_column(c, w):
         lo, hi = slow_ranges(w, group_size, sym)
-        lo_all[:, perm[j]], hi_all[:, perm[j]] = lo, hi
-        L = int(levels[perm[j]])
-        q = torch.cat(
-            [
-                slow_round(w[g * gs : (g + 1) * gs], float(lo[g]), float(hi[g]), L, sym)
-                for g in range(ngroups)
-            ]
-        ).double()
-        d = Hinv[j, j]
-        err = (Wp[:, j] - q) / d
-        Q[:, j] = q
-        Wp[:, j + 1 :] -= err.unsqueeze(1) * Hinv[j, j + 1 :].unsqueeze(0)
-        Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / d
-    inv = torch.argsort(perm)
-    return Q[:, inv], lo_all, hi_all
+        lo_all[:, c], hi_all[:, c] = lo, hi
+        L = int(levels[c])
+        parts = [w[g * gs : (g + 1) * gs] for g in range(ngroups)]
+        return torch.cat(
+            [slow_round(p, float(lo[g]), float(hi[g]), L, sym) for g, p in enumerate(parts)]
+        )
+
+    Q, _ = slow_obq(W, H, percdamp, act_order, round_column)
+    return Q, lo_all, hi_all
 
 
 CASES = [
