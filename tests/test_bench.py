@@ -130,6 +130,17 @@ def test_cache_only_runs_what_is_missing(tiny_model_dir, text, tmp_path, calls, 
     assert [r["name"] for r in results["runs"]] == ["fp"] and results["missing"] == ["rtn-3b"]
 
 
+def test_help_names_every_method_and_fractional_family(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at hyphens, inside the names
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = capsys.readouterr().out
+    methods = text.split("--methods M [M ...]")[-1].split("--bits")[0]
+    assert all(f" {name} " in methods or f" {name}," in methods for name in bench.FAMILIES)
+    fractional = text.split("--baq-bits [BAQ_BITS ...]")[-1].split("--group-size")[0]
+    assert all(name in fractional for name in bench.FRACTIONAL)
+
+
 def test_bad_arguments_exit_2(tiny_model_dir, text, tmp_path, capsys):
     base = ["bench", str(tiny_model_dir), "--text", str(text), "--out", str(tmp_path)]
     assert cli.main([*base, "--bits", "9"]) == 2

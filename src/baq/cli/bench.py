@@ -24,11 +24,16 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--methods",
         nargs="+",
         metavar="M",
-        help="any of fp rtn gptq baq-measured baq-analytic baq-int, in run order (default all)",
+        help="any of fp rtn gptq baq-measured baq-analytic baq-int baq-model baq-model-int "
+        "baq-model-noise (baq-model*: one budget for the model), in run order (default all)",
     )
     g.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4], help="budgets of every method")
     g.add_argument(
-        "--baq-bits", nargs="*", type=float, default=[2.5], help="extra budgets of BAQ measured"
+        "--baq-bits",
+        nargs="*",
+        type=float,
+        default=[2.5],
+        help="extra (fractional) budgets of baq-measured and baq-model",
     )
     g.add_argument("--group-size", type=int, help="also run every method with groups of N columns")
     g.add_argument("--act-order", action="store_true", help="also run GPTQ and BAQ in act order")
