@@ -74,6 +74,7 @@ def block_output_errors(
     return out
 
 
+@torch.inference_mode()
 def choose_dims(
     block: nn.Module,
     targets: dict[str, nn.Module],

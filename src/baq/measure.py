@@ -32,10 +32,9 @@ from .config import QuantConfig
 from .divergence import windows_digest
 from .hessian import hessian_hooks
 from .pipeline import bar_disabled, batch_size_for, block_targets, check_finite, forward_all
-from .quant import adadim
 from .quant.gptq import factor_hessian
 from .quant.grid import fit_grid
-from .quant.layer import column_sensitivity, grid_kwargs, uniform_probe_levels
+from .quant.layer import column_sensitivity, grid_dim
 from .report import write_safetensors
 
 if TYPE_CHECKING:
@@ -305,8 +304,7 @@ def _sensitivities(
                 batch = batch_size_for(block, inputs, kwargs, device, batch_tokens)
             dims = {}
             if cfg.dim == "auto" and cfg.adadim == "block":  # on the float block's outputs
-                with torch.inference_mode():
-                    dims = adadim_block.choose_dims(block, targets, inputs, kwargs, device, cfg)
+                dims = adadim_block.choose_dims(block, targets, inputs, kwargs, device, cfg)
             with torch.inference_mode(), hessian_hooks(block, targets, hdtype) as accs:
                 outputs = forward_all(block, inputs, kwargs, device, batch, keep=True)
             for name, mod in targets.items():
@@ -342,10 +340,7 @@ def _add_layer(
     factor = factor_hessian(H, cfg.percdamp, False)
     Wd = W.to(factor.U.device, torch.float32).clone()
     Wd[:, factor.dead] = 0
-    dim = cfg.dim if chosen_dim is None else chosen_dim
-    if dim == "auto":  # AdaDim's choice at the uniform budget, on the float H
-        probe = torch.full((W.shape[1],), uniform_probe_levels(cfg.bits))
-        dim, _ = adadim.choose_dim(Wd, H, probe, **grid_kwargs(cfg))
+    dim = grid_dim(Wd, H, cfg, None, chosen_dim)  # AdaDim's at the uniform budget, on the float H
     grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype, dim)
     sens, _ = column_sensitivity(Wd, factor, grid, cfg)
     meas.names.append(name)

@@ -251,8 +251,7 @@ def _solve_block(
     dims = None
     if cfg.dim == "auto" and cfg.adadim == "block" and targets:
         planned = {n: p.levels for n in targets if plan and (p := plan.get(f"{prefix}{n}"))}
-        with torch.inference_mode():
-            dims = adadim_block.choose_dims(block, targets, inputs, kwargs, device, cfg, planned)
+        dims = adadim_block.choose_dims(block, targets, inputs, kwargs, device, cfg, planned)
     solve_targets(targets, prefix, hessians, cfg, run, compact, plan, dims)
     return batch
 

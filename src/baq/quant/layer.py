@@ -79,6 +79,29 @@ def grid_kwargs(cfg: QuantConfig) -> dict:
     return dict(group_size=cfg.group_size, sym=cfg.sym, range_dtype=cfg.range_dtype)
 
 
+def grid_dim(
+    Wd: Tensor,
+    H: Tensor,
+    cfg: QuantConfig,
+    levels: Tensor | None = None,
+    chosen_dim: str | None = None,
+) -> str:
+    """The grid dimension of one layer: ``cfg.dim``, or with ``auto`` the one AdaDim chose
+    outside (``chosen_dim``: the block output criterion, ``baq.adadim_block``), else the one
+    with the smaller RTN proxy error on ``H`` at :func:`adadim_probe_levels`.
+
+    Args:
+        Wd: (rows, cols) float32 weights with dead columns zeroed.
+        H: (cols, cols) Hessian; levels: planned level counts (model level) or None.
+    """
+    if cfg.dim != "auto":
+        return cfg.dim
+    if chosen_dim is not None:
+        return chosen_dim
+    probe = adadim_probe_levels(Wd.shape[1], cfg, levels, Wd.device)
+    return adadim.choose_dim(Wd, H, probe, **grid_kwargs(cfg))[0]
+
+
 def quantize_layer(
     W: Tensor,
     H: Tensor | None,
@@ -111,13 +134,7 @@ def quantize_layer(
     factor = factor_hessian(H, cfg.percdamp, cfg.act_order)
     Wd = W.to(factor.U.device, torch.float32).clone()
     Wd[:, factor.dead] = 0
-    if cfg.dim != "auto":
-        dim = cfg.dim
-    elif chosen_dim is None:  # AdaDim: RTN in each dimension, the smaller proxy error on this H
-        probe = adadim_probe_levels(cols, cfg, levels, Wd.device)
-        dim, _ = adadim.choose_dim(Wd, H, probe, **grid_kwargs(cfg))
-    else:
-        dim = chosen_dim
+    dim = grid_dim(Wd, H, cfg, levels, chosen_dim)
     # per-IC: the float weights' ranges (the analytic sensitivity's); the solve refits them
     grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype, dim)
     solve = solve_args(grid, cfg)
