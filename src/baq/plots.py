@@ -268,51 +268,57 @@ def plot_bits_heatmap(
         top = fig.add_subplot(2, len(HEATMAP_BITS), i + 1)
         bottom = fig.add_subplot(2, len(HEATMAP_BITS), len(HEATMAP_BITS) + i + 1)
         run = next((r for r in results if r["label"] == label and r["bits"] == bits), None)
-        cells = [
-            (*where, *_layer_bits(row))
-            for row in (run or {}).get("layers", [])
-            if (where := _block_and_module(row["name"])) is not None
-        ]
-        if not cells:
+        rows = (run or {}).get("layers", [])
+        if not any(_block_and_module(row["name"]) for row in rows):
             _empty(top, f"no {label} run at {bits:g} bits")
             bottom.set_axis_off()
             continue
-        blocks = sorted({c[0] for c in cells})
-        modules = list(dict.fromkeys(c[1] for c in cells))
         for ax, k, title, span in (
-            (top, 2, "nominal bits", _span(bits, half_span)),
-            (bottom, 3, "std of per-column bits", (None, None)),
+            (top, 0, "nominal bits", _span(bits, half_span)),
+            (bottom, 1, "std of per-column bits", (None, None)),
         ):
-            grid = [[math.nan] * len(modules) for _ in blocks]
-            for c in cells:
-                grid[blocks.index(c[0])][modules.index(c[1])] = c[k]
+            blocks, modules, grid = layer_grid(rows, lambda row, k=k: _layer_bits(row)[k])
             image = ax.imshow(
                 grid, aspect="auto", interpolation="nearest", vmin=span[0], vmax=span[1]
             )
-            short = _short_names(modules)
-            ax.set_xticks(range(len(modules)), [short[m] for m in modules], rotation=45, ha="right")
-            step = max(1, len(blocks) // 15)
-            ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
-            ax.set_ylabel("block")
+            _layer_axes(ax, blocks, modules)
             ax.set_title(f"{label}, {bits:g} bits: {title}")
             fig.colorbar(image, ax=ax, shrink=0.8)
     return fig
 
 
-def dim_choice_grid(run: Result) -> tuple[list[int], list[str], list[list[float]]]:
-    """The grid dimension of every layer of ``run``: blocks, modules, and 1.0 where the layer is
-    per-IC, 0.0 per-OC, NaN where the run has no such layer (the head, skipped linears)."""
+def layer_grid(
+    rows: list[dict[str, Any]], value: Any
+) -> tuple[list[int], list[str], list[list[float]]]:
+    """``value(row)`` of every block linear of a run's ``layers`` rows, as blocks (down) x
+    modules (across): the blocks, the modules, and the grid (NaN where a block lacks the module:
+    skipped linears; rows outside the blocks, the head, are left out)."""
     cells = [
-        (*where, 1.0 if row.get("dim") == "ic" else 0.0)
-        for row in run.get("layers", [])
+        (*where, value(row))
+        for row in rows
         if (where := _block_and_module(row["name"])) is not None
     ]
     blocks = sorted({c[0] for c in cells})
     modules = list(dict.fromkeys(c[1] for c in cells))
     grid = [[math.nan] * len(modules) for _ in blocks]
-    for block, module, ic in cells:
-        grid[blocks.index(block)][modules.index(module)] = ic
+    for block, module, v in cells:
+        grid[blocks.index(block)][modules.index(module)] = v
     return blocks, modules, grid
+
+
+def _layer_axes(ax: Any, blocks: list[int], modules: list[str]) -> None:
+    """Module names across, every few block numbers down, for a :func:`layer_grid` image."""
+    short = _short_names(modules)
+    ax.set_xticks(range(len(modules)), [short[m] for m in modules], rotation=45, ha="right")
+    step = max(1, len(blocks) // 15)
+    ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
+    ax.set_ylabel("block")
+
+
+def dim_choice_grid(run: Result) -> tuple[list[int], list[str], list[list[float]]]:
+    """The grid dimension of every layer of ``run``: blocks, modules, and 1.0 where the layer is
+    per-IC, 0.0 per-OC, NaN where the run has no such layer (the head, skipped linears)."""
+    return layer_grid(run.get("layers", []), lambda row: 1.0 if row.get("dim") == "ic" else 0.0)
 
 
 def plot_dim_choice(results: list[Result]) -> Figure:
@@ -326,11 +332,7 @@ def plot_dim_choice(results: list[Result]) -> Figure:
     for ax, run in zip(axes, runs):
         blocks, modules, grid = dim_choice_grid(run)
         ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1.4)
-        short = _short_names(modules)
-        ax.set_xticks(range(len(modules)), [short[m] for m in modules], rotation=45, ha="right")
-        step = max(1, len(blocks) // 15)
-        ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
-        ax.set_ylabel("block")
+        _layer_axes(ax, blocks, modules)
         n_ic = sum(v == 1.0 for row in grid for v in row)
         n_all = sum(not math.isnan(v) for row in grid for v in row)
         ax.set_title(f"{run['name']}\nper-IC (dark): {n_ic} of {n_all}", fontsize=9)
