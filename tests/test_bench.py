@@ -148,6 +148,10 @@ def test_bad_arguments_exit_2(tiny_model_dir, text, tmp_path, capsys):
     assert cli.main([*base, "--only", "nothing-*", "--list"]) == 2
     assert cli.main([*base, "--methods", "awq"]) == 2
     assert "--nsamples=0" in capsys.readouterr().err
+    assert cli.main([*base, "--methods", "baq-model", "--adadim", "block"]) == 2  # no --dim auto
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("baq: error: ") and "\n" not in err and "--dim auto" in err
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_weights_are_restored_between_runs(tiny_model_dir, text, tmp_path, calls):

@@ -169,6 +169,11 @@ def build_grid(
         variants.append((group_size, False))
     if act_order:
         variants += [(None, True)] + ([(group_size, True)] if group_size is not None else [])
+    if adadim != "proxy" and "auto" not in dims:  # it would change no run of the grid
+        raise ValueError(
+            f"adadim={adadim!r} is how --dim auto chooses, and the grid has no --dim auto: "
+            "add --dim auto or drop --adadim"
+        )
     grid: dict[str, BenchSpec] = {}
     for family in families:
         if family not in FAMILIES:
