@@ -121,8 +121,8 @@ class BaqHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(
         self, model: Any, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> Any:
-        from . import storage
-        from .manifest import check_version, read_header, verify_manifest
+        from . import loading
+        from .manifest import StorageError, check_version, read_header, verify_manifest
 
         root = self._folder(model, checkpoint_files)
         manifest = verify_manifest(root)
@@ -130,8 +130,8 @@ class BaqHfQuantizer(HfQuantizer):
         check_version(
             root / CONFIG_FILE, qc.quant_method, getattr(qc, "format_version", None), "quant_method"
         )
-        layers = storage.packed_layers_meta(root)
-        storage.check_layer_shapes(root, model, layers)
+        layers = loading.packed_layers_meta(root)
+        loading.check_layer_shapes(root, model, layers)
         for name in layers:
             model.set_submodule(name, PackedSlot(model.get_submodule(name)))
         # transformers would quietly initialise a tensor model.safetensors lacks: check the names
@@ -139,7 +139,7 @@ class BaqHfQuantizer(HfQuantizer):
         stored, expected = set(header), set(model.state_dict()) - set(manifest["tied"])
         for what, names in (("missing", expected - stored), ("unexpected", stored - expected)):
             if names:
-                raise storage.StorageError(f"{root / DENSE_FILE}: tensor {min(names)} is {what}")
+                raise StorageError(f"{root / DENSE_FILE}: tensor {min(names)} is {what}")
         self._root, self._layers, self._tied = root, layers, manifest["tied"]
         _untie_packed(
             model, {a for a, t in self._tied.items() if t.removesuffix(".weight") in layers}
@@ -147,7 +147,8 @@ class BaqHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        from . import storage
+        from . import loading
+        from .manifest import StorageError
 
         root = self._root
         devices = {name: _device_near(model, name) for name in self._layers}
@@ -156,13 +157,13 @@ class BaqHfQuantizer(HfQuantizer):
             if slot.bias is None:
                 return None
             if slot.bias.device.type == "meta":
-                raise storage.StorageError(f"{root / DENSE_FILE}: tensor {name}.bias is missing")
+                raise StorageError(f"{root / DENSE_FILE}: tensor {name}.bias is missing")
             return slot.bias.detach()
 
-        storage.install_packed(root, model, self._layers, take_bias, "codes")
+        loading.install_packed(root, model, self._layers, take_bias, "codes")
         for name, device in devices.items():
             model.get_submodule(name).to(device)
-        storage.tie_aliases(model, root, self._tied)
+        loading.tie_aliases(model, root, self._tied)
         model.save_pretrained = types.MethodType(save_pretrained, model)
         log.info("loaded %d packed layers from %s", len(self._layers), root)
         return model
@@ -184,7 +185,7 @@ class BaqHfQuantizer(HfQuantizer):
 def _untie_packed(model: Any, aliases: set[str]) -> None:
     """Keep transformers from tying, initialising or reporting as missing the tensors that are
     tied to a packed layer (a tied input embedding of a packed head): they are not in
-    model.safetensors, and :func:`baq.storage.tie_aliases` fills them after loading."""
+    model.safetensors, and :func:`baq.loading.tie_aliases` fills them after loading."""
     if not aliases:
         return
     mapping = getattr(model, "all_tied_weights_keys", None)
