@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from baq import bench, cli, data, evaluate, pipeline
+from baq import bench, bench_grid, cli, data, evaluate, pipeline
 
 TINY = ["--nsamples", "4", "--seqlen", "32", "--eval-windows", "2", "--eval-seqlen", "64"]
 
@@ -44,48 +44,57 @@ def run(model_dir, text, out, *extra, capsys=None):
 
 
 def keys(settings, grid, tmp_path):
-    return {e.spec.name: e.key for e in bench.plan(settings, grid, tmp_path)}
+    return {e.spec.name: e.key for e in bench_grid.plan(settings, grid, tmp_path)}
 
 
 def test_run_keys_are_stable_and_follow_the_settings(text, tmp_path):
-    grid = bench.build_grid(["fp", "rtn", "gptq"], bits=[3], baq_bits=[])
-    base = bench.BenchSettings(model="m", text=str(text), nsamples=4, seqlen=32)
+    grid = bench_grid.build_grid(["fp", "rtn", "gptq"], bits=[3], baq_bits=[])
+    base = bench_grid.BenchSettings(model="m", text=str(text), nsamples=4, seqlen=32)
     first = keys(base, grid, tmp_path)
     assert first == keys(
-        bench.BenchSettings(model="m", text=str(text), nsamples=4, seqlen=32),
-        bench.build_grid(["fp", "rtn", "gptq"], bits=[3], baq_bits=[]),
+        bench_grid.BenchSettings(model="m", text=str(text), nsamples=4, seqlen=32),
+        bench_grid.build_grid(["fp", "rtn", "gptq"], bits=[3], baq_bits=[]),
         tmp_path,
     )
     assert len(set(first.values())) == 3
 
-    more_samples = keys(bench.BenchSettings(model="m", text=str(text), nsamples=8), grid, tmp_path)
+    more_samples = keys(
+        bench_grid.BenchSettings(model="m", text=str(text), nsamples=8), grid, tmp_path
+    )
     # FP and RTN read no calibration data, so their cached results survive a change of it
     assert more_samples["fp"] == first["fp"] and more_samples["rtn-3b"] == first["rtn-3b"]
     assert more_samples["gptq-3b"] != first["gptq-3b"]
     other_eval = keys(
-        bench.BenchSettings(model="m", text=str(text), eval_windows=4), grid, tmp_path
+        bench_grid.BenchSettings(model="m", text=str(text), eval_windows=4), grid, tmp_path
     )
     assert all(other_eval[k] != first[k] for k in first)
-    other_model = keys(bench.BenchSettings(model="n", text=str(text)), grid, tmp_path)
+    other_model = keys(bench_grid.BenchSettings(model="n", text=str(text)), grid, tmp_path)
     assert all(other_model[k] != first[k] for k in first)
-    damped = keys(base, bench.build_grid(["gptq"], bits=[3], baq_bits=[], percdamp=0.1), tmp_path)
+    damped = keys(
+        base, bench_grid.build_grid(["gptq"], bits=[3], baq_bits=[], percdamp=0.1), tmp_path
+    )
     assert damped["gptq-3b"] != first["gptq-3b"]
-    exact = bench.build_grid(["fp", "rtn", "gptq"], bits=[3], baq_bits=[], range_dtype="float32")
+    exact = bench_grid.build_grid(
+        ["fp", "rtn", "gptq"], bits=[3], baq_bits=[], range_dtype="float32"
+    )
     exact_keys = keys(base, exact, tmp_path)
     assert exact_keys["fp"] == first["fp"] and exact_keys["rtn-3b"] != first["rtn-3b"]
     # a field added later enters the key only when set, so older caches keep their keys
-    quant = {e.spec.name: e.settings.get("quant", {}) for e in bench.plan(base, grid, tmp_path)}
+    quant = {
+        e.spec.name: e.settings.get("quant", {}) for e in bench_grid.plan(base, grid, tmp_path)
+    }
     assert "range_dtype" not in quant["gptq-3b"] and "percdamp" in quant["gptq-3b"]
 
 
 def test_grid_names():
-    names = [s.name for s in bench.build_grid()]
+    names = [s.name for s in bench_grid.build_grid()]
     # FP, eight quantized families at 2/3/4 bits, and the two that take 2.5 bits
     assert names[0] == "fp" and len(names) == len(set(names)) == 1 + 8 * 3 + 2
     assert {"rtn-2b", "gptq-4b", "baq-measured-2.5b", "baq-analytic-3b", "baq-int-2b"} <= set(names)
     assert {"baq-model-2.5b", "baq-model-int-3b", "baq-model-noise-3b"} <= set(names)
     extra = [
-        s.name for s in bench.build_grid(["rtn", "gptq"], [3], [], group_size=128, act_order=True)
+        s.name
+        for s in bench_grid.build_grid(["rtn", "gptq"], [3], [], group_size=128, act_order=True)
     ]
     assert extra == [
         "rtn-3b",
@@ -96,7 +105,7 @@ def test_grid_names():
         "gptq-g128-act-3b",
     ]
     with pytest.raises(ValueError, match="method 'awq'"):
-        bench.build_grid(["awq"])
+        bench_grid.build_grid(["awq"])
 
 
 def test_cache_only_runs_what_is_missing(tiny_model_dir, text, tmp_path, calls, capsys):
@@ -136,9 +145,9 @@ def test_help_names_every_method_and_fractional_family(capsys, monkeypatch):
         cli.main(["bench", "--help"])
     text = capsys.readouterr().out
     methods = text.split("--methods M [M ...]")[-1].split("--bits")[0]
-    assert all(f" {name} " in methods or f" {name}," in methods for name in bench.FAMILIES)
+    assert all(f" {name} " in methods or f" {name}," in methods for name in bench_grid.FAMILIES)
     fractional = text.split("--baq-bits [BAQ_BITS ...]")[-1].split("--group-size")[0]
-    assert all(name in fractional for name in bench.FRACTIONAL)
+    assert all(name in fractional for name in bench_grid.FRACTIONAL)
 
 
 def test_bad_arguments_exit_2(tiny_model_dir, text, tmp_path, capsys):
@@ -309,9 +318,9 @@ def test_table_has_one_summary_per_evaluation_set_with_each_cell_in_place():
 
 
 def test_grid_dims_add_named_variants_and_keep_per_oc_keys(text, tmp_path):
-    base = bench.BenchSettings(model="m", text=str(text))
-    oc = bench.build_grid(["rtn", "gptq"], [3], [])
-    both = bench.build_grid(["rtn", "gptq"], [3], [], dims=("oc", "ic", "auto"))
+    base = bench_grid.BenchSettings(model="m", text=str(text))
+    oc = bench_grid.build_grid(["rtn", "gptq"], [3], [])
+    both = bench_grid.build_grid(["rtn", "gptq"], [3], [], dims=("oc", "ic", "auto"))
     assert [s.name for s in both] == [
         "rtn-3b",
         "rtn-ic-3b",
@@ -323,7 +332,9 @@ def test_grid_dims_add_named_variants_and_keep_per_oc_keys(text, tmp_path):
     # per-OC runs keep the keys they had before the dim field existed
     assert all(k_both[name] == k for name, k in k_oc.items())
     assert len(set(k_both.values())) == 5
-    quant = {e.spec.name: e.settings.get("quant", {}) for e in bench.plan(base, both, tmp_path)}
+    quant = {
+        e.spec.name: e.settings.get("quant", {}) for e in bench_grid.plan(base, both, tmp_path)
+    }
     assert "dim" not in quant["gptq-3b"] and quant["gptq-ic-3b"]["dim"] == "ic"
 
 

@@ -352,15 +352,18 @@ def test_memory_estimate_counts_the_head(tiny_model_dir):
 
 
 def test_bench_include_head_keys_only_when_set(tmp_path):
-    from baq import bench
+    from baq import bench, bench_grid
 
     text = tmp_path / "t.txt"
     text.write_text(corpus(20_000))
-    settings = bench.BenchSettings(model="m", text=str(text))
-    grid = bench.build_grid(["fp", "rtn", "baq-model"], [3], [])
-    headed = bench.build_grid(["fp", "rtn", "baq-model"], [3], [], include_head=True)
+    settings = bench_grid.BenchSettings(model="m", text=str(text))
+    grid = bench_grid.build_grid(["fp", "rtn", "baq-model"], [3], [])
+    headed = bench_grid.build_grid(["fp", "rtn", "baq-model"], [3], [], include_head=True)
     assert all(s.cfg is None or s.cfg.include_head for s in headed)
-    plain, with_head = bench.plan(settings, grid, tmp_path), bench.plan(settings, headed, tmp_path)
+    plain, with_head = (
+        bench_grid.plan(settings, grid, tmp_path),
+        bench_grid.plan(settings, headed, tmp_path),
+    )
     assert "include_head" not in plain[1].settings["quant"]
     for a, b in zip(plain, with_head):
         assert a.spec.name == b.spec.name

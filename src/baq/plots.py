@@ -23,7 +23,7 @@ Result = dict[str, Any]
 HEATMAP_BITS = (2.0, 3.0)
 # BAQ runs shown by the per-layer plots: the plain measured-sensitivity family, no variants
 BAQ_LABEL = "BAQ measured"
-MODEL_LABEL = "BAQ model"  # the model-level allocation's family (bench.FAMILIES)
+MODEL_LABEL = "BAQ model"  # the model-level allocation's family (bench_grid.py FAMILIES)
 
 
 def write_plots(

@@ -90,7 +90,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .. import bench, models
+    from .. import bench, bench_grid, models
 
     for src, flag in [(args.text, "--text"), *((e, "--eval") for e in args.eval)]:
         if src is not None:
@@ -98,8 +98,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: is a file; give a folder")
     try:
-        grid = bench.build_grid(
-            args.methods or tuple(bench.FAMILIES),
+        grid = bench_grid.build_grid(
+            args.methods or tuple(bench_grid.FAMILIES),
             args.bits,
             args.baq_bits,
             args.group_size,
@@ -110,12 +110,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.include_head,
             args.adadim,
         )
-        settings = bench.BenchSettings(
+        settings = bench_grid.BenchSettings(
             model=args.model,
             gguf_file=args.gguf_file,
             dtype=args.dtype,
             device=args.device,
-            text=args.text or bench.default_text(),
+            text=args.text or bench_grid.default_text(),
             evals=tuple(args.eval),
             nsamples=args.nsamples,
             seqlen=args.seqlen,
@@ -126,13 +126,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UsageError(flagify(str(err))) from None
-    entries = bench.plan(settings, grid, args.out)
-    selected = bench.select(entries, args.only)
+    entries = bench_grid.plan(settings, grid, args.out)
+    selected = bench_grid.select(entries, args.only)
     if args.list:
         print(bench.format_plan(selected))
         return 0
     if not args.plots_only:
-        if any(bench.missing_sets(e, bench.load_result(e)) for e in selected):
+        if any(bench_grid.missing_sets(e, bench_grid.load_result(e)) for e in selected):
             models.resolve_device(args.device)
             check_model(args, args.seqlen, args.eval_seqlen)
         echo = None if args.quiet else lambda line: print(line, flush=True)
