@@ -73,6 +73,23 @@ def test_dtype_and_device_map(folder, kwargs):
     assert torch.equal(logits(model), logits(reference))
 
 
+def test_set_cache_switches_every_packed_layer_and_keeps_the_logits(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    codes = logits(model)
+    assert {m.cache for m in layers} == {"codes"} and all(m._offsets is not None for m in layers)
+    assert baq.set_cache(model, "weight") == len(layers) > 0
+    assert all(m.cache == "weight" and m._offsets is None for m in layers)
+    torch.testing.assert_close(logits(model), codes, rtol=1e-4, atol=1e-4)
+    assert all(m._weight is not None for m in layers)  # kept between forwards
+    baq.set_cache(model, "none")
+    torch.testing.assert_close(logits(model), codes, rtol=1e-4, atol=1e-4)
+    assert all(m._weight is None and m._offsets is None for m in layers)
+    with pytest.raises(ValueError, match="cache='float'"):
+        baq.set_cache(model, "float")
+    assert {m.cache for m in layers} == {"none"}  # a refused name changes nothing
+
+
 def test_save_pretrained_round_trip_reads_back_bit_exactly_by_both_loaders(folder, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder)
     expected = logits(model)

@@ -28,7 +28,16 @@ hf_register.install()
 if TYPE_CHECKING:
     from .pipeline import QuantRun
 
-__all__ = ["QuantConfig", "__version__", "load", "load_model", "perplexity", "quantize", "save"]
+__all__ = [
+    "QuantConfig",
+    "__version__",
+    "load",
+    "load_model",
+    "perplexity",
+    "quantize",
+    "save",
+    "set_cache",
+]
 
 
 def load_model(*args: Any, **kwargs: Any):
@@ -50,6 +59,14 @@ def load(*args: Any, **kwargs: Any):
     from .storage import load_quantized
 
     return load_quantized(*args, **kwargs)
+
+
+def set_cache(model: Any, cache: str) -> int:
+    """See :func:`baq.packed_linear.set_cache`: ``baq.set_cache(model, "weight")`` after
+    ``from_pretrained`` (which builds ``"codes"``) trades memory for the float model's speed."""
+    from .packed_linear import set_cache as _set
+
+    return _set(model, cache)
 
 
 def perplexity(*args: Any, **kwargs: Any) -> float:

@@ -93,6 +93,13 @@ class PackedLinear(nn.Module):
         # input embedding tied to a packed head): a save stores them once, as this layer
         self.aliases: list[str] = []
 
+    def set_cache(self, cache: str) -> None:
+        """Switch what the layer keeps between forwards (``"none"``, ``"codes"``, ``"weight"``),
+        dropping what the old choice kept; the next forward builds the new one."""
+        if cache not in WEIGHT_CACHES:
+            raise ValueError(f"cache={cache!r}: use one of {', '.join(WEIGHT_CACHES)}")
+        self.cache, self._weight, self._offsets = cache, None, None
+
     @classmethod
     def from_quantized(
         cls, result: QuantResult, bias: Tensor | None = None, cache: str = "none"
@@ -325,3 +332,20 @@ def nominal_bits_of(results: dict[str, QuantResult]) -> float:
         bits += rows * float(torch.log2(res.levels.double()).sum())
         weights += rows * cols
     return bits / weights if weights else 0.0
+
+
+def set_cache(model: nn.Module, cache: str) -> int:
+    """Set the cache of every :class:`PackedLinear` of ``model`` (a model loaded with
+    ``from_pretrained``, which always builds ``"codes"``, or with :func:`baq.load`).
+
+    Returns:
+        How many layers were switched.
+    Raises:
+        ValueError: ``cache`` is not one of :data:`WEIGHT_CACHES`.
+    """
+    if cache not in WEIGHT_CACHES:
+        raise ValueError(f"cache={cache!r}: use one of {', '.join(WEIGHT_CACHES)}")
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for layer in layers:
+        layer.set_cache(cache)
+    return len(layers)
