@@ -95,30 +95,89 @@ def frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float,
     return out
 
 
+# marker by grid dimension, hollow with row/column groups, dashed in act order (names as
+# baq bench writes them: gptq-ic-g128-act-3b)
+DIM_MARKERS = {"oc": "o", "ic": "s", "auto": "^"}
+ZOOMS = ((2.95, 3.45), (3.95, 4.75))  # storage bits around the recommended 3.1 and 4.1
+PEER_COLORS = ("#bcbd22", "#17becf", "#1f77b4", "#ff7f0e", "#2ca02c")
+
+
+def variant(name: str) -> tuple[str, str, bool, bool]:
+    """``(family, dim, grouped, act_order)`` from a run name (``baq-model-auto-g128-act-3b``)."""
+    parts = name.split("-")
+    dim = next((d for d in ("ic", "auto") if d in parts), "oc")
+    grouped = any(p.startswith("g") and p[1:].isdigit() for p in parts)
+    tags = {"ic", "auto", "block", "act", "s6"}
+    family = "-".join(
+        p for p in parts[:-1] if p not in tags and not (p.startswith("g") and p[1:].isdigit())
+    )
+    if not parts[-1].endswith("b"):  # a transcribed run: baq-model-4b-s6
+        family = "-".join(p for p in parts if p not in tags and not p.endswith("b"))
+    return family, dim, grouped, "act" in parts
+
+
 def draw(runs: list[dict], eval_set: str, low: float, high: float) -> Figure:
-    fig = Figure(figsize=(8, 5.5), layout="constrained")
-    ax = fig.add_subplot(1, 1, 1)
+    """The whole range (left) and the two ranges where the recommended settings lie (right)."""
+    fig = Figure(figsize=(13, 6.5), layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=(1.5, 1))
+    axes = [fig.add_subplot(grid[:, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, 1])]
     by_label: dict[str, list[tuple[float, float]]] = {}
+    style: dict[str, tuple[str, str, bool, bool]] = {}
     for r in runs:
         by_label.setdefault(r["label"], []).append((r["storage_bits"], r["perplexity"][eval_set]))
-    for label, pts in sorted(by_label.items()):
-        xs, ys = zip(*sorted(pts))
-        ax.plot(xs, ys, marker="o", linestyle=":", label=label)
-    for label, pts in PEERS.items():
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="x", linestyle="--", alpha=0.6, label=label)
+        style.setdefault(r["label"], variant(r["name"]))
+    families = sorted({f for f, *_ in style.values()})
+    colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
     front = frontier([(r["storage_bits"], r["perplexity"][eval_set], r["name"]) for r in runs])
-    if front:
-        xs, ys, _ = zip(*front)
-        ax.plot(xs, ys, color="black", linewidth=2, alpha=0.4, label="baq frontier")
-    ax.axhline(FP_PERPLEXITY, color="black", linestyle="--", label=f"FP ({FP_PERPLEXITY})")
-    ax.set_xlim(low, high)
-    ax.set_yscale("log")
-    ax.set_ylim(FP_PERPLEXITY * 0.9, 1e5)  # 2-bit RTN and GPTQ (1e6) would squash the rest
-    ax.set_xlabel("bits per weight of the decoder linears (storage; peers: see legend)")
-    ax.set_ylabel(f"perplexity ({eval_set})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="x-small")
+    for k, ax in enumerate(axes):
+        for label, pts in sorted(by_label.items()):
+            family, dim, grouped, act = style[label]
+            xs, ys = zip(*sorted(pts))
+            color = colors[family]
+            ax.plot(
+                xs,
+                ys,
+                marker=DIM_MARKERS[dim],
+                color=color,
+                linestyle=("--" if act else ":") if k == 0 else "none",
+                markerfacecolor="none" if grouped else color,
+                markersize=6,
+                label=label,
+            )
+        for (label, pts), color in zip(PEERS.items(), PEER_COLORS):
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="x", linestyle="-.", color=color, alpha=0.6, label=label)
+        if front:
+            xs, ys, _ = zip(*front)
+            ax.plot(xs, ys, color="black", linewidth=2, alpha=0.3, label="baq frontier")
+        ax.axhline(FP_PERPLEXITY, color="black", linestyle="--", label=f"FP ({FP_PERPLEXITY})")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        if k == 0:
+            ax.set_xlim(low, high)
+            ax.set_ylim(FP_PERPLEXITY * 0.9, 1e5)  # 2-bit RTN and GPTQ (1e6) would squash the rest
+            ax.set_xlabel("bits per weight of the decoder linears (storage; peers: see legend)")
+            ax.set_ylabel(f"perplexity ({eval_set})")
+            ax.legend(fontsize="xx-small", ncol=2)
+            continue
+        lo_x, hi_x = ZOOMS[k - 1]
+        inside = [(b, p, n) for b, p, n in front if lo_x <= b <= hi_x]
+        ax.set_xlim(lo_x, hi_x)
+        if inside:
+            best = min(p for _, p, _ in inside)
+            ax.set_ylim(min(FP_PERPLEXITY, best) * 0.95, max(p for _, p, _ in inside) * 1.6)
+        # labels stacked down the right side, each with a line to its point
+        for i, (b, p, n) in enumerate(sorted(inside, key=lambda t: -t[1])):
+            ax.annotate(
+                f"{n} ({p:.2f} at {b:.3f})",
+                (b, p),
+                fontsize="xx-small",
+                xytext=(0.98, 0.95 - 0.09 * i),
+                textcoords="axes fraction",
+                ha="right",
+                arrowprops={"arrowstyle": "-", "alpha": 0.3, "linewidth": 0.6},
+            )
+        ax.set_title(f"{lo_x} to {hi_x} bits, the frontier's runs named", fontsize="small")
     return fig
 
 
