@@ -107,7 +107,7 @@ def variant(name: str) -> tuple[str, str, bool, bool]:
     parts = name.split("-")
     dim = next((d for d in ("ic", "auto") if d in parts), "oc")
     grouped = any(p.startswith("g") and p[1:].isdigit() for p in parts)
-    tags = {"ic", "auto", "block", "act", "s6"}
+    tags = {"ic", "auto", "block", "act", "clip", "s6"}
     family = "-".join(
         p for p in parts[:-1] if p not in tags and not (p.startswith("g") and p[1:].isdigit())
     )

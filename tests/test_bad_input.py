@@ -321,6 +321,7 @@ BITS = [
     (["--bits", "4.5", "--max-levels", "16"], "raise --max-levels to 32"),
     (["--max-levels", "1"], "--max-levels=1: use a value in [2, 65536]"),
     (["--method", "rtn", "--bits", "2.5"], "use an integer, or --method baq"),
+    (["--dim", "ic", "--clip"], "use --dim oc or auto with --clip, or drop --clip"),
 ]
 
 

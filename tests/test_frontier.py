@@ -29,6 +29,7 @@ def test_variant_reads_back_what_build_grid_names():
         group_size=128,
         act_order=True,
         dims=("oc", "ic", "auto"),
+        clip=True,
     )
     assert len(grid) > 30
     for spec in grid:

@@ -39,6 +39,7 @@ KEY_OPTIONAL: dict[str, Any] = {
     "include_head": False,
     "measure_samples": None,  # all windows until session 8
     "adadim": "proxy",
+    "clip": False,
 }
 
 # family -> (label, QuantConfig fields); the order is the default grid's order
@@ -134,6 +135,7 @@ def build_grid(
     dims: Sequence[str] = ("oc",),
     include_head: bool = False,
     adadim: str = "proxy",
+    clip: bool = False,
 ) -> list[BenchSpec]:
     """The runs, in order: each family at each of ``bits`` (BAQ measured also at ``baq_bits``).
 
@@ -143,7 +145,8 @@ def build_grid(
     per-OC runs keep their names and cache keys; RTN has no Hessian for ``auto``).
     ``include_head`` quantizes the output head in every quantized run (same names, other keys).
     ``adadim`` is how the ``auto`` runs choose (``-auto-block`` in the name for the block output
-    criterion).
+    criterion). ``clip`` adds each variant with clipped per-OC ranges (``-clip``; not per-IC,
+    whose ranges the solve fits).
 
     Returns:
         The specs; names are unique. Bad settings raise ``ValueError`` from :class:`QuantConfig`.
@@ -153,6 +156,7 @@ def build_grid(
         variants.append((group_size, False))
     if act_order:
         variants += [(None, True)] + ([(group_size, True)] if group_size is not None else [])
+    clips = (False, True) if clip else (False,)
     if adadim != "proxy" and "auto" not in dims:  # it would change no run of the grid
         raise ValueError(
             f"adadim={adadim!r} is how --dim auto chooses, and the grid has no --dim auto: "
@@ -168,14 +172,17 @@ def build_grid(
             continue
         budgets = [*bits, *(baq_bits if family in FRACTIONAL else ())]
         for dim in dims:
-            for gs, order in variants:
+            for (gs, order), clipped in ((v, c) for v in variants for c in clips):
                 if (order or dim == "auto") and fields["method"] == "rtn":
+                    continue
+                if clipped and dim == "ic":
                     continue
                 tag = (
                     ("" if dim == "oc" else f"-{dim}")
                     + ("-block" if dim == "auto" and adadim == "block" else "")
                     + (f"-g{gs}" if gs else "")
                     + ("-act" if order else "")
+                    + ("-clip" if clipped else "")
                 )
                 for b in budgets:
                     cfg = QuantConfig(
@@ -187,6 +194,7 @@ def build_grid(
                         dim=dim,
                         adadim=adadim if dim == "auto" else "proxy",
                         include_head=include_head,
+                        clip=clipped,
                         **fields,
                     )
                     name = f"{family}{tag}-{float(b):g}b"

@@ -74,6 +74,8 @@ class QuantConfig:
     measure_samples: int | None = 32
     # the output head as one more layer after the last block (its tied embedding reads it too)
     include_head: bool = False
+    # per-OC ranges shrunk where that rounds the row better (quant/clip.py)
+    clip: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -146,6 +148,13 @@ class QuantConfig:
         if self.measure_samples is not None and self.measure_samples < 1:
             raise ValueError(
                 f"measure_samples={self.measure_samples}: use a positive integer, e.g. 32"
+            )
+        if not isinstance(self.clip, bool):
+            raise ValueError(f"clip={self.clip!r}: use True or False")
+        if self.clip and self.dim == "ic":
+            raise ValueError(
+                "clip searches per-OC ranges, and per-IC ones are fitted inside the solve: "
+                "use --dim oc or auto with --clip, or drop --clip"
             )
         if not isinstance(self.include_head, bool):
             raise ValueError(f"include_head={self.include_head!r}: use True or False")

@@ -33,8 +33,7 @@ from .divergence import windows_digest
 from .hessian import hessian_hooks
 from .pipeline import bar_disabled, batch_size_for, block_targets, check_finite, forward_all
 from .quant.gptq import factor_hessian
-from .quant.grid import fit_grid
-from .quant.layer import column_sensitivity, grid_dim
+from .quant.layer import column_sensitivity, grid_dim, layer_grid
 from .report import write_safetensors
 
 if TYPE_CHECKING:
@@ -62,7 +61,12 @@ MEASURED_FIELDS = (
 )
 # fields added later: recorded only when not at their default, and files without them read as at
 # the default, so measurements written before them keep serving the runs they served
-MEASURED_LATER: dict[str, Any] = {"include_head": False, "measure_samples": None, "adadim": "proxy"}
+MEASURED_LATER: dict[str, Any] = {
+    "include_head": False,
+    "measure_samples": None,
+    "adadim": "proxy",
+    "clip": False,
+}
 # what a refusal calls a setting, where its key is not the flag
 _LABELS = {
     "model": "model weights",
@@ -70,6 +74,7 @@ _LABELS = {
     "include_head": "--include-head",
     "measure_samples": "--measure-samples",
     "adadim": "--adadim",
+    "clip": "--clip",
 }
 
 
@@ -341,7 +346,7 @@ def _add_layer(
     Wd = W.to(factor.U.device, torch.float32).clone()
     Wd[:, factor.dead] = 0
     dim = grid_dim(Wd, H, cfg, None, chosen_dim)  # AdaDim's at the uniform budget, on the float H
-    grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype, dim)
+    grid = layer_grid(Wd, H, cfg, dim)
     sens, _ = column_sensitivity(Wd, factor, grid, cfg)
     meas.names.append(name)
     meas.shapes.append(tuple(W.shape))

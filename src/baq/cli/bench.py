@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import GRID_DIMS, RANGE_DTYPES
 from .common import UsageError, add_model_args, check_model, check_source, flagify
-from .measure import add_adadim_arg
+from .measure import add_adadim_arg, add_clip_arg
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -46,6 +46,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
     add_adadim_arg(g)
+    add_clip_arg(g, bench=True)
     g.add_argument(
         "--include-head",
         action="store_true",
@@ -109,6 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             tuple(dict.fromkeys(args.dim)),
             args.include_head,
             args.adadim,
+            args.clip,
         )
         settings = bench_grid.BenchSettings(
             model=args.model,

@@ -61,6 +61,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--sym", action="store_true")
     g.add_argument("--dim", default="oc", choices=GRID_DIMS, help="grid dimension, as quantize's")
     add_adadim_arg(g)
+    add_clip_arg(g)
     g.add_argument("--percdamp", type=float, default=0.01)
     g.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"])
     g.add_argument("--range-dtype", default="float16", choices=RANGE_DTYPES)
@@ -109,6 +110,7 @@ def measure_config(args: argparse.Namespace) -> QuantConfig:
             sym=args.sym,
             dim=args.dim,
             adadim=args.adadim,
+            clip=args.clip,
             percdamp=args.percdamp,
             hessian_dtype=args.hessian_dtype,
             range_dtype=args.range_dtype,
@@ -155,6 +157,20 @@ def add_adadim_arg(g: Any) -> None:
         help="how --dim auto picks each layer's grid: the smaller RTN proxy error on the layer's "
         "Hessian (proxy, default: no extra pass) or the smaller block output error of RTN on 8 "
         "calibration windows (block: the AdaDim paper's, two block forwards per linear)",
+    )
+
+
+def add_clip_arg(g: Any, bench: bool = False) -> None:
+    """``--clip``, shared by ``baq quantize``, ``baq measure`` and ``baq bench``."""
+    g.add_argument(
+        "--clip",
+        action="store_true",
+        help=(
+            "also run every variant with clipped ranges (-clip in the name)"
+            if bench
+            else "shrink each per-OC range (x1 to x0.5) where that rounds its row with the least "
+            "H-diagonal-weighted error at the layer's levels, clipping the few largest weights"
+        ),
     )
 
 

@@ -39,6 +39,7 @@ from .common import (
 )
 from .measure import (
     add_adadim_arg,
+    add_clip_arg,
     add_head_arg,
     add_measure_samples_arg,
     allocation_plan,
@@ -74,6 +75,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "rows), or per layer the one with the smaller RTN output error (auto: AdaDim)",
     )
     add_adadim_arg(g)
+    add_clip_arg(g)
     g.add_argument("--act-order", action="store_true", help="solve columns by decreasing diag H")
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
     g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch block")
@@ -195,6 +197,7 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
             sym=args.sym,
             dim=args.dim,
             adadim=args.adadim,
+            clip=args.clip,
             act_order=args.act_order,
             percdamp=args.percdamp,
             block_size=args.block_size,

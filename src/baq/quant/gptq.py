@@ -275,11 +275,14 @@ def rtn_solve(
     sym: bool = False,
     range_dtype: str = "float16",
     dim: str = "oc",
+    grid: Grid | None = None,
 ) -> QuantResult:
     """Round-to-nearest on the same grid, no error feedback (the baseline GPTQ improves on).
 
-    ``dim="ic"``: per-IC ranges fitted to the weights at once (no feedback to wait for)."""
-    grid = fit_grid(W, group_size=group_size, sym=sym, range_dtype=range_dtype, dim=dim)
+    ``dim="ic"``: per-IC ranges fitted to the weights at once (no feedback to wait for).
+    ``grid``: ranges fitted outside (clipped ones); None: min/max ranges."""
+    if grid is None:
+        grid = fit_grid(W, group_size=group_size, sym=sym, range_dtype=range_dtype, dim=dim)
     codes, weight = quantize(W, grid, levels)
     zeros = torch.zeros(W.shape[1], dtype=torch.float32, device=W.device)
     return QuantResult(weight, codes, grid, levels.to(torch.int64), zeros)

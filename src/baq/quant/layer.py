@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..config import QuantConfig
 from . import adadim, allocate
+from .clip import clip_grid
 from .gptq import HessianFactor, QuantResult, factor_hessian, gptq_solve, rtn_solve
 from .grid import Grid, expand_rows, fit_grid, group_of, nominal_bits, uniform_levels
 
@@ -102,6 +103,27 @@ def grid_dim(
     return adadim.choose_dim(Wd, H, probe, **grid_kwargs(cfg))[0]
 
 
+def layer_grid(
+    Wd: Tensor, H: Tensor | None, cfg: QuantConfig, dim: str, levels: Tensor | None = None
+) -> Grid:
+    """The grid one layer is quantized on: min/max ranges (:func:`fit_grid`), per-OC ones
+    clipped with ``cfg.clip`` (:func:`~baq.quant.clip.clip_grid`, weighted by ``diag H``, at
+    :func:`adadim_probe_levels`: the planned levels, GPTQ's or BAQ's uniform probe).
+
+    Args:
+        Wd: (rows, cols) float32 weights with dead columns zeroed.
+        H: the layer's Hessian, or None (RTN: unweighted clipping).
+        cfg: the settings; dim: the layer's grid dimension (:func:`grid_dim`).
+        levels: planned level counts (model level) or None.
+    """
+    grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype, dim)
+    if cfg.clip and dim == "oc":
+        probe = adadim_probe_levels(Wd.shape[1], cfg, levels, Wd.device)
+        weight = None if H is None else torch.diagonal(H).to(Wd.device, torch.float32)
+        grid, _ = clip_grid(Wd, grid, probe, weight, cfg.range_dtype)
+    return grid
+
+
 def quantize_layer(
     W: Tensor,
     H: Tensor | None,
@@ -127,7 +149,8 @@ def quantize_layer(
     rows, cols = W.shape
     if cfg.method == "rtn":
         levels = uniform_levels(cols, int(cfg.bits), W.device)
-        res = rtn_solve(W, levels, cfg.group_size, cfg.sym, cfg.range_dtype, cfg.dim)
+        grid = layer_grid(W.float(), None, cfg, cfg.dim) if cfg.clip else None
+        res = rtn_solve(W, levels, cfg.group_size, cfg.sym, cfg.range_dtype, cfg.dim, grid)
         return res, _record(name, cfg, res)
 
     assert H is not None, "GPTQ and BAQ need the layer's Hessian"
@@ -136,7 +159,7 @@ def quantize_layer(
     Wd[:, factor.dead] = 0
     dim = grid_dim(Wd, H, cfg, levels, chosen_dim)
     # per-IC: the float weights' ranges (the analytic sensitivity's); the solve refits them
-    grid = fit_grid(Wd, cfg.group_size, cfg.sym, cfg.range_dtype, dim)
+    grid = layer_grid(Wd, H, cfg, dim, levels)
     solve = solve_args(grid, cfg)
     if cfg.method == "gptq":
         res = gptq_solve(Wd, factor, uniform_levels(cols, int(cfg.bits), Wd.device), **solve)
