@@ -63,6 +63,25 @@ def test_measurement_round_trip_and_plan_meets_the_budget(tmp_path):
     )
 
 
+@pytest.mark.parametrize("extra", [{"clip": True}, {"dim": "auto"}])
+def test_clipped_and_adadim_measurements_serve_their_own_budget_only(extra):
+    model = make_tiny_llama()
+    calib = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    at = lambda bits, **kw: QuantConfig(  # noqa: E731
+        bits=bits, allocation="model", sensitivity="analytic", **kw
+    )
+    meas = measure.measure_model(model, calib, at(3, **extra), (), "cpu", "d")
+    meas.check(measure.settings_of("d", calib, at(3, **extra)))
+    with pytest.raises(ValueError, match="bits"):  # its grids were fitted at 8 levels
+        meas.check(measure.settings_of("d", calib, at(4, **extra)))
+    with pytest.raises(ValueError):  # nor does it serve a run without the setting
+        meas.check(measure.settings_of("d", calib, at(3)))
+    if "clip" in extra:  # the clipped ranges are narrower, so every sensitivity is smaller
+        plain = measure.measure_model(model, calib, at(3), (), "cpu", "d")
+        assert all((meas.sens[n] <= plain.sens[n] * (1 + 1e-6)).all() for n in meas.names)
+        assert any((meas.sens[n] < plain.sens[n] * 0.999).any() for n in meas.names)
+
+
 def test_hessians_read_the_first_measure_samples_windows():
     model = make_tiny_llama()
     calib = torch.randint(3, 512, (6, 32), generator=torch.Generator().manual_seed(0))

@@ -42,7 +42,7 @@ from .bench_grid import (
 from .config import QuantConfig
 from .divergence import DEFAULT_TOPK, BaseRecord, windows_digest
 from .evaluate import score, score_sets
-from .measure import Measurement, config_settings, measure_model, settings_of
+from .measure import Measurement, config_settings, depends_on_bits, measure_model, settings_of
 from .packed_linear import storage_bits_of
 from .pipeline import quantize_model
 from .plan import plan_levels
@@ -238,7 +238,7 @@ def measurement_path(entry: Entry) -> Path:
     assert cfg is not None
     src = {k: entry.settings[k] for k in ("bench_version", "model", "dtype", "calib", "eval")}
     src |= config_settings(cfg) | {"importance": cfg.importance}
-    if cfg.sensitivity != "measured":
+    if not depends_on_bits(config_settings(cfg)):
         del src["bits"]
     key = hashlib.sha256(json.dumps(src, sort_keys=True, default=list).encode()).hexdigest()[:12]
     return entry.path.parent / f"measurement-{cfg.importance}-{key}.safetensors"

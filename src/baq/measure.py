@@ -124,10 +124,8 @@ class Measurement:
             return d.get(k, MEASURED_LATER.get(k))
 
         diff = [k for k in keys if get(settings, k) != get(self.settings, k)]
-        if self.settings.get("sensitivity") == "measured" and settings.get(
-            "bits"
-        ) != self.settings.get("bits"):
-            diff.append("bits (measured sensitivities depend on the probe budget)")
+        if depends_on_bits(self.settings) and settings.get("bits") != self.settings.get("bits"):
+            diff.append("bits (the probe budget: measured sensitivities, clipping, AdaDim)")
         if diff:
             what = ", ".join(_LABELS.get(k, k) for k in diff)
             raise ValueError(
@@ -176,6 +174,18 @@ class Measurement:
 def settings_of(model_digest: str, calib_ids: Tensor, cfg: QuantConfig) -> dict[str, Any]:
     """What a measurement depends on: the weights, the calibration windows, some settings."""
     return {"model": model_digest, "calib": windows_digest(calib_ids)} | config_settings(cfg)
+
+
+def depends_on_bits(settings: dict[str, Any]) -> bool:
+    """Whether a measurement with these :func:`settings_of` depends on its budget: measured
+    sensitivities come from a solve at ``round(2^B)`` levels, and the grids of clipped ranges and
+    of AdaDim's choice are fitted at those levels too; analytic ones on min/max per-OC or per-IC
+    grids serve every budget."""
+    return (
+        settings.get("sensitivity") == "measured"
+        or bool(settings.get("clip", MEASURED_LATER["clip"]))
+        or settings.get("dim") == "auto"
+    )
 
 
 def config_settings(cfg: QuantConfig) -> dict[str, Any]:
