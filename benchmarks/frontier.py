@@ -125,7 +125,10 @@ def draw(runs: list[dict], eval_set: str, low: float, high: float) -> Figure:
     style: dict[str, tuple[str, str, bool, bool]] = {}
     for r in runs:
         by_label.setdefault(r["label"], []).append((r["storage_bits"], r["perplexity"][eval_set]))
-        style.setdefault(r["label"], variant(r["name"]))
+        family, *rest = variant(r["name"])
+        # clipped ranges change a run more than any grid variant: a colour of their own
+        family += " clip" if "clip" in r["name"].split("-") else ""
+        style.setdefault(r["label"], (family, *rest))
     families = sorted({f for f, *_ in style.values()})
     colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
     front = frontier([(r["storage_bits"], r["perplexity"][eval_set], r["name"]) for r in runs])
