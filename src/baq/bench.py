@@ -238,7 +238,7 @@ def measurement_path(entry: Entry) -> Path:
     assert cfg is not None
     src = {k: entry.settings[k] for k in ("bench_version", "model", "dtype", "calib", "eval")}
     src |= config_settings(cfg) | {"importance": cfg.importance}
-    if not depends_on_bits(config_settings(cfg)):
+    if not depends_on_bits(src):
         del src["bits"]
     key = hashlib.sha256(json.dumps(src, sort_keys=True, default=list).encode()).hexdigest()[:12]
     return entry.path.parent / f"measurement-{cfg.importance}-{key}.safetensors"

@@ -9,7 +9,6 @@ never with silently wrong weights.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,6 @@ from .manifest import (
 )
 from .packed_linear import PackedLinear
 from .packing import range_groups, read_layer
-
-log = logging.getLogger(__name__)
 
 
 def _load_tensors(path: Path) -> dict[str, Tensor]:
