@@ -1,0 +1,7 @@
+"""Kernels that multiply by a packed layer without building its float weight (issue 26).
+
+:mod:`baq.kernels.layout` rebuilds a saved layer's codes at load time in a layout made for the
+kernel (columns grouped by storage width, fixed-width fields in strided bytes);
+:mod:`baq.kernels.cpu` multiplies activations by it on the CPU (numba). Importing this package
+imports neither: numba is loaded only by the CPU kernel.
+"""

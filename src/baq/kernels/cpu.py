@@ -1,0 +1,522 @@
+"""Fused unpack-and-multiply on the CPU for per-column mixed precision (issue 26).
+
+``linear(layout, x, lo, hi, bias)`` computes ``F.linear(x, W, bias)`` for the weight ``W`` of a
+packed layer (docs/FORMAT.md section 8) from its :class:`~baq.kernels.layout.KernelLayout`, without
+building ``W``, for up to :data:`MAX_KERNEL_TOKENS` tokens (decoding and small batches); longer
+inputs dequantize row tiles exactly and call torch's matmul, where BLAS beats any decode.
+
+The algebra. Per OC, with ``span = hi - lo`` of row ``r`` and column group ``g``, the grid of
+quant/grid.py gives ``W[r, j] = (q - z) * span / (L_j - 1)`` with the zero point
+``z = round(-lo / step)`` of that row and *level count* (``L // 2`` when symmetric). So
+
+    y[r] = sum_g span[r, g] * (sum_{j in g} xs[j] * q[r, j]  -  sum_{classes c of g} z[r, c] X[c])
+
+with ``xs[j] = x[j] / (L_j - 1)`` and ``X[c]`` the sum of ``xs`` over the columns of class
+``c = (g, L)``. The first sum is the streamed part (a dot product of codes with a vector that is
+the same for every row), the second costs one zero point per (row, class), recomputed from the
+ranges with the very float32 operations of quant/grid.py, so no per-weight float is stored and the
+layout stays at the packed size. Per IC the step belongs to (row group, column): it is folded
+into ``xs`` per row group, and the zero-point term is one number per (row group, token). The
+result equals the dequantized ``F.linear`` up to float32 rounding: ``span * (x / (L - 1))``
+instead of ``x * (span / (L - 1))``, and another summation order (the tests bound it).
+
+The code sum runs over the part streams of the layout: per block of ``LANES`` bytes and slot
+``i``, one shift and one mask of ``LANES`` consecutive bytes give ``LANES`` consecutive codes,
+converted to float32 and multiplied into ``LANES`` float32 accumulators (``fastmath`` reassociation
+and contraction are allowed there only, so LLVM vectorises the lane loop and fuses the
+multiply-add; the zero points are computed without them). One output row per ``prange`` iteration:
+rows are independent, so the result does not depend on the thread count.
+
+Why numba (measured, benchmarks/kernel_speed.py): it needs no compiler on the user's machine
+(wheels for Linux, macOS and Windows; AQLM's CPU kernels use it), compiles for the host's vector
+unit at first use (cached on disk: ``cache=True``), and its ``prange`` gives a thread pool whose
+size follows ``torch.get_num_threads()`` (set at every call). ``torch.compile`` needs a C++
+compiler at run time, which the README's two install commands do not provide; a C++ extension
+would need one at install time or per-platform wheels.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+from torch import Tensor
+
+from baq.kernels.layout import LANES, PART_WIDTHS, KernelLayout, block_codes
+
+# tokens up to which the fused kernel runs; longer inputs dequantize row tiles for torch's matmul
+# (measured on 4096x14336 at 3 bits, 16 tokens: kernel 100 ms, tiles 161 ms; both slower than
+# float32 F.linear, 25 ms: the batched decode is not vectorised yet)
+MAX_KERNEL_TOKENS = 16
+# rows per dequantized tile of the long-input path: 1024 x 14336 float32 is 59 MB
+TILE_ROWS = 1024
+
+# only the dot-product loops may reassociate (lane sums) and contract (FMA)
+_DOT_MATH = {"reassoc", "contract"}
+
+
+@intrinsic
+def _field(typingctx, byte, shift, mask):
+    """``float32((byte >> shift) & mask)`` computed on 8 bits.
+
+    numba widens integer arithmetic to 64 bits, which made LLVM vectorise the decode on 8 lanes of
+    int64 (``vcvtqq2ps``); on bytes it is a byte shift, a mask and a widening conversion.
+    """
+    sig = types.float32(types.uint8, types.uint8, types.uint8)
+
+    def codegen(context, builder, signature, args):
+        value = builder.and_(builder.lshr(args[0], args[1]), args[2])
+        return builder.uitofp(value, ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(fastmath=_DOT_MATH, cache=True)
+def _dot1(S, sbase, p, start, n, xs, xo, acc):
+    """One token: ``acc[m] += xs[...] * code`` over the codes ``[start, start + n)`` of a stream.
+
+    ``xs[xo + c]`` multiplies code ``start + c``; ``xs`` holds zeros for a block before ``xo`` and
+    after ``xo + n``, so whole blocks are decoded across the segment's ends.
+    """
+    B = 8 * LANES // p
+    cpb = 8 // p
+    mask = np.uint8((1 << p) - 1)
+    k0 = start // B
+    k1 = (start + n + B - 1) // B
+    for k in range(k0, k1):
+        xb = xo + k * B - start
+        sb = sbase + k * LANES
+        # views, indexed from 0: a computed index could be negative as far as LLVM knows, and
+        # numba's wraparound test on it stopped the vectoriser
+        sv = S[sb : sb + LANES]
+        for i in range(cpb):
+            sh = np.uint8(p * i)
+            xv = xs[xb + i * LANES : xb + (i + 1) * LANES]
+            for m in range(LANES):
+                acc[m] += xv[m] * _field(sv[m], sh, mask)
+
+
+@njit(fastmath=_DOT_MATH, cache=True)
+def _decode(S, sbase, p, start, n, buf):
+    """Codes ``[start, start + n)`` of a part stream as float32 into ``buf``, whole blocks from
+    the one holding ``start``; returns where code ``start`` landed in ``buf``."""
+    B = 8 * LANES // p
+    cpb = 8 // p
+    mask = np.uint8((1 << p) - 1)
+    k0 = start // B
+    k1 = (start + n + B - 1) // B
+    for k in range(k0, k1):
+        sv = S[sbase + k * LANES : sbase + (k + 1) * LANES]
+        for i in range(cpb):
+            sh = np.uint8(p * i)
+            bv = buf[(k - k0) * B + i * LANES : (k - k0) * B + (i + 1) * LANES]
+            for m in range(LANES):
+                bv[m] = _field(sv[m], sh, mask)
+    return start - k0 * B
+
+
+@njit(fastmath=_DOT_MATH, cache=True)
+def _dotT(S, sbase, p, start, n, xs, xo, acc, buf):
+    """:func:`_dot1` for ``T`` tokens (``xs`` (T, len), ``acc`` (T,)): the segment is decoded
+    once into ``buf``, then one contiguous dot product per token, which LLVM vectorises; fusing
+    the decode into a per-token loop cost a view per token and block (20x slower)."""
+    at = _decode(S, sbase, p, start, n, buf)
+    codes = buf[at : at + n]
+    for t in range(xs.shape[0]):
+        xv = xs[t, xo : xo + n]
+        s = np.float32(0.0)
+        for c in range(n):
+            s += xv[c] * codes[c]
+        acc[t] += s
+
+
+@njit(cache=True)
+def _zero(lo, span, levels, sym):
+    """Zero point of quant/grid.py ``column_params`` in float32: ``round(-lo / step)``."""
+    if sym:
+        return np.float32(levels // 2)
+    step = span / np.float32(levels - 1)
+    return np.rint(-lo / step)
+
+
+@njit(cache=True)
+def _zero_terms(lo, span, lm1, sym, c0, c1, X, zt):
+    """``zt[t] += sum_c z_c * X[t, c]`` over the classes ``[c0, c1)`` of a row's column group,
+    ``z_c`` the zero point of :func:`_zero` (``lm1``: ``L_c - 1`` in float32 per class). A loop
+    of its own over contiguous arrays, which LLVM vectorises (the division and the rounding)."""
+    T = zt.shape[0]
+    if T == 1:
+        s = 0.0
+        for c in range(c0, c1):
+            if sym:
+                z = np.floor((lm1[c] + np.float32(1.0)) * np.float32(0.5))
+            else:
+                z = np.rint(-lo / (span / lm1[c]))
+            s += np.float64(z) * X[0, c]
+        zt[0] += s
+        return
+    for c in range(c0, c1):
+        if sym:
+            z = np.floor((lm1[c] + np.float32(1.0)) * np.float32(0.5))
+        else:
+            z = np.rint(-lo / (span / lm1[c]))
+        for t in range(T):
+            zt[t] += np.float64(z) * X[t, c]
+
+
+@njit(cache=True)
+def _geometry(counts, rows):
+    """Per part stream: codes per row, offset of each column group in a row, start of each
+    group's segment in the padded input vector, and that vector's length (per part)."""
+    ng = counts.shape[1]
+    nrow = np.zeros(4, np.int64)
+    goff = np.zeros((4, ng), np.int64)
+    xstart = np.zeros((4, ng), np.int64)
+    xlen = np.zeros(4, np.int64)
+    for k in range(4):
+        B = 8 * LANES // (1 << k)
+        at = B
+        off = 0
+        for g in range(ng):
+            goff[k, g] = off
+            xstart[k, g] = at
+            off += counts[k, g]
+            at += counts[k, g] + B
+        nrow[k] = off
+        xlen[k] = at
+    return nrow, goff, xstart, xlen
+
+
+@njit(cache=True)
+def _prepare(x, perm, classes, counts, ic, lo, hi, sym, rgroups, xstart, xlen):
+    """The scaled, permuted input of every part stream, and the zero-point sums.
+
+    Returns:
+        xs: (R, T, sum xlen) float32, part ``k``'s vector at ``base[k]``: per OC (``R = 1``)
+        ``x[j] / (L_j - 1) * 2^offset``; per IC ``x[j] * step[gr, j] * 2^offset`` per row group.
+        X: (T, K) float64 per OC: sum of ``x[j] / (L_j - 1)`` over each class.
+        zterm: (R, T) float64 per IC: ``sum_j x[j] * step[gr, j] * zero[gr, j]``.
+        base: (4,) start of each part's vector in ``xs``.
+    """
+    T = x.shape[0]
+    K = classes.shape[0]
+    base = np.zeros(4, np.int64)
+    for k in range(1, 4):
+        base[k] = base[k - 1] + xlen[k - 1]
+    R = rgroups if ic else 1
+    xs = np.zeros((R, T, base[3] + xlen[3]), np.float32)
+    X = np.zeros((T, K), np.float64)
+    zterm = np.zeros((R, T), np.float64)
+    cur = np.zeros(4, np.int64)
+    group = -1
+    s = 0
+    for c in range(K):
+        g = classes[c, 0]
+        L = classes[c, 1]
+        if g != group:
+            group = g
+            for k in range(4):
+                cur[k] = base[k] + xstart[k, g]
+        w = 0
+        while (1 << w) < L:
+            w += 1
+        inv = np.float32(1.0 / (L - 1))
+        step = np.float32(0.0)
+        z = np.float32(0.0)
+        for s2 in range(s, s + classes[c, 2]):
+            j = perm[s2]
+            for gr in range(R):
+                if ic:
+                    step = (hi[gr, j] - lo[gr, j]) / np.float32(L - 1)
+                    z = _zero(lo[gr, j], hi[gr, j] - lo[gr, j], L, sym)
+                for t in range(T):
+                    if ic:
+                        v = x[t, j] * step
+                        zterm[gr, t] += np.float64(v) * np.float64(z)
+                    else:
+                        v = x[t, j] * inv
+                        X[t, c] += v
+                    # the parts of a w-bit code, widest first, as layout.parts_of
+                    if w == 8:
+                        xs[gr, t, cur[3]] = v
+                    else:
+                        off = 0
+                        if w & 4:
+                            xs[gr, t, cur[2]] = v * np.float32(1 << off)
+                            off += 4
+                        if w & 2:
+                            xs[gr, t, cur[1]] = v * np.float32(1 << off)
+                            off += 2
+                        if w & 1:
+                            xs[gr, t, cur[0]] = v * np.float32(1 << off)
+            if w == 8:
+                cur[3] += 1
+            else:
+                if w & 4:
+                    cur[2] += 1
+                if w & 2:
+                    cur[1] += 1
+                if w & 1:
+                    cur[0] += 1
+        s += classes[c, 2]
+    return xs, X, zterm, base
+
+
+@njit(parallel=True, cache=True)
+def _kernel(S, soff, counts, classes, cstart, ic, rsize, lo, hi, sym, xs, X, zterm, base, y):
+    """``y[t, r]`` for every row (one ``prange`` iteration a row), see the module docstring.
+
+    Args:
+        S: the layout's streams; soff: (5,) their offsets; counts: (4, Gc) codes per row and group.
+        classes: (K, 3) (group, L, count); cstart: (Gc + 1,) first class of each column group.
+        ic: per-IC grid; rsize: rows per row group (per IC with groups; else 0).
+        lo, hi: the ranges in float32; sym: symmetric grid.
+        xs, X, zterm, base: from :func:`_prepare`.
+        y: (T, rows) float32 output.
+    """
+    T = xs.shape[1]
+    rows = y.shape[1]
+    ng = counts.shape[1]
+    nrow, goff, xstart, _ = _geometry(counts, rows)
+    lm1 = (classes[:, 1] - 1).astype(np.float32)
+    # decode buffer: a group's longest part segment plus a block at each end
+    bufn = 0
+    for k in range(4):
+        for g in range(ng):
+            bufn = max(bufn, counts[k, g] + 2 * 8 * LANES // (1 << k))
+    for r in prange(rows):
+        gr = r // rsize if (ic and rsize > 0) else 0
+        out = np.zeros(T, np.float64)
+        zt = np.zeros(T, np.float64)
+        acc = np.empty((T, LANES), np.float32)
+        accT = np.empty(T, np.float32)
+        buf = np.empty(bufn, np.float32)
+        for g in range(ng):
+            acc[:] = 0.0
+            accT[:] = 0.0
+            for k in range(4):
+                # int64: an int32 count here made LLVM give up vectorising the dot (5x slower)
+                n = np.int64(counts[k, g])
+                if n == 0:
+                    continue
+                start = r * nrow[k] + goff[k, g]
+                xo = base[k] + xstart[k, g]
+                if T == 1:
+                    _dot1(S, soff[k], 1 << k, start, n, xs[gr, 0], xo, acc[0])
+                else:
+                    _dotT(S, soff[k], 1 << k, start, n, xs[gr], xo, accT, buf)
+            if T > 1:
+                acc[:, 0] += accT  # the T > 1 path sums into accT
+            if ic:
+                for t in range(T):
+                    out[t] += np.float64(acc[t].sum())
+            else:
+                lo_rg = lo[r, g]
+                span = hi[r, g] - lo[r, g]
+                zt[:] = 0.0
+                _zero_terms(lo_rg, span, lm1, sym, cstart[g], cstart[g + 1], X, zt)
+                for t in range(T):
+                    out[t] += np.float64(span) * (np.float64(acc[t].sum()) - zt[t])
+        for t in range(T):
+            if ic:
+                out[t] -= zterm[gr, t]
+            y[t, r] = np.float32(out[t])
+
+
+@njit(cache=True)
+def _code(S, sbase, p, gi):
+    """Code number ``gi`` of a part stream (scalar decode, for unpacking and tiles)."""
+    B = 8 * LANES // p
+    k = gi // B
+    rem = gi - k * B
+    i = rem // LANES
+    m = rem - i * LANES
+    return (np.int64(S[sbase + k * LANES + m]) >> (p * i)) & ((1 << p) - 1)
+
+
+@njit(parallel=True, cache=True)
+def _decode_rows(S, soff, counts, perm, classes, r0, r1, dequant, ic, rsize, lo, hi, sym, out):
+    """Rows ``[r0, r1)`` in the original column order into float32 ``out``: the codes
+    (``dequant`` false; at most 255, exact in float32) or the weights of docs/FORMAT.md
+    section 8, bit for bit."""
+    rows = -1
+    nrow, goff, _, _ = _geometry(counts, rows)
+    K = classes.shape[0]
+    for r in prange(r0, r1):
+        gr = r // rsize if (ic and rsize > 0) else 0
+        cur = np.zeros(4, np.int64)
+        group = -1
+        s = 0
+        for c in range(K):
+            g = classes[c, 0]
+            L = classes[c, 1]
+            if g != group:
+                group = g
+                for k in range(4):
+                    cur[k] = r * nrow[k] + goff[k, g]
+            w = 0
+            while (1 << w) < L:
+                w += 1
+            for s2 in range(s, s + classes[c, 2]):
+                j = perm[s2]
+                if w == 8:
+                    q = _code(S, soff[3], 8, cur[3])
+                    cur[3] += 1
+                else:
+                    q = 0
+                    off = 0
+                    if w & 4:
+                        q |= _code(S, soff[2], 4, cur[2]) << off
+                        cur[2] += 1
+                        off += 4
+                    if w & 2:
+                        q |= _code(S, soff[1], 2, cur[1]) << off
+                        cur[1] += 1
+                        off += 2
+                    if w & 1:
+                        q |= _code(S, soff[0], 1, cur[0]) << off
+                        cur[0] += 1
+                if dequant:
+                    if ic:
+                        lo_v = lo[gr, j]
+                        span = hi[gr, j] - lo[gr, j]
+                    else:
+                        lo_v = lo[r, g]
+                        span = hi[r, g] - lo[r, g]
+                    step = span / np.float32(L - 1)
+                    z = _zero(lo_v, span, L, sym)
+                    out[r - r0, j] = (np.float32(q) - z) * step
+                else:
+                    out[r - r0, j] = np.float32(q)
+            s += classes[c, 2]
+
+
+def _class_starts(layout: KernelLayout) -> np.ndarray:
+    """(Gc + 1,) index of the first class of each column group (classes sorted by group)."""
+    groups = layout.classes[:, 0].to(torch.int64)
+    counts = torch.bincount(groups, minlength=layout.col_groups)
+    return np.concatenate([[0], np.cumsum(counts.numpy())]).astype(np.int64)
+
+
+def _row_group_size(layout: KernelLayout) -> int:
+    return layout.group_size if (layout.dim == "ic" and layout.group_size is not None) else 0
+
+
+def _ranges(layout: KernelLayout, lo: Tensor, hi: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    want = (layout.rows, layout.ngroups) if layout.dim == "oc" else (layout.ngroups, layout.cols)
+    if tuple(lo.shape) != want or tuple(hi.shape) != want:
+        raise ValueError(f"ranges of shape {tuple(lo.shape)}: expected {want}")
+    return (
+        lo.detach().to("cpu", torch.float32).contiguous().numpy(),
+        hi.detach().to("cpu", torch.float32).contiguous().numpy(),
+    )
+
+
+def set_threads() -> None:
+    """Size numba's pool as torch's (``torch.set_num_threads``), within numba's maximum."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+def unpack_codes(layout: KernelLayout) -> np.ndarray:
+    """(rows, cols) int64 codes in the original column order (0 for one-level columns)."""
+    out = np.zeros((layout.rows, layout.cols), np.float32)
+    lo = hi = np.zeros((1, 1), np.float32)
+    _decode_rows(
+        layout.streams.numpy(), layout.offsets.numpy(), layout.counts.numpy(),
+        layout.perm.numpy(), layout.classes.numpy(), 0, layout.rows, False, False, 0,
+        lo, hi, layout.sym, out,
+    )  # fmt: skip
+    return out.astype(np.int64)
+
+
+def dequantize_rows(layout: KernelLayout, lo: Tensor, hi: Tensor, r0: int, r1: int) -> Tensor:
+    """(r1 - r0, cols) float32 rows of ``W``, bitwise the weights of docs/FORMAT.md section 8."""
+    lo_n, hi_n = _ranges(layout, lo, hi)
+    out = np.zeros((r1 - r0, layout.cols), np.float32)
+    set_threads()
+    _decode_rows(
+        layout.streams.numpy(), layout.offsets.numpy(), layout.counts.numpy(),
+        layout.perm.numpy(), layout.classes.numpy(), r0, r1, True, layout.dim == "ic",
+        _row_group_size(layout), lo_n, hi_n, layout.sym, out,
+    )  # fmt: skip
+    return torch.from_numpy(out)
+
+
+def linear(
+    layout: KernelLayout,
+    x: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    bias: Tensor | None = None,
+    max_tokens: int = MAX_KERNEL_TOKENS,
+) -> Tensor:
+    """``F.linear(x, W, bias)`` for the layer of ``layout`` with ranges ``lo``, ``hi``.
+
+    Args:
+        layout: the codes (:func:`baq.kernels.layout.build_layout`).
+        x: (..., cols) input on the CPU, any float dtype (computed in float32).
+        lo, hi: the grid ranges, (rows, G) per OC, (G, cols) per IC, float16 or float32.
+        bias: (rows,) or None.
+        max_tokens: up to this many tokens the fused kernel runs; beyond, row tiles of ``W`` are
+            dequantized and multiplied by torch.
+    Returns:
+        (..., rows) in ``x.dtype``.
+    """
+    if x.shape[-1] != layout.cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer {layout.cols}")
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, layout.cols).to(torch.float32).contiguous()
+    T = x2.shape[0]
+    if T > max_tokens:
+        parts = [
+            F.linear(x2, dequantize_rows(layout, lo, hi, r0, min(r0 + TILE_ROWS, layout.rows)))
+            for r0 in range(0, layout.rows, TILE_ROWS)
+        ]
+        y = torch.cat(parts, dim=1)
+    else:
+        y = torch.from_numpy(fused(layout, x2.numpy(), lo, hi))
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.reshape(*lead, layout.rows).to(x.dtype)
+
+
+def _static(layout: KernelLayout) -> tuple:
+    """The numpy views and tables every call needs, computed once per layout (a small layer's
+    product takes tens of microseconds: per-call torch ops showed in its time)."""
+    cached = getattr(layout, "_numpy", None)
+    if cached is None:
+        counts = layout.counts.numpy()
+        _, _, xstart, xlen = _geometry(counts, layout.rows)
+        cached = (
+            layout.streams.numpy(), layout.offsets.numpy(), counts, layout.perm.numpy(),
+            layout.classes.numpy(), _class_starts(layout), xstart, xlen,
+        )  # fmt: skip
+        layout._numpy = cached
+    return cached
+
+
+def fused(layout: KernelLayout, x: np.ndarray, lo: Tensor, hi: Tensor) -> np.ndarray:
+    """(T, rows) float32 ``x @ W^T`` by the fused kernel, ``x`` (T, cols) float32 contiguous."""
+    lo_n, hi_n = _ranges(layout, lo, hi)
+    S, soff, counts, perm, classes, cstart, xstart, xlen = _static(layout)
+    ic = layout.dim == "ic"
+    rgroups = layout.ngroups if ic else 1
+    set_threads()
+    xs, X, zterm, base = _prepare(
+        x, perm, classes, counts, ic, lo_n, hi_n, layout.sym, rgroups, xstart, xlen
+    )
+    y = np.empty((x.shape[0], layout.rows), np.float32)
+    _kernel(
+        S, soff, counts, classes, cstart, ic, _row_group_size(layout), lo_n, hi_n, layout.sym,
+        xs, X, zterm, base, y,
+    )  # fmt: skip
+    return y
+
+
+__all__ = ["MAX_KERNEL_TOKENS", "PART_WIDTHS", "block_codes", "dequantize_rows", "linear"]
