@@ -27,7 +27,8 @@ and contraction are allowed there only, so LLVM vectorises the lane loop and fus
 multiply-add; the zero points are computed without them). One output row per ``prange`` iteration:
 rows are independent, so the result does not depend on the thread count.
 
-Why numba (measured, benchmarks/kernel_speed.py): it needs no compiler on the user's machine
+Why numba (chosen, not measured against the alternatives): it needs no compiler on the user's
+machine
 (wheels for Linux, macOS and Windows; AQLM's CPU kernels use it), compiles for the host's vector
 unit at first use (cached on disk: ``cache=True``), and its ``prange`` gives a thread pool whose
 size follows ``torch.get_num_threads()`` (set at every call). ``torch.compile`` needs a C++

@@ -9,8 +9,9 @@ columns of equal storage width grouped together, the input permuted to match.
 * Width. A column of ``L`` levels is stored at ``w = ceil(log2 L)`` bits (``L = 1`` stores
   nothing: its weights are 0, so it drops out of the product; the "bias" it folds into is 0).
   Costlier than the file's radix streams for a level count just above a power of two (5, 9, 17:
-  up to 0.9 bits a code); on BAQ's real level histograms the codes take 1.07 (2 bits) to 1.09
-  (3 bits) times the file's code bytes (benchmarks/kernel_speed.py reports it per layer).
+  up to 0.9 bits a code): benchmarks/kernel_speed.py measured the layout at 1.09 to 1.12 times
+  the saved bytes of the layer (ranges and order included), the most at 3 bits, above the 1.10
+  of issue 26; radix words for L = 3, 5, 6, 9 would bring 3 bits near 1.04 (not done).
 * Parts. A width is split into power-of-two parts, ``w = 3`` as 2 + 1 bits, ``7`` as 4 + 2 + 1,
   ``8`` whole, and every part width ``p`` in (1, 2, 4, 8) has its own stream over all the columns
   that have that part. A code is the sum of its parts shifted by their offsets, so the product is
