@@ -23,11 +23,12 @@ from dataclasses import replace
 
 from protocol import reference_and_calibration, samples_args
 
-from baq import importance, models
+from baq.bench.plots import rank_correlation
 from baq.config import QuantConfig
-from baq.measure import Measurement
-from baq.plan import plan_levels
-from baq.plots import rank_correlation
+from baq.model import loader
+from baq.run import importance
+from baq.run.allocation import plan_levels
+from baq.run.measure import Measurement
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     meas = Measurement.load(args.measurement)
     ref = meas.betas("fisher")
     model, calib = reference_and_calibration(meas)
-    device = models.resolve_device("auto")
+    device = loader.resolve_device("auto")
     model.to(device)
     mods = dict(model.named_modules())
     targets = {n: mods[n] for n in meas.names}

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from baq import plots
+from baq.bench import plots
 from baq.config import QuantConfig
-from baq.measure import Measurement
-from baq.plan import plan_bits, plan_levels
+from baq.run.allocation import plan_bits, plan_levels
+from baq.run.measure import Measurement
 
 
 def main() -> None:

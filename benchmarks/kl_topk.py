@@ -14,7 +14,10 @@ import argparse
 
 import torch
 
-from baq import data, divergence, models, storage
+from baq import data
+from baq.eval import divergence
+from baq.model import loader
+from baq.saved import storage
 
 
 def main() -> None:
@@ -24,7 +27,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=1)
     p.add_argument("--k", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024, 4096])
     args = p.parse_args()
-    base, tok = models.load_model(None, None, "float32", "cpu")
+    base, tok = loader.load_model(None, None, "float32", "cpu")
     quant, _ = storage.load_quantized(args.saved, device="cpu")
     tokens = data.tokenize(tok, data.load_text(args.text, split="test"))
     exact, compact = [], {k: [] for k in args.k}

@@ -22,8 +22,8 @@ from pathlib import Path
 from frontier import FP_PERPLEXITY, load_runs
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from baq import plots
-from baq.measure import Measurement
+from baq.bench import plots
+from baq.run.measure import Measurement
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ plan at one budget.
 
 ``MEASUREMENT`` is a ``baq measure`` (or bench) file of the reference model on the protocol's
 calibration windows (their hash is checked) whose Hessians read every window. For each ``n`` the
-sensitivity pass (:func:`baq.measure.measure_model` without estimators) runs on the first ``n``
+sensitivity pass (:func:`baq.run.measure.measure_model` without estimators) runs on the first ``n``
 windows and this prints: its seconds, and their ratio to the full pass's recorded seconds
 (``n / nsamples`` if the pass is linear in windows); the Spearman rank correlation of ``log c``
 over every column of the model; the median and largest ``|1/2 log2(c_n / c)|``, the shift in
@@ -24,11 +24,11 @@ from dataclasses import replace
 import torch
 from protocol import reference_and_calibration, samples_args
 
+from baq.bench.plots import rank_correlation
 from baq.config import QuantConfig
-from baq.measure import MEASURED_FIELDS, Measurement, measure_model
-from baq.plan import plan_levels
-from baq.plots import rank_correlation
 from baq.quant import allocate
+from baq.run.allocation import plan_levels
+from baq.run.measure import MEASURED_FIELDS, Measurement, measure_model
 
 
 def priced(plans, meas: Measurement, beta: torch.Tensor) -> float:

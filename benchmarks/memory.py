@@ -8,10 +8,11 @@ Two synthetic Llama models of the same width and different depths (random weight
 saved as sharded safetensors in a temporary folder) are walked the way the quantization
 pipeline walks them: block 0's inputs are captured for a (batch, seqlen) window of token ids,
 then every block runs forward on the whole batch. ``lazy`` opens the folder with
-``baq.lazy.open_lazy`` and loads and releases each block around its forward; ``full`` loads the
-whole model with ``from_pretrained``, as ``baq.models.load_model`` does. ``baseline`` only
+``baq.model.lazy.open_lazy`` and loads and releases each block around its forward; ``full`` loads
+the
+whole model with ``from_pretrained``, as ``baq.model.loader.load_model`` does. ``baseline`` only
 imports the libraries. Each measurement runs in a fresh subprocess and reports its peak
-resident set size (``baq.report.peak_rss_gib``: ``VmHWM`` on Linux). With lazy loading the peak
+resident set size (``baq.run.report.peak_rss_gib``: ``VmHWM`` on Linux). With lazy loading the peak
 should not grow with depth: the 16-block / 4-block ratio should be near 1 for ``lazy`` and near
 the ratio of the model sizes for ``full``.
 
@@ -39,7 +40,7 @@ QUANTIZE_MODES = ("baseline", "quantize-lazy", "quantize-full")
 
 def peak_rss_mib() -> float:
     """This process's peak resident memory in MiB (VmHWM where readable: reset by exec)."""
-    from baq.report import peak_rss_gib
+    from baq.run.report import peak_rss_gib
 
     return peak_rss_gib() * 1024
 
@@ -121,7 +122,7 @@ def measure(mode: str, folder: str, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from baq import blocks, lazy
+    from baq.model import blocks, lazy
 
     if mode.startswith("quantize"):
         return measure_quantize(mode, folder, args)
@@ -133,7 +134,7 @@ def measure(mode: str, folder: str, args: argparse.Namespace) -> dict:
     loader = None
     if mode == "lazy":
         model, _, loader = lazy.open_lazy(folder, tokenizer=False)
-    else:  # what baq.models.load_model does, minus the tokenizer (none is saved here)
+    else:  # what baq.model.loader.load_model does, minus the tokenizer (none is saved here)
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()

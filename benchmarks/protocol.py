@@ -46,12 +46,13 @@ def samples_args(doc: str, default_samples: list[int]) -> argparse.Namespace:
 
 def reference_and_calibration(meas: Any) -> tuple[Any, Any]:
     """The float32 reference model and the protocol's calibration windows, refused (exit) when
-    ``meas`` (a ``baq.measure.Measurement``) was measured on other windows."""
-    from baq import bench, bench_grid, models
-    from baq.divergence import windows_digest
+    ``meas`` (a ``baq.run.measure.Measurement``) was measured on other windows."""
+    from baq.bench import grid, runner
+    from baq.eval.divergence import windows_digest
+    from baq.model import loader
 
-    model, tok = models.load_model(None, dtype="float32")
-    calib, _, _ = bench.prepare_data(bench_grid.BenchSettings(text=bench_grid.default_text()), tok)
+    model, tok = loader.load_model(None, dtype="float32")
+    calib, _, _ = runner.prepare_data(grid.BenchSettings(text=grid.default_text()), tok)
     if windows_digest(calib) != meas.settings["calib"]:
         raise SystemExit("the measurement was made on other calibration windows")
     return model, calib

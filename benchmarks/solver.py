@@ -62,8 +62,10 @@ def main() -> None:
         W, H = random_layer(rows, cols, device)
         configs = {
             "gptq": QuantConfig(method="gptq", bits=int(args.bits)),
-            "baq": QuantConfig(method="baq", bits=args.bits),
-            "analytic": QuantConfig(method="baq", bits=args.bits, sensitivity="analytic"),
+            "baq": QuantConfig(allocation="layer", method="baq", bits=args.bits),
+            "analytic": QuantConfig(
+                allocation="layer", method="baq", bits=args.bits, sensitivity="analytic"
+            ),
         }
         t = {
             k: timed(lambda c=c, W=W, H=H: quantize_layer(W, H, c), args.repeat, device)

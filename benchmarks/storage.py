@@ -1,9 +1,11 @@
 """Saved models: file size, storage vs nominal bits, load memory, generation speed (issue 5).
 
 For the reference model quantized with GPTQ and BAQ at 2, 3 and 4 bits, saved with
-``baq.storage``: bytes on disk, storage bits per quantized weight against the nominal rate, peak
+``baq.saved.storage``: bytes on disk, storage bits per quantized weight against the nominal rate,
+peak
 RSS of loading the folder in a fresh process, and greedy generation tokens per second of the packed
-model with each weight cache of ``baq.storage.load_quantized`` (``none``: dequantizing in every
+model with each weight cache of ``baq.saved.storage.load_quantized`` (``none``: dequantizing in
+every
 forward; ``codes``: integer offsets, one byte per weight; ``weight``: the dequantized weights)
 against the float model, each in a fresh process, as ratios to the float model of the same run.
 
@@ -36,7 +38,7 @@ CACHES = ("none", "codes", "weight")  # baq.config.WEIGHT_CACHES, without import
 
 def peak_rss_mib() -> float:
     """This process's peak resident memory in MiB (VmHWM where readable: reset by exec)."""
-    from baq.report import peak_rss_gib
+    from baq.run.report import peak_rss_gib
 
     return peak_rss_gib() * 1024
 
@@ -45,7 +47,7 @@ def measure_child(folder: str, packed: bool, cache: str, new_tokens: int, repeat
     """Runs in a fresh process: load, then time greedy generation; peak RSS of the whole."""
     import torch
 
-    from baq import storage
+    from baq.saved import storage
 
     torch.manual_seed(0)
     rss0 = peak_rss_mib()
@@ -119,8 +121,8 @@ def forward_speeds(tokens: tuple[int, ...] = (1, 512), repeats: int = 20) -> lis
     import torch
     import torch.nn.functional as F
 
-    from baq.packed_linear import PackedLinear
     from baq.quant.gptq import rtn_solve
+    from baq.saved.packed_linear import PackedLinear
 
     def best(fn) -> float:
         fn()
@@ -198,14 +200,16 @@ def main() -> None:
 
     import torch
 
-    from baq import data, models, storage
+    from baq import data
     from baq.config import QuantConfig
-    from baq.pipeline import quantize_model
+    from baq.model import loader
+    from baq.run.quantization import quantize_model
+    from baq.saved import storage
 
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "storage.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    model, tok = models.load_model(None, dtype="float32", device="cpu")
+    model, tok = loader.load_model(None, dtype="float32", device="cpu")
     original = {k: v.clone() for k, v in model.state_dict().items()}
     text = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
     source = str(text) if text.is_file() else "builtin"
@@ -225,7 +229,7 @@ def main() -> None:
                 name = f"{method}-{bits:g}b"
                 if name in rows:
                     continue
-                cfg = QuantConfig(method=method, bits=bits)
+                cfg = QuantConfig(allocation="layer", method=method, bits=bits)
                 model.load_state_dict(original)
                 t = time.perf_counter()
                 run = quantize_model(model, calib, cfg, device="cpu")

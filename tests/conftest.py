@@ -28,12 +28,12 @@ def corpus(chars: int) -> str:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if a command loads weights: argument errors must come first."""
-    from baq import models
+    from baq.model import loader
 
     def boom(*a, **k):
         raise AssertionError("model weights loaded before the arguments were validated")
 
-    monkeypatch.setattr(models, "load_model", boom)
+    monkeypatch.setattr(loader, "load_model", boom)
 
 
 def make_tokenizer():

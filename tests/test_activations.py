@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from baq.activations import DTYPES, ActivationStore, format_size, parse_size
+from baq.run.activations import DTYPES, ActivationStore, format_size, parse_size
 
 SHAPE = (7, 5, 6)
 
@@ -176,7 +176,7 @@ def test_errors(tmp_path):
 
 def test_large_spilled_roundtrip(tmp_path, monkeypatch):
     """Reads and writes larger than one I/O chunk are split and reassembled."""
-    import baq.activations as act
+    import baq.run.activations as act
 
     monkeypatch.setattr(act, "_CHUNK", 1000)
     data = torch.randn(9, 33, 17)

@@ -1,4 +1,4 @@
-"""AdaDim's block output criterion (baq.adadim_block): the errors against a slow reference, the
+"""AdaDim's block output criterion (baq.run.adadim_block): the errors against a slow reference, the
 choice on blocks built to favour each grid, and --adadim block through measure and quantize."""
 
 import copy
@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from baq import adadim_block
 from baq.cli import main
 from baq.config import QuantConfig
 from baq.quant import adadim
 from baq.quant import grid as G
+from baq.run import adadim_block
 from conftest import corpus
 
 
@@ -85,7 +85,7 @@ def test_block_errors_equal_a_slow_reference_and_leave_the_weights(group_size):
 def test_block_criterion_isolates_the_outliers(make, want):
     block, x = make()
     targets = {"up": block.up, "down": block.down}
-    cfg = QuantConfig(method="baq", bits=3, dim="auto", adadim="block")
+    cfg = QuantConfig(allocation="layer", method="baq", bits=3, dim="auto", adadim="block")
     errors = adadim_block.block_output_errors(block, targets, x[:8], {}, cfg)
     other = "ic" if want == "oc" else "oc"
     assert errors["up"][want] < 0.8 * errors["up"][other]  # not a near tie
@@ -104,7 +104,7 @@ def test_choose_dims_reads_only_the_first_windows(monkeypatch):
         return real(block, targets, windows, *a, **k)
 
     monkeypatch.setattr(adadim_block, "block_output_errors", spy)
-    cfg = QuantConfig(method="baq", bits=3, dim="auto", adadim="block")
+    cfg = QuantConfig(allocation="layer", method="baq", bits=3, dim="auto", adadim="block")
     adadim_block.choose_dims(block, {"up": block.up}, x, {}, torch.device("cpu"), cfg)
     assert torch.equal(seen[0], x[: adadim_block.BLOCK_WINDOWS])
 

@@ -177,7 +177,7 @@ def test_causal_lm_without_decoder_blocks(tmp_path, no_model_load, capsys):
     folder = stub_folder(tmp_path / "blockless", BlocklessConfig())
     err = fails(capsys, ["quantize", str(folder), "--report", str(tmp_path / "r.json")])
     assert "no decoder blocks found in BlocklessForCausalLM" in err
-    assert "baq.blocks.BLOCK_PATHS" in err
+    assert "baq.model.blocks.BLOCK_PATHS" in err
     nothing_written(tmp_path, "r.json")
 
 
@@ -340,8 +340,8 @@ def test_group_size_must_be_positive(size, tiny_model_dir, no_model_load, capsys
 
 
 def test_group_size_that_does_not_divide_the_columns(tiny_model_dir, text_file, tmp_path):
-    from baq.packed_linear import PackedLinear
-    from baq.storage import load_quantized
+    from baq.saved.packed_linear import PackedLinear
+    from baq.saved.storage import load_quantized
 
     out = tmp_path / "ragged"
     argv = ["quantize", str(tiny_model_dir), "--method", "gptq", "--bits", "2"]
@@ -425,7 +425,7 @@ def test_output_in_a_read_only_folder_real_permissions(tiny_model_dir, tmp_path,
 
 
 def test_disk_full_during_save(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
-    from baq import storage
+    from baq.saved import storage
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -448,12 +448,12 @@ def test_disk_full_during_save(tiny_model_dir, text_file, tmp_path, monkeypatch,
 
 
 def test_ctrl_c_during_quantization(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
-    from baq import pipeline
+    from baq.run import quantization
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "quantize_layer", interrupt)
+    monkeypatch.setattr(quantization, "quantize_layer", interrupt)
     out = tmp_path / "out"
     argv = ["quantize", str(tiny_model_dir), "--calib", str(text_file), *QUICK]
     err = fails(capsys, [*argv, "--report", str(tmp_path / "report.json")], code=130)

@@ -3,7 +3,11 @@ import math
 
 import pytest
 
-from baq import bench, bench_grid, cli, data, evaluate, pipeline
+from baq import cli, data
+from baq.bench import grid as bench_grid
+from baq.bench import runner
+from baq.eval import scoring
+from baq.run import quantization, session
 
 TINY = ["--nsamples", "4", "--seqlen", "32", "--eval-windows", "2", "--eval-seqlen", "64"]
 
@@ -22,17 +26,17 @@ def calls(monkeypatch):
 
     def quantize(model, calib, cfg, **kw):
         seen["quantize"].append(cfg)
-        return pipeline.quantize_model(model, calib, cfg, **kw)
+        return quantization.quantize_model(model, calib, cfg, **kw)
 
     def ppl(*args, **kw):
         if kw.get("record_topk") is None:  # not the float model's KL base records
             seen["ppl"] += 1
         return real_score(*args, **kw)
 
-    real_score = evaluate.score
-    monkeypatch.setattr(bench, "quantize_model", quantize)
-    monkeypatch.setattr(bench, "score", ppl)  # the base records
-    monkeypatch.setattr(evaluate, "score", ppl)  # the runs, through evaluate.score_sets
+    real_score = scoring.score
+    monkeypatch.setattr(session, "quantize_model", quantize)
+    monkeypatch.setattr(runner, "score", ppl)  # the base records
+    monkeypatch.setattr(scoring, "score", ppl)  # the runs, through evaluate.score_sets
     return seen
 
 
@@ -219,7 +223,7 @@ def test_results_table_and_plots(tiny_model_dir, text, tmp_path):
 def test_dim_choice_plot_shows_each_layers_grid():
     import numpy as np
 
-    from baq import plots
+    from baq.bench import plots
 
     rng = np.random.default_rng(0)
     modules = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
@@ -277,7 +281,7 @@ def test_adding_an_evaluation_set_evaluates_only_it(
     cached["perplexity"]["corpus"] = 1.0
     cached["eval_digests"].pop("second")
     path.write_text(json.dumps(cached))
-    with caplog.at_level("WARNING", logger="baq.bench"):
+    with caplog.at_level("WARNING", logger="baq.bench.runner"):
         run(tiny_model_dir, text, out, *grid, "--eval", str(second))
     assert "quantized differently" in caplog.text and calls["ppl"] == 6
     fresh = json.loads(path.read_text())
@@ -286,7 +290,7 @@ def test_adding_an_evaluation_set_evaluates_only_it(
 
 
 def test_table_has_one_summary_per_evaluation_set_with_each_cell_in_place():
-    from baq.plots import format_table
+    from baq.bench.plots import format_table
 
     runs = [("fp", "FP", None), ("gptq-2b", "GPTQ", 2), ("gptq-3b", "GPTQ", 3)]
     runs += [("baq-2b", "BAQ", 2), ("baq-3b", "BAQ", 3)]
@@ -372,7 +376,7 @@ def test_model_allocation_runs_share_one_measurement_and_report_kl(
 
 
 def test_correlations_against_slow_definitions():
-    from baq import plots
+    from baq.bench import plots
 
     xs = [1.0, 2.0, 5.0, 3.0, 10.0]
     ys = [2.0, 1.0, 50.0, 4.0, 20.0]

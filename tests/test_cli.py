@@ -140,7 +140,7 @@ def test_python_api_quantizes_in_place(tiny_model_dir):
 
 def test_calibration_starts_after_the_evaluated_tokens_of_the_same_text(text_file):
     from baq.cli import build_parser
-    from baq.cli.quantize import calib_start
+    from baq.cli.calibration import calib_start
 
     def start(*extra):
         return calib_start(build_parser().parse_args(["quantize", *extra]))

@@ -1,4 +1,5 @@
-"""KL divergence against a base model (baq.divergence, baq.evaluate.score) vs slow references."""
+"""KL divergence against a base model (baq.eval.divergence, baq.eval.scoring.score) vs slow
+references."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import math
 import pytest
 import torch
 
-from baq import divergence, evaluate
 from baq.cli import main
+from baq.eval import divergence, scoring
 from conftest import corpus, make_tiny_llama
 
 
@@ -102,11 +103,11 @@ def windows(n=3, seq=48, vocab=512):
 def test_a_model_against_itself_has_zero_kl_and_full_agreement():
     model = make_tiny_llama()
     w = windows()
-    s = evaluate.score(model, w, base_model=model, record_topk=8)
+    s = scoring.score(model, w, base_model=model, record_topk=8)
     assert s.divergence["kl_mean"] == 0.0 and s.divergence["kl_max"] == 0.0
     assert s.divergence["kl_top_token_agreement"] == 1.0 and s.divergence["kl_rms_dp"] == 0.0
     assert s.divergence["kl_mean_compact"] == 0.0
-    again = evaluate.score(model, w, base_record=s.base_record)
+    again = scoring.score(model, w, base_record=s.base_record)
     assert again.divergence["kl_mean"] == 0.0 and again.perplexity == s.perplexity
 
 
@@ -116,8 +117,8 @@ def test_score_against_a_perturbed_model_equals_per_window_reference(tmp_path):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     w = windows()
-    s = evaluate.score(model, w, base_model=base, record_topk=16)
-    assert s.perplexity == pytest.approx(evaluate.perplexity(model, w), rel=1e-6)
+    s = scoring.score(model, w, base_model=base, record_topk=16)
+    assert s.perplexity == pytest.approx(scoring.perplexity(model, w), rel=1e-6)
     with torch.no_grad():
         parts = [
             slow_stats(
@@ -134,10 +135,10 @@ def test_score_against_a_perturbed_model_equals_per_window_reference(tmp_path):
     path = tmp_path / "base.safetensors"
     s.base_record.save(path)
     back = divergence.BaseRecord.load(path)
-    again = evaluate.score(model, w, base_record=back)
+    again = scoring.score(model, w, base_record=back)
     assert again.divergence["kl_mean"] == pytest.approx(s.divergence["kl_mean_compact"], rel=1e-6)
     with pytest.raises(ValueError, match="other token windows"):
-        evaluate.score(model, w[:, :40], base_record=back)
+        scoring.score(model, w[:, :40], base_record=back)
 
 
 def test_eval_cli_base_and_base_logits(tiny_model_dir, tmp_path, capsys):

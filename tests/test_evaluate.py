@@ -1,4 +1,4 @@
-"""Tests for baq.evaluate.perplexity against a slow position-by-position reference."""
+"""Tests for baq.eval.scoring.perplexity against a slow position-by-position reference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from baq.evaluate import perplexity
+from baq.eval.scoring import perplexity
 
 VOCAB = 50
 

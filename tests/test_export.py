@@ -8,12 +8,13 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import baq
-from baq import blocks, storage
 from baq.cli import main
 from baq.config import QuantConfig
-from baq.evaluate import perplexity
-from baq.export import export_dequantized
-from baq.packed_linear import PackedLinear
+from baq.eval.scoring import perplexity
+from baq.model import blocks
+from baq.saved import storage
+from baq.saved.export import export_dequantized
+from baq.saved.packed_linear import PackedLinear
 from conftest import make_tiny_llama, make_tokenizer
 from test_storage import ids, make_tiny_gpt2, quantize_all
 
@@ -22,7 +23,7 @@ BUILDS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 
 def saved(folder, build="llama"):
     model = BUILDS[build]()
-    cfg = QuantConfig(method="baq", bits=2.5, group_size=16)
+    cfg = QuantConfig(allocation="layer", method="baq", bits=2.5, group_size=16)
     results = quantize_all(model, cfg)
     storage.save_quantized(folder, model, make_tokenizer(), results, cfg)
     return results

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from baq import bench_grid
+from baq.bench import grid as bench_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 frontier = pytest.importorskip("frontier")

@@ -13,13 +13,15 @@ import torch
 from safetensors import safe_open
 
 import baq
-from baq import blocks, checkpoint, head, measure, memory_plan, models, plan, storage
 from baq.cli import main
 from baq.config import QuantConfig
-from baq.export import export_dequantized
-from baq.packed_linear import PackedLinear
-from baq.pipeline import quantize_model
+from baq.model import blocks, loader
 from baq.quant.grid import dequantize
+from baq.run import allocation, checkpoint, head, measure, memory_estimate
+from baq.run.quantization import quantize_model
+from baq.saved import storage
+from baq.saved.export import export_dequantized
+from baq.saved.packed_linear import PackedLinear
 from conftest import VOCAB, corpus, make_tiny_llama, make_tokenizer
 from test_memory_plan import argv
 from test_resume import folder_bytes
@@ -40,7 +42,7 @@ BUILDS = {"llama-tied": make_tiny_llama, "llama-untied": tiny_untied, "gpt2-tied
 CFGS = {
     "rtn3": QuantConfig(method="rtn", bits=3, include_head=True),
     "gptq3": QuantConfig(method="gptq", bits=3, include_head=True),
-    "baq2.5": QuantConfig(method="baq", bits=2.5, include_head=True),
+    "baq2.5": QuantConfig(allocation="layer", method="baq", bits=2.5, include_head=True),
 }
 
 
@@ -234,7 +236,7 @@ def test_report_gives_the_whole_folder_and_its_bits_per_parameter(setup, referen
     assert main(argv(setup, out, "--include-head", "--report", str(rep_path))) == 0
     assert main(argv(setup, plain, "--report", str(rep_plain))) == 0
     rep, rep0 = json.loads(rep_path.read_text()), json.loads(rep_plain.read_text())
-    params = unique_parameters(models.load_model(str(model_dir), None, "float32", "cpu")[0])
+    params = unique_parameters(loader.load_model(str(model_dir), None, "float32", "cpu")[0])
     for r, folder in ((rep, out), (rep0, plain)):
         assert r["folder_bytes"] == slow_size(folder)
         assert r["parameters"] == params
@@ -285,7 +287,7 @@ def test_measurement_without_the_head_is_refused_before_loading(setup, tmp_path,
 
     q = argv(setup, None, "--method", "baq", "--allocation", "model", "--measurement", str(meas))
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(models, "load_model", boom)
+    monkey.setattr(loader, "load_model", boom)
     try:
         assert main([*q, "--include-head"]) == 2
     finally:
@@ -309,7 +311,7 @@ def test_model_plan_includes_the_head_and_meets_the_budget_over_all_weights():
     for est in ("fisher", "noise"):
         beta = meas.beta[est]["lm_head"]
         assert math.isfinite(beta) and beta > 0, est
-    plans = plan.plan_levels(meas, cfg)
+    plans = allocation.plan_levels(meas, cfg)
     # the budget counted over every planned weight, the head's included
     bits = sum(p.shape[0] * float(torch.log2(p.levels.double()).sum()) for p in plans)
     weights = sum(p.shape[0] * p.shape[1] for p in plans)
@@ -338,11 +340,11 @@ def test_model_plan_includes_the_head_and_meets_the_budget_over_all_weights():
 
 
 def test_memory_estimate_counts_the_head(tiny_model_dir):
-    config = models.load_config(str(tiny_model_dir))
+    config = loader.load_config(str(tiny_model_dir))
     kw = dict(method="gptq", nsamples=8, seqlen=32, eval_seqlen=None, eval_windows=None)
     kw |= dict(saving=True, resident=0)
-    plain = memory_plan.estimate(config, **kw)
-    full = memory_plan.estimate(config, **kw, include_head=True)
+    plain = memory_estimate.estimate(config, **kw)
+    full = memory_estimate.estimate(config, **kw, include_head=True)
     hidden, vocab = config.hidden_size, config.vocab_size
     assert full.hessians - plain.hessians == 2 * hidden * hidden * 4  # accumulator and matrix
     assert full.results - plain.results == vocab * hidden * 8  # float32 weight + int32 codes
@@ -352,7 +354,8 @@ def test_memory_estimate_counts_the_head(tiny_model_dir):
 
 
 def test_bench_include_head_keys_only_when_set(tmp_path):
-    from baq import bench, bench_grid
+    from baq.bench import grid as bench_grid
+    from baq.bench import runner
 
     text = tmp_path / "t.txt"
     text.write_text(corpus(20_000))
@@ -368,4 +371,4 @@ def test_bench_include_head_keys_only_when_set(tmp_path):
     for a, b in zip(plain, with_head):
         assert a.spec.name == b.spec.name
         assert (a.key == b.key) == (a.spec.cfg is None)
-    assert bench.measurement_path(plain[2]) != bench.measurement_path(with_head[2])
+    assert runner.measurement_path(plain[2]) != runner.measurement_path(with_head[2])

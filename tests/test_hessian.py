@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from baq import blocks
-from baq.hessian import HessianAccumulator, StopForward, hessian_hooks
+from baq.model import blocks
+from baq.run.hessian import HessianAccumulator, StopForward, hessian_hooks
 from conftest import make_tiny_llama
 from test_models import ARCH_IDS, tiny_model
 

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import baq
-from baq import storage
 from baq.config import QuantConfig
-from baq.packed_linear import PackedLinear
-from baq.storage import StorageError
+from baq.saved import storage
+from baq.saved.packed_linear import PackedLinear
+from baq.saved.storage import StorageError
 from conftest import make_tiny_llama, make_tokenizer
 from test_storage import _rehash, ids, make_tiny_gpt2, quantize_all
 
@@ -23,7 +23,9 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 CFGS = {
     "gptq3": QuantConfig(method="gptq", bits=3),
-    "baq2.5-g16-act": QuantConfig(method="baq", bits=2.5, group_size=16, act_order=True),
+    "baq2.5-g16-act": QuantConfig(
+        allocation="layer", method="baq", bits=2.5, group_size=16, act_order=True
+    ),
 }
 BUILDS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 
@@ -170,7 +172,7 @@ def test_import_baq_registers_without_importing_transformers():
         "assert 'transformers' not in sys.modules, 'import baq imported transformers'\n"
         "from transformers import AutoModelForCausalLM\n"
         "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as m\n"
-        "from baq.hf_quantizer import BaqHfQuantizer\n"
+        "from baq.integrations.transformers_quantizer import BaqHfQuantizer\n"
         "assert m['baq'] is BaqHfQuantizer\n"
         "print('OK')\n"
     )
@@ -207,7 +209,7 @@ def test_from_pretrained_runs_the_integrity_checks(folder, tmp_path):
 def test_model_card(tmp_path):
     model = make_tiny_llama()
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M"
-    cfg = QuantConfig(method="baq", bits=3)
+    cfg = QuantConfig(allocation="layer", method="baq", bits=3)
     results = quantize_all(model, cfg)
     summary = {"perplexity_after": {"wikitext2": 25.86}, "divergence": {}}
     out = storage.save_quantized(tmp_path / "q", model, None, results, cfg, summary)
@@ -228,7 +230,7 @@ def test_model_card(tmp_path):
 
 
 def test_model_card_says_which_grid_allocation_and_head():
-    from baq.model_card import model_card
+    from baq.saved.model_card import model_card
 
     base = {"method": "baq", "bits": 3, "group_size": None}
     oc = model_card({**base, "config": {"dim": "oc", "allocation": "layer"}})

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from baq import manifest
 from baq.cli import main
+from baq.saved import manifest
 from conftest import corpus
 
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from baq import manifest, storage
 from baq.config import QuantConfig
-from baq.packed_linear import PackedLinear, storage_bits_of
 from baq.quant.gptq import rtn_solve
+from baq.saved import manifest, storage
+from baq.saved.packed_linear import PackedLinear, storage_bits_of
 from conftest import make_tiny_llama, make_tokenizer
 from test_storage import ids, quantize_all
 
@@ -55,7 +55,7 @@ def test_storage_bits_count_every_per_ic_range():
     "cfg",
     [
         QuantConfig(method="gptq", bits=3, dim="ic", group_size=24),
-        QuantConfig(method="baq", bits=2.5, dim="auto"),
+        QuantConfig(allocation="layer", method="baq", bits=2.5, dim="auto"),
     ],
     ids=["gptq-ic-g24", "baq-auto"],
 )

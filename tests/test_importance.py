@@ -1,4 +1,4 @@
-"""Layer importances beta_l (baq.importance) against finite differences of the KL divergence."""
+"""Layer importances beta_l (baq.run.importance) against finite differences of the KL divergence."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baq import blocks, importance, lazy
+from baq.model import blocks, lazy
+from baq.run import importance
 from conftest import make_tiny_llama
 
 

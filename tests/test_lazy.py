@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from baq import blocks, lazy, models
+from baq.model import blocks, lazy
+from baq.model import loader as models
 from conftest import make_tiny_llama, make_tokenizer
 
 SEQ = 12
@@ -307,7 +308,7 @@ def test_to_device_and_streaming(tiny_model_dir, device):
 @pytest.mark.parametrize("max_bytes", [None, 0])
 def test_walk_with_activation_store(sharded_dir, tmp_path, max_bytes):
     """The pipeline's pattern: captured inputs in a store, batched block forwards into a new one."""
-    from baq.activations import ActivationStore
+    from baq.run.activations import ActivationStore
 
     full, _ = models.load_model(str(sharded_dir))
     model, _, loader = lazy.open_lazy(sharded_dir, tokenizer=False)

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from baq import checkpoint, lazy, models, streaming
-from baq.activations import ActivationStore
 from baq.cli import main
 from baq.config import QuantConfig
-from baq.packed_linear import nominal_bits_of, storage_bits_of
-from baq.pipeline import quantize_model
+from baq.model import lazy
+from baq.model import loader as models
+from baq.run import checkpoint, streaming
+from baq.run.activations import ActivationStore
+from baq.run.quantization import quantize_model
+from baq.saved.packed_linear import nominal_bits_of, storage_bits_of
 from conftest import corpus, make_tiny_llama, make_tokenizer
 
 
@@ -216,7 +218,9 @@ def test_lazy_peak_memory_does_not_grow_with_depth(setup, tmp_path):
 
     text = setup[2]
     py = [sys.executable, "-c"]
-    base = peak_kib(*py, "import torch, transformers, baq.cli, baq.pipeline, baq.lazy")
+    base = peak_kib(
+        *py, "import torch, transformers, baq.cli, baq.run.quantization, baq.model.lazy"
+    )
     above = {}
     for blocks in (2, 8):
         folder = tmp_path / f"llama{blocks}"

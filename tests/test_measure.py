@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from baq import measure, plan
 from baq.cli import main
 from baq.config import QuantConfig
+from baq.run import allocation, measure
 from conftest import corpus, make_tiny_llama
 
 
@@ -36,13 +36,13 @@ def test_measurement_round_trip_and_plan_meets_the_budget(tmp_path):
     back = measure.Measurement.load(tmp_path / "m.safetensors")
     assert back.names == meas.names and back.beta == meas.beta and back.settings == meas.settings
     assert all(torch.equal(back.sens[n], meas.sens[n]) for n in meas.names)
-    plans = plan.plan_levels(back, cfg)
-    assert 2.5 - 0.01 < plan.plan_bits(plans) <= 2.5 + 1e-9
+    plans = allocation.plan_levels(back, cfg)
+    assert 2.5 - 0.01 < allocation.plan_bits(plans) <= 2.5 + 1e-9
     # a layer made 100x more important gains bits, the others give them up
     louder = measure.Measurement.load(tmp_path / "m.safetensors")
     target = meas.names[3]
     louder.beta["fisher"][target] *= 100
-    again = {p.name: p for p in plan.plan_levels(louder, cfg)}
+    again = {p.name: p for p in allocation.plan_levels(louder, cfg)}
     assert again[target].bits > {p.name: p for p in plans}[target].bits
     with pytest.raises(ValueError, match="calibration windows"):
         meas.check(measure.settings_of("digest", calib[:3], cfg))
@@ -199,7 +199,7 @@ def test_model_allocation_refusals(tiny_model_dir, text_file, tmp_path, capsys):
 def test_resumed_model_allocation_uses_the_same_plan(
     tiny_model_dir, text_file, tmp_path, monkeypatch
 ):
-    from baq import checkpoint
+    from baq.run import checkpoint
 
     out = tmp_path / "out"
     q = ["quantize", str(tiny_model_dir), "--allocation", "model", "--bits", "2.5"]

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from baq import activations, blocks, checkpoint, memory_plan, models, pipeline
 from baq.cli import main
 from baq.cli.memory import weight_file_bytes
 from baq.config import QuantConfig
+from baq.model import blocks, loader
+from baq.run import activations, checkpoint, memory_estimate, quantization, walker
 from conftest import corpus, make_tiny_llama, make_tokenizer
 from test_resume import folder_bytes
 
@@ -50,11 +51,11 @@ def reference(setup):
     return folder_bytes(out)
 
 
-def tiny_estimate(setup, **kw) -> memory_plan.MemoryEstimate:
-    config = models.load_config(str(setup[1]))
+def tiny_estimate(setup, **kw) -> memory_estimate.MemoryEstimate:
+    config = loader.load_config(str(setup[1]))
     settings = dict(method="gptq", nsamples=8, seqlen=32, eval_seqlen=None, eval_windows=None)
     settings["file_bytes"] = weight_file_bytes(str(setup[1]), None)  # as the CLI's plan
-    return memory_plan.estimate(config, **{**settings, **kw, "resident": 0})
+    return memory_estimate.estimate(config, **{**settings, **kw, "resident": 0})
 
 
 # ----- the estimate against what the pipeline really allocates
@@ -62,7 +63,7 @@ def tiny_estimate(setup, **kw) -> memory_plan.MemoryEstimate:
 
 def test_estimated_weights_and_activations_are_what_the_model_and_stores_hold(setup, monkeypatch):
     est = tiny_estimate(setup)
-    model, _ = models.load_model(str(setup[1]))
+    model, _ = loader.load_model(str(setup[1]))
     assert est.weights == sum(p.numel() * p.element_size() for p in model.parameters())
     one_block = sum(p.numel() * 4 for p in blocks.decoder_layers(model)[0].parameters())
     lazy = tiny_estimate(setup, lazy=True)
@@ -84,7 +85,7 @@ def test_estimated_weights_and_activations_are_what_the_model_and_stores_hold(se
     monkeypatch.setattr(activations.ActivationStore, "__init__", init)
     monkeypatch.setattr(activations.ActivationStore, "close", done)
     ids = torch.randint(0, 500, (8, 32))
-    pipeline.quantize_model(model, ids, QuantConfig(method="gptq", bits=3), device="cpu")
+    quantization.quantize_model(model, ids, QuantConfig(method="gptq", bits=3), device="cpu")
     assert most[0] == est.activations
     # Hessians: the estimate's bound (accumulator and matrix per linear) holds the real ones
     hessians = 0
@@ -131,9 +132,11 @@ def test_estimated_peak_is_within_a_factor_of_the_measured_peak(setup, tmp_path)
 # ru_maxrss starts from the RSS of the process that forked it, and pytest's grows past 600 MiB.
 FISHER_CHILD = """
 import sys, torch
-from baq import blocks, importance, models
-from baq.memory_plan import resident_bytes
-from baq.report import peak_rss_gib
+from baq.model import blocks
+from baq.model import loader as models
+from baq.run import importance
+from baq.run.memory_estimate import resident_bytes
+from baq.run.report import peak_rss_gib
 model, _ = models.load_model(sys.argv[1])
 layers = blocks.decoder_layers(model)
 prefix = blocks.module_prefix(model, layers)
@@ -163,8 +166,8 @@ def test_estimated_importance_pass_is_within_a_factor_of_its_measured_growth(tmp
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     before, peak = map(int, child.stdout.split())
-    config = models.load_config(str(model_dir))
-    est = memory_plan.estimate(
+    config = loader.load_config(str(model_dir))
+    est = memory_estimate.estimate(
         config, method="baq", nsamples=128, seqlen=seq, eval_seqlen=None, eval_windows=None,
         resident=0, importance_windows=windows,
     )  # fmt: skip
@@ -183,8 +186,8 @@ def test_activations_spill_by_themselves_when_memory_is_short(
 ):
     est = tiny_estimate(setup, saving=True)
     # room for everything but half the activations (after the plan's 512 MiB margin)
-    short = memory_plan.MARGIN_BYTES + est.peak(spilled=True) + est.activations // 2
-    monkeypatch.setattr(memory_plan, "available_memory", lambda: short)
+    short = memory_estimate.MARGIN_BYTES + est.peak(spilled=True) + est.activations // 2
+    monkeypatch.setattr(memory_estimate, "available_memory", lambda: short)
     spilled = []
     close = activations.ActivationStore.close
     monkeypatch.setattr(
@@ -205,8 +208,8 @@ def test_enough_memory_keeps_activations_in_ram_and_v_prints_the_estimate(
     setup, monkeypatch, caplog
 ):
     est = tiny_estimate(setup)
-    roomy = 2 * memory_plan.MARGIN_BYTES + est.peak(spilled=False)
-    monkeypatch.setattr(memory_plan, "available_memory", lambda: roomy)
+    roomy = 2 * memory_estimate.MARGIN_BYTES + est.peak(spilled=False)
+    monkeypatch.setattr(memory_estimate, "available_memory", lambda: roomy)
     spilled = []
     close = activations.ActivationStore.close
     monkeypatch.setattr(
@@ -223,8 +226,8 @@ def test_enough_memory_keeps_activations_in_ram_and_v_prints_the_estimate(
 def test_activations_too_big_for_memory_and_disk_are_refused_before_loading(
     setup, monkeypatch, no_model_load, capsys
 ):
-    monkeypatch.setattr(memory_plan, "available_memory", lambda: 2 * 2**30)
-    monkeypatch.setattr(memory_plan, "disk_free", lambda folder: 3 * 2**30)
+    monkeypatch.setattr(memory_estimate, "available_memory", lambda: 2 * 2**30)
+    monkeypatch.setattr(memory_estimate, "disk_free", lambda folder: 3 * 2**30)
     out = setup[0] / "refused"
     # 2 x 20000 x 256 x 64 x 4 bytes = 2.4 GiB: not in 2 GiB of memory, nor in 3 GiB - 2 GiB
     assert main(argv(setup, out, "--nsamples", "20000", "--seqlen", "256")) == 2
@@ -237,7 +240,7 @@ def test_activations_too_big_for_memory_and_disk_are_refused_before_loading(
 def test_a_model_too_big_for_memory_is_refused_with_lazy_as_the_fix(
     setup, monkeypatch, no_model_load, capsys
 ):
-    monkeypatch.setattr(memory_plan, "available_memory", lambda: memory_plan.MARGIN_BYTES)
+    monkeypatch.setattr(memory_estimate, "available_memory", lambda: memory_estimate.MARGIN_BYTES)
     assert main(argv(setup, None)) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "even with its calibration activations on disk" in err
@@ -248,10 +251,10 @@ def test_a_budget_given_by_the_user_is_kept(setup, monkeypatch):
     est = tiny_estimate(setup)
     kw = dict(nsamples=8, seqlen=32, lazy=False, lazy_possible=True, evaluating=False)
     kw.update(available=64 * 2**30, free=64 * 2**30, spill_dir="/tmp")
-    assert memory_plan.plan(est, max_activation_bytes=None, **kw).max_activation_bytes is None
-    plan = memory_plan.plan(est, max_activation_bytes=0, **kw)
+    assert memory_estimate.plan(est, max_activation_bytes=None, **kw).max_activation_bytes is None
+    plan = memory_estimate.plan(est, max_activation_bytes=0, **kw)
     assert plan.spill and not plan.auto_spill and plan.max_activation_bytes == 0
-    roomy = memory_plan.plan(est, max_activation_bytes=est.activations, **kw)
+    roomy = memory_estimate.plan(est, max_activation_bytes=est.activations, **kw)
     assert not roomy.spill and roomy.max_activation_bytes == est.activations
 
 
@@ -309,8 +312,8 @@ OOMS = [
 
 @pytest.mark.parametrize("err,what", OOMS, ids=["cpu", "cuda", "python", "enomem"])
 def test_every_allocator_failure_is_recognised(err, what):
-    assert memory_plan.out_of_memory(err)
-    line = memory_plan.memory_error_line(err, None)
+    assert memory_estimate.out_of_memory(err)
+    line = memory_estimate.memory_error_line(err, None)
     assert what in line and "\n" not in line and "--resume" not in line
 
 
@@ -318,7 +321,7 @@ def test_every_allocator_failure_is_recognised(err, what):
     "err", [RuntimeError("shape mismatch"), OSError(errno.ENOENT, "x"), ValueError("memory")]
 )
 def test_other_errors_are_not_out_of_memory(err):
-    assert not memory_plan.out_of_memory(err)
+    assert not memory_estimate.out_of_memory(err)
 
 
 def test_cuda_out_of_memory_retries_the_block_with_half_the_batch(monkeypatch, caplog):
@@ -326,7 +329,7 @@ def test_cuda_out_of_memory_retries_the_block_with_half_the_batch(monkeypatch, c
     halves 8 -> 4 -> 2 and ends exactly as a run with batch 2 from the start."""
     ids = torch.randint(0, 500, (8, 32))
     cfg = QuantConfig(method="gptq", bits=3)
-    want = pipeline.quantize_model(make_tiny_llama(), ids, cfg, device="cpu", batch_size=2)
+    want = quantization.quantize_model(make_tiny_llama(), ids, cfg, device="cpu", batch_size=2)
     run_block, sizes = blocks.run_block, []
 
     def small_device(block, hidden, kwargs):
@@ -337,7 +340,7 @@ def test_cuda_out_of_memory_retries_the_block_with_half_the_batch(monkeypatch, c
 
     monkeypatch.setattr(blocks, "run_block", small_device)
     with caplog.at_level(logging.WARNING, logger="baq"):
-        got = pipeline.quantize_model(make_tiny_llama(), ids, cfg, device="cpu", batch_size=8)
+        got = quantization.quantize_model(make_tiny_llama(), ids, cfg, device="cpu", batch_size=8)
     assert sizes[:2] == [8, 4] and set(sizes[2:]) == {2}  # halved once, then kept at 2
     assert sum("retrying with batch" in r.getMessage() for r in caplog.records) == 2
     assert got.results.keys() == want.results.keys()
@@ -353,5 +356,5 @@ def test_cuda_out_of_memory_at_batch_one_gives_up():
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(torch.OutOfMemoryError):
-        memory_plan.retry_halving(always, 5)
+        walker.retry_halving(always, 5)
     assert calls == [5, 2, 1]

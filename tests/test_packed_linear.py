@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baq.packed_linear import PackedLinear
 from baq.quant.gptq import QuantResult
 from baq.quant.grid import fit_grid, quantize
+from baq.saved.packed_linear import PackedLinear
 
 
 def _result(rows, cols, group_size, sym, max_levels, seed=0):

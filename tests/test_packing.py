@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from baq import packing as P
+from baq.saved import packing as P
 
 
 def _codes(n: int, levels: int, seed: int = 0) -> torch.Tensor:

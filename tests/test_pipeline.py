@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 
-from baq import blocks
 from baq.config import QuantConfig
-from baq.pipeline import is_skipped, quantize_model
+from baq.model import blocks
 from baq.quant.grid import dequantize
-from baq.report import weighted_nominal_bits
+from baq.run.quantization import is_skipped, quantize_model
+from baq.run.report import weighted_nominal_bits
 from conftest import VOCAB, make_tiny_llama
 from test_models import ARCH_IDS, ARCHS, tiny_model
 
@@ -28,9 +28,9 @@ METHODS = [
     QuantConfig(method="rtn", bits=3),
     QuantConfig(method="gptq", bits=2),
     QuantConfig(method="gptq", bits=3, group_size=16, act_order=True),
-    QuantConfig(method="baq", bits=2.5),
-    QuantConfig(method="baq", bits=3, sensitivity="analytic", sym=True),
-    QuantConfig(method="baq", bits=2, integer_bits=True),
+    QuantConfig(allocation="layer", method="baq", bits=2.5),
+    QuantConfig(allocation="layer", method="baq", bits=3, sensitivity="analytic", sym=True),
+    QuantConfig(allocation="layer", method="baq", bits=2, integer_bits=True),
 ]
 IDS = ["rtn3", "gptq2", "gptq3-g16-actorder", "baq2.5", "baq3-analytic-sym", "baq2-int"]
 
@@ -100,7 +100,7 @@ def test_nan_weights_are_named():
 
 def test_same_inputs_same_result():
     a, b = make_tiny_llama(), make_tiny_llama()
-    cfg = QuantConfig(method="baq", bits=3)
+    cfg = QuantConfig(allocation="layer", method="baq", bits=3)
     ra = quantize_model(a, calib(), cfg, progress=False)
     rb = quantize_model(b, calib(), cfg, progress=False)
     for name in ra.results:
@@ -114,7 +114,9 @@ def test_every_architecture_quantizes_end_to_end(arch):
     ids = torch.randint(0, 100, (5, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         fp = model(ids).logits
-    run = quantize_model(model, ids, QuantConfig(method="baq", bits=4), progress=False)
+    run = quantize_model(
+        model, ids, QuantConfig(allocation="layer", method="baq", bits=4), progress=False
+    )
     expected = ARCHS[arch][4]
     assert len(run.results) == 2 * len(expected)
     mods = dict(model.named_modules())

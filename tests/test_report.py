@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from baq import report
+from baq.run import report
 
 
 def test_reset_peak_memory_forgets_an_earlier_peak():

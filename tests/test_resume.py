@@ -13,7 +13,7 @@ from conftest import corpus, make_tiny_llama, make_tokenizer
 # the child quantizes with the real CLI and SIGKILLs itself right after checkpointing block 1
 KILLER = """
 import os, signal, sys
-from baq import checkpoint
+from baq.run import checkpoint
 from baq.cli import main
 
 save = checkpoint.Checkpoint.save_block

@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from baq import blocks, storage
 from baq.config import QuantConfig
+from baq.model import blocks
 from baq.quant.grid import nominal_bits
 from baq.quant.layer import quantize_layer
-from baq.storage import PackedLinear, StorageError
+from baq.saved import storage
+from baq.saved.storage import PackedLinear, StorageError
 from conftest import VOCAB, make_tiny_llama, make_tokenizer
 
 
@@ -56,13 +57,13 @@ CFGS = [
     QuantConfig(method="rtn", bits=4),
     QuantConfig(method="gptq", bits=3),
     QuantConfig(method="gptq", bits=2, group_size=16, act_order=True),
-    QuantConfig(method="baq", bits=2.5),
-    QuantConfig(method="baq", bits=3, group_size=24, act_order=True, sym=True),
-    QuantConfig(method="baq", bits=2, integer_bits=True),
-    QuantConfig(method="baq", bits=2.5, group_size=16, range_dtype="float32"),
+    QuantConfig(allocation="layer", method="baq", bits=2.5),
+    QuantConfig(allocation="layer", method="baq", bits=3, group_size=24, act_order=True, sym=True),
+    QuantConfig(allocation="layer", method="baq", bits=2, integer_bits=True),
+    QuantConfig(allocation="layer", method="baq", bits=2.5, group_size=16, range_dtype="float32"),
     QuantConfig(method="rtn", bits=3, dim="ic", group_size=24),
     QuantConfig(method="gptq", bits=3, dim="ic", group_size=16, act_order=True),
-    QuantConfig(method="baq", bits=2.5, dim="ic", sym=True),
+    QuantConfig(allocation="layer", method="baq", bits=2.5, dim="ic", sym=True),
 ]
 CFG_IDS = [
     "rtn4",
@@ -162,7 +163,7 @@ def test_quantization_config_and_manifest(saved):
         QuantConfig(method="rtn", bits=4),
         QuantConfig(method="rtn", bits=2, group_size=16),
         QuantConfig(method="gptq", bits=3, group_size=24),
-        QuantConfig(method="baq", bits=3, integer_bits=True),
+        QuantConfig(allocation="layer", method="baq", bits=3, integer_bits=True),
         QuantConfig(method="rtn", bits=3, group_size=16, range_dtype="float32"),
     ],
     ids=["rtn4", "rtn2-g16", "gptq3-g24-ragged", "baq3-int", "rtn3-g16-f32ranges"],
@@ -208,7 +209,7 @@ def test_random_576x1536_layer_rates_documented(tmp_path):
     H = 2 * X @ X.T / X.shape[1]
     for bits in (2, 3, 4):
         res, rec = quantize_layer(
-            W, H, QuantConfig(method="baq", bits=bits, sensitivity="analytic")
+            W, H, QuantConfig(allocation="layer", method="baq", bits=bits, sensitivity="analytic")
         )
         rate = storage.storage_bits_of({"w": res})
         # the exact budget is met within the granularity of one column
@@ -401,14 +402,15 @@ def test_cli_generate_on_a_saved_folder_matches_the_in_memory_model(saved, capsy
 def test_cli_eval_on_a_saved_folder_matches_the_in_memory_model(saved, tmp_path, capsys, cache):
     from pydoc_data.topics import topics
 
-    from baq import data, evaluate
+    from baq import data
     from baq.cli import main
+    from baq.eval import scoring
 
     out, model, _ = saved
     text = tmp_path / "eval.txt"
     text.write_text(" ".join(topics[k] for k in sorted(topics))[:20_000])
     windows = data.eval_windows(data.tokenize(make_tokenizer(), text.read_text()), 32, 3)
-    expected = evaluate.perplexity(model, windows, "cpu")
+    expected = scoring.perplexity(model, windows, "cpu")
     argv = ["eval", str(out), "--eval", str(text), "--eval-seqlen", "32", "--eval-windows", "3"]
     assert main([*argv, "--cache", cache, "--device", "cpu"]) == 0
     printed = capsys.readouterr().out.strip()

@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 
-from baq import storage
 from baq.cli import main
 from baq.config import QuantConfig
-from baq.pipeline import quantize_model
+from baq.run.quantization import quantize_model
+from baq.saved import storage
 from conftest import VOCAB, make_tiny_llama, make_tokenizer
 
 pytest.importorskip("lm_eval")
 
-from baq import tasks  # noqa: E402
+from baq.integrations import lm_eval_harness
 
 N_ITEMS, N_CHOICES = 12, 4
 
@@ -104,8 +104,8 @@ def test_saved_folder_scores_as_the_in_memory_model_and_float_differs_where_pred
     run = quantize_model(model, calib, cfg, device="cpu", progress=False)
     saved = storage.save_quantized(tmp_path / "q", model, tok, run.results, cfg)
 
-    fp = tasks.run_tasks(float_model, tok, ["tiny_mc"], task_dir)["results"]["tiny_mc"]
-    q = tasks.run_tasks(model, tok, ["tiny_mc"], task_dir)["results"]["tiny_mc"]
+    fp = lm_eval_harness.run_tasks(float_model, tok, ["tiny_mc"], task_dir)["results"]["tiny_mc"]
+    q = lm_eval_harness.run_tasks(model, tok, ["tiny_mc"], task_dir)["results"]["tiny_mc"]
     report = tmp_path / "report.json"
     argv = ["eval", str(saved), "--tasks", "tiny_mc", "--tasks-dir", str(task_dir)]
     assert main([*argv, "--report", str(report), "-q"]) == 0
@@ -189,4 +189,4 @@ def test_bad_task_options_fail_in_one_line_before_loading(
 
 
 def test_split_names_keeps_order_and_drops_repeats():
-    assert tasks.split_names(["b,a", " c ,b", ""]) == ["b", "a", "c"]
+    assert lm_eval_harness.split_names(["b,a", " c ,b", ""]) == ["b", "a", "c"]

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import hf_register
-from .config import QuantConfig
+from baq.integrations import transformers_register
+
+from .config import HUB_TEXT_SOURCES, QuantConfig
 
 __version__ = "0.1.0"
 
 # AutoModelForCausalLM.from_pretrained(baq folder) after `import baq`; transformers itself is
 # not imported here (hf_register waits for it); after __version__, which registering reads
-hf_register.install()
+transformers_register.install()
 
 if TYPE_CHECKING:
-    from .pipeline import QuantRun
+    from baq.run.session import SessionResult
 
 __all__ = [
     "QuantConfig",
@@ -41,37 +42,39 @@ __all__ = [
 
 
 def load_model(*args: Any, **kwargs: Any):
-    """See :func:`baq.models.load_model`."""
-    from .models import load_model as _load
+    """See :func:`baq.model.loader.load_model`."""
+    from baq.model.loader import load_model as _load
 
     return _load(*args, **kwargs)
 
 
 def save(*args: Any, **kwargs: Any):
-    """See :func:`baq.storage.save_quantized`: ``save(dir, model, tokenizer, run.results, cfg)``."""
-    from .storage import save_quantized
+    """See :func:`baq.saved.storage.save_quantized`: ``save(dir, model, tokenizer, run.results,
+    cfg)``."""
+    from baq.saved.storage import save_quantized
 
     return save_quantized(*args, **kwargs)
 
 
 def load(*args: Any, **kwargs: Any):
-    """See :func:`baq.storage.load_quantized`: ``model, tokenizer = load(dir, device=...)``."""
-    from .storage import load_quantized
+    """See :func:`baq.saved.storage.load_quantized`: ``model, tokenizer = load(dir,
+    device=...)``."""
+    from baq.saved.storage import load_quantized
 
     return load_quantized(*args, **kwargs)
 
 
 def set_cache(model: Any, cache: str) -> int:
-    """See :func:`baq.packed_linear.set_cache`: ``baq.set_cache(model, "weight")`` after
+    """See :func:`baq.saved.packed_linear.set_cache`: ``baq.set_cache(model, "weight")`` after
     ``from_pretrained`` (which builds ``"codes"``) trades memory for the float model's speed."""
-    from .packed_linear import set_cache as _set
+    from baq.saved.packed_linear import set_cache as _set
 
     return _set(model, cache)
 
 
 def perplexity(*args: Any, **kwargs: Any) -> float:
-    """See :func:`baq.evaluate.perplexity`."""
-    from .evaluate import perplexity as _ppl
+    """See :func:`baq.eval.scoring.perplexity`."""
+    from baq.eval.scoring import perplexity as _ppl
 
     return _ppl(*args, **kwargs)
 
@@ -85,28 +88,74 @@ def quantize(
     seqlen: int = 512,
     seed: int = 0,
     device: str | None = None,
-) -> QuantRun:
-    """Quantize ``model`` in place with ``config`` on calibration text or token windows.
+    evaluation: Any = None,
+    eval_seqlen: int = 2048,
+    eval_windows: int | None = 16,
+    output: Any = None,
+    measurement: Any = None,
+    report: Any = None,
+    progress: bool | None = None,
+) -> SessionResult:
+    """Quantize ``model`` in place: the same run as ``baq quantize`` (:mod:`baq.run.session`).
+
+    With the default config that is BAQ at 3 bits with one budget for the whole model: a
+    measurement pass prices every layer, the closed form allocates every column, then the
+    sequential pass quantizes. A config asking for ``allocation="model"`` always gets its
+    measurement and plan.
 
     Args:
         model: a Hugging Face causal LM.
-        tokenizer: its tokenizer (used when ``calibration`` is text).
-        config: the settings (default: BAQ at 3 bits).
+        tokenizer: its tokenizer (used when ``calibration`` or ``evaluation`` is text, and saved
+            with ``output``).
+        config: the settings (default: :class:`QuantConfig`'s, the command line's).
         calibration: a source name (``builtin``, ``wikitext2``, ...), a .txt/.jsonl path, or a
             (nsamples, seqlen) int64 tensor of token windows.
-        nsamples, seqlen, seed: calibration windows drawn from text sources.
+        nsamples, seqlen, seed: calibration windows drawn from text sources (from token 0).
         device: where blocks are solved (default: CUDA when present).
+        evaluation: text sources to score before and after (perplexity, and the KL divergence
+            against the float model), or None.
+        eval_seqlen, eval_windows: the evaluation windows.
+        output: save the packed model in this folder (a new or previous baq folder).
+        measurement: a :class:`baq.run.measure.Measurement` (or its file) to plan with.
+        report: write the JSON report here.
+        progress: progress bars (None: on a terminal, log lines otherwise).
     Returns:
-        The :class:`baq.pipeline.QuantRun` (per-layer results and records).
+        The :class:`baq.run.session.SessionResult`: ``.results`` (what :func:`save` packs),
+        ``.records`` and ``.report`` (the report ``baq quantize --report`` writes).
     """
+    from pathlib import Path
+
     import torch
 
-    from . import data
-    from .pipeline import quantize_model
+    from baq.run.measure import Measurement
+    from baq.run.session import Session, run_session
 
+    from . import data
+
+    sources = [evaluation] if isinstance(evaluation, str) else list(evaluation or [])
+    sets = {}
+    for src in sources:
+        tokens = data.tokenize(tokenizer, data.load_text(src, split="test"))
+        sets[src] = data.eval_windows(tokens, eval_seqlen, eval_windows)
     if isinstance(calibration, torch.Tensor):
-        calib = calibration
+        calib, calib_cfg = calibration, None
     else:
-        tokens = data.tokenize(tokenizer, data.load_text(str(calibration), split="train"))
-        calib = data.calibration_windows(tokens, nsamples, seqlen, seed)
-    return quantize_model(model, calib, config or QuantConfig(), device=device)
+        # as on the command line: a local text that is evaluated too calibrates after the
+        # evaluated windows, so perplexity is never measured on calibration tokens
+        shared = str(calibration) in sources and str(calibration) not in HUB_TEXT_SOURCES
+        start = (eval_windows or 0) * eval_seqlen if shared else 0
+        calib_cfg = data.CalibConfig(str(calibration), nsamples, seqlen, seed, start)
+        tokens = data.tokenize(tokenizer, data.load_text(calib_cfg.source, split="train"))
+        calib = data.calibration_windows(tokens, nsamples, seqlen, seed, start)
+    if isinstance(measurement, (str, Path)):
+        measurement = Measurement.load(measurement)
+    session = Session(
+        cfg=config or QuantConfig(),
+        device=device or "auto",
+        output=None if output is None else Path(output),
+        measurement=measurement,
+        report_path=None if report is None else Path(report),
+        model_name=str(getattr(getattr(model, "config", None), "_name_or_path", "") or "model"),
+        progress=progress,
+    )
+    return run_session(model, tokenizer, calib, session, sets, calib_cfg)

@@ -35,6 +35,19 @@ TEXT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl")
 # only, dequantized in every forward), the integer codes minus zero points (one byte per weight),
 # or the dequantized weight (the float model's memory and speed).
 WEIGHT_CACHES: tuple[str, ...] = ("none", "codes", "weight")
+# top tokens per position that the compact base record of an evaluation keeps (eval/divergence.py):
+# 97 % of the KL at 4-bit RTN (docs/RESULTS.md); here, not there, so that the memory estimate,
+# which must not import torch, reads the same number
+DEFAULT_TOPK = 1024
+# calibration tokens of one batched block forward (run/walker.py), read by the memory estimate too
+BATCH_TOKENS = 4096
+
+
+def base_record_bytes(positions: int, k: int = DEFAULT_TOPK) -> int:
+    """Bytes of a compact base record (eval/divergence.BaseWindow) over ``positions`` positions:
+    per position ``k`` float32 log-probs and ``k`` int32 token ids, and the next token's float32
+    log-prob."""
+    return positions * (k * (4 + 4) + 4)
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,9 @@ class QuantConfig:
     percdamp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # GPTQ lazy-batch block
     integer_bits: bool = False  # BAQ: levels restricted to powers of two
-    sensitivity: Sensitivity = "measured"  # BAQ: where c_j comes from
+    # BAQ: where c_j comes from; None: analytic with the model allocation (its measurement pass
+    # reads the float model's Hessians), measured (a uniform solve) per layer
+    sensitivity: Sensitivity | None = None
     exponent: float = 2.0  # BAQ: t in b_j = B + (1/t) log2(c_j / geomean c); published code 1.95
     max_levels: int = 256  # BAQ: cap on the level count of one column
     hessian_dtype: Literal["float32", "float64"] = "float32"
@@ -62,7 +77,9 @@ class QuantConfig:
     dim: Literal["oc", "ic", "auto"] = "oc"  # grid ranges per row, per column, or AdaDim's pick
     adadim: Literal["proxy", "block"] = "proxy"  # how dim="auto" picks (ADADIM_CRITERIA)
     skip: tuple[str, ...] = ()  # fnmatch patterns of linear names left in full precision
-    allocation: Literal["layer", "model"] = "layer"  # BAQ: budget per layer or for the model
+    # BAQ: one budget for the model (the default: it wins at every budget measured) or per
+    # layer (the paper's); None: model for BAQ, layer for RTN and GPTQ
+    allocation: Literal["layer", "model"] | None = None
     importance: Literal["fisher", "noise"] = "fisher"  # model allocation: beta_l estimator
     # calibration windows the beta_l estimator reads: on the reference model 8 windows' Fisher
     # betas plan within 0.03 % of the modelled loss of 32 windows' (benchmarks/fisher_samples.py)
@@ -80,6 +97,12 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: use one of {', '.join(METHODS)}")
+        # the defaults that depend on other fields, resolved once so asdict() shows what ran
+        if self.allocation is None:
+            object.__setattr__(self, "allocation", "model" if self.method == "baq" else "layer")
+        if self.sensitivity is None:
+            default = "analytic" if self.allocation == "model" else "measured"
+            object.__setattr__(self, "sensitivity", default)
         if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits)):
             raise ValueError(f"bits={self.bits!r}: use a number in [1, 8], e.g. --bits 3")
         if not 1.0 <= self.bits <= 8.0:

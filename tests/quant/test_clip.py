@@ -32,8 +32,8 @@ def slow_clip(W, grid, levels, weight, range_dtype, shrinks):
                 l0 = grid.lo[r : r + 1, g : g + 1] * s
                 h0 = grid.hi[r : r + 1, g : g + 1] * s
                 if range_dtype == "float16":
-                    l0 = G._to_half_outward(l0, down=True)
-                    h0 = G._to_half_outward(h0, down=False)
+                    l0 = G.to_half_outward(l0, down=True)
+                    h0 = G.to_half_outward(h0, down=False)
                 if not h0 > l0:
                     l0, h0 = grid.lo[r : r + 1, g : g + 1], grid.hi[r : r + 1, g : g + 1]
                 one = G.Grid(l0, h0, None, grid.sym)
@@ -90,8 +90,10 @@ def test_methods_use_the_clipped_grid_and_ic_is_refused(monkeypatch):
     X = torch.randn(32, 200)
     H = 2 * X @ X.t() / 200
     for method in ("rtn", "gptq", "baq"):
-        plain = QuantConfig(method=method, bits=3, sensitivity="analytic")
-        clipped = QuantConfig(method=method, bits=3, sensitivity="analytic", clip=True)
+        plain = QuantConfig(allocation="layer", method=method, bits=3, sensitivity="analytic")
+        clipped = QuantConfig(
+            allocation="layer", method=method, bits=3, sensitivity="analytic", clip=True
+        )
         res_plain, _ = quantize_layer(W, H, plain)
         res, _ = quantize_layer(W, H, clipped)
         want = layer_grid(W.float(), None if method == "rtn" else H, clipped, "oc", res.levels)

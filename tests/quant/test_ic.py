@@ -141,7 +141,9 @@ def test_ic_analytic_sensitivity_sums_each_columns_own_row_groups():
     torch.manual_seed(2)
     rows, cols = 23, 10  # groups of 6 rows: 6, 6, 6, 5
     W, H = torch.randn(rows, cols), correlated_hessian(cols)
-    cfg = QuantConfig(method="baq", bits=3, group_size=6, dim="ic", sensitivity="analytic")
+    cfg = QuantConfig(
+        allocation="layer", method="baq", bits=3, group_size=6, dim="ic", sensitivity="analytic"
+    )
     f = factor_hessian(H, cfg.percdamp)
     grid = G.fit_grid(W, 6, range_dtype="float16", dim="ic")
     sens, _ = column_sensitivity(W, f, grid, cfg)
@@ -183,7 +185,9 @@ def test_adadim_isolates_the_outliers(layer, want):
     assert errors[want] < 0.8 * errors["ic" if want == "oc" else "oc"]  # not a near tie
     # the layer driver records the choice, and its result is on that grid
     for method in ("gptq", "baq"):
-        res, rec = quantize_layer(W, H, QuantConfig(method=method, bits=3, dim="auto"))
+        res, rec = quantize_layer(
+            W, H, QuantConfig(allocation="layer", method=method, bits=3, dim="auto")
+        )
         assert rec.dim == want and res.grid.dim == want
 
 
@@ -192,7 +196,7 @@ def test_baq_on_ic_grids_meets_the_budget_and_beats_uniform_gptq_ic():
     W, H = outlier_input_layer()
     W = W * (torch.rand(1, W.shape[1]) * 3)  # uneven column sensitivities
     g, _ = quantize_layer(W, H, QuantConfig(method="gptq", bits=3, dim="ic"))
-    b, rec = quantize_layer(W, H, QuantConfig(method="baq", bits=3, dim="ic"))
+    b, rec = quantize_layer(W, H, QuantConfig(allocation="layer", method="baq", bits=3, dim="ic"))
     assert rec.nominal_bits == pytest.approx(3.0, abs=0.02)  # integer level counts
     assert len(rec.level_histogram) > 1 and b.grid.dim == "ic"
     assert b.loss < g.loss

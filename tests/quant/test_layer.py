@@ -23,7 +23,9 @@ def uneven_layer(rows=48, cols=160, n=1024):
 def test_baq_beats_uniform_gptq_at_the_same_rate(bits, sensitivity):
     W, H = uneven_layer()
     gptq, grec = quantize_layer(W, H, QuantConfig(method="gptq", bits=bits))
-    baq, brec = quantize_layer(W, H, QuantConfig(method="baq", bits=bits, sensitivity=sensitivity))
+    baq, brec = quantize_layer(
+        W, H, QuantConfig(allocation="layer", method="baq", bits=bits, sensitivity=sensitivity)
+    )
     assert brec.nominal_bits <= bits + 1e-9
     assert brec.nominal_bits > bits - 1.0 / W.shape[1]
     # measured: the true layer-output error proxy and GPTQ's own loss
@@ -36,7 +38,7 @@ def test_baq_beats_uniform_gptq_at_the_same_rate(bits, sensitivity):
 
 def test_baq_record_is_consistent_with_its_result():
     W, H = uneven_layer()
-    res, rec = quantize_layer(W, H, QuantConfig(method="baq", bits=2.5))
+    res, rec = quantize_layer(W, H, QuantConfig(allocation="layer", method="baq", bits=2.5))
     assert rec.nominal_bits == pytest.approx(torch.log2(res.levels.double()).mean().item())
     assert sum(rec.level_histogram.values()) == W.shape[1]
     assert rec.uniform_loss is not None and rec.loss_ratio == rec.loss / rec.uniform_loss
@@ -50,7 +52,9 @@ def test_baq_record_is_consistent_with_its_result():
 
 def test_integer_bits_mode_uses_powers_of_two_and_beats_gptq():
     W, H = uneven_layer()
-    res, rec = quantize_layer(W, H, QuantConfig(method="baq", bits=3, integer_bits=True))
+    res, rec = quantize_layer(
+        W, H, QuantConfig(allocation="layer", method="baq", bits=3, integer_bits=True)
+    )
     b = torch.log2(res.levels.double())
     assert torch.equal(b, b.round())
     assert rec.nominal_bits <= 3
@@ -64,7 +68,9 @@ def test_equal_sensitivities_reduce_baq_to_gptq():
     H = torch.eye(cols) * 2.0
     W = torch.linspace(-1, 1, cols).repeat(rows, 1)  # every column has the same spread
     W[:, ::2] *= -1
-    baq, rec = quantize_layer(W, H, QuantConfig(method="baq", bits=3, sensitivity="analytic"))
+    baq, rec = quantize_layer(
+        W, H, QuantConfig(allocation="layer", method="baq", bits=3, sensitivity="analytic")
+    )
     gptq, _ = quantize_layer(W, H, QuantConfig(method="gptq", bits=3))
     assert (baq.levels == 8).all()
     assert torch.equal(baq.weight, gptq.weight)

@@ -11,8 +11,9 @@ import logging
 import os
 import sys
 
+from baq.run.memory_estimate import out_of_memory
+
 from .. import __version__
-from ..memory_plan import out_of_memory
 from . import bench, export, measure, quantize, saved
 from .common import UsageError, error_line, interrupted_line
 

@@ -91,7 +91,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .. import bench, bench_grid, models
+    from baq.bench import grid as bench_grid
+    from baq.bench import runner
+    from baq.model import loader
 
     for src, flag in [(args.text, "--text"), *((e, "--eval") for e in args.eval)]:
         if src is not None:
@@ -131,16 +133,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     entries = bench_grid.plan(settings, grid, args.out)
     selected = bench_grid.select(entries, args.only)
     if args.list:
-        print(bench.format_plan(selected))
+        print(runner.format_plan(selected))
         return 0
     if not args.plots_only:
         if any(bench_grid.missing_sets(e, bench_grid.load_result(e)) for e in selected):
-            models.resolve_device(args.device)
+            loader.resolve_device(args.device)
             check_model(args, args.seqlen, args.eval_seqlen)
         echo = None if args.quiet else lambda line: print(line, flush=True)
-        bench.run_bench(settings, grid, args.out, args.only, echo=echo)
+        runner.run_bench(settings, grid, args.out, args.only, echo=echo)
     else:
-        bench.write_outputs(args.out, entries)
+        runner.write_outputs(args.out, entries)
     if not args.quiet:
         done = sum(e.path.is_file() for e in entries)
         print(f"{done} of {len(entries)} runs cached; table and plots in {args.out}")

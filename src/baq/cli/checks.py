@@ -92,7 +92,7 @@ def check_readable(path: Path) -> None:
 def check_model_folder(folder: Path) -> None:
     """A model folder must hold weights and a tokenizer next to its config.json (checked by
     name, before transformers reads anything; a missing config.json is reported by models)."""
-    from ..models import _has_tokenizer_files
+    from baq.model.loader import has_tokenizer_files
 
     if not (folder / "config.json").is_file():
         return
@@ -103,7 +103,7 @@ def check_model_folder(folder: Path) -> None:
             f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}): "
             "save the model into it with model.save_pretrained(folder)"
         )
-    if not _has_tokenizer_files(folder):
+    if not has_tokenizer_files(folder):
         raise UsageError(
             f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...): "
             "save one into it with tokenizer.save_pretrained(folder)"
@@ -129,14 +129,14 @@ def check_model(args: argparse.Namespace, *seqlens: int) -> Any:
     """Resolve the model and read only its config: bad paths, architectures without decoder
     blocks and too-long windows fail here, before the weights are loaded. A saved baq folder is
     checked by its manifest instead."""
-    from .. import models
+    from baq.model import loader
 
     if is_saved_folder(args.model):
         return None
     check_model_path(args.model, args.gguf_file)
-    config = models.load_config(args.model, args.gguf_file)
-    models.check_architecture(config)
-    limit = models.max_positions(config)
+    config = loader.load_config(args.model, args.gguf_file)
+    loader.check_architecture(config)
+    limit = loader.max_positions(config)
     for n in seqlens:
         if limit is not None and n > limit:
             raise UsageError(
@@ -153,10 +153,10 @@ def eval_sources(args: argparse.Namespace) -> list[str]:
 
 def tokenizer_only(args: argparse.Namespace) -> Any:
     """The model's tokenizer without its weights (loaded once per command)."""
-    from .. import models
+    from baq.model import loader
 
     if getattr(args, "tokenizer_only", None) is None:
-        args.tokenizer_only = models.load_tokenizer(args.model, args.gguf_file)
+        args.tokenizer_only = loader.load_tokenizer(args.model, args.gguf_file)
     return args.tokenizer_only
 
 
@@ -289,7 +289,7 @@ def kept_checkpoint(args: argparse.Namespace) -> Path | None:
     output = getattr(args, "output", None)
     if output is None:
         return None
-    from ..checkpoint import partial_dir
+    from baq.run.checkpoint import partial_dir
 
     partial = partial_dir(output)
     return partial if partial.is_dir() else None
@@ -297,7 +297,7 @@ def kept_checkpoint(args: argparse.Namespace) -> Path | None:
 
 def error_line(err: BaseException, args: argparse.Namespace) -> str:
     """The one line ``baq: error:`` prints, with the fix for a full disk or memory."""
-    from ..memory_plan import memory_error_line, out_of_memory
+    from baq.run.memory_estimate import memory_error_line, out_of_memory
 
     if out_of_memory(err):
         return memory_error_line(err, kept_checkpoint(args))

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from baq.config import DEFAULT_TOPK
+
 from ..config import TEXT_SOURCES
-from ..divergence import DEFAULT_TOPK
 from .checks import (  # noqa: F401  (re-exported for the command modules)
     CHARS_PER_TOKEN_MAX,
     WEIGHT_FILES,
@@ -82,7 +83,7 @@ def add_eval_args(
 
 
 def load(args: argparse.Namespace):
-    from .. import models
+    from baq.model import loader as models
 
     t = time.perf_counter()
     model, tok = models.load_model(args.model, args.gguf_file, args.dtype, device="cpu")
@@ -93,7 +94,7 @@ def load(args: argparse.Namespace):
 
 def lazy_problem(model: str | None, gguf_file: str | None) -> str | None:
     """Why ``--lazy`` cannot read this model argument (None when it can), in a few words."""
-    from ..lazy import can_load_lazily
+    from baq.model.lazy import can_load_lazily
 
     if can_load_lazily(model, gguf_file):
         return None
@@ -126,7 +127,7 @@ def load_lazy(args: argparse.Namespace):
     A folder that ``open_lazy`` cannot map (checkpoint names that need transformers' key
     conversions, remote code) falls back to the full load, with a warning, and loader None.
     """
-    from .. import lazy
+    from baq.model import lazy
 
     t = time.perf_counter()
     try:
@@ -143,7 +144,7 @@ def load_lazy(args: argparse.Namespace):
 def load_any(args: argparse.Namespace, device: Any, cache: str = "codes"):
     """A saved baq folder loads packed; anything else through transformers."""
     if is_saved_folder(args.model):
-        from .. import storage
+        from baq.saved import storage
 
         dtype = None if args.dtype == "auto" else args.dtype
         return storage.load_quantized(args.model, device=device, dtype=dtype, cache=cache)

@@ -11,7 +11,7 @@ from .common import UsageError
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    from ..export import EXPORT_DTYPES
+    from baq.saved.export import EXPORT_DTYPES
 
     p = sub.add_parser(
         "export",
@@ -30,7 +30,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..export import EXPORT_DTYPES, export_dequantized
+    from baq.saved.export import EXPORT_DTYPES, export_dequantized
 
     if not is_saved_folder(str(args.folder)):
         raise UsageError(

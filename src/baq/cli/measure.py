@@ -1,6 +1,6 @@
 """``baq measure`` and ``baq plan``: the model-level allocation's measurement, as a file of its
-own, and the plans it gives at any budget; ``allocation_plan`` is the same stage inside
-``baq quantize --allocation model``."""
+own, and the plans it gives at any budget (inside ``baq quantize --allocation model`` the same
+stage is :func:`baq.run.session.measurement_for`)."""
 
 from __future__ import annotations
 
@@ -26,15 +26,12 @@ from .common import (
     check_report_file,
     flagify,
     load,
-    log,
     positive,
 )
 
-MEASUREMENT_IN_CHECKPOINT = "measurement.safetensors"
-
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
-    from .quantize import add_calib_args
+    from .calibration import add_calib_args
 
     m = sub.add_parser(
         "measure",
@@ -185,10 +182,12 @@ def add_head_arg(g: Any) -> None:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    from .. import checkpoint, measure, models, streaming
-    from ..activations import parse_size
+    from baq.model import loader as models
+    from baq.run import checkpoint, measure, streaming
+    from baq.run.activations import parse_size
+
+    from .calibration import calib_config, calib_windows
     from .common import load_lazy
-    from .quantize import calib_config, calib_windows
 
     cfg = measure_config(args)
     try:
@@ -232,7 +231,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ..plan import format_plan, plan_levels
+    from baq.run.allocation import format_plan, plan_levels
 
     try:
         cfg = QuantConfig(
@@ -259,7 +258,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _read(path: Path) -> Any:
-    from ..measure import Measurement
+    from baq.run.measure import Measurement
 
     if not path.is_file():
         raise UsageError(f"--measurement {path}: no such file; write one with baq measure")
@@ -273,9 +272,9 @@ def check_measurement_args(args: argparse.Namespace, cfg: QuantConfig) -> Any:
     """``baq quantize``: the model allocation's options, before any model loads.
 
     Returns:
-        The :class:`~baq.measure.Measurement` of ``--measurement``, or None.
+        The :class:`~baq.run.measure.Measurement` of ``--measurement``, or None.
     """
-    from .. import measure
+    from baq.run import measure
 
     positive("importance-samples", args.importance_samples)
     if args.measurement is not None and cfg.allocation != "model":
@@ -295,48 +294,3 @@ def check_measurement_args(args: argparse.Namespace, cfg: QuantConfig) -> Any:
     except ValueError as err:
         raise UsageError(str(err)) from None
     return meas
-
-
-def allocation_plan(
-    args: argparse.Namespace,
-    model: Any,
-    calib: Any,
-    cfg: QuantConfig,
-    device: Any,
-    loader: Any,
-    checkpoint_folder: Path | None,
-) -> tuple[dict[str, Any], bool]:
-    """The model allocation's plan: from ``--measurement``, from the checkpoint of the run being
-    resumed, or measured now (and kept in the checkpoint, so a resumed run uses the same plan).
-
-    Returns:
-        ``(name -> LayerPlan, whether the measurement ran now)``.
-    """
-    from .. import checkpoint, measure, streaming
-    from ..plan import plan_bits, plan_levels
-
-    items = model.state_dict().items() if loader is None else streaming.state_items(model, loader)
-    settings = measure.settings_of(checkpoint.tensor_digest(items), calib, cfg)
-    kept = None if checkpoint_folder is None else checkpoint_folder / MEASUREMENT_IN_CHECKPOINT
-    meas, measured = args.measurement_file, False
-    if meas is None and kept is not None and kept.is_file():
-        meas = measure.Measurement.load(kept)
-        log.info("measurement of the interrupted run read from %s", kept)
-    if meas is None:
-        meas = measure.measure_model(
-            model,
-            calib,
-            cfg,
-            (cfg.importance,),
-            device,
-            settings["model"],
-            max_activation_bytes=args.max_activation_bytes,
-            loader=loader,
-        )
-        measured = True
-        if kept is not None:
-            meas.save(kept)
-    meas.check(settings)
-    plans = plan_levels(meas, cfg)
-    log.info("model allocation planned: %.4f nominal bits", plan_bits(plans))
-    return {p.name: p for p in plans}, measured

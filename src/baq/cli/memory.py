@@ -1,5 +1,5 @@
 """``baq quantize``'s memory plan, made from the config before the weights load
-(:mod:`baq.memory_plan`)."""
+(:mod:`baq.run.memory_estimate`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from .checks import UsageError, eval_sources, log
 
 def weight_file_bytes(model: str | None, gguf_file: str | None) -> int:
     """Size of the weight files a full load maps (0 for a hub id not on disk)."""
-    from .. import models
+    from baq.model import loader
 
     try:
-        source, gguf = models._resolve_source(model, gguf_file)
+        source, gguf = loader._resolve_source(model, gguf_file)
     except (OSError, ValueError):
         return 0
     folder = Path(source)
@@ -32,28 +32,33 @@ def importance_windows(args: argparse.Namespace, cfg: Any) -> int:
     there is none: another allocation, or a measurement given with --measurement)."""
     if cfg.allocation != "model" or getattr(args, "measurement", None) is not None:
         return 0
-    from ..importance import NOISE_WINDOWS
+    from baq.run.importance import NOISE_WINDOWS
 
     return NOISE_WINDOWS if cfg.importance == "noise" else cfg.importance_samples
 
 
-def plan_run_memory(args: argparse.Namespace, cfg: Any, config: Any) -> Any:
-    """Estimate the run, decide where the activations go (``args.max_activation_bytes``), or
-    refuse with one line. Stores the plan in ``args.memory_plan`` (None for a saved folder)."""
-    from .. import memory_plan
-    from ..lazy import can_load_lazily
+def plan_run_memory(
+    args: argparse.Namespace, cfg: Any, config: Any, max_activation_bytes: int | None
+) -> Any:
+    """Estimate the run and decide where the activations go, or refuse with one line.
 
-    args.memory_plan = None
+    Returns:
+        The :class:`~baq.run.memory_estimate.MemoryPlan` (its ``max_activation_bytes`` is the
+        budget the run gets), or None when the model's shape cannot be known beforehand.
+    """
+    from baq.model.lazy import can_load_lazily
+    from baq.run import memory_estimate
+
     if config is None:
         return None
     evaluating = bool(eval_sources(args))
     gguf = args.gguf_file is not None or (args.model or ".gguf").endswith(".gguf")
     try:
-        shape = memory_plan.model_shape(config)
+        shape = memory_estimate.model_shape(config)
     except Exception as err:  # an architecture the meta device cannot build: run unplanned
         log.info("memory not planned: cannot build %s without weights (%s)", type(config), err)
         return None
-    est = memory_plan.estimate(
+    est = memory_estimate.estimate(
         config,
         shape=shape,
         method=cfg.method,
@@ -61,7 +66,7 @@ def plan_run_memory(args: argparse.Namespace, cfg: Any, config: Any) -> Any:
         seqlen=args.seqlen,
         eval_seqlen=args.eval_seqlen if evaluating else None,
         eval_windows=args.eval_windows,
-        dtype=memory_plan.model_dtype(config, args.dtype, gguf),
+        dtype=memory_estimate.model_dtype(config, args.dtype, gguf),
         hessian_dtype=cfg.hessian_dtype,
         lazy=args.lazy,
         file_bytes=0 if args.lazy else weight_file_bytes(args.model, args.gguf_file),
@@ -71,16 +76,16 @@ def plan_run_memory(args: argparse.Namespace, cfg: Any, config: Any) -> Any:
         importance_windows=importance_windows(args, cfg),
     )
     try:
-        plan = memory_plan.plan(
+        plan = memory_estimate.plan(
             est,
             nsamples=args.nsamples,
             seqlen=args.seqlen,
-            max_activation_bytes=args.max_activation_bytes,
+            max_activation_bytes=max_activation_bytes,
             lazy=args.lazy,
             lazy_possible=can_load_lazily(args.model, args.gguf_file),
             evaluating=evaluating,
         )
-    except memory_plan.MemoryPlanError as err:
+    except memory_estimate.MemoryPlanError as err:
         raise UsageError(str(err)) from None
     log.info("%s", plan.describe())
     if plan.auto_spill:
@@ -88,12 +93,10 @@ def plan_run_memory(args: argparse.Namespace, cfg: Any, config: Any) -> Any:
             "with its calibration activations (%s) in RAM the run would need about %s, more "
             "than the %s available: they spill to %s (%s free); results are identical, only "
             "slower",
-            memory_plan.format_size(est.activations),
-            memory_plan.format_size(est.peak(spilled=False) - est.resident),
-            memory_plan.format_size(plan.available),
+            memory_estimate.format_size(est.activations),
+            memory_estimate.format_size(est.peak(spilled=False) - est.resident),
+            memory_estimate.format_size(plan.available),
             plan.spill_dir,
-            memory_plan.format_size(plan.disk_free),
+            memory_estimate.format_size(plan.disk_free),
         )
-    args.max_activation_bytes = plan.max_activation_bytes
-    args.memory_plan = plan
     return plan

@@ -10,14 +10,13 @@ from typing import Any
 from ..config import (
     ALLOCATIONS,
     GRID_DIMS,
-    HUB_TEXT_SOURCES,
     IMPORTANCES,
     METHODS,
     RANGE_DTYPES,
     SENSITIVITIES,
     QuantConfig,
 )
-from ..divergence import DEFAULT_TOPK
+from .calibration import add_calib_args, calib_config, calib_windows
 from .common import (
     UsageError,
     add_eval_args,
@@ -34,7 +33,6 @@ from .common import (
     flagify,
     load,
     load_lazy,
-    log,
     positive,
 )
 from .measure import (
@@ -42,7 +40,6 @@ from .measure import (
     add_clip_arg,
     add_head_arg,
     add_measure_samples_arg,
-    allocation_plan,
     check_measurement_args,
     measure_samples_of,
 )
@@ -137,22 +134,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     q.set_defaults(func=cmd_quantize)
 
 
-def add_calib_args(p: argparse.ArgumentParser) -> None:
-    c = p.add_argument_group("calibration")
-    c.add_argument("--calib", default="builtin", metavar="SRC", help="calibration text source")
-    c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
-    c.add_argument("--seed", type=int, default=0, help="seed of the window positions")
-    c.add_argument(
-        "--calib-start",
-        type=int,
-        default=None,
-        help="first token windows may start at (default 0, or the token after the evaluation "
-        "windows when --calib and --eval read the same local text)",
-    )
-    c.add_argument("--calib-end", type=int, default=None, help="token index windows end before")
-
-
 def add_allocation_args(g: Any) -> None:
     """BAQ's allocation scope and, for the model-level allocation, its importance estimator."""
     g.add_argument(
@@ -218,13 +199,20 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
         raise UsageError(flagify(str(err))) from None
 
 
-def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
-    from ..activations import parse_size
+def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any, Any]:
+    """Every check that needs no weights; the run's settings, frozen.
+
+    Returns:
+        ``(cfg, calib_config, session)``: the :class:`~baq.run.session.Session` holds the
+        output, the measurement given, the activation budget and the memory plan.
+    """
+    from baq.run.activations import parse_size
+    from baq.run.session import Session
 
     cfg = quant_config(args)
-    args.measurement_file = check_measurement_args(args, cfg)
+    measurement = check_measurement_args(args, cfg)
     try:
-        args.max_activation_bytes = parse_size(args.max_activation_memory)
+        max_activation_bytes = parse_size(args.max_activation_memory)
     except ValueError as err:
         raise UsageError(f"--max-activation-memory: {err}") from None
     positive("eval-windows", args.eval_windows)
@@ -241,216 +229,55 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any]:
     config = check_model(args, args.seqlen, *([args.eval_seqlen] if eval_sources(args) else []))
     check_calib_fits(args, calib)
     check_eval_fits(args)
-    plan_run_memory(args, cfg, config)  # sets args.max_activation_bytes (spill), or refuses
-    return cfg, calib
-
-
-def calib_config(args: argparse.Namespace) -> Any:
-    """The :class:`~baq.data.CalibConfig` of the calibration arguments, checked."""
-    from ..data import CalibConfig
-
-    positive("nsamples", args.nsamples)
-    if args.seqlen < 2:
-        raise UsageError(f"--seqlen={args.seqlen}: use at least 2")
-    check_source(args.calib, "--calib")
-    try:
-        return CalibConfig(
-            source=args.calib,
-            nsamples=args.nsamples,
-            seqlen=args.seqlen,
-            seed=args.seed,
-            start=calib_start(args),
-            end=args.calib_end,
-        )
-    except ValueError as err:
-        raise UsageError(flagify(str(err))) from None
-
-
-def calib_windows(tok: Any, calib_cfg: Any) -> Any:
-    """(nsamples, seqlen) calibration token windows of a checked ``CalibConfig``."""
-    from .. import data
-
-    tokens = data.tokenize(tok, data.load_text(calib_cfg.source, split="train"))
-    c = calib_cfg
-    return data.calibration_windows(tokens, c.nsamples, c.seqlen, c.seed, c.start, c.end)
-
-
-def calib_start(args: argparse.Namespace) -> int:
-    """Where calibration windows may start: after the evaluated tokens when both read one text.
-
-    Hub sources calibrate on their train split and evaluate on test, so they never overlap; a
-    local file or ``builtin`` serves both, and perplexity measured on the calibration tokens
-    would flatter every method.
-    """
-    if args.calib_start is not None:
-        return args.calib_start
-    if args.calib in HUB_TEXT_SOURCES or args.calib not in eval_sources(args):
-        return 0
-    if args.eval_windows is None:
-        log.warning(
-            "--calib %s is also evaluated in full: calibration and evaluation share tokens; "
-            "set --eval-windows to keep them apart",
-            args.calib,
-        )
-        return 0
-    start = args.eval_windows * args.eval_seqlen
-    log.info("calibration windows start at token %d, after the evaluation windows", start)
-    return start
+    # the plan may spill the activations to disk, or refuse the run in one line
+    memory = plan_run_memory(args, cfg, config, max_activation_bytes)
+    if memory is not None:
+        max_activation_bytes = memory.max_activation_bytes
+    session = Session(
+        cfg=cfg,
+        device=args.device,
+        output=args.output,
+        force=args.force,
+        resume=args.resume,
+        measurement=measurement,
+        max_activation_bytes=max_activation_bytes,
+        evaluate_before=not args.skip_before,
+        report_path=args.report,
+        model_name=args.model or "reference:SmolLM2-135M-Instruct.Q4_1",
+        memory_plan=None if memory is None else memory.as_dict(),
+    )
+    return cfg, calib, session
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    """Check, load, then the whole run of :func:`baq.run.session.run_session`; print its summary."""
+    from baq.run import report
+    from baq.run.session import run_session
 
-    from .. import checkpoint, models, report, streaming
-    from ..evaluate import score_sets
-    from ..pipeline import quantize_model
-
-    cfg, calib_cfg = validate_quantize(args)
+    cfg, calib_cfg, session = validate_quantize(args)
     check_resume(args, cfg)
-    device = models.resolve_device(args.device)
-    seconds: dict[str, float] = {}
     t = time.perf_counter()
     loader = None
     if args.lazy:
         model, tok, loader = load_lazy(args)
     else:
         model, tok = load(args)
-    seconds["load"] = time.perf_counter() - t
-
+    loaded = time.perf_counter() - t
     t = time.perf_counter()
     calib = calib_windows(tok, calib_cfg)
     sets = eval_sets(args, tok)
-    seconds["data"] = time.perf_counter() - t
-
-    before: dict[str, float] = {}
-    base_records: dict[str, Any] = {}
-    if sets and not args.skip_before:
-        t = time.perf_counter()
-        if loader is not None:
-            scored = streamed_scores(loader, sets, device, "before", record_topk=DEFAULT_TOPK)
-        else:
-            model.to(device)
-            scored = score_sets(model, sets, device, "before", record_topk=DEFAULT_TOPK)
-            model.to("cpu")
-        # the float model's compact log-probabilities: KL of the quantized model against it
-        before = {name: sc.perplexity for name, sc in scored.items()}
-        base_records = {name: sc.base_record for name, sc in scored.items()}
-        seconds["eval_before"] = time.perf_counter() - t
-
-    ckpt, done = None, 0
-    if args.output is not None:
-        # a lazy model is hashed a block at a time, read from disk: the digest of a full load
-        tensors = None if loader is None else streaming.state_items(model, loader)
-        ckpt = checkpoint.Checkpoint(
-            checkpoint.partial_dir(args.output),
-            checkpoint.fingerprint(model, calib, cfg, tensors),
-        )
-        done = ckpt.open(resume=args.resume)
-        if done:
-            log.info("resuming after %d finished blocks from %s", done, ckpt.folder)
-    plan = None
-    if cfg.allocation == "model":
-        t = time.perf_counter()
-        folder = None if ckpt is None else ckpt.folder
-        plan, measured = allocation_plan(args, model, calib, cfg, device, loader, folder)
-        if measured:
-            seconds["measure"] = time.perf_counter() - t
-    try:
-        run = quantize_model(
-            model,
-            calib,
-            cfg,
-            device=device,
-            on_block_done=None if ckpt is None else ckpt.save_block,
-            start_block=done,
-            restore_block=None if ckpt is None else ckpt.load_block,
-            loader=loader,
-            max_activation_bytes=args.max_activation_bytes,
-            plan=plan,
-        )
-    except KeyboardInterrupt:
-        if ckpt is not None:
-            log.warning("finished blocks kept in %s: rerun with --resume", ckpt.folder)
-        raise
-    seconds["quantize"] = run.seconds
-
-    after: dict[str, float] = {}
-    kl: dict[str, dict[str, float]] = {}
-    if sets:
-        t = time.perf_counter()
-        if loader is not None:
-            on_load = streaming.quantized_on_load(loader, run.results)
-            scored = streamed_scores(
-                loader, sets, device, "after", on_load, base_records=base_records
-            )
-        else:
-            model.to(device)
-            scored = score_sets(model, sets, device, "after", base_records=base_records)
-        after = {name: sc.perplexity for name, sc in scored.items()}
-        kl = {name: sc.divergence for name, sc in scored.items() if sc.divergence}
-        seconds["eval_after"] = time.perf_counter() - t
-
-    storage_bits = folder_bytes = None
-    if args.output is not None:
-        from .. import storage
-        from ..manifest import folder_bytes as size_of
-
-        t = time.perf_counter()
-        if loader is None:
-            model.to("cpu")
-        summary = {"nominal_bits": run.nominal_bits, "perplexity_after": after, "divergence": kl}
-        storage.save_quantized(
-            args.output, model, tok, run.results, cfg, summary, args.force, loader=loader
-        )
-        storage_bits = storage.storage_bits(args.output)
-        folder_bytes = size_of(args.output)
-        seconds["save"] = time.perf_counter() - t
-        ckpt.remove()  # the save landed: the checkpoint has served
-
-    rep = report.build_report(
-        model=args.model or "reference:SmolLM2-135M-Instruct.Q4_1",
-        quant=asdict(cfg),
-        calib=asdict(calib_cfg),
-        records=run.records,
-        seconds=seconds,
-        perplexity={k: {"before": before.get(k), "after": after.get(k)} for k in sets},
-        storage_bits=storage_bits,
-        divergence=kl,
-        memory_plan=None if args.memory_plan is None else args.memory_plan.as_dict(),
-        folder_bytes=folder_bytes,
-        parameters=report.parameter_count(model),
-    )
-    if args.report is not None:
-        report.write_json(args.report, rep)
+    prepared = time.perf_counter() - t
+    seconds = {"load": loaded, "data": prepared}
+    rep = run_session(model, tok, calib, session, sets, calib_cfg, loader, seconds=seconds).report
     if not args.quiet:
         print(report.format_summary(rep))
-        if storage_bits is not None:
+        if session.output is not None:
             print(
-                f"saved {args.output}  ({storage_bits:.3f} storage bits per quantized weight; "
-                f"{folder_bytes:,} bytes, {rep['folder_bits_per_parameter']:.3f} bits per "
-                f"parameter of the whole model)"
+                f"saved {session.output}  ({rep['storage_bits']:.3f} storage bits per quantized "
+                f"weight; {rep['folder_bytes']:,} bytes, {rep['folder_bits_per_parameter']:.3f} "
+                "bits per parameter of the whole model)"
             )
     return 0
-
-
-def streamed_scores(
-    loader: Any, sets: dict[str, Any], device: Any, when: str, on_load: Any = None, **base: Any
-) -> dict[str, Any]:
-    """Scores (:func:`baq.evaluate.score_sets`) of a lazily loaded model, each block read from disk
-    as the forward reaches it.
-
-    Memory stays one block, at the price of reading every block once per evaluation window
-    (the page cache serves repeats when the model fits in it). ``on_load`` writes the
-    quantized weights into each block as it is loaded (after quantization).
-    """
-    from ..evaluate import score_sets
-
-    loader.to(device)
-    try:
-        with loader.streaming(on_load=on_load):
-            return score_sets(loader.model, sets, device, when, **base)
-    finally:
-        loader.to("cpu")
 
 
 def check_resume(args: argparse.Namespace, cfg: QuantConfig) -> None:
@@ -458,8 +285,8 @@ def check_resume(args: argparse.Namespace, cfg: QuantConfig) -> None:
     checkpoint needs ``--resume``."""
     from dataclasses import asdict
 
-    from .. import checkpoint
-    from ..checkpoint import RUN_FILE, partial_dir
+    from baq.run import checkpoint
+    from baq.run.checkpoint import RUN_FILE, partial_dir
 
     if args.output is None:
         if args.resume:

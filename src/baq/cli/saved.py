@@ -68,8 +68,10 @@ def add_cache_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .. import divergence, models, report
-    from ..evaluate import score_sets
+    from baq.eval import divergence
+    from baq.eval.scoring import score_sets
+    from baq.model import loader
+    from baq.run import report
 
     positive("eval-windows", args.eval_windows)
     tasks = check_tasks(args)  # before eval_sources: --tasks alone drops the default text
@@ -83,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base_args, stored = check_base(args, sources)
     if args.report is not None:
         check_report_file(args.report)
-    device = models.resolve_device(args.device)
+    device = loader.resolve_device(args.device)
     model, tok = load_any(args, device, cache=args.cache)
     model.to(device)
     sets = eval_sets(args, tok)
@@ -118,10 +120,10 @@ def check_base(args: argparse.Namespace, sources: list[str]) -> tuple[Any, Any]:
 
     Returns:
         ``(base_args, stored)``: a namespace naming the base model to load (None without
-        ``--base``), and the :class:`~baq.divergence.BaseRecord` read from ``--base-logits``
+        ``--base``), and the :class:`~baq.eval.divergence.BaseRecord` read from ``--base-logits``
         (None unless it is read).
     """
-    from ..divergence import BaseRecord
+    from baq.eval.divergence import BaseRecord
 
     positive("base-topk", args.base_topk)
     if args.save_base_logits and args.base_logits is None:
@@ -160,7 +162,7 @@ def check_base(args: argparse.Namespace, sources: list[str]) -> tuple[Any, Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import models
+    from baq.model import loader
 
     positive("max-new-tokens", args.max_new_tokens)
     if args.temperature < 0:
@@ -168,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UsageError("the prompt is empty: give some text to continue")
     check_model(args)
-    device = models.resolve_device(args.device)
+    device = loader.resolve_device(args.device)
     model, tok = load_any(args, device, cache=args.cache)
     if tok is None:
         raise UsageError(f"{args.model}: has no tokenizer files; cannot encode a prompt")
@@ -199,7 +201,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .. import manifest
+    from baq.saved import manifest
 
     if not (args.folder / manifest.MANIFEST_FILE).is_file():
         raise UsageError(

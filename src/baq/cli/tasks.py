@@ -1,4 +1,5 @@
-"""``baq eval --tasks``: downstream tasks through lm-evaluation-harness (see :mod:`baq.tasks`).
+"""``baq eval --tasks``: downstream tasks through lm-evaluation-harness (see
+:mod:`baq.integrations.lm_eval_harness`).
 
 The options are checked, the tasks found and their datasets loaded before the model is, so a
 missing lm-eval, an unknown task name or a missing data file ends the run in one line.
@@ -41,15 +42,15 @@ def check_tasks(args: argparse.Namespace) -> Any:
     """Validate the task options and load the tasks (no model yet).
 
     Returns:
-        :class:`baq.tasks.PreparedTasks`, or None without ``--tasks``.
+        :class:`baq.integrations.lm_eval_harness.PreparedTasks`, or None without ``--tasks``.
     """
     if args.tasks is None:
         if args.tasks_dir is not None:
             raise UsageError("--tasks-dir: name the tasks to run with --tasks NAMES")
         return None
-    from .. import tasks
+    from baq.integrations import lm_eval_harness
 
-    names = tasks.split_names(args.tasks)
+    names = lm_eval_harness.split_names(args.tasks)
     if not names:
         raise UsageError("--tasks: no task names given; e.g. --tasks arc_easy,hellaswag")
     positive("tasks-limit", args.tasks_limit)
@@ -58,21 +59,21 @@ def check_tasks(args: argparse.Namespace) -> Any:
     if args.tasks_dir is not None and not args.tasks_dir.is_dir():
         raise UsageError(f"--tasks-dir {args.tasks_dir}: not a folder; give the folder of YAMLs")
     if is_saved_folder(args.model):
-        from ..models import _has_tokenizer_files
+        from baq.model.loader import has_tokenizer_files
 
-        if not _has_tokenizer_files(Path(args.model)):
+        if not has_tokenizer_files(Path(args.model)):
             raise UsageError(
                 f"{args.model}: has no tokenizer files; lm-eval tasks need one (save it into the "
                 "folder with tokenizer.save_pretrained)"
             )
     try:
-        tasks.require_lm_eval()
+        lm_eval_harness.require_lm_eval()
     except ImportError as err:
         raise UsageError(f"--tasks: {err}") from None
     if args.eval is None:  # --tasks alone: the tasks, not also the default perplexity text
         args.eval_default = []
     try:
-        return tasks.prepare(names, args.tasks_dir)
+        return lm_eval_harness.prepare(names, args.tasks_dir)
     except ValueError as err:
         raise UsageError(f"--tasks: {one_line(err)}") from None
     except Exception as err:  # datasets/jinja/yaml errors of a task's files, many types
@@ -85,11 +86,11 @@ def check_tasks(args: argparse.Namespace) -> Any:
 def eval_tasks(args: argparse.Namespace, prepared: Any, model: Any, tok: Any) -> dict[str, Any]:
     """Run the prepared tasks on the loaded model, print one line per metric, and return the
     report's ``tasks`` section."""
-    from .. import tasks
+    from baq.integrations import lm_eval_harness
 
-    results = tasks.evaluate(
+    results = lm_eval_harness.evaluate(
         model, tok, prepared, limit=args.tasks_limit, num_fewshot=args.num_fewshot
     )
-    section = tasks.summarize(results)
-    print(tasks.format_tasks(section))
+    section = lm_eval_harness.summarize(results)
+    print(lm_eval_harness.format_tasks(section))
     return section

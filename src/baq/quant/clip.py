@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .grid import Grid, _to_half_outward, column_params, dequantize_codes, quantize_codes
+from .grid import Grid, column_params, dequantize_codes, quantize_codes, to_half_outward
 
 # candidate shrink factors, 1.0 first (ties keep the min/max range)
 CLIP_SHRINKS: tuple[float, ...] = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5
@@ -33,7 +33,7 @@ def shrink_grid(grid: Grid, s: Tensor, range_dtype: str = "float16") -> Grid:
     rounded outward to float16 when ``range_dtype`` is ``"float16"``."""
     lo, hi = grid.lo * s, grid.hi * s
     if range_dtype == "float16":
-        lo, hi = _to_half_outward(lo, down=True), _to_half_outward(hi, down=False)
+        lo, hi = to_half_outward(lo, down=True), to_half_outward(hi, down=False)
     empty = hi <= lo
     lo = torch.where(empty, grid.lo, lo)
     hi = torch.where(empty, grid.hi, hi)

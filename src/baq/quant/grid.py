@@ -102,8 +102,8 @@ def fit_grid(
     # what the file stores (float16) is what the solver uses; round outward so the range still
     # covers the weights, and give empty ranges the GPTQ convention [-1, 1]
     if range_dtype == "float16":
-        lo = _to_half_outward(lo, down=True)
-        hi = _to_half_outward(hi, down=False)
+        lo = to_half_outward(lo, down=True)
+        hi = to_half_outward(hi, down=False)
     elif range_dtype != "float32":
         raise ValueError(f"range_dtype={range_dtype!r}: use one of {', '.join(RANGE_DTYPES)}")
     empty = hi <= lo
@@ -112,7 +112,7 @@ def fit_grid(
     return Grid(lo=lo, hi=hi, group_size=gs, sym=sym)
 
 
-def _to_half_outward(x: Tensor, down: bool) -> Tensor:
+def to_half_outward(x: Tensor, down: bool) -> Tensor:
     """Round float32 to the nearest float16 value on the outer side (towards -inf if ``down``)."""
     h = x.clamp(-65504.0, 65504.0).half().float()
     nudge = torch.nextafter(h.half(), torch.full_like(h.half(), -torch.inf if down else torch.inf))

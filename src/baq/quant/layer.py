@@ -88,7 +88,7 @@ def grid_dim(
     chosen_dim: str | None = None,
 ) -> str:
     """The grid dimension of one layer: ``cfg.dim``, or with ``auto`` the one AdaDim chose
-    outside (``chosen_dim``: the block output criterion, ``baq.adadim_block``), else the one
+    outside (``chosen_dim``: the block output criterion, ``baq.run.adadim_block``), else the one
     with the smaller RTN proxy error on ``H`` at :func:`adadim_probe_levels`.
 
     Args:
@@ -142,7 +142,7 @@ def quantize_layer(
         levels: (cols,) planned level counts (BAQ with the model-level allocation, planned
             before any layer was quantized): one GPTQ solve with them, no allocation here.
         chosen_dim: with ``cfg.dim == "auto"``, the dimension AdaDim chose outside (the block
-            output criterion, ``baq.adadim_block``); None: the proxy error on ``H`` chooses.
+            output criterion, ``baq.run.adadim_block``); None: the proxy error on ``H`` chooses.
     Returns:
         The result (original column order) and its :class:`LayerRecord`.
     """

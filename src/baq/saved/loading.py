@@ -1,0 +1,272 @@
+"""Loading a saved packed folder (docs/FORMAT.md) as a transformers model with
+:class:`PackedLinear` layers: by :func:`load_quantized` and by transformers' ``from_pretrained``
+(hf_quantizer.py, through :func:`install_packed` and :func:`tie_aliases`). Saving is storage.py;
+integrity (the manifest, format versions) is manifest.py.
+
+Every load verifies the manifest first and fails with one line naming the file (``StorageError``),
+never with silently wrong weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from baq.config import WEIGHT_CACHES
+from baq.errors import one_line
+from baq.model import blocks, loader
+from baq.saved.manifest import (
+    CONFIG_FILE,
+    DENSE_FILE,
+    MANIFEST_FILE,
+    NEEDS_BAQ,
+    QUANTIZED_FILE,
+    StorageError,
+    check_version,
+    layers_meta,
+    read_header,
+    read_json,
+    verify_manifest,
+)
+from baq.saved.packed_linear import PackedLinear
+from baq.saved.packing import range_groups, read_layer
+
+
+def _load_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise StorageError(f"{path}: not a readable safetensors file ({one_line(err)})") from err
+
+
+def _load_config(root: Path) -> Any:
+    from transformers import AutoConfig
+
+    data = read_json(root / CONFIG_FILE, "the model config")
+    qc = data.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise StorageError(f"{root / CONFIG_FILE}: no quantization_config: not a baq model folder")
+    check_version(
+        root / CONFIG_FILE, qc.get("quant_method"), qc.get("format_version"), "quant_method"
+    )
+    try:
+        config = AutoConfig.from_pretrained(root)
+    except Exception as err:
+        raise StorageError(f"{root / CONFIG_FILE}: {one_line(err)}") from err
+    # transformers would look for a quantizer named "baq"; the packed layers are ours to build
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if getattr(config, "transformers_weights", None) == NEEDS_BAQ:
+        del config.transformers_weights
+    return config
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    cache: str = "codes",
+) -> tuple[nn.Module, Any]:
+    """Load a saved folder as a transformers model with :class:`PackedLinear` quantized linears.
+
+    The skeleton is built on the meta device and the stored tensors are assigned into it, so the
+    float model is never allocated twice.
+
+    Args:
+        path: folder written by :func:`save_quantized`.
+        device: where the model goes.
+        dtype: cast the unquantized floating tensors (and the compute) to this dtype; None keeps
+            the stored dtypes.
+        cache: what each quantized linear keeps between forwards: ``"codes"`` (the default: one
+            byte per weight, close to the float model's speed), ``"none"`` (least memory,
+            unpacks on every forward: slow) or ``"weight"`` (the float model's memory and
+            speed); see :class:`PackedLinear`.
+    Returns:
+        ``(model, tokenizer)``: the model in eval mode, ready for ``generate``; the tokenizer, or
+        None if the folder has none.
+    Raises:
+        StorageError: missing, truncated, corrupted or hand-edited files, wrong format version.
+    """
+    if cache not in WEIGHT_CACHES:
+        raise ValueError(f"cache={cache!r}: use one of {', '.join(WEIGHT_CACHES)}")
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    root = Path(path)
+    manifest = verify_manifest(root)
+    config = _load_config(root)
+    layers = packed_layers_meta(root)
+    dense = _load_tensors(root / DENSE_FILE)
+    if isinstance(dtype, str):
+        dtype = loader.resolve_dtype(dtype)
+        dtype = None if dtype == "auto" else dtype
+    if dtype is not None:
+        dense = {k: v.to(dtype) if v.is_floating_point() else v for k, v in dense.items()}
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    check_layer_shapes(root, model, layers)
+
+    def take_bias(name: str, module: nn.Module) -> Tensor | None:
+        if getattr(module, "bias", None) is None:
+            return None
+        bias = dense.pop(f"{name}.bias", None)
+        if bias is None:
+            raise StorageError(f"{root / DENSE_FILE}: tensor {name}.bias is missing")
+        return bias
+
+    install_packed(root, model, layers, take_bias, cache)
+    result = model.load_state_dict(dense, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise StorageError(f"{root / DENSE_FILE}: unexpected tensor {result.unexpected_keys[0]}")
+    tie_aliases(model, root, manifest["tied"], dtype)
+    for key, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise StorageError(f"{root / DENSE_FILE}: tensor {key} is missing")
+    _load_generation_config(model, root)
+    model.eval()
+    model.to(device)
+    return model, _load_tokenizer(root)
+
+
+def packed_layers_meta(root: Path) -> dict[str, dict]:
+    """The checked ``layers`` metadata of a folder's quantized.safetensors (header only)."""
+    qpath = root / QUANTIZED_FILE
+    meta, _ = read_header(qpath)
+    return layers_meta(qpath, meta)
+
+
+def check_layer_shapes(root: Path, model: nn.Module, layers: dict[str, dict]) -> None:
+    """Every packed layer names a linear of ``model`` with the stored (rows, cols) shape."""
+    qpath = root / QUANTIZED_FILE
+    modules = dict(model.named_modules())
+    for name, m in layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise StorageError(f"{qpath}: layer {name} is not a module of {type(model).__name__}")
+        shape = tuple(blocks.get_weight(module).shape)
+        if shape != m["shape"]:
+            raise StorageError(f"{qpath}: layer {name} has shape {m['shape']}, the model {shape}")
+
+
+def install_packed(
+    root: Path,
+    model: nn.Module,
+    layers: dict[str, dict],
+    take_bias: Any,
+    cache: str,
+) -> None:
+    """Replace each layer of ``layers`` in ``model`` by its :class:`PackedLinear`.
+
+    Reads quantized.safetensors whole and checks every layer's tensors (docs/FORMAT.md, section
+    10); a tensor left over is an error.
+
+    Args:
+        root: the saved folder (its manifest already verified).
+        model: the model whose modules are replaced in place (``check_layer_shapes`` passed).
+        layers: :func:`packed_layers_meta` of the folder.
+        take_bias: ``(name, module) -> Tensor | None``, the bias of the layer being replaced.
+        cache: the :class:`PackedLinear` cache.
+    """
+    qpath = root / QUANTIZED_FILE
+    qtensors = _load_tensors(qpath)
+    for name, m in layers.items():
+        shape = m["shape"]
+        bias = take_bias(name, model.get_submodule(name))
+        try:
+            ngroups = range_groups(shape, m["group_size"], m["dim"])
+            packed, lo, hi = read_layer(name, qtensors, shape, ngroups, m["dim"])
+        except ValueError as err:
+            raise StorageError(f"{qpath}: {err}") from None
+        layer = PackedLinear(packed, lo, hi, m["group_size"], m["sym"], bias, cache, m["dim"])
+        model.set_submodule(name, layer)
+    if qtensors:
+        raise StorageError(f"{qpath}: unexpected tensor {sorted(qtensors)[0]}")
+
+
+def tie_aliases(
+    model: nn.Module, root: Path, tied: dict[str, str], dtype: torch.dtype | None = None
+) -> None:
+    """Point every alias of the manifest's ``tied`` at the tensor it names.
+
+    An alias of a packed layer's weight ``N.weight`` (a tied input embedding) gets that layer's
+    dequantized weight (docs/FORMAT.md, section 8) as a parameter of its own, in ``dtype``
+    (None: the alias's dtype in the model skeleton, the model's), and is listed in the layer's
+    ``aliases`` so that a save of the model stores it packed once again.
+    """
+    for alias, stored in tied.items():
+        owner = stored.rpartition(".")[0]
+        layer = model.get_submodule(owner) if _has_module(model, owner) else None
+        if isinstance(layer, PackedLinear) and stored == f"{owner}.weight":
+            _tie_packed(model, alias, layer, dtype, root)
+        else:
+            _tie(model, alias, stored, root)
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _tie_packed(
+    model: nn.Module, alias: str, layer: PackedLinear, dtype: torch.dtype | None, root: Path
+) -> None:
+    owner, _, attr = alias.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+        current = getattr(module, attr)
+    except AttributeError as err:
+        raise StorageError(f"{root / MANIFEST_FILE}: cannot tie {alias} to {owner}") from err
+    W = layer.dequantize()
+    if tuple(current.shape) != tuple(W.shape):
+        raise StorageError(
+            f"{root / MANIFEST_FILE}: {alias} has shape {tuple(current.shape)}, the packed "
+            f"weight it is tied to {tuple(W.shape)}"
+        )
+    device = layer.level_classes.device if current.device.type == "meta" else current.device
+    W = W.to(device=device, dtype=dtype or current.dtype)
+    setattr(module, attr, nn.Parameter(W, requires_grad=current.requires_grad))
+    layer.aliases.append(alias)
+
+
+def _tie(model: nn.Module, alias: str, stored: str, root: Path) -> None:
+    """Point ``alias`` (e.g. ``lm_head.weight``) at the very tensor stored as ``stored``."""
+    try:
+        owner, _, attr = alias.rpartition(".")
+        source_owner, _, source_attr = stored.rpartition(".")
+        tensor = getattr(model.get_submodule(source_owner), source_attr)
+        setattr(model.get_submodule(owner), attr, tensor)
+    except (AttributeError, TypeError, KeyError) as err:
+        raise StorageError(f"{root / MANIFEST_FILE}: cannot tie {alias} to {stored}") from err
+
+
+def _load_generation_config(model: nn.Module, root: Path) -> None:
+    if not (root / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(root)
+    except Exception as err:
+        raise StorageError(f"{root / 'generation_config.json'}: {one_line(err)}") from err
+
+
+def _load_tokenizer(root: Path) -> Any:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((root / n).is_file() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(root)
+    except Exception as err:
+        raise StorageError(f"{root}: cannot load the tokenizer ({one_line(err)})") from err

@@ -1,0 +1,351 @@
+"""The quantized linear module: packed codes in memory, dequantized in ``forward``.
+
+Also the storage rate of a set of solver results, computed from their level counts alone, so a
+run can report the size its save will have without writing it (docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from baq.config import WEIGHT_CACHES
+from baq.quant.gptq import QuantResult
+from baq.quant.grid import Grid, column_params, dequantize_codes
+from baq.saved.packing import (
+    PackedCodes,
+    layer_nbytes,
+    layer_tensors,
+    pack_columns,
+    range_dtype,
+    range_groups,
+    unpack_sorted,
+)
+
+
+class PackedLinear(nn.Module):
+    """A linear layer that keeps its weight packed and dequantizes it in ``forward``.
+
+    Buffers only: ``level_classes`` (K, 2) int32, ``perm`` (cols,) int16/int32 or None,
+    ``codes_<L>`` one packed stream per level class, ``lo_bits``/``hi_bits`` (rows, ngroups), per
+    IC (ngroups, cols), the ranges as raw bit patterns (int16 for float16 ranges, int32 for
+    float32 ones, so that ``model.to(dtype)`` cannot round them), and
+    ``bias`` (rows,) or None. ``forward(x) = F.linear(x, W, bias)`` with ``W`` the dequantized
+    (out_features, in_features) weight, bitwise equal to the solver's ``QuantResult.weight``.
+
+    Unpacking every forward costs 25 to 100 times the matrix product it feeds on a CPU, which
+    prompt processing amortises and token-by-token generation does not; ``cache`` trades memory
+    for that time:
+
+    * ``"none"``: nothing kept, the packed codes are all the memory the layer takes;
+    * ``"codes"``: :class:`OffsetCodes` kept, one byte per weight (two for a column of more than
+      128 levels), a quarter of a float32 weight; the forward folds the grid into the input and
+      the output instead of dequantizing, equal to the dequantized forward up to float rounding;
+    * ``"weight"``: the dequantized weight kept after the first forward, the float layer's
+      memory and speed, bitwise the solver's weight.
+
+    Args:
+        packed: the codes, grouped by level count.
+        lo, hi: (rows, ngroups) grid ranges, per IC (ngroups, cols); kept in float16 when they
+            are float16 values, else in float32.
+        group_size: columns (per IC: rows) per range group, or None.
+        sym: symmetric grid (zero point L // 2).
+        bias: (rows,) or None.
+        cache: ``"none"``, ``"codes"`` or ``"weight"`` (above).
+        dim: ``"oc"`` (ranges per row) or ``"ic"`` (per column; quant/grid.py).
+    """
+
+    def __init__(
+        self,
+        packed: PackedCodes,
+        lo: Tensor,
+        hi: Tensor,
+        group_size: int | None,
+        sym: bool,
+        bias: Tensor | None = None,
+        cache: str = "none",
+        dim: str = "oc",
+    ) -> None:
+        super().__init__()
+        if cache not in WEIGHT_CACHES:
+            raise ValueError(f"cache={cache!r}: use one of {', '.join(WEIGHT_CACHES)}")
+        if dim not in ("oc", "ic"):
+            raise ValueError(f"dim={dim!r}: use oc or ic")
+        self.out_features, self.in_features = packed.rows, packed.cols
+        self.group_size, self.sym, self.dim = group_size, sym, dim
+        self.cache = cache
+        self.register_buffer("level_classes", packed.classes)
+        self.register_buffer("perm", packed.perm)
+        dtype = range_dtype(lo, hi)
+        bits = torch.int16 if dtype == torch.float16 else torch.int32
+        self.register_buffer("lo_bits", lo.to(dtype).view(bits))
+        self.register_buffer("hi_bits", hi.to(dtype).view(bits))
+        for L, stream in packed.streams.items():
+            self.register_buffer(f"codes_{L}", stream)
+        self.register_buffer("bias", bias)
+        self._weight: Tensor | None = None  # cache == "weight"
+        self._offsets: OffsetCodes | None = None  # cache == "codes"
+        # float tensors elsewhere in the model that hold this layer's dequantized weight (the
+        # input embedding tied to a packed head): a save stores them once, as this layer
+        self.aliases: list[str] = []
+
+    def set_cache(self, cache: str) -> None:
+        """Switch what the layer keeps between forwards (``"none"``, ``"codes"``, ``"weight"``),
+        dropping what the old choice kept; the next forward builds the new one."""
+        if cache not in WEIGHT_CACHES:
+            raise ValueError(f"cache={cache!r}: use one of {', '.join(WEIGHT_CACHES)}")
+        self.cache, self._weight, self._offsets = cache, None, None
+
+    @classmethod
+    def from_quantized(
+        cls, result: QuantResult, bias: Tensor | None = None, cache: str = "none"
+    ) -> PackedLinear:
+        """Pack a solver result.
+
+        Args:
+            result: codes (rows, cols), levels (cols,) and the grid of one layer.
+            bias: (rows,) bias of the layer, or None.
+        Returns:
+            The module, on the device of ``result.codes``.
+        """
+        codes, levels, grid = result.codes, result.levels.to(result.codes.device), result.grid
+        if codes.dim() != 2 or levels.shape != codes.shape[1:]:
+            raise ValueError(f"codes {tuple(codes.shape)} and levels {tuple(levels.shape)} differ")
+        if (levels < 1).any() or (codes < 0).any() or (codes >= levels.unsqueeze(0)).any():
+            raise ValueError("codes outside [0, L - 1] of their column: not a solver result")
+        packed = pack_columns(codes, levels)
+        return cls(packed, grid.lo, grid.hi, grid.group_size, grid.sym, bias, cache, grid.dim)
+
+    @property
+    def packed(self) -> PackedCodes:
+        streams = {L: getattr(self, f"codes_{L}") for L, _ in self.level_classes.tolist() if L > 1}
+        return PackedCodes(self.out_features, self.level_classes, self.perm, streams)
+
+    @property
+    def grid(self) -> Grid:
+        dtype = torch.float16 if self.lo_bits.dtype == torch.int16 else torch.float32
+        lo = self.lo_bits.view(dtype).float()
+        hi = self.hi_bits.view(dtype).float()
+        return Grid(lo=lo, hi=hi, group_size=self.group_size, sym=self.sym, dim=self.dim)
+
+    @property
+    def nominal_bits(self) -> float:
+        """Mean of log2 L over the columns (every column has ``out_features`` weights)."""
+        L, n = self.level_classes.double().unbind(1)
+        return float((n * torch.log2(L)).sum() / n.sum())
+
+    @property
+    def storage_nbytes(self) -> int:
+        """Bytes of the stored tensors: codes, ranges, classes table and permutation."""
+        ranges = self.lo_bits.numel() * self.lo_bits.element_size()
+        return self.packed.nbytes() + 2 * ranges
+
+    @property
+    def storage_bits(self) -> float:
+        return self.storage_nbytes * 8 / (self.out_features * self.in_features)
+
+    def dequantize(self) -> Tensor:
+        """(out_features, in_features) float32 weight ``(code - zero) * step`` (quant/grid.py).
+
+        One unpack per level class into the stored (sorted) column order, the grid parameters
+        for all columns at once, then one gather back to the original order.
+        """
+        packed = self.packed
+        codes = unpack_sorted(packed)  # (rows, cols), stored order
+        step, zero = column_params(
+            self.grid, packed.sorted_levels(), packed.order(), self.out_features
+        )
+        return packed.unsort(dequantize_codes(codes, step, zero))
+
+    def offset_codes(self) -> OffsetCodes:
+        """The layer as :class:`OffsetCodes`: ``W[r, c] = D[r, c] * span[r, g(c)] * inv[c]``
+        (per IC ``span[g(r), c]``)."""
+        packed = self.packed
+        step, zero = column_params(
+            self.grid, packed.sorted_levels(), packed.order(), self.out_features
+        )
+        offsets = packed.unsort(unpack_sorted(packed) - zero.to(torch.int64))
+        levels = packed.levels()
+        # |code - zero| <= L - 1, so int8 holds every column of at most 128 levels
+        small = int(levels.max()) <= 128
+        offsets = offsets.to(torch.int8 if small else torch.int16)
+        inv = torch.where(levels > 1, 1.0 / (levels - 1).clamp(min=1).double(), 0.0).float()
+        grid = self.grid
+        return OffsetCodes(offsets, grid.hi - grid.lo, inv, self.group_size, self.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.cache == "codes":
+            offsets = self._offsets
+            if offsets is None or offsets.offsets.device != x.device:
+                with torch.inference_mode(False), torch.no_grad():
+                    offsets = self.offset_codes().to(x.device)
+                self._offsets = offsets
+            return offsets.linear(x, bias)
+        W = self._weight
+        if W is None or W.device != x.device or W.dtype != x.dtype:
+            # a normal tensor even under inference_mode, so a cached weight serves any later call
+            with torch.inference_mode(False), torch.no_grad():
+                W = self.dequantize().to(device=x.device, dtype=x.dtype)
+            self._weight = W if self.cache == "weight" else None
+        return F.linear(x, W, bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, nominal_bits={self.nominal_bits:.3f}, "
+            f"storage_bits={self.storage_bits:.3f}, level_classes={len(self.level_classes)}, "
+            f"group_size={self.group_size}, sym={self.sym}, dim={self.dim}, cache={self.cache}"
+        )
+
+    def file_tensors(self, name: str) -> dict[str, Tensor]:
+        """This layer's tensors under their file names (docs/FORMAT.md)."""
+        grid = self.grid
+        return layer_tensors(name, self.packed, grid.lo, grid.hi)
+
+    def file_meta(self) -> dict[str, Any]:
+        """This layer's entry in the ``layers`` metadata of quantized.safetensors."""
+        meta = {
+            "shape": [self.out_features, self.in_features],
+            "group_size": self.group_size,
+            "sym": self.sym,
+        }
+        if self.dim != "oc":  # absent means per-OC, as in every version 1 file
+            meta["dim"] = self.dim
+        return meta
+
+
+@dataclass(frozen=True)
+class OffsetCodes:
+    """A quantized weight factored as integer offsets and two scale vectors, for a fast forward.
+
+    The grid of quant/grid.py gives ``W[r, c] = (code - zero) * (hi - lo)[r, g(c)] / (L_c - 1)``;
+    with ``D = code - zero`` this is ``D[r, c] * span[r, g(c)] * inv[c]``, so
+
+        ``y[t, r] = sum_g span[r, g] * sum_{c in g} D[r, c] * (x[t, c] * inv[c])``,
+
+    a product of the small-integer matrix ``D`` (converted to the input's dtype, exactly: its
+    values are below 256) with the input scaled per column, then a scale per row and group.
+    No dequantized weight exists at any time; the result equals ``x @ W.T`` up to the rounding
+    of a different summation order and of ``span * inv`` against ``span / (L - 1)``.
+
+    Per IC (``dim="ic"``) the scale belongs to the column, or to the column and a group of rows:
+    ``W[r, c] = D[r, c] * s[g(r), c]`` with ``s = span * inv``, so the whole scale folds into the
+    input side, ``y[t, r] = sum_c D[r, c] * (x[t, c] * s[g(r), c])``: one product of ``D`` with
+    the scaled input without row groups, one per row group (each on its own rows of ``D``) with
+    them; the same multiply-adds as the per-OC forward and no scale on the output. The zero
+    points need no term of their own: ``D`` already holds ``code - zero``.
+
+    Attributes:
+        offsets: (rows, cols) int8 (int16 when a column has more than 128 levels) ``code - zero``
+            in the original column order; 0 for single-level columns.
+        span: (rows, ngroups) float32 ``hi - lo``; per IC (ngroups, cols).
+        inv: (cols,) float32 ``1 / (L_c - 1)``, 0 for single-level columns.
+        group_size: columns (per IC: rows) per range group, or None.
+        dim: "oc" or "ic".
+    """
+
+    offsets: Tensor
+    span: Tensor
+    inv: Tensor
+    group_size: int | None
+    dim: str = "oc"
+
+    def to(self, device: torch.device | str) -> OffsetCodes:
+        return OffsetCodes(
+            self.offsets.to(device),
+            self.span.to(device),
+            self.inv.to(device),
+            self.group_size,
+            self.dim,
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.offsets, self.span, self.inv))
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``F.linear(x, W, bias)`` for ``x`` (..., cols), computed in ``x.dtype``."""
+        dtype = x.dtype
+        rows, cols = self.offsets.shape
+        if self.dim == "ic":
+            return self._linear_ic(x, bias)
+        scaled = x * self.inv.to(dtype)
+        D = self.offsets.to(dtype)
+        if self.span.shape[1] == 1:
+            y = F.linear(scaled, D) * self.span[:, 0].to(dtype)
+        else:
+            # one product per group: (G, T, gs) @ (G, gs, rows), then the span of each group
+            gs, G = self.group_size, self.span.shape[1]
+            pad = G * gs - cols
+            flat = F.pad(scaled.reshape(-1, cols), (0, pad)).view(-1, G, gs).transpose(0, 1)
+            D = F.pad(D, (0, pad)).view(rows, G, gs).permute(1, 2, 0)
+            parts = torch.bmm(flat, D)  # (G, T, rows)
+            y = (parts * self.span.t().to(dtype).unsqueeze(1)).sum(0)
+            y = y.view(*x.shape[:-1], rows)
+        return y if bias is None else y + bias
+
+    def _linear_ic(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """Per-IC forward: the scale of each (row group, column) applied to the input."""
+        dtype = x.dtype
+        rows, cols = self.offsets.shape
+        scale = (self.span * self.inv.unsqueeze(0)).to(dtype)  # (G, cols)
+        D = self.offsets.to(dtype)
+        if scale.shape[0] == 1:
+            y = F.linear(x * scale[0], D)
+        else:
+            # one product per row group on its own rows of D (views, the ragged last one shorter);
+            # on CPU faster than a padded batched product, which copies D every forward
+            gs = self.group_size
+            parts = [F.linear(x * s, D[k * gs : (k + 1) * gs]) for k, s in enumerate(scale)]
+            y = torch.cat(parts, dim=-1)
+        return y if bias is None else y + bias
+
+
+def storage_bits_of(results: dict[str, QuantResult]) -> float:
+    """Storage rate a save of ``results`` will have, from the level counts alone (no packing).
+
+    Args:
+        results: full module name -> solver result.
+    Returns:
+        Bytes of the stored quantized-layer tensors times 8, over the quantized weights (the
+        number :func:`storage_bits` reads back from the saved folder); 0 for no results.
+    """
+    nbytes = weights = 0
+    for res in results.values():
+        rows, cols = res.codes.shape
+        dim = res.grid.dim
+        ngroups = range_groups((rows, cols), res.grid.group_size, dim)
+        range_bytes = range_dtype(res.grid.lo, res.grid.hi).itemsize
+        nbytes += layer_nbytes(rows, ngroups, res.levels, range_bytes, dim)
+        weights += rows * cols
+    return nbytes * 8 / weights if weights else 0.0
+
+
+def nominal_bits_of(results: dict[str, QuantResult]) -> float:
+    bits = weights = 0.0
+    for res in results.values():
+        rows, cols = res.codes.shape
+        bits += rows * float(torch.log2(res.levels.double()).sum())
+        weights += rows * cols
+    return bits / weights if weights else 0.0
+
+
+def set_cache(model: nn.Module, cache: str) -> int:
+    """Set the cache of every :class:`PackedLinear` of ``model`` (a model loaded with
+    ``from_pretrained``, which always builds ``"codes"``, or with :func:`baq.load`).
+
+    Returns:
+        How many layers were switched.
+    Raises:
+        ValueError: ``cache`` is not one of :data:`WEIGHT_CACHES`.
+    """
+    if cache not in WEIGHT_CACHES:
+        raise ValueError(f"cache={cache!r}: use one of {', '.join(WEIGHT_CACHES)}")
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for layer in layers:
+        layer.set_cache(cache)
+    return len(layers)
