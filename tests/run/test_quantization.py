@@ -8,8 +8,7 @@ from baq.model import blocks
 from baq.quant.grid import dequantize
 from baq.run.quantization import is_skipped, quantize_model
 from baq.run.report import weighted_nominal_bits
-from conftest import VOCAB, make_tiny_llama
-from test_models import ARCH_IDS, ARCHS, tiny_model
+from helpers import ARCH_IDS, ARCHS, VOCAB, make_tiny_llama, tiny_model
 
 
 def make_tiny_gpt2():

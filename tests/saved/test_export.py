@@ -15,8 +15,7 @@ from baq.model import blocks
 from baq.saved import storage
 from baq.saved.export import export_dequantized
 from baq.saved.packed_linear import PackedLinear
-from conftest import make_tiny_llama, make_tokenizer
-from test_storage import ids, make_tiny_gpt2, quantize_all
+from helpers import ids, make_tiny_gpt2, make_tiny_llama, make_tokenizer, quantize_all
 
 BUILDS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 

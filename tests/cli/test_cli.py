@@ -6,7 +6,7 @@ import torch
 
 from baq.cli import main
 from baq.cli.common import flagify
-from conftest import corpus
+from helpers import corpus
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from baq.config import QuantConfig
 from baq.quant import adadim
 from baq.quant import grid as G
 from baq.run import adadim_block
-from conftest import corpus
+from helpers import corpus
 
 
 class MLPBlock(nn.Module):

@@ -22,10 +22,8 @@ from baq.run.quantization import quantize_model
 from baq.saved import storage
 from baq.saved.export import export_dequantized
 from baq.saved.packed_linear import PackedLinear
-from conftest import VOCAB, corpus, make_tiny_llama, make_tokenizer
-from test_memory_plan import argv
-from test_resume import folder_bytes
-from test_storage import make_tiny_gpt2
+from helpers import VOCAB, corpus, folder_bytes, make_tiny_gpt2, make_tiny_llama, make_tokenizer
+from helpers import quantize_argv as argv
 
 
 def tiny_untied(layers: int = 2):

@@ -6,7 +6,7 @@ import pytest
 
 from baq.cli import main
 from baq.saved import manifest
-from conftest import corpus
+from helpers import corpus
 
 
 @pytest.fixture

@@ -12,18 +12,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tok_models
 from torch import nn
 from transformers import (
-    GemmaConfig,
-    GemmaForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    PhiConfig,
-    PhiForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -31,120 +20,10 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from baq.model import blocks, loader
-
-VOCAB = 100
-HIDDEN = 32
-LAYERS = 2
-
-_ROPE = dict(
-    vocab_size=VOCAB,
-    hidden_size=HIDDEN,
-    intermediate_size=64,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-_GATED_MLP = [
-    ("self_attn.q_proj", (32, 32)),
-    ("self_attn.k_proj", (16, 32)),
-    ("self_attn.v_proj", (16, 32)),
-    ("self_attn.o_proj", (32, 32)),
-    ("mlp.gate_proj", (64, 32)),
-    ("mlp.up_proj", (64, 32)),
-    ("mlp.down_proj", (32, 64)),
-]
-
-# arch -> (config, model class, path of the blocks, path of the final norm, expected linears)
-ARCHS = {
-    "llama": (LlamaConfig(**_ROPE), LlamaForCausalLM, "model.layers", "model.norm", _GATED_MLP),
-    "qwen2": (Qwen2Config(**_ROPE), Qwen2ForCausalLM, "model.layers", "model.norm", _GATED_MLP),
-    "mistral": (
-        MistralConfig(**_ROPE),
-        MistralForCausalLM,
-        "model.layers",
-        "model.norm",
-        _GATED_MLP,
-    ),
-    "gemma": (
-        GemmaConfig(**_ROPE, head_dim=8),
-        GemmaForCausalLM,
-        "model.layers",
-        "model.norm",
-        _GATED_MLP,
-    ),
-    "phi": (
-        PhiConfig(**_ROPE),
-        PhiForCausalLM,
-        "model.layers",
-        "model.final_layernorm",
-        [
-            ("self_attn.q_proj", (32, 32)),
-            ("self_attn.k_proj", (16, 32)),
-            ("self_attn.v_proj", (16, 32)),
-            ("self_attn.dense", (32, 32)),
-            ("mlp.fc1", (64, 32)),
-            ("mlp.fc2", (32, 64)),
-        ],
-    ),
-    "opt": (
-        OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            ffn_dim=64,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            word_embed_proj_dim=HIDDEN,
-        ),
-        OPTForCausalLM,
-        "model.decoder.layers",
-        "model.decoder.final_layer_norm",
-        [
-            ("self_attn.k_proj", (32, 32)),
-            ("self_attn.v_proj", (32, 32)),
-            ("self_attn.q_proj", (32, 32)),
-            ("self_attn.out_proj", (32, 32)),
-            ("fc1", (64, 32)),
-            ("fc2", (32, 64)),
-        ],
-    ),
-    "gpt2": (
-        GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=HIDDEN,
-            n_layer=LAYERS,
-            n_head=4,
-            n_positions=64,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        GPT2LMHeadModel,
-        "transformer.h",
-        "transformer.ln_f",
-        [
-            ("attn.c_attn", (96, 32)),
-            ("attn.c_proj", (32, 32)),
-            ("mlp.c_fc", (128, 32)),
-            ("mlp.c_proj", (32, 128)),
-        ],
-    ),
-}
-ARCH_IDS = list(ARCHS)
+from helpers import ARCH_IDS, ARCHS, HIDDEN, LAYERS, ROPE, tiny_model
+from helpers import ARCH_VOCAB as VOCAB
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def tiny_model(arch: str) -> nn.Module:
-    """A seeded 2-layer model of the given family with eager attention, in eval mode."""
-    config, cls, *_ = ARCHS[arch]
-    config = config.__class__.from_dict(config.to_dict())  # a fresh copy per test
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return cls(config).eval()
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -238,7 +117,7 @@ def test_captured_inputs_through_all_blocks_reproduce_logits(arch, device):
 
 
 def test_sliding_window_mix_warns_past_the_window(caplog):
-    config = Qwen2Config(**_ROPE, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    config = Qwen2Config(**ROPE, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     config._attn_implementation = "eager"
     model = Qwen2ForCausalLM(config).eval()
     with caplog.at_level(logging.WARNING, logger="baq"):

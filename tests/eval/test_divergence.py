@@ -11,7 +11,7 @@ import torch
 
 from baq.cli import main
 from baq.eval import divergence, scoring
-from conftest import corpus, make_tiny_llama
+from helpers import corpus, make_tiny_llama
 
 
 def slow_stats(base_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor):

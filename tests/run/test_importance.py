@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from baq.model import blocks, lazy
 from baq.run import importance
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 
 def windows(n=8, seq=48):

@@ -18,7 +18,7 @@ from baq.run import checkpoint, streaming
 from baq.run.activations import ActivationStore
 from baq.run.quantization import quantize_model
 from baq.saved.packed_linear import nominal_bits_of, storage_bits_of
-from conftest import corpus, make_tiny_llama, make_tokenizer
+from helpers import corpus, make_tiny_llama, make_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from baq.cli import main
 from baq.config import QuantConfig
 from baq.run.quantization import quantize_model
 from baq.saved import storage
-from conftest import VOCAB, make_tiny_llama, make_tokenizer
+from helpers import VOCAB, make_tiny_llama, make_tokenizer
 
 pytest.importorskip("lm_eval")
 

@@ -8,7 +8,7 @@ import pytest
 
 from baq.bench import grid as bench_grid
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 frontier = pytest.importorskip("frontier")
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from baq.model import blocks, lazy
 from baq.model import loader as models
-from conftest import make_tiny_llama, make_tokenizer
+from helpers import make_tiny_llama, make_tokenizer
 
 SEQ = 12
 

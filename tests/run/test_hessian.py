@@ -3,8 +3,7 @@ import torch
 
 from baq.model import blocks
 from baq.run.hessian import HessianAccumulator, StopForward, hessian_hooks
-from conftest import make_tiny_llama
-from test_models import ARCH_IDS, tiny_model
+from helpers import ARCH_IDS, make_tiny_llama, tiny_model
 
 
 def slow_hessian(xs):

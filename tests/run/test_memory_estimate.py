@@ -6,7 +6,6 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,7 @@ from baq.cli.memory import weight_file_bytes
 from baq.config import QuantConfig
 from baq.model import blocks, loader
 from baq.run import activations, checkpoint, memory_estimate, quantization, walker
-from conftest import corpus, make_tiny_llama, make_tokenizer
-from test_resume import folder_bytes
+from helpers import corpus, folder_bytes, make_tiny_llama, make_tokenizer, quantize_argv
 
 CPU_OOM = (
     "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
@@ -34,20 +32,11 @@ def setup(tmp_path_factory, tiny_model_dir):
     return root, tiny_model_dir, text
 
 
-def argv(setup, out: Path | None, *extra: str) -> list[str]:
-    root, model_dir, text = setup
-    return [
-        "quantize", str(model_dir), "-q", "--method", "gptq", "--bits", "3", "--calib",
-        str(text), "--nsamples", "8", "--seqlen", "32", "--eval", "none", "--device", "cpu",
-        *(["--output", str(out)] if out is not None else []), *extra,
-    ]  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def reference(setup):
     out = setup[0] / "in-ram" / "model"  # runs compared by bytes share the folder name
     out.parent.mkdir()
-    assert main(argv(setup, out)) == 0
+    assert main(quantize_argv(setup, out)) == 0
     return folder_bytes(out)
 
 
@@ -114,7 +103,9 @@ def test_estimated_peak_is_within_a_factor_of_the_measured_peak(setup, tmp_path)
     make_tiny_llama(layers=2, hidden=128).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     report = tmp_path / "r.json"
-    args = argv(setup, None, "--nsamples", "256", "--seqlen", "256", "--report", str(report))
+    args = quantize_argv(
+        setup, None, "--nsamples", "256", "--seqlen", "256", "--report", str(report)
+    )
     args[1] = str(model_dir)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     child = subprocess.run([sys.executable, "-c", PEAK_CHILD, *args], env=env)
@@ -196,7 +187,7 @@ def test_activations_spill_by_themselves_when_memory_is_short(
     out, report = setup[0] / "spilled" / "model", setup[0] / "spilled.json"
     out.parent.mkdir()
     with caplog.at_level(logging.WARNING, logger="baq"):
-        args = [a for a in argv(setup, out, "--report", str(report)) if a != "-q"]
+        args = [a for a in quantize_argv(setup, out, "--report", str(report)) if a != "-q"]
         assert main(args) == 0
     assert spilled and all(spilled)
     assert any("spill to" in r.getMessage() for r in caplog.records)
@@ -215,7 +206,7 @@ def test_enough_memory_keeps_activations_in_ram_and_v_prints_the_estimate(
     monkeypatch.setattr(
         activations.ActivationStore, "close", lambda s: (spilled.append(s.spilled), close(s))
     )
-    args = [a for a in argv(setup, None) if a != "-q"]
+    args = [a for a in quantize_argv(setup, None) if a != "-q"]
     with caplog.at_level(logging.INFO, logger="baq"):
         assert main([*args, "-v"]) == 0
     assert spilled and not any(spilled)
@@ -230,7 +221,7 @@ def test_activations_too_big_for_memory_and_disk_are_refused_before_loading(
     monkeypatch.setattr(memory_estimate, "disk_free", lambda folder: 3 * 2**30)
     out = setup[0] / "refused"
     # 2 x 20000 x 256 x 64 x 4 bytes = 2.4 GiB: not in 2 GiB of memory, nor in 3 GiB - 2 GiB
-    assert main(argv(setup, out, "--nsamples", "20000", "--seqlen", "256")) == 2
+    assert main(quantize_argv(setup, out, "--nsamples", "20000", "--seqlen", "256")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("baq: error: calibration activations need 2.4 GiB") and "\n" not in err
     assert "--nsamples (at most 8192 fit" in err and "TMPDIR" in err
@@ -241,7 +232,7 @@ def test_a_model_too_big_for_memory_is_refused_with_lazy_as_the_fix(
     setup, monkeypatch, no_model_load, capsys
 ):
     monkeypatch.setattr(memory_estimate, "available_memory", lambda: memory_estimate.MARGIN_BYTES)
-    assert main(argv(setup, None)) == 2
+    assert main(quantize_argv(setup, None)) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "even with its calibration activations on disk" in err
     assert "add --lazy" in err
@@ -280,7 +271,7 @@ def test_allocator_failure_mid_run_is_one_line_and_the_checkpoint_resumes(
     monkeypatch.setattr(blocks, "run_block", failing_run_block)
     out = setup[0] / "oom" / "model"
     out.parent.mkdir()
-    assert main(argv(setup, out)) == 2
+    assert main(quantize_argv(setup, out)) == 2
     err = capsys.readouterr().err.strip()
     partial = checkpoint.partial_dir(out)
     assert err.startswith("baq: error: out of memory (could not allocate 22.0 GiB)")
@@ -289,7 +280,7 @@ def test_allocator_failure_mid_run_is_one_line_and_the_checkpoint_resumes(
     assert not out.exists()
     assert sorted(p.name for p in partial.glob("block-*.json")) == ["block-00000.json"]
     monkeypatch.setattr(blocks, "run_block", run_block)
-    assert main(argv(setup, out, "--resume")) == 0
+    assert main(quantize_argv(setup, out, "--resume")) == 0
     assert folder_bytes(out) == reference and not partial.exists()
 
 
@@ -299,7 +290,7 @@ def test_a_bug_that_is_not_out_of_memory_still_raises(setup, monkeypatch):
 
     monkeypatch.setattr(blocks, "run_block", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        main(argv(setup, None))
+        main(quantize_argv(setup, None))
 
 
 OOMS = [

@@ -11,8 +11,7 @@ from baq.config import QuantConfig
 from baq.quant.gptq import rtn_solve
 from baq.saved import manifest, storage
 from baq.saved.packed_linear import PackedLinear, storage_bits_of
-from conftest import make_tiny_llama, make_tokenizer
-from test_storage import ids, quantize_all
+from helpers import ids, make_tiny_llama, make_tokenizer, quantize_all
 
 
 def ic_result(rows, cols, group, sym, top=40, seed=0):
