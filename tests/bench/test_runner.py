@@ -92,8 +92,14 @@ def test_run_keys_are_stable_and_follow_the_settings(text, tmp_path):
 
 def test_grid_names():
     names = [s.name for s in bench_grid.build_grid()]
-    # FP, eight quantized families at 2/3/4 bits, and the two that take 2.5 bits
-    assert names[0] == "fp" and len(names) == len(set(names)) == 1 + 8 * 3 + 2
+    # FP, then every quantized family at 2/3/4 bits, and 2.5 bits for those that take fractions
+    want = ["fp"] + [
+        f"{family}-{b:g}b"
+        for family in bench_grid.FAMILIES
+        if family != "fp"
+        for b in (2, 3, 4, *((2.5,) if family in bench_grid.FRACTIONAL else ()))
+    ]
+    assert names == want
     assert {"rtn-2b", "gptq-4b", "baq-measured-2.5b", "baq-analytic-3b", "baq-int-2b"} <= set(names)
     assert {"baq-model-2.5b", "baq-model-int-3b", "baq-model-noise-3b"} <= set(names)
     extra = [

@@ -79,7 +79,7 @@ def test_quantize_end_to_end_writes_a_consistent_report(tiny_model_dir, text_fil
     assert 2.45 < rep["nominal_bits"] <= 2.5
     assert rep["quantized_weights"] == weights
     ppl = rep["perplexity"][str(text_file)]
-    assert ppl["before"] > 1 and ppl["after"] > 1
+    assert ppl["before"] == pytest.approx(slow_perplexity(tiny_model_dir, text_file, 3, 128), 1e-4)
     # KL against the model before quantizing; equal windows: mean dnll is ln(PPL_q / PPL_base)
     kl = rep["divergence"][str(text_file)]
     assert kl["kl_mean"] > 0 and 0 < kl["kl_top_token_agreement"] <= 1
@@ -119,23 +119,32 @@ def test_eval_prints_perplexity(tiny_model_dir, text_file, capsys):
     )
     out = capsys.readouterr().out
     assert out.startswith(f"perplexity {text_file}: ")
-    assert float(out.split(": ")[1]) > 1
+    printed = float(out.split(": ")[1])
+    assert printed == pytest.approx(slow_perplexity(tiny_model_dir, text_file, 2, 64), rel=1e-3)
+
+
+def slow_perplexity(model_dir, text_file, windows: int, seqlen: int) -> float:
+    """exp of the mean next-token loss over the first ``windows`` non-overlapping windows of
+    the text, one plain transformers forward each."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor(tok(text_file.read_text())["input_ids"])
+    losses = []
+    with torch.no_grad():
+        for w in range(windows):
+            x = ids[w * seqlen : (w + 1) * seqlen][None]
+            logits = model(input_ids=x).logits[0, :-1].float()
+            losses.append(F.cross_entropy(logits, x[0, 1:], reduction="none"))
+    return math.exp(torch.cat(losses).mean().item())
 
 
 def test_flag_names_in_config_errors():
     msg = "group_size=0: use a positive integer"
     assert flagify(msg) == "--group-size=0: use a positive integer"
     assert flagify("integer_bits applies to --method baq only").startswith("integer_bits")
-
-
-def test_python_api_quantizes_in_place(tiny_model_dir):
-    import baq
-
-    model, tok = baq.load_model(str(tiny_model_dir))
-    before = model.model.layers[0].mlp.up_proj.weight.clone()
-    run = baq.quantize(model, tok, baq.QuantConfig(method="gptq", bits=4), nsamples=4, seqlen=32)
-    assert run.nominal_bits == 4
-    assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
 
 
 def test_calibration_starts_after_the_evaluated_tokens_of_the_same_text(text_file):

@@ -15,6 +15,7 @@ from baq.cli.memory import weight_file_bytes
 from baq.config import QuantConfig
 from baq.model import blocks, loader
 from baq.run import activations, checkpoint, memory_estimate, quantization, walker
+from baq.run.hessian import hessian_hooks
 from helpers import corpus, folder_bytes, make_tiny_llama, make_tokenizer, quantize_argv
 
 CPU_OOM = (
@@ -76,11 +77,37 @@ def test_estimated_weights_and_activations_are_what_the_model_and_stores_hold(se
     ids = torch.randint(0, 500, (8, 32))
     quantization.quantize_model(model, ids, QuantConfig(method="gptq", bits=3), device="cpu")
     assert most[0] == est.activations
-    # Hessians: the estimate's bound (accumulator and matrix per linear) holds the real ones
-    hessians = 0
-    for mod in blocks.linears(blocks.decoder_layers(model)[0]).values():
-        hessians += 2 * blocks.get_weight(mod).shape[1] ** 2 * 4
-    assert est.hessians == hessians
+    # Hessians: the bytes of the accumulators and the matrices the hooks really build for one
+    # block, each counted from the tensors themselves
+    block = blocks.decoder_layers(model)[0]
+    targets = blocks.linears(block)
+    x = torch.randn(2, 32, model.config.hidden_size)
+    kwargs = blocks.capture_block_inputs(model, ids[:1], torch.device("cpu"))[1]
+    with torch.inference_mode(), hessian_hooks(block, targets, torch.float32) as accs:
+        blocks.run_block(block, x, kwargs)
+        held = sum(a.sum.nbytes + a.hessian().nbytes for a in accs.values())
+    assert len(accs) == len(targets) and est.hessians == held
+
+
+def test_estimated_base_record_is_within_a_quarter_of_a_real_one(tmp_path):
+    """The compact base record of an evaluation (the float model's top tokens per position, kept
+    from the first evaluation to the last) against the bytes of a real one, scored on the tiny
+    model with the default top-k."""
+    from baq.config import DEFAULT_TOPK
+    from baq.eval.scoring import score
+
+    model = make_tiny_llama()
+    model.config.vocab_size = 2 * DEFAULT_TOPK  # k tokens out of a larger vocabulary
+    model.resize_token_embeddings(2 * DEFAULT_TOPK)
+    windows, seqlen = 3, 64
+    ids = torch.randint(0, 500, (windows, seqlen))
+    record = score(model, ids, torch.device("cpu"), "base", record_topk=DEFAULT_TOPK).base_record
+    real = sum(t.nbytes for w in record.windows for t in (w.topk_logp, w.topk_ids, w.target_logp))
+    est = memory_estimate.estimate(
+        model.config, method="gptq", nsamples=8, seqlen=32, eval_seqlen=seqlen,
+        eval_windows=windows, resident=0,
+    )  # fmt: skip
+    assert 0.75 * real <= est.base_record <= 1.25 * real, (est.base_record, real)
 
 
 PEAK_CHILD = """
