@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from baq.integrations import transformers_register
 
-from .config import HUB_TEXT_SOURCES, QuantConfig
+from .config import QuantConfig
 
 __version__ = "0.1.0"
 
@@ -140,10 +140,8 @@ def quantize(
     if isinstance(calibration, torch.Tensor):
         calib, calib_cfg = calibration, None
     else:
-        # as on the command line: a local text that is evaluated too calibrates after the
-        # evaluated windows, so perplexity is never measured on calibration tokens
-        shared = str(calibration) in sources and str(calibration) not in HUB_TEXT_SOURCES
-        start = (eval_windows or 0) * eval_seqlen if shared else 0
+        # as on the command line: never calibrate on evaluated tokens
+        start = data.calibration_start(str(calibration), sources, eval_windows, eval_seqlen) or 0
         calib_cfg = data.CalibConfig(str(calibration), nsamples, seqlen, seed, start)
         tokens = data.tokenize(tokenizer, data.load_text(calib_cfg.source, split="train"))
         calib = data.calibration_windows(tokens, nsamples, seqlen, seed, start)

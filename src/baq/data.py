@@ -245,3 +245,22 @@ def eval_windows(tokens: Tensor, seqlen: int, nwindows: int | None = None) -> Te
             f"{n * seqlen}: use a longer text, fewer windows or a smaller seqlen"
         )
     return tokens[: n * seqlen].to(torch.int64).view(n, seqlen)
+
+
+def calibration_start(
+    calib: str, eval_sources: list[str], eval_windows: int | None, eval_seqlen: int
+) -> int | None:
+    """Where calibration windows may start so that they share no token with the evaluation.
+
+    Hub sources calibrate on their train split and evaluate on test, so they never overlap; a
+    local file or ``builtin`` that serves both calibrates after the evaluated windows, as
+    perplexity measured on calibration tokens would flatter every method.
+
+    Returns:
+        The first token, or None when the same text is evaluated in full (no start avoids it).
+    """
+    if calib in HUB_TEXT_SOURCES or calib not in eval_sources:
+        return 0
+    if eval_windows is None:
+        return None
+    return eval_windows * eval_seqlen

@@ -48,7 +48,7 @@ def run(model_dir, text, out, *extra, capsys=None):
 
 
 def keys(settings, grid, tmp_path):
-    return {e.spec.name: e.key for e in bench_grid.plan(settings, grid, tmp_path)}
+    return {e.spec.name: e.key for e in bench_grid.cache_entries(settings, grid, tmp_path)}
 
 
 def test_run_keys_are_stable_and_follow_the_settings(text, tmp_path):
@@ -85,7 +85,8 @@ def test_run_keys_are_stable_and_follow_the_settings(text, tmp_path):
     assert exact_keys["fp"] == first["fp"] and exact_keys["rtn-3b"] != first["rtn-3b"]
     # a field added later enters the key only when set, so older caches keep their keys
     quant = {
-        e.spec.name: e.settings.get("quant", {}) for e in bench_grid.plan(base, grid, tmp_path)
+        e.spec.name: e.settings.get("quant", {})
+        for e in bench_grid.cache_entries(base, grid, tmp_path)
     }
     assert "range_dtype" not in quant["gptq-3b"] and "percdamp" in quant["gptq-3b"]
 
@@ -343,7 +344,8 @@ def test_grid_dims_add_named_variants_and_keep_per_oc_keys(text, tmp_path):
     assert all(k_both[name] == k for name, k in k_oc.items())
     assert len(set(k_both.values())) == 5
     quant = {
-        e.spec.name: e.settings.get("quant", {}) for e in bench_grid.plan(base, both, tmp_path)
+        e.spec.name: e.settings.get("quant", {})
+        for e in bench_grid.cache_entries(base, both, tmp_path)
     }
     assert "dim" not in quant["gptq-3b"] and quant["gptq-ic-3b"]["dim"] == "ic"
 

@@ -362,8 +362,8 @@ def test_bench_include_head_keys_only_when_set(tmp_path):
     headed = bench_grid.build_grid(["fp", "rtn", "baq-model"], [3], [], include_head=True)
     assert all(s.cfg is None or s.cfg.include_head for s in headed)
     plain, with_head = (
-        bench_grid.plan(settings, grid, tmp_path),
-        bench_grid.plan(settings, headed, tmp_path),
+        bench_grid.cache_entries(settings, grid, tmp_path),
+        bench_grid.cache_entries(settings, headed, tmp_path),
     )
     assert "include_head" not in plain[1].settings["quant"]
     for a, b in zip(plain, with_head):

@@ -269,10 +269,10 @@ def test_a_budget_given_by_the_user_is_kept(setup, monkeypatch):
     est = tiny_estimate(setup)
     kw = dict(nsamples=8, seqlen=32, lazy=False, lazy_possible=True, evaluating=False)
     kw.update(available=64 * 2**30, free=64 * 2**30, spill_dir="/tmp")
-    assert memory_estimate.plan(est, max_activation_bytes=None, **kw).max_activation_bytes is None
-    plan = memory_estimate.plan(est, max_activation_bytes=0, **kw)
+    assert memory_estimate.admit(est, max_activation_bytes=None, **kw).max_activation_bytes is None
+    plan = memory_estimate.admit(est, max_activation_bytes=0, **kw)
     assert plan.spill and not plan.auto_spill and plan.max_activation_bytes == 0
-    roomy = memory_estimate.plan(est, max_activation_bytes=est.activations, **kw)
+    roomy = memory_estimate.admit(est, max_activation_bytes=est.activations, **kw)
     assert not roomy.spill and roomy.max_activation_bytes == est.activations
 
 

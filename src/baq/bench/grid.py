@@ -234,7 +234,9 @@ def text_digest(source: str) -> str:
     return hashlib.sha256(data.load_text(source).encode()).hexdigest()[:16]
 
 
-def plan(settings: BenchSettings, grid: Sequence[BenchSpec], out: str | os.PathLike) -> list[Entry]:
+def cache_entries(
+    settings: BenchSettings, grid: Sequence[BenchSpec], out: str | os.PathLike
+) -> list[Entry]:
     """Bind each run to its key and cache file (reads the texts to hash them; no model).
 
     The key hashes the model, dtype, evaluation windows, the config, and, for methods that read

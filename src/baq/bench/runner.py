@@ -34,10 +34,10 @@ from baq.bench.grid import (
     BenchSettings,
     BenchSpec,
     Entry,
+    cache_entries,
     eval_sources,
     load_result,
     missing_sets,
-    plan,
     select,
 )
 from baq.config import DEFAULT_TOPK, QuantConfig
@@ -355,7 +355,7 @@ def run_bench(
         The cached results of the whole grid, in grid order.
     """
     echo = echo or log.info
-    entries = plan(settings, grid, out)
+    entries = cache_entries(settings, grid, out)
     todo = [(e, r) for e in select(entries, only) if missing_sets(e, r := load_result(e))]
     if todo:
         device = loader.resolve_device(settings.device)

@@ -130,7 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UsageError(flagify(str(err))) from None
-    entries = bench_grid.plan(settings, grid, args.out)
+    entries = bench_grid.cache_entries(settings, grid, args.out)
     selected = bench_grid.select(entries, args.only)
     if args.list:
         print(runner.format_plan(selected))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import HUB_TEXT_SOURCES
 from .common import UsageError, check_source, eval_sources, flagify, log, positive
 
 
@@ -57,23 +56,22 @@ def calib_windows(tok: Any, calib_cfg: Any) -> Any:
 
 
 def calib_start(args: argparse.Namespace) -> int:
-    """Where calibration windows may start: after the evaluated tokens when both read one text.
+    """Where calibration windows may start (:func:`baq.data.calibration_start`), or
+    ``--calib-start`` when given."""
+    from baq import data
 
-    Hub sources calibrate on their train split and evaluate on test, so they never overlap; a
-    local file or ``builtin`` serves both, and perplexity measured on the calibration tokens
-    would flatter every method.
-    """
     if args.calib_start is not None:
         return args.calib_start
-    if args.calib in HUB_TEXT_SOURCES or args.calib not in eval_sources(args):
-        return 0
-    if args.eval_windows is None:
+    start = data.calibration_start(
+        args.calib, eval_sources(args), args.eval_windows, args.eval_seqlen
+    )
+    if start is None:
         log.warning(
             "--calib %s is also evaluated in full: calibration and evaluation share tokens; "
             "set --eval-windows to keep them apart",
             args.calib,
         )
         return 0
-    start = args.eval_windows * args.eval_seqlen
-    log.info("calibration windows start at token %d, after the evaluation windows", start)
+    if start:
+        log.info("calibration windows start at token %d, after the evaluation windows", start)
     return start

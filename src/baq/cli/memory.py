@@ -76,7 +76,7 @@ def plan_run_memory(
         importance_windows=importance_windows(args, cfg),
     )
     try:
-        plan = memory_estimate.plan(
+        plan = memory_estimate.admit(
             est,
             nsamples=args.nsamples,
             seqlen=args.seqlen,

@@ -1,10 +1,11 @@
 """Which checkpoint tensor fills which model tensor, for loading a model block by block.
 
-``plan`` matches every parameter and persistent buffer of a model skeleton (built on meta) to a
-tensor of a local safetensors checkpoint, from the headers only: the name (with or without the
-model's ``base_model_prefix``), the shape, the dtype it takes in the model (as ``from_pretrained``
-casts it, float32 modules kept), and the names it shares through tied weights. It then splits
-them into the tensors outside the decoder blocks (always resident) and those of each block,
+``map_checkpoint`` matches every parameter and persistent buffer of a model skeleton (built on
+meta) to a tensor of a local safetensors checkpoint, from the headers only: the name (with or
+without the model's ``base_model_prefix``), the shape, the dtype it takes in the model (as
+``from_pretrained`` casts it, float32 modules kept), and the names it shares through tied
+weights. It then splits them into the tensors outside the decoder blocks (always resident) and
+those of each block,
 which ``baq.model.lazy.LazyLoader`` reads and drops one block at a time.
 """
 
@@ -180,7 +181,7 @@ def block_index(name: str, prefix: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def plan(
+def map_checkpoint(
     model: PreTrainedModel,
     ckpt: Checkpoint,
     dtype: torch.dtype,

@@ -46,7 +46,7 @@ from baq.model.checkpoint_map import (
     checkpoint_tensors,
     config_dtype,
     main_dtype,
-    plan,
+    map_checkpoint,
     split_name,
 )
 
@@ -391,7 +391,7 @@ def open_lazy(
     prefix = next((f"{name}." for name, mod in model.named_modules() if mod is layers), None)
     if prefix is None:
         raise LazyLoadUnsupported("decoder blocks are not a submodule of the model")
-    resident, per_block = plan(model, ckpt, model_dtype, prefix, len(layers))
+    resident, per_block = map_checkpoint(model, ckpt, model_dtype, prefix, len(layers))
     loader = LazyLoader(model, folder, prefix, resident, per_block)
     # persistent buffers of the blocks that the checkpoint holds wait on meta like parameters
     for slots in per_block:

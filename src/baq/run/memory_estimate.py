@@ -367,7 +367,7 @@ def disk_free(folder: str) -> int:
     return int(shutil.disk_usage(folder).free)
 
 
-def plan(
+def admit(
     est: MemoryEstimate,
     *,
     nsamples: int,
