@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from baq import data
+from baq import atomic, data
 from baq.bench import plots
 from baq.bench.grid import (
     BENCH_VERSION,
@@ -440,9 +440,7 @@ def cached_betas(out: Path) -> dict[str, dict[str, float]]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # readers never see half a table
+    atomic.write_text(path, text)  # readers never see half a table
 
 
 def _planned_sets(entry: Entry, result: dict[str, Any]) -> dict[str, Any]:

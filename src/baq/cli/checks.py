@@ -75,6 +75,30 @@ def is_saved_folder(model: str | None) -> bool:
     return model is not None and (Path(model) / "manifest.json").is_file()
 
 
+def refuse_saved_model(model: str | None, command: str = "quantize") -> None:
+    """``baq quantize`` and ``baq measure`` read a float model: a baq save (its manifest, or a
+    config.json whose quantization_config is baq's) is refused in one line saying what to do."""
+    import json
+
+    from baq.saved.manifest import FORMAT, is_baq_save
+
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    saved = is_baq_save(path)
+    if not saved and (path / "config.json").is_file():
+        try:
+            qc = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            saved = qc.get("quantization_config", {}).get("quant_method") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            saved = False
+    if saved:
+        raise UsageError(
+            f"{model} is a baq save, already quantized: {command} the original model, or "
+            f"write plain weights with 'baq export {model} --output DIR' first"
+        )
+
+
 def check_readable(path: Path) -> None:
     """A local model file or folder must be readable (a folder also listable)."""
     unreadable = [
@@ -214,19 +238,31 @@ def writable(folder: Path) -> bool:
 
 
 def check_output_folder(output: Path, force: bool) -> None:
-    """``--output``: new (or, with --force, a previous baq save), in a writable folder."""
+    """``--output``: new (or, with --force, an empty folder or a previous baq save: never a
+    folder baq did not write, a link, a FIFO or a device), in a writable folder."""
+    from baq.atomic import path_kind
+    from baq.saved.manifest import replaceable
+
     target = output.expanduser().absolute()
-    if target.exists() or target.is_symlink():
+    kind = path_kind(target)
+    if kind not in (None, "a folder"):
+        raise UsageError(
+            f"--output {output}: is {kind}, not a folder; baq writes only new folders or its "
+            "own saves: choose another name"
+        )
+    if target.exists():
         if not force:
             raise UsageError(f"--output {output}: already exists; add --force to replace it")
-        if not target.is_dir() or target.is_symlink():
+        if not target.is_dir():
             raise UsageError(
                 f"--output {output}: exists and is not a folder; delete it or choose another name"
             )
-        if any(target.iterdir()) and not (target / "manifest.json").is_file():
+        why = replaceable(target)
+        if why is not None:
+            detail = why.removeprefix("not a baq model folder ")
             raise UsageError(
-                f"--output {output}: is not a baq model folder (no manifest.json), and --force "
-                "replaces only a previous baq save; choose another name"
+                f"--output {output}: is not a baq model folder {detail}, and --force replaces "
+                "only a previous baq save; choose another name"
             )
     parent = target.parent
     if not parent.is_dir():
@@ -242,9 +278,16 @@ def check_output_folder(output: Path, force: bool) -> None:
 
 
 def check_report_file(report: Path, flag: str = "--report") -> None:
-    """``--report`` (or ``flag``): a file name whose nearest existing folder is writable."""
-    if report.is_dir():
+    """``--report`` (or ``flag``): a file name (new, or a regular file: never a link, FIFO or
+    device) whose nearest existing folder is writable."""
+    from baq.atomic import UnsafeOutput, check_output_file
+
+    if report.is_dir() and not report.is_symlink():
         raise UsageError(f"{flag} {report}: is a folder; give a file name")
+    try:
+        check_output_file(report.expanduser(), flag)
+    except UnsafeOutput as err:
+        raise UsageError(str(err)) from None
     folder = report.expanduser().absolute().parent
     while not folder.exists():
         folder = folder.parent

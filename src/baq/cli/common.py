@@ -39,6 +39,7 @@ from .checks import (  # noqa: F401  (re-exported for the command modules)
     no_space,
     one_line,
     positive,
+    refuse_saved_model,
     tokenizer_only,
     writable,
 )

@@ -27,6 +27,7 @@ from .common import (
     flagify,
     load,
     positive,
+    refuse_saved_model,
 )
 
 
@@ -72,7 +73,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         "pass too; the noise estimator needs the whole model)",
     )
     add_calib_args(m)
-    m.set_defaults(func=cmd_measure, eval=None, eval_default=[], eval_windows=None)
+    m.set_defaults(
+        func=cmd_measure, eval=None, eval_default=[], eval_windows=None, eval_seqlen=None
+    )
 
     p = sub.add_parser(
         "plan", parents=[common], help="bits per layer of a model-level allocation, no quantizing"
@@ -196,6 +199,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-activation-memory: {err}") from None
     calib_cfg = calib_config(args)
     check_report_file(args.output, "--output")
+    refuse_saved_model(args.model, "measure")
     check_lazy(args)
     estimators = tuple(dict.fromkeys(args.importance))
     if args.lazy and "noise" in estimators:

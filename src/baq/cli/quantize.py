@@ -34,6 +34,7 @@ from .common import (
     load,
     load_lazy,
     positive,
+    refuse_saved_model,
 )
 from .measure import (
     add_adadim_arg,
@@ -225,6 +226,7 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any, Any]:
         check_output_folder(args.output, args.force)
     if args.report is not None:
         check_report_file(args.report)
+    refuse_saved_model(args.model)  # a baq save is already quantized
     check_lazy(args)  # before check_model: a hub id or GGUF is refused without reading it
     config = check_model(args, args.seqlen, *([args.eval_seqlen] if eval_sources(args) else []))
     check_calib_fits(args, calib)

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from baq.config import QuantConfig
 from baq.quant.gptq import QuantResult
 from baq.quant.grid import Grid, dequantize
 from baq.quant.layer import LayerRecord
-from baq.run.report import write_json
+from baq.run.report import write_json, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +192,7 @@ class Checkpoint:
                 "dim": res.grid.dim,
             }
         stem = self.folder / f"block-{index:05d}"
-        tmp = stem.with_name(stem.name + ".tmp.safetensors")
-        save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta)})
-        os.replace(tmp, stem.with_suffix(".safetensors"))
+        write_safetensors(stem.with_suffix(".safetensors"), tensors, {"layers": json.dumps(meta)})
         write_json(
             stem.with_suffix(".json"),
             {"layers": list(results), "records": [asdict(r) for r in records]},

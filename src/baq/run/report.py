@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import resource
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from baq import atomic
 from baq.quant.layer import LayerRecord
 
 REPORT_VERSION = 1
@@ -99,39 +98,16 @@ def environment() -> dict[str, Any]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically: a temp file beside the target, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_jsonable)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write JSON atomically (:mod:`baq.atomic`: a temp file beside the target, fsync, rename;
+    a link, FIFO or device at ``path`` is refused)."""
+    return atomic.write_json(path, obj, default=_jsonable)
 
 
 def write_safetensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> Path:
-    """Write a safetensors file atomically (a temp name beside it, then a rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write a safetensors file atomically (:mod:`baq.atomic`)."""
+    return atomic.write_safetensors(path, tensors, metadata)
 
 
 def _jsonable(x: Any) -> Any:

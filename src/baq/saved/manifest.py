@@ -20,7 +20,8 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from baq import __version__
+from baq import __version__, atomic
+from baq.atomic import fsync, path_kind
 from baq.errors import one_line
 
 log = logging.getLogger(__name__)
@@ -43,17 +44,60 @@ class StorageError(ValueError):
     """A saved model cannot be written or read; the message is one line naming the file."""
 
 
+# a manifest lists a few dozen files; anything far larger is not one of ours
+MANIFEST_MAX_BYTES = 16 << 20
+
+
+def is_baq_save(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a baq save, the only folder baq replaces or deletes.
+
+    A real folder (not a link) whose ``manifest.json`` is a regular file holding a baq manifest
+    that parses: ``format`` "baq", a ``format_version`` this baq reads, and a ``files`` object.
+    A web app, a model folder or anything else with a ``manifest.json`` of its own is not.
+    """
+    folder = Path(folder)
+    manifest = folder / MANIFEST_FILE
+    if folder.is_symlink() or not folder.is_dir() or path_kind(manifest) is not None:
+        return False
+    try:
+        if manifest.stat().st_size > MANIFEST_MAX_BYTES:
+            return False
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (
+        isinstance(data, dict)
+        and data.get("format") == FORMAT
+        and type(data.get("format_version")) is int
+        and data["format_version"] in READ_VERSIONS
+        and isinstance(data.get("files"), dict)
+    )
+
+
+def replaceable(target: Path) -> str | None:
+    """Why ``target`` (which exists) must not be replaced by a save, or None when it may be:
+    an empty real folder, or a baq save (:func:`is_baq_save`)."""
+    if target.is_symlink() or not target.is_dir():
+        return f"{path_kind(target) or 'a file'}, not a folder"
+    if is_baq_save(target) or not any(target.iterdir()):
+        return None
+    if not (target / MANIFEST_FILE).exists():
+        return f"not a baq model folder (no {MANIFEST_FILE})"
+    return f"not a baq model folder (its {MANIFEST_FILE} is not a baq manifest)"
+
+
 def check_target(target: Path, force: bool) -> None:
+    """Refuse a save onto an existing path, unless ``force`` and it is replaceable (an empty
+    folder or a previous baq save): never a folder baq did not write."""
     if not (target.exists() or target.is_symlink()):
         return
     if not force:
         raise StorageError(f"{target} already exists: pass force=True (--force) to replace it")
-    if not target.is_dir() or target.is_symlink():
-        raise StorageError(f"{target} exists and is not a directory: refusing to replace it")
-    if any(target.iterdir()) and not (target / MANIFEST_FILE).is_file():
-        # force replaces a previous save, never an arbitrary folder that happens to be named
+    why = replaceable(target)
+    if why is not None:
         raise StorageError(
-            f"{target} is not a baq model folder (no {MANIFEST_FILE}): refusing to replace it"
+            f"{target} is {why}: refusing to replace it; baq replaces only its own saves, "
+            "choose another folder"
         )
 
 
@@ -65,25 +109,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync(path: Path) -> None:
-    if path.is_dir():
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:  # platforms that cannot open directories have no directory fsync
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    else:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-
-
 def write_json(path: Path, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
+    """The manifest's and config's JSON: sorted keys, strict (no NaN), written atomically."""
+    atomic.write_json(path, data, indent=2, sort_keys=True, allow_nan=False)
 
 
 def list_files(root: Path) -> list[str]:
@@ -103,7 +131,8 @@ def folder_bytes(root: str | os.PathLike) -> int:
 def swap_in(tmp: Path, target: Path, force: bool) -> None:
     """Rename ``tmp`` to ``target``; with ``force``, move the old folder away first."""
     old = None
-    if force and target.exists():
+    if force and (target.exists() or target.is_symlink()):
+        check_target(target, force)  # again, just before: only a baq save is moved away
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(target, old)
     try:
