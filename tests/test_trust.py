@@ -7,7 +7,9 @@ and leaves nothing half-written; the data-loss cases check the foreign folder by
 
 import json
 import os
+import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,83 @@ def test_a_save_without_its_manifest_is_still_refused_as_input(
     (folder / "manifest.json").unlink()
     err = fails(capsys, ["quantize", folder, *QUICK])
     assert "is a baq save, already quantized" in err
+
+
+# defect 3: output files are new or regular files, never links, FIFOs or devices
+
+
+def odd_file(tmp_path: Path, kind: str) -> tuple[Path, Path | None]:
+    """``(path, what it points at)`` of a symbolic link, a FIFO or a device node."""
+    path = tmp_path / f"odd-{kind}"
+    if kind == "symlink":
+        victim = tmp_path / "victim.txt"
+        victim.write_text("precious")
+        path.symlink_to(victim)
+        return path, victim
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path, None
+    try:  # a character device like /dev/null (needs root)
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    except (PermissionError, AttributeError):
+        pytest.skip("cannot make a device node here")
+    return path, None
+
+
+def unchanged(path: Path, victim: Path | None, kind: str) -> None:
+    mode = os.lstat(path).st_mode
+    assert {"symlink": stat.S_ISLNK, "fifo": stat.S_ISFIFO, "device": stat.S_ISCHR}[kind](mode)
+    if victim is not None:
+        assert victim.read_text() == "precious"
+    assert not list(path.parent.glob(f".{path.name}.*")), "temp file left behind"
+
+
+KINDS = ["symlink", "fifo", "device"]
+WHAT = {"symlink": "a symbolic link", "fifo": "a FIFO (named pipe)", "device": "a device"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("command", ["quantize --report", "measure --output", "eval --report"])
+def test_an_output_file_that_is_not_a_regular_file_is_refused(
+    kind, command, tiny_model_dir, tmp_path, no_model_load, capsys
+):
+    path, victim = odd_file(tmp_path, kind)
+    name, flag = command.split()
+    extra = {"quantize": QUICK, "measure": QUICK[:4], "eval": ["--eval-seqlen", "32"]}[name]
+    err = fails(capsys, [name, tiny_model_dir, flag, path, *extra])
+    assert err == (
+        f"baq: error: {flag} {path}: is {WHAT[kind]}, and baq writes only new or regular "
+        "files; give the path of a regular file"
+    )
+    unchanged(path, victim, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_output_folder_that_is_a_fifo_or_device_is_refused(
+    kind, tiny_model_dir, tmp_path, no_model_load, capsys
+):
+    path, victim = odd_file(tmp_path, kind)
+    err = fails(capsys, ["quantize", tiny_model_dir, "--output", path, "--force", *QUICK])
+    assert f"--output {path}: is {WHAT[kind]}, not a folder" in err
+    unchanged(path, victim, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_atomic_writer_refuses_a_path_that_is_not_a_regular_file(kind, tmp_path):
+    import torch
+
+    from baq.atomic import UnsafeOutput
+    from baq.run import report
+    from baq.run.measure import Measurement
+
+    path, victim = odd_file(tmp_path, kind)
+    meas = Measurement(["a"], [(2, 3)], {"a": torch.ones(3)}, {"fisher": {"a": 1.0}})
+    writers = [
+        lambda: report.write_json(path, {"a": 1}),
+        lambda: report.write_safetensors(path, {"t": torch.zeros(2)}, {}),
+        lambda: meas.save(path),
+    ]
+    for write in writers:
+        with pytest.raises(UnsafeOutput, match=re.escape(f"is {WHAT[kind]}, and baq writes only")):
+            write()
+        unchanged(path, victim, kind)
