@@ -42,11 +42,17 @@ import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 from torch import Tensor
 
+from baq.kernels.decode import (
+    decode_rows,
+    dot1,
+    dot_tokens,
+    geometry,
+    zero_point,
+    zero_terms,
+)
 from baq.kernels.layout import LANES, PART_WIDTHS, KernelLayout, block_codes
 
 # tokens up to which the fused kernel runs; longer inputs dequantize row tiles for torch's matmul
@@ -55,141 +61,6 @@ from baq.kernels.layout import LANES, PART_WIDTHS, KernelLayout, block_codes
 MAX_KERNEL_TOKENS = 16
 # rows per dequantized tile of the long-input path: 1024 x 14336 float32 is 59 MB
 TILE_ROWS = 1024
-
-# only the dot-product loops may reassociate (lane sums) and contract (FMA)
-_DOT_MATH = {"reassoc", "contract"}
-
-
-@intrinsic
-def _field(typingctx, byte, shift, mask):
-    """``float32((byte >> shift) & mask)`` computed on 8 bits.
-
-    numba widens integer arithmetic to 64 bits, which made LLVM vectorise the decode on 8 lanes of
-    int64 (``vcvtqq2ps``); on bytes it is a byte shift, a mask and a widening conversion.
-    """
-    sig = types.float32(types.uint8, types.uint8, types.uint8)
-
-    def codegen(context, builder, signature, args):
-        value = builder.and_(builder.lshr(args[0], args[1]), args[2])
-        return builder.uitofp(value, ir.FloatType())
-
-    return sig, codegen
-
-
-@njit(fastmath=_DOT_MATH, cache=True)
-def _dot1(S, sbase, p, start, n, xs, xo, acc):
-    """One token: ``acc[m] += xs[...] * code`` over the codes ``[start, start + n)`` of a stream.
-
-    ``xs[xo + c]`` multiplies code ``start + c``; ``xs`` holds zeros for a block before ``xo`` and
-    after ``xo + n``, so whole blocks are decoded across the segment's ends.
-    """
-    B = 8 * LANES // p
-    cpb = 8 // p
-    mask = np.uint8((1 << p) - 1)
-    k0 = start // B
-    k1 = (start + n + B - 1) // B
-    for k in range(k0, k1):
-        xb = xo + k * B - start
-        sb = sbase + k * LANES
-        # views, indexed from 0: a computed index could be negative as far as LLVM knows, and
-        # numba's wraparound test on it stopped the vectoriser
-        sv = S[sb : sb + LANES]
-        for i in range(cpb):
-            sh = np.uint8(p * i)
-            xv = xs[xb + i * LANES : xb + (i + 1) * LANES]
-            for m in range(LANES):
-                acc[m] += xv[m] * _field(sv[m], sh, mask)
-
-
-@njit(fastmath=_DOT_MATH, cache=True)
-def _decode(S, sbase, p, start, n, buf):
-    """Codes ``[start, start + n)`` of a part stream as float32 into ``buf``, whole blocks from
-    the one holding ``start``; returns where code ``start`` landed in ``buf``."""
-    B = 8 * LANES // p
-    cpb = 8 // p
-    mask = np.uint8((1 << p) - 1)
-    k0 = start // B
-    k1 = (start + n + B - 1) // B
-    for k in range(k0, k1):
-        sv = S[sbase + k * LANES : sbase + (k + 1) * LANES]
-        for i in range(cpb):
-            sh = np.uint8(p * i)
-            bv = buf[(k - k0) * B + i * LANES : (k - k0) * B + (i + 1) * LANES]
-            for m in range(LANES):
-                bv[m] = _field(sv[m], sh, mask)
-    return start - k0 * B
-
-
-@njit(fastmath=_DOT_MATH, cache=True)
-def _dotT(S, sbase, p, start, n, xs, xo, acc, buf):
-    """:func:`_dot1` for ``T`` tokens (``xs`` (T, len), ``acc`` (T,)): the segment is decoded
-    once into ``buf``, then one contiguous dot product per token, which LLVM vectorises; fusing
-    the decode into a per-token loop cost a view per token and block (20x slower)."""
-    at = _decode(S, sbase, p, start, n, buf)
-    codes = buf[at : at + n]
-    for t in range(xs.shape[0]):
-        xv = xs[t, xo : xo + n]
-        s = np.float32(0.0)
-        for c in range(n):
-            s += xv[c] * codes[c]
-        acc[t] += s
-
-
-@njit(cache=True)
-def _zero(lo, span, levels, sym):
-    """Zero point of quant/grid.py ``column_params`` in float32: ``round(-lo / step)``."""
-    if sym:
-        return np.float32(levels // 2)
-    step = span / np.float32(levels - 1)
-    return np.rint(-lo / step)
-
-
-@njit(cache=True)
-def _zero_terms(lo, span, lm1, sym, c0, c1, X, zt):
-    """``zt[t] += sum_c z_c * X[t, c]`` over the classes ``[c0, c1)`` of a row's column group,
-    ``z_c`` the zero point of :func:`_zero` (``lm1``: ``L_c - 1`` in float32 per class). A loop
-    of its own over contiguous arrays, which LLVM vectorises (the division and the rounding)."""
-    T = zt.shape[0]
-    if T == 1:
-        s = 0.0
-        for c in range(c0, c1):
-            if sym:
-                z = np.floor((lm1[c] + np.float32(1.0)) * np.float32(0.5))
-            else:
-                z = np.rint(-lo / (span / lm1[c]))
-            s += np.float64(z) * X[0, c]
-        zt[0] += s
-        return
-    for c in range(c0, c1):
-        if sym:
-            z = np.floor((lm1[c] + np.float32(1.0)) * np.float32(0.5))
-        else:
-            z = np.rint(-lo / (span / lm1[c]))
-        for t in range(T):
-            zt[t] += np.float64(z) * X[t, c]
-
-
-@njit(cache=True)
-def _geometry(counts, rows):
-    """Per part stream: codes per row, offset of each column group in a row, start of each
-    group's segment in the padded input vector, and that vector's length (per part)."""
-    ng = counts.shape[1]
-    nrow = np.zeros(4, np.int64)
-    goff = np.zeros((4, ng), np.int64)
-    xstart = np.zeros((4, ng), np.int64)
-    xlen = np.zeros(4, np.int64)
-    for k in range(4):
-        B = 8 * LANES // (1 << k)
-        at = B
-        off = 0
-        for g in range(ng):
-            goff[k, g] = off
-            xstart[k, g] = at
-            off += counts[k, g]
-            at += counts[k, g] + B
-        nrow[k] = off
-        xlen[k] = at
-    return nrow, goff, xstart, xlen
 
 
 @njit(cache=True)
@@ -233,7 +104,7 @@ def _prepare(x, perm, classes, counts, ic, lo, hi, sym, rgroups, xstart, xlen):
             for gr in range(R):
                 if ic:
                     step = (hi[gr, j] - lo[gr, j]) / np.float32(L - 1)
-                    z = _zero(lo[gr, j], hi[gr, j] - lo[gr, j], L, sym)
+                    z = zero_point(lo[gr, j], hi[gr, j] - lo[gr, j], L, sym)
                 for t in range(T):
                     if ic:
                         v = x[t, j] * step
@@ -276,13 +147,13 @@ def _kernel(S, soff, counts, classes, cstart, ic, rsize, lo, hi, sym, xs, X, zte
         classes: (K, 3) (group, L, count); cstart: (Gc + 1,) first class of each column group.
         ic: per-IC grid; rsize: rows per row group (per IC with groups; else 0).
         lo, hi: the ranges in float32; sym: symmetric grid.
-        xs, X, zterm, base: from :func:`_prepare`.
+        xs, X, zterm, base: from :func:`prepare`.
         y: (T, rows) float32 output.
     """
     T = xs.shape[1]
     rows = y.shape[1]
     ng = counts.shape[1]
-    nrow, goff, xstart, _ = _geometry(counts, rows)
+    nrow, goff, xstart, _ = geometry(counts, rows)
     lm1 = (classes[:, 1] - 1).astype(np.float32)
     # decode buffer: a group's longest part segment plus a block at each end
     bufn = 0
@@ -307,9 +178,9 @@ def _kernel(S, soff, counts, classes, cstart, ic, rsize, lo, hi, sym, xs, X, zte
                 start = r * nrow[k] + goff[k, g]
                 xo = base[k] + xstart[k, g]
                 if T == 1:
-                    _dot1(S, soff[k], 1 << k, start, n, xs[gr, 0], xo, acc[0])
+                    dot1(S, soff[k], 1 << k, start, n, xs[gr, 0], xo, acc[0])
                 else:
-                    _dotT(S, soff[k], 1 << k, start, n, xs[gr], xo, accT, buf)
+                    dot_tokens(S, soff[k], 1 << k, start, n, xs[gr], xo, accT, buf)
             if T > 1:
                 acc[:, 0] += accT  # the T > 1 path sums into accT
             if ic:
@@ -319,81 +190,13 @@ def _kernel(S, soff, counts, classes, cstart, ic, rsize, lo, hi, sym, xs, X, zte
                 lo_rg = lo[r, g]
                 span = hi[r, g] - lo[r, g]
                 zt[:] = 0.0
-                _zero_terms(lo_rg, span, lm1, sym, cstart[g], cstart[g + 1], X, zt)
+                zero_terms(lo_rg, span, lm1, sym, cstart[g], cstart[g + 1], X, zt)
                 for t in range(T):
                     out[t] += np.float64(span) * (np.float64(acc[t].sum()) - zt[t])
         for t in range(T):
             if ic:
                 out[t] -= zterm[gr, t]
             y[t, r] = np.float32(out[t])
-
-
-@njit(cache=True)
-def _code(S, sbase, p, gi):
-    """Code number ``gi`` of a part stream (scalar decode, for unpacking and tiles)."""
-    B = 8 * LANES // p
-    k = gi // B
-    rem = gi - k * B
-    i = rem // LANES
-    m = rem - i * LANES
-    return (np.int64(S[sbase + k * LANES + m]) >> (p * i)) & ((1 << p) - 1)
-
-
-@njit(parallel=True, cache=True)
-def _decode_rows(S, soff, counts, perm, classes, r0, r1, dequant, ic, rsize, lo, hi, sym, out):
-    """Rows ``[r0, r1)`` in the original column order into float32 ``out``: the codes
-    (``dequant`` false; at most 255, exact in float32) or the weights of docs/FORMAT.md
-    section 8, bit for bit."""
-    rows = -1
-    nrow, goff, _, _ = _geometry(counts, rows)
-    K = classes.shape[0]
-    for r in prange(r0, r1):
-        gr = r // rsize if (ic and rsize > 0) else 0
-        cur = np.zeros(4, np.int64)
-        group = -1
-        s = 0
-        for c in range(K):
-            g = classes[c, 0]
-            L = classes[c, 1]
-            if g != group:
-                group = g
-                for k in range(4):
-                    cur[k] = r * nrow[k] + goff[k, g]
-            w = 0
-            while (1 << w) < L:
-                w += 1
-            for s2 in range(s, s + classes[c, 2]):
-                j = perm[s2]
-                if w == 8:
-                    q = _code(S, soff[3], 8, cur[3])
-                    cur[3] += 1
-                else:
-                    q = 0
-                    off = 0
-                    if w & 4:
-                        q |= _code(S, soff[2], 4, cur[2]) << off
-                        cur[2] += 1
-                        off += 4
-                    if w & 2:
-                        q |= _code(S, soff[1], 2, cur[1]) << off
-                        cur[1] += 1
-                        off += 2
-                    if w & 1:
-                        q |= _code(S, soff[0], 1, cur[0]) << off
-                        cur[0] += 1
-                if dequant:
-                    if ic:
-                        lo_v = lo[gr, j]
-                        span = hi[gr, j] - lo[gr, j]
-                    else:
-                        lo_v = lo[r, g]
-                        span = hi[r, g] - lo[r, g]
-                    step = span / np.float32(L - 1)
-                    z = _zero(lo_v, span, L, sym)
-                    out[r - r0, j] = (np.float32(q) - z) * step
-                else:
-                    out[r - r0, j] = np.float32(q)
-            s += classes[c, 2]
 
 
 def _class_starts(layout: KernelLayout) -> np.ndarray:
@@ -424,24 +227,12 @@ def set_threads() -> None:
         numba.set_num_threads(n)
 
 
-def unpack_codes(layout: KernelLayout) -> np.ndarray:
-    """(rows, cols) int64 codes in the original column order (0 for one-level columns)."""
-    out = np.zeros((layout.rows, layout.cols), np.float32)
-    lo = hi = np.zeros((1, 1), np.float32)
-    _decode_rows(
-        layout.streams.numpy(), layout.offsets.numpy(), layout.counts.numpy(),
-        layout.perm.numpy(), layout.classes.numpy(), 0, layout.rows, False, False, 0,
-        lo, hi, layout.sym, out,
-    )  # fmt: skip
-    return out.astype(np.int64)
-
-
 def dequantize_rows(layout: KernelLayout, lo: Tensor, hi: Tensor, r0: int, r1: int) -> Tensor:
     """(r1 - r0, cols) float32 rows of ``W``, bitwise the weights of docs/FORMAT.md section 8."""
     lo_n, hi_n = _ranges(layout, lo, hi)
     out = np.zeros((r1 - r0, layout.cols), np.float32)
     set_threads()
-    _decode_rows(
+    decode_rows(
         layout.streams.numpy(), layout.offsets.numpy(), layout.counts.numpy(),
         layout.perm.numpy(), layout.classes.numpy(), r0, r1, True, layout.dim == "ic",
         _row_group_size(layout), lo_n, hi_n, layout.sym, out,
@@ -493,7 +284,7 @@ def _static(layout: KernelLayout) -> tuple:
     cached = getattr(layout, "_numpy", None)
     if cached is None:
         counts = layout.counts.numpy()
-        _, _, xstart, xlen = _geometry(counts, layout.rows)
+        _, _, xstart, xlen = geometry(counts, layout.rows)
         cached = (
             layout.streams.numpy(), layout.offsets.numpy(), counts, layout.perm.numpy(),
             layout.classes.numpy(), _class_starts(layout), xstart, xlen,

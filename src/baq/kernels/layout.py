@@ -126,10 +126,20 @@ class KernelLayout:
         return out
 
     def unpack(self) -> Tensor:
-        """(rows, cols) int64 codes in the original column order: the inverse of the build."""
-        from baq.kernels import cpu
-
-        return torch.from_numpy(cpu.unpack_codes(self))
+        """(rows, cols) int64 codes in the original column order: the inverse of the build
+        (0 in one-level columns), one vectorised unpack per part stream (torch, no numba)."""
+        order = self.perm.long()
+        C = torch.zeros(self.rows, order.numel(), dtype=torch.int64)
+        widths = [width_of(L) for L in self.levels()[order].tolist()]
+        for k, (p, (pos, offs)) in enumerate(zip(PART_WIDTHS, part_positions(widths))):
+            if not pos:
+                continue
+            stream = self.streams[int(self.offsets[k]) : int(self.offsets[k + 1])]
+            part = _unpack_stream(stream, p, self.rows * len(pos)).view(self.rows, len(pos))
+            C[:, torch.tensor(pos)] |= part << torch.tensor(offs)
+        out = torch.zeros(self.rows, self.cols, dtype=torch.int64)
+        out[:, order] = C
+        return out
 
 
 def build_layout(
@@ -188,13 +198,7 @@ def build_layout(
     C = codes.index_select(1, order).to(torch.int32)  # (rows, m), kernel order
     widths = [width_of(L) for L in levels[order].tolist()]
     streams, counts = [], torch.zeros(4, gc, dtype=torch.int32)
-    for k, p in enumerate(PART_WIDTHS):
-        pos, offs = [], []
-        for t, w in enumerate(widths):
-            for q, off in parts_of(w):
-                if q == p:
-                    pos.append(t)
-                    offs.append(off)
+    for k, (p, (pos, offs)) in enumerate(zip(PART_WIDTHS, part_positions(widths))):
         if pos:
             pos_t = torch.tensor(pos)
             part = (C[:, pos_t] >> torch.tensor(offs, dtype=torch.int32)) & ((1 << p) - 1)
@@ -216,6 +220,25 @@ def build_layout(
         offsets=torch.tensor([0, *np.cumsum([t.numel() for t in streams]).tolist()]),
         counts=counts,
     )
+
+
+def part_positions(widths: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Per part width (1, 2, 4, 8): the kernel-order columns that have that part, and the bit
+    offset of the part in each one's code (:func:`parts_of`)."""
+    out: list[tuple[list[int], list[int]]] = [([], []) for _ in PART_WIDTHS]
+    for t, w in enumerate(widths):
+        for q, off in parts_of(w):
+            pos, offs = out[PART_WIDTHS.index(q)]
+            pos.append(t)
+            offs.append(off)
+    return out
+
+
+def _unpack_stream(stream: Tensor, p: int, n: int) -> Tensor:
+    """The first ``n`` values of a strided part-``p`` stream (inverse of :func:`_pack_stream`)."""
+    blocks = stream.view(-1, 1, LANES).to(torch.int64)
+    shifts = (torch.arange(8 // p) * p).view(1, -1, 1)
+    return ((blocks >> shifts) & ((1 << p) - 1)).reshape(-1)[:n]
 
 
 def _pack_stream(part: Tensor, p: int) -> Tensor:
@@ -242,7 +265,3 @@ def layout_nbytes(rows: int, levels: Tensor) -> int:
         for p, _ in parts_of(width_of(L)):
             n[PART_WIDTHS.index(p)] += 1
     return sum(stream_bytes(rows, c, p) for c, p in zip(n, PART_WIDTHS))
-
-
-def as_numpy(t: Tensor) -> np.ndarray:
-    return t.detach().cpu().contiguous().numpy()
