@@ -253,3 +253,331 @@ def test_every_atomic_writer_refuses_a_path_that_is_not_a_regular_file(kind, tmp
         with pytest.raises(UnsafeOutput, match=re.escape(f"is {WHAT[kind]}, and baq writes only")):
             write()
         unchanged(path, victim, kind)
+
+
+# defect 6: a measurement read from disk is checked before use
+
+
+def measurement_file(tmp_path: Path, **change) -> Path:
+    """A valid two-layer measurement file, with ``change`` applied: metadata keys to new JSON
+    values (None drops the key), ``tensors`` to replace the tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    from baq.run.measure import MEASUREMENT_FORMAT
+
+    meta = {
+        "format": MEASUREMENT_FORMAT,
+        "names": ["a", "b"],
+        "shapes": [[4, 8], [4, 8]],
+        "beta": {"fisher": {"a": 1.0, "b": 2.0}},
+        "settings": {"sensitivity": "analytic"},
+        "seconds": {},
+    }
+    tensors = {"sens/a": torch.ones(8, dtype=torch.float64), "sens/b": torch.rand(8).double()}
+    tensors = change.pop("tensors", tensors)
+    for key, value in change.items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata=text)
+    return path
+
+
+def _sens(**t):
+    import torch
+
+    base = {"sens/a": torch.ones(8, dtype=torch.float64), "sens/b": torch.ones(8).double()}
+    return base | t
+
+
+def _bad_measurements():
+    import torch
+
+    nan = torch.ones(8).double()
+    nan[3] = float("nan")
+    return {
+        "zero-sensitivities": (
+            {"tensors": _sens(**{"sens/a": torch.zeros(8).double()})},
+            "layer a: every sensitivity is zero",
+        ),
+        "nan-sensitivities": (
+            {"tensors": _sens(**{"sens/b": nan})},
+            "layer b: NaN, infinite or negative sensitivities",
+        ),
+        "negative-sensitivities": (
+            {"tensors": _sens(**{"sens/b": -torch.ones(8).double()})},
+            "layer b: NaN, infinite or negative sensitivities",
+        ),
+        "wrong-shape": (
+            {"shapes": [[4, 8], [4, 16]]},
+            "layer b: sensitivities (8,) torch.float64, expected (16,)",
+        ),
+        "shapes-not-ints": ({"shapes": [[4, 8], [4, "8"]]}, "is not two positive integers"),
+        "negative-beta": (
+            {"beta": {"fisher": {"a": -1.0, "b": 2.0}}},
+            "fisher importance of a is -1.0: it must be finite and positive",
+        ),
+        "nan-beta": ({"beta": {"fisher": {"a": "NaN", "b": 2.0}}}, "importance of a is 'NaN'"),
+        "beta-missing-a-layer": (
+            {"beta": {"fisher": {"a": 1.0}}},
+            "fisher importances must name exactly the measured layers",
+        ),
+        "noise-none-positive": (
+            {"beta": {"noise": {"a": -1.0, "b": 0.0}}},
+            "no noise importance is positive",
+        ),
+        "unknown-estimator": ({"beta": {"magic": {"a": 1.0, "b": 1.0}}}, "estimator 'magic'"),
+        "missing-key": ({"shapes": None}, "metadata 'shapes' is missing"),
+        "missing-tensor": ({"tensors": {"sens/a": torch.ones(8).double()}}, "no sensitivities"),
+        "extra-tensor": (
+            {"tensors": _sens(**{"sens/c": torch.ones(8).double()})},
+            "unexpected tensor sens/c",
+        ),
+        "names-twice": ({"names": ["a", "a"]}, "'names' lists a layer twice"),
+        "not-json": ({"settings": "{oops"}, "metadata 'settings' is not JSON"),
+    }
+
+
+BAD_MEASUREMENTS = _bad_measurements()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MEASUREMENTS))
+def test_a_bad_measurement_is_refused_naming_the_file(case, tmp_path, capsys):
+    change, message = BAD_MEASUREMENTS[case]
+    path = measurement_file(tmp_path, **change)
+    err = fails(capsys, ["plan", "--measurement", path])
+    assert err.startswith(f"baq: error: {path}: ") and message in err, err
+    assert err.endswith("; measure again with baq measure")
+
+
+def test_the_valid_measurement_plans(tmp_path, capsys):
+    path = measurement_file(tmp_path)
+    assert main(["plan", "--measurement", str(path), "--bits", "3"]) == 0
+    # the noise estimator's difference may be <= 0 for a layer: floored by the allocation
+    path = measurement_file(tmp_path, beta={"noise": {"a": -1e-8, "b": 2.0}})
+    assert main(["plan", "--measurement", str(path), "--importance", "noise"]) == 0
+
+
+def test_a_bad_measurement_is_refused_before_the_model_loads(
+    tiny_model_dir, tmp_path, no_model_load, capsys
+):
+    path = measurement_file(tmp_path, tensors=_sens(**{"sens/a": _zeros()}))
+    out = tmp_path / "out"
+    argv = ["quantize", tiny_model_dir, "--measurement", path, "--output", out, *QUICK]
+    err = fails(capsys, argv)
+    assert "every sensitivity is zero" in err
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def _zeros():
+    import torch
+
+    return torch.zeros(8).double()
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory, tiny_model_dir):
+    """A real measurement of the tiny model (``baq measure``), and a corpus."""
+    root = tmp_path_factory.mktemp("measured")
+    text = root / "corpus.txt"
+    from helpers import corpus
+
+    text.write_text(corpus(40_000))
+    path = root / "m.safetensors"
+    calib = ["--calib", text, "--nsamples", "4", "--seqlen", "32"]
+    assert main([str(a) for a in ["measure", tiny_model_dir, "--output", path, *calib, "-q"]]) == 0
+    return path, calib
+
+
+def test_a_measurement_of_another_model_leaves_no_partial(measured, tmp_path, capsys):
+    other = tmp_path / "other"
+    make_tiny_llama(seed=1).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    path, calib = measured
+    out = tmp_path / "out"
+    argv = ["quantize", other, "--measurement", path, "--output", out, *calib, "--eval", "none"]
+    err = fails(capsys, [*argv, "-q"])
+    assert "the measurement was made for another run (model weights differ)" in err
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+def test_hand_edited_layer_shapes_are_refused_against_the_model(
+    measured, tiny_model_dir, tmp_path, capsys
+):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, calib = measured
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    shapes = json.loads(meta["shapes"])
+    shapes[0][0] *= 4  # rows are not in the sensitivities: only the model can tell
+    meta["shapes"] = json.dumps(shapes)
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata=meta)
+    out = tmp_path / "out"
+    argv = ["quantize", tiny_model_dir, "--measurement", edited, "--output", out, *calib]
+    err = fails(capsys, [*argv, "--eval", "none", "-q"])
+    assert "it was made for another model" in err
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+# defect 5: a checkpoint block is checked before a resumed run uses it
+
+
+@pytest.fixture(scope="module")
+def block_folder(tmp_path_factory):
+    """A checkpoint folder holding one finished block of a GPTQ 3-bit tiny Llama."""
+    from baq.quant.layer import LayerRecord
+    from baq.run.checkpoint import Checkpoint
+
+    model = make_tiny_llama()
+    results = quantize_all(model, QuantConfig(method="gptq", bits=3, group_size=16))
+    block0 = {n: r for n, r in results.items() if n.startswith("model.layers.0.")}
+    records = [LayerRecord(n, tuple(r.codes.shape), "gptq", 2.0, 0.1) for n, r in block0.items()]
+    folder = tmp_path_factory.mktemp("ckpt") / "out.partial"
+    folder.mkdir()
+    Checkpoint(folder, {}).save_block(0, block0, records)
+    return folder
+
+
+def _edit_block(folder: Path, edit) -> None:
+    """Change block 0's tensors in place: ``edit(tensors, meta)``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / "block-00000.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def _set(key, fn):
+    def edit(tensors, meta):
+        tensors[key] = fn(tensors[key].clone())
+
+    return edit
+
+
+def _nan(t):
+    t[0, 0] = float("nan")
+    return t
+
+
+def _top(t):
+    t[0, 0] = 255
+    return t
+
+
+def _zero_levels(t):
+    t[0] = 0
+    return t
+
+
+def _drop(key):
+    def edit(tensors, meta):
+        del tensors[key]
+
+    return edit
+
+
+def _meta(value):
+    def edit(tensors, meta):
+        meta["layers"] = value
+
+    return edit
+
+
+BAD_BLOCKS = {
+    "nan-range": (_set(f"{Q}.lo", _nan), "safetensors", "NaN or infinite ranges or losses"),
+    "code-out-of-range": (_set(f"{Q}.codes", _top), "safetensors", "codes outside [0, L - 1]"),
+    "zero-levels": (_set(f"{Q}.levels", _zero_levels), "safetensors", "a level count below 1"),
+    "missing-tensor": (_drop(f"{Q}.losses"), "safetensors", f"tensor {Q}.losses is missing"),
+    "wrong-size": (_set(f"{Q}.hi", lambda t: t[:, :1].contiguous()), "safetensors", "hi has shape"),
+    "sym-string": (
+        _meta(json.dumps({Q: {"group_size": 16, "sym": "false", "dim": "oc"}})),
+        "safetensors",
+        "sym 'false'",
+    ),
+    "no-metadata": (_meta("{"), "safetensors", "damaged checkpoint block"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BLOCKS))
+def test_a_damaged_checkpoint_block_is_refused_naming_its_file(block_folder, tmp_path, case):
+    from baq.run.checkpoint import Checkpoint
+
+    edit, suffix, message = BAD_BLOCKS[case]
+    folder = tmp_path / "out.partial"
+    shutil.copytree(block_folder, folder)
+    _edit_block(folder, edit)
+    with pytest.raises(ValueError) as info:
+        Checkpoint(folder, {}).load_block(0)
+    text = str(info.value)
+    assert text.startswith(f"{folder / ('block-00000.' + suffix)}: damaged checkpoint block (")
+    assert message in text and "\n" not in text
+    assert text.endswith(f"; delete {folder} and run again without --resume")
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([{"name": "x"}], "bad record"),
+        (["oops"], "bad record: a record is not an object"),
+        ({"not": "a list"}, "bad layout"),
+    ],
+)
+def test_a_bad_record_is_refused_naming_the_json(block_folder, tmp_path, records, message):
+    from baq.run.checkpoint import Checkpoint
+
+    folder = tmp_path / "out.partial"
+    shutil.copytree(block_folder, folder)
+    info = json.loads((folder / "block-00000.json").read_text())
+    info["records"] = records
+    (folder / "block-00000.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        Checkpoint(folder, {}).load_block(0)
+    assert str(err.value).startswith(f"{folder / 'block-00000.json'}: damaged checkpoint block")
+
+
+def test_the_untouched_block_loads(block_folder):
+    from baq.run.checkpoint import Checkpoint
+
+    results, records = Checkpoint(block_folder, {}).load_block(0)
+    assert Q in results and len(records) == len(results)
+
+
+def test_resuming_a_block_with_nan_ranges_is_refused(measured, tiny_model_dir, tmp_path, capsys):
+    from baq.run import checkpoint
+
+    _, calib = measured
+    out = tmp_path / "out"
+    argv = [
+        "quantize", tiny_model_dir, "--method", "gptq", "--output", out, *calib, "--eval", "none",
+        "-q",
+    ]  # fmt: skip
+    save = checkpoint.Checkpoint.save_block
+
+    def save_then_stop(self, index, results, records):
+        save(self, index, results, records)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint.Checkpoint, "save_block", save_then_stop)
+        assert main([str(a) for a in argv]) == 130
+    partial = Path(f"{out}.partial")
+    _edit_block(partial, _set(f"{Q}.lo", _nan))
+    err = fails(capsys, [*argv, "--resume"])
+    assert f"{partial / 'block-00000.safetensors'}: damaged checkpoint block (layer {Q}" in err
+    assert not out.exists()

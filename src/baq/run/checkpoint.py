@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from baq.config import QuantConfig
+from baq.errors import one_line
 from baq.quant.gptq import QuantResult
 from baq.quant.grid import Grid, dequantize
 from baq.quant.layer import LayerRecord
@@ -146,6 +147,7 @@ class Checkpoint:
     def __init__(self, folder: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        self.created = False  # this run made the folder (open without resume)
 
     def open(self, resume: bool) -> int:
         """Start a new checkpoint, or (``resume``) check and reuse the existing one.
@@ -164,6 +166,7 @@ class Checkpoint:
                     "or delete the folder to start over"
                 )
             self.folder.mkdir(parents=True)
+            self.created = True
             write_json(run_file, self.fingerprint)
             return 0
         if not run_file.is_file():
@@ -199,39 +202,33 @@ class Checkpoint:
         )
 
     def load_block(self, index: int) -> tuple[dict[str, QuantResult], list[LayerRecord]]:
-        """Results and records of a finished block, as :meth:`save_block` received them."""
-        stem = self.folder / f"block-{index:05d}"
-        try:
-            info = json.loads(stem.with_suffix(".json").read_text())
-            path = stem.with_suffix(".safetensors")
-            tensors = load_file(str(path))
-            from safetensors import safe_open
+        """Results and records of a finished block, as :meth:`save_block` received them.
 
+        Everything is checked before use (:func:`check_block`): a damaged or hand-edited block
+        is a ``ValueError`` naming its file, never a traceback or a resumed run that saves a
+        folder baq then refuses.
+        """
+        from safetensors import safe_open
+
+        stem = self.folder / f"block-{index:05d}"
+        path = stem.with_suffix(".safetensors")
+        try:
+            info = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise BlockError(stem.with_suffix(".json"), one_line(err)) from None
+        try:
+            tensors = load_file(str(path))
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads(f.metadata()["layers"])
-        except Exception as err:  # any damage means this block must be redone by hand
-            raise ValueError(
-                f"{stem}: damaged checkpoint block ({err}); delete the folder"
-            ) from err
-        results = {}
-        for name in info["layers"]:
-            grid = Grid(
-                tensors[f"{name}.lo"],
-                tensors[f"{name}.hi"],
-                meta[name]["group_size"],
-                meta[name]["sym"],
-                meta[name].get("dim", "oc"),  # checkpoints from before per-IC grids
-            )
-            levels = tensors[f"{name}.levels"].to(torch.int64)
-            codes = tensors[f"{name}.codes"].to(torch.int32)
-            weight = dequantize(codes, grid, levels)  # bitwise the solver's dequantized weight
-            results[name] = QuantResult(weight, codes, grid, levels, tensors[f"{name}.losses"])
-        names = {f.name for f in fields(LayerRecord)}
-        records = [
-            LayerRecord(**{k: _tuple_shape(k, v) for k, v in r.items() if k in names})
-            for r in info["records"]
-        ]
-        return results, records
+                meta = json.loads((f.metadata() or {})["layers"])
+        except Exception as err:  # safetensors raises its own types on a damaged file
+            raise BlockError(path, one_line(err)) from None
+        return check_block(stem, info, tensors, meta)
+
+    def discard_if_new(self) -> None:
+        """Delete the folder if this run made it and finished no block yet: a run refused
+        before its first block leaves nothing that asks the next one to ``--resume``."""
+        if self.created and not any(self.folder.glob("block-*")):
+            self.remove()
 
     def remove(self) -> None:
         """Delete the folder once the final save has landed."""
@@ -244,3 +241,99 @@ def _tuple_shape(key: str, value: Any) -> Any:
     if key == "level_histogram" and isinstance(value, dict):
         return {int(k): v for k, v in value.items()}
     return value
+
+
+class BlockError(ValueError):
+    """A checkpoint block that cannot be used; one line naming its file and the fix."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(
+            f"{path}: damaged checkpoint block ({why}); delete {path.parent} and run again "
+            "without --resume"
+        )
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_block(
+    stem: Path, info: Any, tensors: dict[str, Tensor], meta: Any
+) -> tuple[dict[str, QuantResult], list[LayerRecord]]:
+    """A finished block's results and records, each checked before use.
+
+    Checked: the JSON's ``layers`` and ``records`` (every record field typed as
+    :class:`LayerRecord` has it), each layer's metadata (``group_size`` a positive int or null,
+    ``sym`` a bool, ``dim`` oc or ic), its tensors (present, integer codes and level counts,
+    the shapes the codes give), level counts >= 1, codes in ``[0, L_j - 1]``, finite ranges with
+    ``lo <= hi`` and finite losses.
+
+    Raises:
+        BlockError: the first problem, naming the block's JSON or safetensors file.
+    """
+    js, st = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    if not isinstance(info, dict) or not isinstance(info.get("layers"), list):
+        raise BlockError(js, "no 'layers' list")
+    if not isinstance(info.get("records"), list) or not isinstance(meta, dict):
+        raise BlockError(js if not isinstance(info.get("records"), list) else st, "bad layout")
+    results = {}
+    for name in info["layers"]:
+        m = meta.get(name) if isinstance(name, str) else None
+        if not isinstance(m, dict):
+            raise BlockError(st, f"no metadata for layer {name!r}")
+        try:
+            results[name] = _layer_result(name, m, tensors)
+        except ValueError as err:
+            raise BlockError(st, f"layer {name}: {err}") from None
+    return results, [_record(js, r) for r in info["records"]]
+
+
+def _layer_result(name: str, m: dict, tensors: dict[str, Tensor]) -> QuantResult:
+    gs, sym, dim = m.get("group_size"), m.get("sym"), m.get("dim", "oc")
+    if not (gs is None or (_is_int(gs) and gs >= 1)) or not isinstance(sym, bool):
+        raise ValueError(f"group_size {gs!r} / sym {sym!r}: a positive int or null / a bool")
+    if dim not in ("oc", "ic"):
+        raise ValueError(f"dim {dim!r}: oc or ic")
+    parts = {}
+    for key in ("codes", "levels", "lo", "hi", "losses"):
+        if f"{name}.{key}" not in tensors:
+            raise ValueError(f"tensor {name}.{key} is missing")
+        parts[key] = tensors[f"{name}.{key}"]
+    codes, levels = parts["codes"], parts["levels"]
+    if codes.dim() != 2 or codes.is_floating_point() or levels.is_floating_point():
+        raise ValueError("codes must be a 2-D integer tensor, levels an integer one")
+    rows, cols = codes.shape
+    along = cols if dim == "oc" else rows
+    groups = 1 if gs is None else -(-along // gs)
+    grid_shape = (rows, groups) if dim == "oc" else (groups, cols)
+    want = {"levels": (cols,), "lo": grid_shape, "hi": grid_shape, "losses": (cols,)}
+    for key, shape in want.items():
+        if tuple(parts[key].shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(parts[key].shape)}, expected {shape}")
+    levels = levels.to(torch.int64)
+    codes = codes.to(torch.int64)
+    if rows * cols == 0 or int(levels.min()) < 1:
+        raise ValueError("empty layer, or a level count below 1")
+    if int(codes.min()) < 0 or bool((codes >= levels.unsqueeze(0)).any()):
+        raise ValueError("codes outside [0, L - 1]")
+    lo, hi, losses = (parts[k].float() for k in ("lo", "hi", "losses"))
+    if not all(bool(torch.isfinite(t).all()) for t in (lo, hi, losses)):
+        raise ValueError("NaN or infinite ranges or losses")
+    if bool((lo > hi).any()):
+        raise ValueError("a range with lo > hi")
+    grid = Grid(lo, hi, gs, sym, dim)
+    weight = dequantize(codes.to(torch.int32), grid, levels)  # bitwise the solver's weight
+    return QuantResult(weight, codes.to(torch.int32), grid, levels, losses)
+
+
+def _record(path: Path, r: Any) -> LayerRecord:
+    names = {f.name for f in fields(LayerRecord)}
+    try:
+        if not isinstance(r, dict):
+            raise TypeError("a record is not an object")
+        rec = LayerRecord(**{k: _tuple_shape(k, v) for k, v in r.items() if k in names})
+        if not isinstance(rec.name, str) or not isinstance(rec.shape, tuple):
+            raise TypeError("record name or shape of the wrong type")
+    except (TypeError, ValueError, AttributeError) as err:
+        raise BlockError(path, f"bad record: {one_line(err)}") from None
+    return rec

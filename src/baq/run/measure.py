@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from baq.config import BATCH_TOKENS, QuantConfig
+from baq.config import BATCH_TOKENS, IMPORTANCES, QuantConfig
+from baq.errors import one_line
 from baq.eval.divergence import windows_digest
 from baq.model import blocks
 from baq.quant.gptq import factor_hessian
@@ -133,6 +135,21 @@ class Measurement:
                 "with baq measure, or drop --measurement"
             )
 
+    def check_layers(self, model: nn.Module) -> None:
+        """Refuse (``ValueError``, one line) a measurement whose layers are not ``model``'s
+        linears with the recorded ``(rows, cols)``: hand-edited shapes would price every
+        weight wrongly."""
+        modules = dict(model.named_modules())
+        for name, shape in zip(self.names, self.shapes):
+            module = modules.get(name)
+            actual = None if module is None else tuple(blocks.get_weight(module).shape)
+            if actual != tuple(shape):
+                what = "is not a layer of the model" if module is None else f"is {actual}"
+                raise ValueError(
+                    f"the measurement's layer {name} {tuple(shape)} {what}: it was made for "
+                    "another model; measure again with baq measure, or drop --measurement"
+                )
+
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file, written atomically: ``sens/<name>`` tensors, JSON metadata."""
         meta = {
@@ -148,6 +165,11 @@ class Measurement:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Measurement:
+        """Read a measurement file and check everything in it (:func:`check_measurement`).
+
+        Raises:
+            ValueError: one line naming the file and the problem.
+        """
         from safetensors import safe_open
 
         try:
@@ -155,20 +177,96 @@ class Measurement:
                 meta = f.metadata() or {}
                 if meta.get("format") != MEASUREMENT_FORMAT:
                     raise ValueError("not a baq measurement")
-                names = json.loads(meta["names"])
-                sens = {n: f.get_tensor(f"sens/{n}") for n in names}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors raises its own error type on a damaged header
             raise ValueError(
-                f"{path}: not a readable measurement ({err}); write one with baq measure"
+                f"{path}: not a readable measurement ({one_line(err)}); write one with baq measure"
             ) from None
-        return cls(
-            names=names,
-            shapes=[tuple(s) for s in json.loads(meta["shapes"])],
-            sens=sens,
-            beta=json.loads(meta["beta"]),
-            settings=json.loads(meta["settings"]),
-            seconds=json.loads(meta["seconds"]),
-        )
+        return check_measurement(path, meta, tensors)
+
+
+def check_measurement(
+    path: str | os.PathLike, meta: dict[str, str], tensors: dict[str, Tensor]
+) -> Measurement:
+    """A :class:`Measurement` from a file's metadata and tensors, after checking them all.
+
+    Checked: the metadata keys (``names``, ``shapes``, ``beta``, ``settings``) are JSON of the
+    right types; names are unique strings, one ``(rows, cols)`` of positive ints each; one
+    ``sens/<name>`` tensor per name and no other, of ``cols`` finite, non-negative floats, not
+    all zero; every estimator's ``beta`` has every name, finite (the Fisher estimator's also
+    positive, the noise estimator's at least one positive).
+
+    Raises:
+        ValueError: ``{path}: <problem>; measure again with baq measure``.
+    """
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: {why}; measure again with baq measure")
+
+    parsed = {}
+    for key in ("names", "shapes", "beta", "settings", "seconds"):
+        if key not in meta and key != "seconds":
+            raise bad(f"metadata '{key}' is missing")
+        try:
+            parsed[key] = json.loads(meta.get(key, "{}"))
+        except ValueError:
+            raise bad(f"metadata '{key}' is not JSON") from None
+    names, shapes, beta = parsed["names"], parsed["shapes"], parsed["beta"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise bad("'names' must be a non-empty list of layer names")
+    if len(set(names)) != len(names):
+        raise bad("'names' lists a layer twice")
+    if not isinstance(shapes, list) or len(shapes) != len(names):
+        raise bad(f"'shapes' must list one (rows, cols) per name ({len(names)})")
+    for name, shape in zip(names, shapes):
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in shape)
+        ):
+            raise bad(f"layer {name}: shape {shape!r} is not two positive integers")
+    extra = set(tensors) - {f"sens/{n}" for n in names}
+    if extra:
+        raise bad(f"unexpected tensor {sorted(extra)[0]}")
+    sens = {}
+    for name, (_, cols) in zip(names, shapes):
+        t = tensors.get(f"sens/{name}")
+        if t is None:
+            raise bad(f"no sensitivities for layer {name}")
+        if not t.is_floating_point() or tuple(t.shape) != (cols,):
+            raise bad(f"layer {name}: sensitivities {tuple(t.shape)} {t.dtype}, expected ({cols},)")
+        t = t.double()
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise bad(f"layer {name}: NaN, infinite or negative sensitivities")
+        if not bool((t > 0).any()):
+            raise bad(f"layer {name}: every sensitivity is zero")
+        sens[name] = t
+    if not isinstance(beta, dict):
+        raise bad("'beta' must map estimators to layer importances")
+    for est, values in beta.items():
+        if est not in IMPORTANCES:
+            raise bad(f"importance estimator {est!r}: {' or '.join(IMPORTANCES)}")
+        if not isinstance(values, dict) or set(values) != set(names):
+            raise bad(f"{est} importances must name exactly the measured layers")
+        # the noise estimator's KL difference may come out <= 0 for a layer it found no effect
+        # for (the allocation floors it); the Fisher estimator's is a mean square
+        low = -math.inf if est == "noise" else 0.0
+        for name, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low < v < math.inf:
+                what = "finite" if est == "noise" else "finite and positive"
+                raise bad(f"{est} importance of {name} is {v!r}: it must be {what}")
+        if not any(v > 0 for v in values.values()):
+            raise bad(f"no {est} importance is positive")
+    if not isinstance(parsed["settings"], dict) or not isinstance(parsed["seconds"], dict):
+        raise bad("'settings' and 'seconds' must be JSON objects")
+    return Measurement(
+        names=names,
+        shapes=[tuple(s) for s in shapes],
+        sens=sens,
+        beta=beta,
+        settings=parsed["settings"],
+        seconds=parsed["seconds"],
+    )
 
 
 def settings_of(model_digest: str, calib_ids: Tensor, cfg: QuantConfig) -> dict[str, Any]:

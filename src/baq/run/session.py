@@ -163,9 +163,14 @@ def run_session(
         t = time.perf_counter()
         log.info("stage measure")
         folder = None if ckpt is None else ckpt.folder
-        meas, measured = measurement_for(
-            model, calib, session, device, loader, folder, measurement_source
-        )
+        try:
+            meas, measured = measurement_for(
+                model, calib, session, device, loader, folder, measurement_source
+            )
+        except ValueError:  # a refused measurement leaves no checkpoint asking for --resume
+            if ckpt is not None:
+                ckpt.discard_if_new()
+            raise
         plan = plan_of(meas, cfg)
         if measured:
             seconds["measure"] = time.perf_counter() - t
@@ -337,10 +342,11 @@ def measurement_for(
             loader=loader,
         )
         measured = True
-    if kept is not None and not kept.is_file():
-        meas.save(kept)
     meas.check(settings)
+    meas.check_layers(model)
     meas.betas(cfg.importance)
+    if kept is not None and not kept.is_file():  # kept once checked
+        meas.save(kept)
     return meas, measured
 
 
