@@ -33,8 +33,9 @@ TEXT_SOURCES: tuple[str, ...] = ("builtin", *HUB_TEXT_SOURCES)
 TEXT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl")
 # What a loaded quantized linear keeps between forwards (packed_linear.py): nothing (packed codes
 # only, dequantized in every forward), the integer codes minus zero points (one byte per weight),
-# or the dequantized weight (the float model's memory and speed).
-WEIGHT_CACHES: tuple[str, ...] = ("none", "codes", "weight")
+# the dequantized weight (the float model's memory and speed), or the kernel layout in place of
+# the packed codes (about their size; the fused CPU kernel of baq/kernels multiplies by it).
+WEIGHT_CACHES: tuple[str, ...] = ("none", "codes", "weight", "kernel")
 # top tokens per position that the compact base record of an evaluation keeps (eval/divergence.py):
 # 97 % of the KL at 4-bit RTN (docs/RESULTS.md); here, not there, so that the memory estimate,
 # which must not import torch, reads the same number

@@ -63,7 +63,8 @@ def add_cache_arg(p: argparse.ArgumentParser) -> None:
         choices=WEIGHT_CACHES,
         default="codes",
         help="what a saved model's quantized linears keep between forwards: codes (default, one "
-        "byte per weight), weight (float-model memory and speed) or none (least memory, slowest)",
+        "byte per weight), weight (float-model memory and speed), none (least memory, slowest) "
+        "or kernel (the packed size; fused CPU kernel, codes on a GPU)",
     )
 
 

@@ -6,6 +6,7 @@ run can report the size its save will have without writing it (docs/FORMAT.md).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,17 +15,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from baq.config import WEIGHT_CACHES
+from baq.kernels.layout import MAX_LEVELS as KERNEL_MAX_LEVELS
+from baq.kernels.layout import KernelLayout, build_layout
 from baq.quant.gptq import QuantResult
 from baq.quant.grid import Grid, column_params, dequantize_codes
 from baq.saved.packing import (
     PackedCodes,
     layer_nbytes,
     layer_tensors,
+    pack_codes,
     pack_columns,
+    packed_nbytes,
     range_dtype,
     range_groups,
     unpack_sorted,
 )
+
+log = logging.getLogger(__name__)
 
 
 class PackedLinear(nn.Module):
@@ -46,7 +53,15 @@ class PackedLinear(nn.Module):
       128 levels), a quarter of a float32 weight; the forward folds the grid into the input and
       the output instead of dequantizing, equal to the dequantized forward up to float rounding;
     * ``"weight"``: the dequantized weight kept after the first forward, the float layer's
-      memory and speed, bitwise the solver's weight.
+      memory and speed, bitwise the solver's weight;
+    * ``"kernel"``: at the first forward on the CPU the packed codes are rebuilt as the
+      :class:`~baq.kernels.layout.KernelLayout` and the ``codes_<L>`` buffers emptied, so the
+      layer holds about its packed size (the layout is 1.09 to 1.12 times the saved codes), and
+      :func:`baq.kernels.cpu.linear` multiplies by it without a float weight (equal to the
+      dequantized forward up to float32 rounding). Whatever reads the codes (``packed``,
+      ``state_dict``, :meth:`file_tensors`, :meth:`dequantize`) gets them repacked from the
+      layout, byte for byte the saved streams. A layer with more than 256 levels in a column,
+      or an input on another device than the CPU (no GPU kernel exists), runs as ``"codes"``.
 
     Args:
         packed: the codes, grouped by level count.
@@ -55,7 +70,7 @@ class PackedLinear(nn.Module):
         group_size: columns (per IC: rows) per range group, or None.
         sym: symmetric grid (zero point L // 2).
         bias: (rows,) or None.
-        cache: ``"none"``, ``"codes"`` or ``"weight"`` (above).
+        cache: ``"none"``, ``"codes"``, ``"weight"`` or ``"kernel"`` (above).
         dim: ``"oc"`` (ranges per row) or ``"ic"`` (per column; quant/grid.py).
     """
 
@@ -89,16 +104,83 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias)
         self._weight: Tensor | None = None  # cache == "weight"
         self._offsets: OffsetCodes | None = None  # cache == "codes"
+        # cache == "kernel": the layout (in place of the codes_<L> buffers) and float32 ranges
+        self._layout: KernelLayout | None = None
+        self._kernel_ranges: tuple[Tensor, Tensor] | None = None
+        self._fallback_logged = False
         # float tensors elsewhere in the model that hold this layer's dequantized weight (the
         # input embedding tied to a packed head): a save stores them once, as this layer
         self.aliases: list[str] = []
 
     def set_cache(self, cache: str) -> None:
-        """Switch what the layer keeps between forwards (``"none"``, ``"codes"``, ``"weight"``),
-        dropping what the old choice kept; the next forward builds the new one."""
+        """Switch what the layer keeps between forwards (:data:`~baq.config.WEIGHT_CACHES`),
+        dropping what the old choice kept (a kernel layout goes back to packed codes); the next
+        forward builds the new one."""
         if cache not in WEIGHT_CACHES:
             raise ValueError(f"cache={cache!r}: use one of {', '.join(WEIGHT_CACHES)}")
+        self._restore_codes()
         self.cache, self._weight, self._offsets = cache, None, None
+
+    # ------------------------------------------------------------------ the kernel layout
+    def _kernel_fits(self) -> bool:
+        """The layout decodes bytes: at most 256 levels a column (``max_levels`` allows 65536)."""
+        top = int(self.level_classes[:, 0].max())
+        if top <= KERNEL_MAX_LEVELS:
+            return True
+        if not self._fallback_logged:
+            self._fallback_logged = True
+            log.info(
+                "%dx%d layer with %d levels in a column (kernel: at most %d): cache 'kernel' "
+                "runs it as 'codes'",
+                self.out_features, self.in_features, top, KERNEL_MAX_LEVELS,
+            )  # fmt: skip
+        return False
+
+    def _build_layout(self) -> KernelLayout:
+        """Rebuild the codes as the kernel layout and empty the ``codes_<L>`` buffers: the
+        layout replaces them (issue 26: resident memory at about the packed size)."""
+        packed = self.packed
+        codes = packed.unsort(unpack_sorted(packed)).cpu()
+        layout = build_layout(codes, packed.levels().cpu(), self.group_size, self.sym, self.dim)
+        del codes
+        grid = self.grid
+        self._kernel_ranges = (grid.lo.cpu().contiguous(), grid.hi.cpu().contiguous())
+        for L, stream in packed.streams.items():
+            setattr(self, f"codes_{L}", stream.new_empty(0))
+        self._layout = layout
+        return layout
+
+    def _repacked(self) -> dict[int, Tensor]:
+        """The ``codes_<L>`` streams from the layout: the file's bytes (docs/FORMAT.md), since
+        packing is a function of the codes and the stored class order alone."""
+        assert self._layout is not None
+        codes = self._layout.unpack()
+        order = PackedCodes(self.out_features, self.level_classes.cpu(), self.perm, {})
+        device = self.level_classes.device
+        return {
+            L: pack_codes(codes[:, cols.cpu()].reshape(-1), L).to(device)
+            for L, cols in order.columns()
+            if L > 1
+        }
+
+    def _restore_codes(self) -> None:
+        """Put the packed codes back in their buffers and drop the layout."""
+        if self._layout is None:
+            return
+        for L, stream in self._repacked().items():
+            setattr(self, f"codes_{L}", stream)
+        self._layout = self._kernel_ranges = None
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._layout is not None:  # the emptied buffers: their saved bytes, from the layout
+            for L, stream in self._repacked().items():
+                destination[f"{prefix}codes_{L}"] = stream
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        self._restore_codes()  # the buffers at full size again, then loaded as usual
+        self._offsets = self._weight = None
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @classmethod
     def from_quantized(
@@ -122,7 +204,11 @@ class PackedLinear(nn.Module):
 
     @property
     def packed(self) -> PackedCodes:
-        streams = {L: getattr(self, f"codes_{L}") for L, _ in self.level_classes.tolist() if L > 1}
+        if self._layout is not None:
+            streams = self._repacked()
+        else:
+            classes = self.level_classes.tolist()
+            streams = {L: getattr(self, f"codes_{L}") for L, _ in classes if L > 1}
         return PackedCodes(self.out_features, self.level_classes, self.perm, streams)
 
     @property
@@ -142,7 +228,23 @@ class PackedLinear(nn.Module):
     def storage_nbytes(self) -> int:
         """Bytes of the stored tensors: codes, ranges, classes table and permutation."""
         ranges = self.lo_bits.numel() * self.lo_bits.element_size()
-        return self.packed.nbytes() + 2 * ranges
+        tables = [self.level_classes] + ([] if self.perm is None else [self.perm])
+        codes = sum(packed_nbytes(L, n * self.out_features) for L, n in self.level_classes.tolist())
+        return sum(t.numel() * t.element_size() for t in tables) + codes + 2 * ranges
+
+    def resident_nbytes(self) -> int:
+        """Bytes this layer holds now: its buffers and whatever its cache keeps (the layout and
+        its float32 ranges, the offset codes or the dequantized weight)."""
+        held = sum(b.numel() * b.element_size() for b in self.buffers())
+        if self._layout is not None:
+            held += self._layout.nbytes()
+            if self.lo_bits.dtype != torch.int32:  # float32 ranges are views of the buffers
+                held += sum(t.numel() * t.element_size() for t in self._kernel_ranges or ())
+        if self._offsets is not None:
+            held += self._offsets.nbytes()
+        if self._weight is not None:
+            held += self._weight.numel() * self._weight.element_size()
+        return held
 
     @property
     def storage_bits(self) -> float:
@@ -179,7 +281,17 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.cache == "codes":
+        kernel = self.cache == "kernel" and x.device.type == "cpu" and self._kernel_fits()
+        if kernel:
+            from baq.kernels import cpu  # numba, loaded at the first kernel forward only
+
+            layout = self._layout
+            if layout is None:
+                with torch.inference_mode(False), torch.no_grad():
+                    layout = self._build_layout()
+            lo, hi = self._kernel_ranges
+            return cpu.linear(layout, x, lo, hi, bias)
+        if self.cache in ("codes", "kernel"):
             offsets = self._offsets
             if offsets is None or offsets.offsets.device != x.device:
                 with torch.inference_mode(False), torch.no_grad():

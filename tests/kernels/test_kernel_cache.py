@@ -1,0 +1,164 @@
+"""``cache="kernel"`` of PackedLinear (issue 26): a saved folder loads and runs through the fused
+CPU kernel, its layout replaces the packed codes in memory, and whatever reads the codes back
+(state_dict, a new save, dequantize) gets the saved bytes exactly."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from baq import set_cache
+from baq.config import QuantConfig
+from baq.model import blocks
+from baq.quant.gptq import QuantResult
+from baq.quant.grid import fit_grid
+from baq.quant.layer import quantize_layer
+from baq.saved import storage
+from baq.saved.packed_linear import PackedLinear
+from helpers import VOCAB, make_tiny_llama, make_tokenizer
+
+CFGS = {
+    "baq2.5": QuantConfig(allocation="layer", method="baq", bits=2.5),
+    "baq3-g24-sym": QuantConfig(allocation="layer", method="baq", bits=3, group_size=24, sym=True),
+    "gptq3-ic-g16": QuantConfig(method="gptq", bits=3, dim="ic", group_size=16),
+}
+
+
+def quantize_all(model, cfg: QuantConfig) -> dict:
+    """Quantize every decoder linear on a random Hessian (as tests/test_storage.py)."""
+    g = torch.Generator().manual_seed(0)
+    names = {id(m): n for n, m in model.named_modules()}
+    results = {}
+    for block in blocks.decoder_layers(model):
+        for short, mod in blocks.linears(block).items():
+            W = blocks.get_weight(mod)
+            X = torch.randn(W.shape[1], 96, generator=g) * torch.rand(W.shape[1], 1, generator=g)
+            res, _ = quantize_layer(W, 2 * X @ X.T / X.shape[1], cfg)
+            blocks.set_weight(mod, res.weight)
+            results[f"{names[id(block)]}.{short}"] = res
+    return results
+
+
+@pytest.fixture(scope="module", params=sorted(CFGS))
+def folder(request, tmp_path_factory):
+    model = make_tiny_llama()
+    cfg = CFGS[request.param]
+    results = quantize_all(model, cfg)
+    out = tmp_path_factory.mktemp("kernel") / "q"
+    storage.save_quantized(out, model, make_tokenizer(), results, cfg)
+    return out
+
+
+def packed_layers(model) -> dict[str, PackedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def test_kernel_generates_the_weight_cache_tokens(folder):
+    kernel, _ = storage.load_quantized(folder, cache="kernel")
+    weight, _ = storage.load_quantized(folder, cache="weight")
+    x = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b = kernel(x).logits, weight(x).logits
+        # float32 rounding of a different summation order: a few eps of the logits' scale
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+        gen = {
+            name: m.generate(x[:1, :5], max_new_tokens=8, do_sample=False, pad_token_id=2)
+            for name, m in (("kernel", kernel), ("weight", weight))
+        }
+    assert torch.equal(gen["kernel"], gen["weight"])
+    for layer in packed_layers(kernel).values():
+        assert layer._layout is not None, "every layer ran the kernel"
+        codes = [b for n, b in layer.named_buffers() if n.startswith("codes_")]
+        assert codes and all(b.numel() == 0 for b in codes), "the layout replaced the codes"
+        held = sum(b.numel() * b.element_size() for b in layer.buffers())
+        assert layer.resident_nbytes() >= held + layer._layout.nbytes()
+
+
+def test_kernel_model_saves_the_same_bytes(folder, tmp_path):
+    """Loaded with "kernel", run (the codes now live in the layout only), saved again: every
+    tensor of quantized.safetensors byte-identical; state_dict and dequantize as the codes model."""
+    kernel, _ = storage.load_quantized(folder, cache="kernel")
+    codes, _ = storage.load_quantized(folder, cache="codes")
+    x = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        kernel(x)
+    ref_state, got_state = codes.state_dict(), kernel.state_dict()
+    assert sorted(ref_state) == sorted(got_state)
+    for key, t in ref_state.items():
+        assert torch.equal(got_state[key], t), key
+    layers = packed_layers(kernel)
+    for name, layer in packed_layers(codes).items():
+        assert torch.equal(layers[name].dequantize(), layer.dequantize()), name
+        assert layers[name].storage_nbytes == layer.storage_nbytes
+
+    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
+    again = storage.save_packed(tmp_path / "again", kernel, None, layers, qconfig)
+    before = load_file(folder / "quantized.safetensors")
+    after = load_file(again / "quantized.safetensors")
+    assert sorted(before) == sorted(after)
+    for key, t in before.items():
+        assert after[key].dtype == t.dtype and torch.equal(after[key], t), key
+
+
+def test_set_cache_switches_to_and_from_the_kernel(folder):
+    model, _ = storage.load_quantized(folder, cache="codes")
+    x = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = model(x).logits
+        n = set_cache(model, "kernel")
+        assert n == len(packed_layers(model))
+        got = model(x).logits
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+        layer = next(iter(packed_layers(model).values()))
+        full = layer.storage_nbytes
+        set_cache(model, "codes")  # the codes come back into their buffers
+        assert layer._layout is None
+        assert all(b.numel() > 0 for n, b in layer.named_buffers() if n.startswith("codes_"))
+        assert layer.storage_nbytes == full
+        assert torch.equal(model(x).logits, ref)
+
+
+def test_load_state_dict_into_a_kernel_layer():
+    gen = torch.Generator().manual_seed(4)
+    layer = _layer(9, 40, torch.randint(2, 17, (40,), generator=gen), gen)
+    other = _layer(9, 40, layer.packed.levels(), torch.Generator().manual_seed(5))
+    layer.set_cache("kernel")
+    x = torch.randn(3, 40, generator=gen)
+    layer(x)
+    assert layer._layout is not None
+    layer.load_state_dict(other.state_dict())
+    assert layer._layout is None  # rebuilt from the new codes at the next forward
+    torch.testing.assert_close(layer(x), other(x), rtol=0, atol=1e-5)
+    assert torch.equal(layer.dequantize(), other.dequantize())
+
+
+def test_more_than_256_levels_and_non_cpu_inputs_run_as_codes(caplog):
+    gen = torch.Generator().manual_seed(6)
+    levels = torch.tensor([2, 300, 5, 1, 17] * 4)
+    layer = _layer(7, 20, levels, gen)
+    layer.set_cache("kernel")
+    x = torch.randn(2, 20, generator=gen)
+    with caplog.at_level(logging.INFO, logger="baq.saved.packed_linear"):
+        y = layer(x)
+        layer(x)
+    assert layer._layout is None and layer._offsets is not None
+    assert sum("runs it as 'codes'" in r.getMessage() for r in caplog.records) == 1
+    ref = torch.nn.functional.linear(x.double(), layer.dequantize().double())
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5)
+    if torch.cuda.is_available():
+        small = _layer(7, 20, torch.tensor([2, 3, 5, 1, 17] * 4), gen).to("cuda")
+        small.set_cache("kernel")
+        small(x.cuda())
+        assert small._layout is None and small._offsets is not None
+
+
+def _layer(rows: int, cols: int, levels: torch.Tensor, gen: torch.Generator) -> PackedLinear:
+    W = torch.randn(rows, cols, generator=gen)
+    grid = fit_grid(W, group_size=None, sym=False)
+    codes = (torch.rand(rows, cols, generator=gen) * levels).long()
+    res = QuantResult(weight=None, codes=codes, grid=grid, levels=levels, losses=torch.zeros(cols))
+    return PackedLinear.from_quantized(res)
