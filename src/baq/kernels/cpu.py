@@ -46,9 +46,10 @@ from numba import njit, prange
 from torch import Tensor
 
 from baq.kernels.decode import (
+    ROW_TILE,
     decode_rows,
     dot1,
-    dot_tokens,
+    dot_tile,
     geometry,
     zero_point,
     zero_terms,
@@ -59,6 +60,9 @@ from baq.kernels.layout import LANES, PART_WIDTHS, KernelLayout, block_codes
 # (measured on 4096x14336 at 3 bits, 16 tokens: kernel 100 ms, tiles 161 ms; both slower than
 # float32 F.linear, 25 ms: the batched decode is not vectorised yet)
 MAX_KERNEL_TOKENS = 16
+# rows per prange iteration of the fused kernel (a multiple of ROW_TILE): the scratch arrays are
+# allocated once a chunk; 576 rows still give 36 chunks to balance over the threads
+CHUNK_ROWS = 16
 # rows per dequantized tile of the long-input path: 1024 x 14336 float32 is 59 MB
 TILE_ROWS = 1024
 
@@ -72,7 +76,6 @@ def _prepare(x, perm, classes, counts, ic, lo, hi, sym, rgroups, xstart, xlen):
         ``x[j] / (L_j - 1) * 2^offset``; per IC ``x[j] * step[gr, j] * 2^offset`` per row group.
         X: (T, K) float64 per OC: sum of ``x[j] / (L_j - 1)`` over each class.
         zterm: (R, T) float64 per IC: ``sum_j x[j] * step[gr, j] * zero[gr, j]``.
-        base: (4,) start of each part's vector in ``xs``.
     """
     T = x.shape[0]
     K = classes.shape[0]
@@ -135,68 +138,82 @@ def _prepare(x, perm, classes, counts, ic, lo, hi, sym, rgroups, xstart, xlen):
                 if w & 1:
                     cur[0] += 1
         s += classes[c, 2]
-    return xs, X, zterm, base
+    return xs, X, zterm
 
 
 @njit(parallel=True, cache=True)
-def _kernel(S, soff, counts, classes, cstart, ic, rsize, lo, hi, sym, xs, X, zterm, base, y):
-    """``y[t, r]`` for every row (one ``prange`` iteration a row), see the module docstring.
+def _kernel(S, tables, classes, lm1, ic, rsize, lo, hi, sym, xs, X, zterm, y):
+    """``y[t, r]`` for every row, see the module docstring.
+
+    ``prange`` runs over chunks of :data:`CHUNK_ROWS` rows, so the scratch arrays are allocated
+    once a chunk (allocating them per row took most of a small layer's time); each row's result
+    depends on that row alone, so not on the thread count.
 
     Args:
-        S: the layout's streams; soff: (5,) their offsets; counts: (4, Gc) codes per row and group.
-        classes: (K, 3) (group, L, count); cstart: (Gc + 1,) first class of each column group.
+        S: the layout's streams; tables: from :func:`_static` (offsets, counts, geometry).
+        classes: (K, 3) (group, L, count); lm1: (K,) ``L - 1`` in float32.
         ic: per-IC grid; rsize: rows per row group (per IC with groups; else 0).
         lo, hi: the ranges in float32; sym: symmetric grid.
-        xs, X, zterm, base: from :func:`prepare`.
+        xs, X, zterm: from :func:`_prepare`.
         y: (T, rows) float32 output.
     """
+    soff, counts, nrow, goff, xstart, base, cstart, bufn = tables
     T = xs.shape[1]
     rows = y.shape[1]
     ng = counts.shape[1]
-    nrow, goff, xstart, _ = geometry(counts, rows)
-    lm1 = (classes[:, 1] - 1).astype(np.float32)
-    # decode buffer: a group's longest part segment plus a block at each end
-    bufn = 0
-    for k in range(4):
-        for g in range(ng):
-            bufn = max(bufn, counts[k, g] + 2 * 8 * LANES // (1 << k))
-    for r in prange(rows):
-        gr = r // rsize if (ic and rsize > 0) else 0
-        out = np.zeros(T, np.float64)
-        zt = np.zeros(T, np.float64)
-        acc = np.empty((T, LANES), np.float32)
-        accT = np.empty(T, np.float32)
-        buf = np.empty(bufn, np.float32)
-        for g in range(ng):
-            acc[:] = 0.0
-            accT[:] = 0.0
-            for k in range(4):
-                # int64: an int32 count here made LLVM give up vectorising the dot (5x slower)
-                n = np.int64(counts[k, g])
-                if n == 0:
-                    continue
-                start = r * nrow[k] + goff[k, g]
-                xo = base[k] + xstart[k, g]
-                if T == 1:
-                    dot1(S, soff[k], 1 << k, start, n, xs[gr, 0], xo, acc[0])
-                else:
-                    dot_tokens(S, soff[k], 1 << k, start, n, xs[gr], xo, accT, buf)
-            if T > 1:
-                acc[:, 0] += accT  # the T > 1 path sums into accT
-            if ic:
+    nchunk = (rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    for ch in prange(nchunk):
+        r1 = min(rows, (ch + 1) * CHUNK_ROWS)
+        out = np.empty((ROW_TILE, T), np.float64)
+        zt = np.empty(T, np.float64)
+        acc = np.empty((ROW_TILE, LANES), np.float32)
+        accT = np.empty((ROW_TILE, T), np.float32)
+        buf = np.empty((ROW_TILE, bufn), np.float32)
+        rt = ch * CHUNK_ROWS
+        while rt < r1:
+            gr = rt // rsize if (ic and rsize > 0) else 0
+            end = min(r1, rt + ROW_TILE)
+            if ic and rsize > 0:
+                end = min(end, (gr + 1) * rsize)  # a tile shares its row group's input
+            nr = end - rt
+            out[:] = 0.0
+            for g in range(ng):
+                acc[:] = 0.0
+                accT[:] = 0.0
+                for k in range(4):
+                    # int64: an int32 count here made LLVM give up vectorising the dot (5x slower)
+                    n = np.int64(counts[k, g])
+                    if n == 0:
+                        continue
+                    xo = base[k] + xstart[k, g]
+                    start = rt * nrow[k] + goff[k, g]
+                    if T == 1:
+                        for i in range(nr):
+                            sv = start + i * nrow[k]
+                            dot1(S, soff[k], 1 << k, sv, n, xs[gr, 0], xo, acc[i])
+                    else:
+                        dot_tile(S, soff[k], 1 << k, start, nrow[k], nr, n, xs[gr], xo, accT, buf)
+                for i in range(nr):
+                    r = rt + i
+                    if T == 1:
+                        accT[i, 0] = acc[i].sum()
+                    if ic:
+                        for t in range(T):
+                            out[i, t] += np.float64(accT[i, t])
+                    else:
+                        lo_rg = lo[r, g]
+                        span = hi[r, g] - lo[r, g]
+                        zt[:] = 0.0
+                        zero_terms(lo_rg, span, lm1, sym, cstart[g], cstart[g + 1], X, zt)
+                        for t in range(T):
+                            out[i, t] += np.float64(span) * (np.float64(accT[i, t]) - zt[t])
+            for i in range(nr):
                 for t in range(T):
-                    out[t] += np.float64(acc[t].sum())
-            else:
-                lo_rg = lo[r, g]
-                span = hi[r, g] - lo[r, g]
-                zt[:] = 0.0
-                zero_terms(lo_rg, span, lm1, sym, cstart[g], cstart[g + 1], X, zt)
-                for t in range(T):
-                    out[t] += np.float64(span) * (np.float64(acc[t].sum()) - zt[t])
-        for t in range(T):
-            if ic:
-                out[t] -= zterm[gr, t]
-            y[t, r] = np.float32(out[t])
+                    v = out[i, t]
+                    if ic:
+                        v -= zterm[gr, t]
+                    y[t, rt + i] = np.float32(v)
+            rt = end
 
 
 def _class_starts(layout: KernelLayout) -> np.ndarray:
@@ -214,9 +231,20 @@ def _ranges(layout: KernelLayout, lo: Tensor, hi: Tensor) -> tuple[np.ndarray, n
     want = (layout.rows, layout.ngroups) if layout.dim == "oc" else (layout.ngroups, layout.cols)
     if tuple(lo.shape) != want or tuple(hi.shape) != want:
         raise ValueError(f"ranges of shape {tuple(lo.shape)}: expected {want}")
+    if all(_plain_f32(t) for t in (lo, hi)):  # the usual case (PackedLinear keeps them so)
+        return lo.numpy(), hi.numpy()
     return (
         lo.detach().to("cpu", torch.float32).contiguous().numpy(),
         hi.detach().to("cpu", torch.float32).contiguous().numpy(),
+    )
+
+
+def _plain_f32(t: Tensor) -> bool:
+    return (
+        t.dtype == torch.float32
+        and t.device.type == "cpu"
+        and not t.requires_grad
+        and t.is_contiguous()
     )
 
 
@@ -279,16 +307,30 @@ def linear(
 
 
 def _static(layout: KernelLayout) -> tuple:
-    """The numpy views and tables every call needs, computed once per layout (a small layer's
-    product takes tens of microseconds: per-call torch ops showed in its time)."""
+    """The numpy views and tables every call needs, computed once per layout and kept on it (a
+    small layer's product takes tens of microseconds: per-call conversions showed in its time).
+
+    Returns:
+        ``(S, perm, classes, counts, lm1, xstart, xlen, tables)``, ``tables`` the tuple
+        :func:`_kernel` unpacks: stream offsets, per-group counts, codes per row, group offsets,
+        segment starts in the input vector, part bases, first class of each group, and the decode
+        buffer's length (a group's longest part segment plus a block at each end).
+    """
     cached = getattr(layout, "_numpy", None)
     if cached is None:
         counts = layout.counts.numpy()
-        _, _, xstart, xlen = geometry(counts, layout.rows)
-        cached = (
-            layout.streams.numpy(), layout.offsets.numpy(), counts, layout.perm.numpy(),
-            layout.classes.numpy(), _class_starts(layout), xstart, xlen,
+        nrow, goff, xstart, xlen = geometry(counts, layout.rows)
+        base = np.concatenate([[0], np.cumsum(xlen)[:3]]).astype(np.int64)
+        classes = layout.classes.numpy()
+        lm1 = (classes[:, 1] - 1).astype(np.float32)
+        pad = np.array([2 * block_codes(p) for p in PART_WIDTHS]).reshape(4, 1)
+        bufn = int((counts + pad).max()) if counts.size else 0
+        tables = (
+            layout.offsets.numpy(), counts, nrow, goff, xstart, base,
+            _class_starts(layout), bufn,
         )  # fmt: skip
+        cached = (layout.streams.numpy(), layout.perm.numpy(), classes, counts, lm1, xstart,
+                  xlen, tables)  # fmt: skip
         layout._numpy = cached
     return cached
 
@@ -296,18 +338,16 @@ def _static(layout: KernelLayout) -> tuple:
 def fused(layout: KernelLayout, x: np.ndarray, lo: Tensor, hi: Tensor) -> np.ndarray:
     """(T, rows) float32 ``x @ W^T`` by the fused kernel, ``x`` (T, cols) float32 contiguous."""
     lo_n, hi_n = _ranges(layout, lo, hi)
-    S, soff, counts, perm, classes, cstart, xstart, xlen = _static(layout)
+    S, perm, classes, counts, lm1, xstart, xlen, tables = _static(layout)
     ic = layout.dim == "ic"
     rgroups = layout.ngroups if ic else 1
     set_threads()
-    xs, X, zterm, base = _prepare(
+    xs, X, zterm = _prepare(
         x, perm, classes, counts, ic, lo_n, hi_n, layout.sym, rgroups, xstart, xlen
     )
     y = np.empty((x.shape[0], layout.rows), np.float32)
-    _kernel(
-        S, soff, counts, classes, cstart, ic, _row_group_size(layout), lo_n, hi_n, layout.sym,
-        xs, X, zterm, base, y,
-    )  # fmt: skip
+    rsize = _row_group_size(layout)
+    _kernel(S, tables, classes, lm1, ic, rsize, lo_n, hi_n, layout.sym, xs, X, zterm, y)
     return y
 
 

@@ -80,19 +80,42 @@ def decode_segment(S, sbase, p, start, n, buf):
     return start - k0 * B
 
 
+# rows multiplied together by the many-token path: each input vector loaded once serves ROW_TILE
+# rows (the loads, not the multiply-adds, limited the one-row-at-a-time loop)
+ROW_TILE = 4
+
+
 @njit(fastmath=_DOT_MATH, cache=True)
-def dot_tokens(S, sbase, p, start, n, xs, xo, acc, buf):
-    """:func:`dot1` for ``T`` tokens (``xs`` (T, len), ``acc`` (T,)): the segment is decoded
-    once into ``buf``, then one contiguous dot product per token, which LLVM vectorises; fusing
-    the decode into a per-token loop cost a view per token and block (20x slower)."""
-    at = decode_segment(S, sbase, p, start, n, buf)
-    codes = buf[at : at + n]
+def dot_tile(S, sbase, p, start, stride, nr, n, xs, xo, acc, buf):
+    """:func:`dot1` for ``T`` tokens and up to :data:`ROW_TILE` rows: ``acc[i, t] += xs[t, xo:xo
+    + n] . codes of row i`` for the rows whose segments start at ``start + i * stride``, ``i <
+    nr``. Each row's segment is decoded once into ``buf[i]``, then one pass per token multiplies
+    one input vector into four rows' codes (a row past ``nr`` repeats the last, its sums unused).
+    """
+    a0 = decode_segment(S, sbase, p, start, n, buf[0])
+    a1 = decode_segment(S, sbase, p, start + stride * min(1, nr - 1), n, buf[1])
+    a2 = decode_segment(S, sbase, p, start + stride * min(2, nr - 1), n, buf[2])
+    a3 = decode_segment(S, sbase, p, start + stride * min(3, nr - 1), n, buf[3])
+    b0 = buf[0, a0 : a0 + n]
+    b1 = buf[1, a1 : a1 + n]
+    b2 = buf[2, a2 : a2 + n]
+    b3 = buf[3, a3 : a3 + n]
     for t in range(xs.shape[0]):
         xv = xs[t, xo : xo + n]
-        s = np.float32(0.0)
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        s2 = np.float32(0.0)
+        s3 = np.float32(0.0)
         for c in range(n):
-            s += xv[c] * codes[c]
-        acc[t] += s
+            v = xv[c]
+            s0 += v * b0[c]
+            s1 += v * b1[c]
+            s2 += v * b2[c]
+            s3 += v * b3[c]
+        acc[0, t] += s0
+        acc[1, t] += s1
+        acc[2, t] += s2
+        acc[3, t] += s3
 
 
 @njit(cache=True)
