@@ -6,6 +6,7 @@ and leaves nothing half-written; the data-loss cases check the foreign folder by
 """
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -581,3 +582,161 @@ def test_resuming_a_block_with_nan_ranges_is_refused(measured, tiny_model_dir, t
     err = fails(capsys, [*argv, "--resume"])
     assert f"{partial / 'block-00000.safetensors'}: damaged checkpoint block (layer {Q}" in err
     assert not out.exists()
+
+
+# defects 7 and 9: only the files the manifest lists are read, and never through a link
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(saved[0], out)
+    return out
+
+
+def rehash(folder: Path, rel: str | None = None, drop: str | None = None) -> None:
+    """Record ``rel``'s new size and hash in the manifest (or ``drop`` it), as a forger would."""
+    import hashlib
+
+    manifest_path = folder / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    if rel is not None:
+        raw = (folder / rel).read_bytes()
+        data["files"][rel] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    if drop is not None:
+        del data["files"][drop]
+    manifest_path.write_text(json.dumps(data))
+
+
+def test_an_unlisted_generation_config_is_ignored(copy, caplog):
+    caplog.set_level(logging.WARNING, logger="baq")
+    path = copy / "generation_config.json"
+    gen = json.loads(path.read_text())
+    gen["max_length"] = 7
+    path.write_text(json.dumps(gen))
+    rehash(copy, drop="generation_config.json")
+    model, _ = storage.load_quantized(copy)
+    assert model.generation_config.max_length != 7
+    assert "files not in manifest.json ignored: generation_config.json" in caplog.text
+
+
+def test_an_unlisted_tokenizer_is_ignored(saved, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="baq")
+    _, model, results = saved
+    out = tmp_path / "q"
+    storage.save_quantized(out, model, None, results, QuantConfig(method="gptq", bits=3))
+    make_tokenizer().save_pretrained(out)  # added afterwards, not in the manifest
+    loaded, tok = storage.load_quantized(out)
+    assert tok is None
+    assert "tokenizer.json" in caplog.text and "ignored" in caplog.text
+
+
+def test_the_listed_tokenizer_is_loaded_and_named_by_the_folder(saved):
+    _, tok = storage.load_quantized(saved[0])
+    assert tok.get_vocab() == make_tokenizer().get_vocab()
+    assert tok.name_or_path == str(saved[0])
+
+
+@pytest.mark.parametrize("rel", ["model.safetensors", "README.md"])
+def test_a_link_inside_a_saved_folder_is_refused(copy, tmp_path, rel):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(copy / rel, outside / rel)  # the same bytes: the hashes still match
+    (copy / rel).symlink_to(outside / rel)
+    with pytest.raises(StorageError) as info:
+        storage.load_quantized(copy)
+    assert str(info.value) == (
+        f"{copy / rel}: is a symbolic link; a saved folder holds regular files only: copy the "
+        "folder without links (cp -rL) or save it again"
+    )
+
+
+def test_a_readme_linked_to_a_system_file_leaks_nothing(copy, capsys):
+    (copy / "README.md").unlink()
+    (copy / "README.md").symlink_to("/etc/hostname" if Path("/etc/hostname").exists() else "/")
+    err = fails(capsys, ["inspect", copy])
+    assert "is a symbolic link" in err and "bytes" not in err
+
+
+def test_a_linked_manifest_is_refused(copy, tmp_path):
+    shutil.move(copy / "manifest.json", tmp_path / "manifest.json")
+    (copy / "manifest.json").symlink_to(tmp_path / "manifest.json")
+    with pytest.raises(StorageError, match="manifest.json: is a symbolic link"):
+        storage.load_quantized(copy)
+
+
+# defect 8: the model card escapes what it writes
+
+
+EVIL = {
+    "base_model": "evil/x\nlicense: mit\npipeline_tag: <script>alert(1)</script>",
+    "method": "gptq\n- injected\n<img src=x onerror=alert(1)>",
+    "baq_version": "<b>1.0</b> | extra cell",
+    "summary": {"perplexity_after": {"<i>set</i>\n---": 5.0}},
+}
+
+
+def front_matter(card: str) -> list[str]:
+    lines = card.splitlines()
+    assert lines[0] == "---"
+    return lines[1 : lines.index("---", 1)]
+
+
+def test_the_model_card_escapes_what_it_writes():
+    from baq.saved.model_card import model_card
+
+    card = model_card({"bits": 3, **EVIL})
+    assert front_matter(card) == [
+        "library_name: transformers",
+        "tags:",
+        "- baq",
+        "- quantized",
+        "- unknown",
+    ]
+    for bad in ("<script", "<img", "<b>", "<i>", "license", "injected\n"):
+        assert bad not in card, bad
+    assert "| baq version | &lt;b&gt;1.0&lt;/b&gt; &#124; extra cell |" in card
+    good = model_card({"bits": 3, "method": "gptq", "base_model": "org/model-1.5B"})
+    assert front_matter(good)[:2] == [
+        "base_model: org/model-1.5B",
+        "base_model_relation: quantized",
+    ]
+
+
+def test_a_save_pretrained_round_trip_adds_no_fields_or_html(copy, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    before = front_matter((copy / "README.md").read_text())
+    config = json.loads((copy / "config.json").read_text())
+    config["quantization_config"].update(
+        base_model=EVIL["base_model"], baq_version=EVIL["baq_version"]
+    )
+    (copy / "config.json").write_text(json.dumps(config))
+    rehash(copy, "config.json")
+    model = AutoModelForCausalLM.from_pretrained(copy, device_map="cpu")
+    model.save_pretrained(tmp_path / "again")
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert front_matter(card) == before
+    for bad in ("<script", "<b>", "license", "pipeline_tag"):
+        assert bad not in card, bad
+
+
+# defect 10 (part): layer metadata types
+
+
+def test_sym_as_a_string_is_a_type_error(copy):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = copy / "quantized.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    layers = json.loads(meta["layers"])
+    first = next(iter(layers))
+    layers[first]["sym"] = "false"
+    meta["layers"] = json.dumps(layers)
+    save_file(tensors, str(path), metadata=meta)
+    rehash(copy, "quantized.safetensors")
+    with pytest.raises(StorageError, match=f"layer {first}: sym 'false' is not true or false"):
+        storage.load_quantized(copy)

@@ -22,6 +22,7 @@ from baq.config import WEIGHT_CACHES
 from baq.errors import one_line
 from baq.model import blocks, loader
 from baq.saved.manifest import (
+    CARD_FILE,
     CONFIG_FILE,
     DENSE_FILE,
     MANIFEST_FILE,
@@ -36,6 +37,9 @@ from baq.saved.manifest import (
 )
 from baq.saved.packed_linear import PackedLinear
 from baq.saved.packing import range_groups, read_layer
+
+# any of these listed makes a folder have a tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _load_tensors(path: Path) -> dict[str, Tensor]:
@@ -129,10 +133,11 @@ def load_quantized(
     for key, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.device.type == "meta":
             raise StorageError(f"{root / DENSE_FILE}: tensor {key} is missing")
-    _load_generation_config(model, root)
+    listed = set(manifest["files"])
+    _load_generation_config(model, root, listed)
     model.eval()
     model.to(device)
-    return model, _load_tokenizer(root)
+    return model, _load_tokenizer(root, listed)
 
 
 def packed_layers_meta(root: Path) -> dict[str, dict]:
@@ -249,24 +254,44 @@ def _tie(model: nn.Module, alias: str, stored: str, root: Path) -> None:
         raise StorageError(f"{root / MANIFEST_FILE}: cannot tie {alias} to {stored}") from err
 
 
-def _load_generation_config(model: nn.Module, root: Path) -> None:
-    if not (root / "generation_config.json").is_file():
+GENERATION_FILE = "generation_config.json"
+# files of a folder that are not the tokenizer's (what the manifest lists besides it)
+NOT_TOKENIZER = {CONFIG_FILE, DENSE_FILE, QUANTIZED_FILE, GENERATION_FILE, CARD_FILE}
+
+
+def _load_generation_config(model: nn.Module, root: Path, listed: set[str]) -> None:
+    """The generation config, if the manifest lists it (an unlisted file is ignored)."""
+    if GENERATION_FILE not in listed:
         return
     from transformers import GenerationConfig
 
     try:
         model.generation_config = GenerationConfig.from_pretrained(root)
     except Exception as err:
-        raise StorageError(f"{root / 'generation_config.json'}: {one_line(err)}") from err
+        raise StorageError(f"{root / GENERATION_FILE}: {one_line(err)}") from err
 
 
-def _load_tokenizer(root: Path) -> Any:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((root / n).is_file() for n in names):
+def _load_tokenizer(root: Path, listed: set[str]) -> Any:
+    """The tokenizer from the files the manifest lists, and only those.
+
+    transformers reads whatever tokenizer files a folder holds; the listed ones (checked by the
+    manifest) are copied into a temp folder with ``config.json`` and loaded from there, so an
+    unlisted ``tokenizer.json`` or ``tokenizer_config.json`` is ignored, as the log says.
+    """
+    import shutil
+    import tempfile
+
+    names = sorted(rel for rel in listed if rel not in NOT_TOKENIZER and "/" not in rel)
+    if not any(n in names for n in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(root)
-    except Exception as err:
-        raise StorageError(f"{root}: cannot load the tokenizer ({one_line(err)})") from err
+    with tempfile.TemporaryDirectory(prefix="baq-tokenizer-") as tmp:
+        for rel in [*names, CONFIG_FILE]:
+            shutil.copyfile(root / rel, Path(tmp) / rel, follow_symlinks=False)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+        except Exception as err:
+            raise StorageError(f"{root}: cannot load the tokenizer ({one_line(err)})") from err
+    tokenizer.name_or_path = str(root)  # where it came from, not the temp copy
+    return tokenizer

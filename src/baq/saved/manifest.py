@@ -181,6 +181,7 @@ def verify_manifest(path: str | os.PathLike) -> dict:
     root = Path(path)
     if not root.is_dir():
         raise StorageError(f"{root}: no such folder")
+    check_regular(root, MANIFEST_FILE)
     manifest = read_json(root / MANIFEST_FILE, "not a baq model folder, or an interrupted save")
     check_version(
         root / MANIFEST_FILE, manifest.get("format"), manifest.get("format_version"), "format"
@@ -196,6 +197,7 @@ def verify_manifest(path: str | os.PathLike) -> dict:
         file = root / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(entry, dict):
             raise StorageError(f"{root / MANIFEST_FILE}: bad entry for {rel!r}")
+        check_regular(root, rel)
         if not file.is_file():
             raise StorageError(f"{file}: missing (listed in {MANIFEST_FILE})")
         size = file.stat().st_size
@@ -214,6 +216,21 @@ def verify_manifest(path: str | os.PathLike) -> dict:
             "%s: files not in %s ignored: %s", root, MANIFEST_FILE, ", ".join(sorted(extra))
         )
     return manifest
+
+
+def check_regular(root: Path, rel: str) -> None:
+    """A file of a saved folder is a regular file (or missing) reached through real folders:
+    a symbolic link, even one pointing inside the folder, is refused before it is opened."""
+    parts = Path(rel).parts
+    path = root
+    for i, part in enumerate(parts):
+        path = path / part
+        kind = path_kind(path)
+        if kind == "a symbolic link" or (kind is not None and i == len(parts) - 1):
+            raise StorageError(
+                f"{path}: is {kind}; a saved folder holds regular files only: copy the folder "
+                "without links (cp -rL) or save it again"
+            )
 
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[int], int]]]:
@@ -246,22 +263,31 @@ def layers_meta(path: Path, meta: dict[str, str]) -> dict[str, dict]:
     try:
         layers = json.loads(meta["layers"])
         for name, m in layers.items():
-            rows, cols = (int(x) for x in m["shape"])
+            rows, cols = m["shape"]
             gs = m["group_size"]
-            if rows < 1 or cols < 1 or not (gs is None or int(gs) >= 1):
-                raise ValueError(f"layer {name}: bad shape or group_size")
+            if not (is_int(rows) and is_int(cols) and rows >= 1 and cols >= 1):
+                raise ValueError(f"layer {name}: shape {m['shape']!r} is not two positive ints")
+            if not (gs is None or (is_int(gs) and gs >= 1)):
+                raise ValueError(f"layer {name}: group_size {gs!r} is not a positive int or null")
+            if not isinstance(m["sym"], bool):
+                raise ValueError(f"layer {name}: sym {m['sym']!r} is not true or false")
             dim = m.get("dim", "oc")
             if dim not in ("oc", "ic") or (dim == "ic" and version < 2):
                 raise ValueError(f"layer {name}: dim {dim!r} (format version {version})")
             m.update(
                 shape=(rows, cols),
-                group_size=None if gs is None else int(gs),
-                sym=bool(m["sym"]),
+                group_size=gs,
+                sym=m["sym"],
                 dim=dim,
             )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise StorageError(f"{path}: bad 'layers' metadata ({one_line(err)})") from err
     return layers
+
+
+def is_int(value: Any) -> bool:
+    """A JSON integer (not a bool, not a float or a string of digits)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def int_or(value: Any) -> Any:

