@@ -740,3 +740,37 @@ def test_sym_as_a_string_is_a_type_error(copy):
     rehash(copy, "quantized.safetensors")
     with pytest.raises(StorageError, match=f"layer {first}: sym 'false' is not true or false"):
         storage.load_quantized(copy)
+
+
+# defect 10: smaller ones
+
+
+def test_a_huge_group_size_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["quantize", tiny_model_dir, "--group-size", "99999999999999999999", "--output", out]
+    err = fails(capsys, [*argv, *QUICK])
+    assert err.startswith("baq: error: --group-size=99999999999999999999: use a positive integer")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_second_run_on_one_output_is_told_another_run_holds_it(
+    resume, tiny_model_dir, tmp_path, no_model_load, capsys
+):
+    from baq.run.checkpoint import hold, partial_dir, write_json
+
+    out = tmp_path / "out"
+    partial = partial_dir(out)
+    partial.mkdir()
+    write_json(partial / "run.json", {"version": 1})
+    fd = hold(partial)  # the first run, still working
+    try:
+        argv = ["quantize", tiny_model_dir, "--output", out, *QUICK]
+        err = fails(capsys, argv + (["--resume"] if resume else []))
+    finally:
+        os.close(fd)
+    assert err == (
+        f"baq: error: {partial}: another baq run is writing this output now; wait for it to "
+        "finish, or choose another --output"
+    )
+    assert sorted(p.name for p in partial.iterdir()) == ["run.json"]

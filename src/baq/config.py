@@ -18,6 +18,8 @@ SENSITIVITIES: tuple[str, ...] = ("measured", "analytic")
 # BAQ's allocation scope: each layer its own budget (the paper), or one budget for the model
 ALLOCATIONS: tuple[str, ...] = ("layer", "model")
 # estimators of a layer's importance beta_l for the model-level allocation (importance.py)
+# the largest --group-size: an int32, which every tensor op and file field holds
+MAX_GROUP_SIZE = 2**31 - 1
 IMPORTANCES: tuple[str, ...] = ("fisher", "noise")
 RANGE_DTYPES: tuple[str, ...] = ("float16", "float32")  # grid ranges (quant/grid.py)
 # grid dimension (quant/grid.py): per output channel (a row's range), per input channel (a
@@ -125,8 +127,11 @@ class QuantConfig:
                 f"(at most log2({self.max_levels}) = {top:g} bits per column): lower --bits to "
                 f"{top:g} or raise --max-levels to {2 ** math.ceil(self.bits)}"
             )
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size={self.group_size}: use a positive integer, e.g. 128")
+        if self.group_size is not None and not 1 <= self.group_size <= MAX_GROUP_SIZE:
+            raise ValueError(
+                f"group_size={self.group_size}: use a positive integer up to {MAX_GROUP_SIZE}, "
+                "e.g. 128 (a group as large as the layer is one range per row)"
+            )
         if not 0.0 < self.percdamp < 1.0:
             raise ValueError(f"percdamp={self.percdamp}: use a value in (0, 1), e.g. 0.01")
         if self.block_size < 1:

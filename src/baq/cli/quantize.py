@@ -295,6 +295,7 @@ def check_resume(args: argparse.Namespace, cfg: QuantConfig) -> None:
             raise UsageError("--resume continues a checkpoint of --output DIR: add --output")
         return
     partial = partial_dir(args.output)
+    checkpoint.check_not_held(partial)  # another run writing this output now
     if args.resume and not (partial / RUN_FILE).is_file():
         raise UsageError(f"--resume: no checkpoint at {partial}; run without --resume")
     if args.resume:  # settings can be compared now; model and data once they are loaded

@@ -18,6 +18,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -136,6 +137,38 @@ def check_settings(folder: str | os.PathLike, config: dict[str, Any]) -> None:
     _refuse_differences(Path(folder), {"config": old.get("config")}, {"config": new})
 
 
+def _another_run(folder: Path) -> ValueError:
+    return ValueError(
+        f"{folder}: another baq run is writing this output now; wait for it to finish, or "
+        "choose another --output"
+    )
+
+
+def hold(folder: Path) -> int:
+    """Take the exclusive lock (``flock``) on a checkpoint folder for this process: a second run
+    on the same output is told another run holds it. Released when the process ends.
+
+    Returns:
+        The folder's open descriptor (closing it releases the lock).
+    Raises:
+        ValueError: another process holds the lock.
+    """
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise _another_run(folder) from None
+    return fd
+
+
+def check_not_held(folder: str | os.PathLike) -> None:
+    """Refuse (``ValueError``) when another run holds ``folder``'s lock; nothing is kept."""
+    folder = Path(folder)
+    if folder.is_dir() and not folder.is_symlink():
+        os.close(hold(folder))
+
+
 class Checkpoint:
     """The ``DIR.partial`` folder of one run.
 
@@ -148,6 +181,7 @@ class Checkpoint:
         self.folder = Path(folder)
         self.fingerprint = fingerprint
         self.created = False  # this run made the folder (open without resume)
+        self._lock: int | None = None  # the folder's descriptor, flocked while this run works
 
     def open(self, resume: bool) -> int:
         """Start a new checkpoint, or (``resume``) check and reuse the existing one.
@@ -160,17 +194,21 @@ class Checkpoint:
         """
         run_file = self.folder / RUN_FILE
         if not resume:
-            if self.folder.exists():
+            try:
+                self.folder.mkdir(parents=True)
+            except FileExistsError:
+                check_not_held(self.folder)
                 raise ValueError(
                     f"{self.folder} holds an interrupted run: add --resume to continue it, "
                     "or delete the folder to start over"
-                )
-            self.folder.mkdir(parents=True)
+                ) from None
             self.created = True
+            self._lock = hold(self.folder)
             write_json(run_file, self.fingerprint)
             return 0
         if not run_file.is_file():
             raise ValueError(f"--resume: no checkpoint at {self.folder}; run without --resume")
+        self._lock = hold(self.folder)
         _refuse_differences(self.folder, _read_run(self.folder), self.fingerprint)
         done = 0
         while (self.folder / f"block-{done:05d}.json").is_file():
@@ -231,8 +269,17 @@ class Checkpoint:
             self.remove()
 
     def remove(self) -> None:
-        """Delete the folder once the final save has landed."""
+        """Delete the folder once the final save has landed (and let its lock go)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        """Let the folder's lock go (also when this object is collected after a failed run)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    __del__ = release
 
 
 def _tuple_shape(key: str, value: Any) -> Any:
