@@ -61,8 +61,8 @@ def _on_meta(block):
 def test_can_load_lazily(tiny_model_dir, sharded_dir, tmp_path):
     assert lazy.can_load_lazily(tiny_model_dir)
     assert lazy.can_load_lazily(str(sharded_dir))
-    assert not lazy.can_load_lazily(None)
-    assert not lazy.can_load_lazily(tiny_model_dir, gguf_file="model.gguf")
+    assert lazy.can_load_lazily(None)  # the reference model's GGUF (tests/model/test_lazy_gguf.py)
+    assert not lazy.can_load_lazily(tiny_model_dir, gguf_file="model.gguf")  # no such file
     assert not lazy.can_load_lazily(str(tmp_path / "model.gguf"))
     assert not lazy.can_load_lazily("HuggingFaceTB/SmolLM2-135M")
     (tmp_path / "config.json").write_text("{}")

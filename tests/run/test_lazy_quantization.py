@@ -166,11 +166,10 @@ def test_pipeline_with_a_loader_keeps_compact_results(setup, tmp_path):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda d: str(d / "model.gguf"), "is a GGUF file"),
         (lambda d: "some-org/some-model", "is not a local folder"),
         (lambda d: str(d / "bin"), "only .bin"),
     ],
-    ids=["gguf", "hub", "bin"],
+    ids=["hub", "bin"],  # GGUF files are read lazily (tests/model/test_lazy_gguf.py)
 )
 def test_lazy_refuses_what_loads_whole(make, message, tmp_path, monkeypatch, capsys):
     def boom(*a, **k):

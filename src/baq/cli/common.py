@@ -100,10 +100,10 @@ def lazy_problem(model: str | None, gguf_file: str | None) -> str | None:
     if can_load_lazily(model, gguf_file):
         return None
     if model is None:
-        return "the reference model is a GGUF file"
+        return None  # the reference model is missing: the load says how to install it
     path = Path(model).expanduser()
-    if gguf_file is not None or model.endswith(".gguf"):
-        return f"{model} is a GGUF file"
+    if model.endswith(".gguf") and gguf_file is None:
+        return None  # a missing or broken file: the model checks name it
     if not path.exists():
         return f"{model} is not a local folder"
     if path.is_dir() and (path / "config.json").is_file():
@@ -112,11 +112,12 @@ def lazy_problem(model: str | None, gguf_file: str | None) -> str | None:
 
 
 def check_lazy(args: argparse.Namespace) -> None:
-    """``--lazy`` needs a local folder with safetensors weights; anything else loads whole."""
+    """``--lazy`` needs a local folder with safetensors weights or a local GGUF file; anything
+    else loads whole."""
     problem = lazy_problem(args.model, args.gguf_file) if args.lazy else None
     if problem is not None:
         raise UsageError(
-            f"--lazy: {problem}; GGUF files, hub ids and .bin checkpoints load whole. Save "
+            f"--lazy: {problem}; hub ids and .bin checkpoints load whole. Save "
             "the model as a folder (model.save_pretrained(FOLDER) and "
             "tokenizer.save_pretrained(FOLDER) write safetensors) and pass FOLDER, or drop --lazy"
         )
@@ -132,7 +133,7 @@ def load_lazy(args: argparse.Namespace):
 
     t = time.perf_counter()
     try:
-        model, tok, loader = lazy.open_lazy(args.model, args.dtype)
+        model, tok, loader = lazy.open_lazy(args.model, args.dtype, gguf_file=args.gguf_file)
     except lazy.LazyLoadUnsupported as err:
         log.warning("--lazy: %s; loading the whole model instead", one_line(err))
         model, tok = load(args)

@@ -13,8 +13,9 @@ On the CPU, with no dtype cast, safetensors hands out tensors that view a privat
 write) mapping of the file: pages count as resident only once touched, writes never reach the
 file, and the mapping goes away with the last tensor read in the same ``load_block`` call.
 
-Only local folders written by ``save_pretrained`` with safetensors weights (``model.safetensors``
-or shards listed in ``model.safetensors.index.json``) qualify; ``can_load_lazily`` says whether
+Local folders written by ``save_pretrained`` with safetensors weights (``model.safetensors``
+or shards listed in ``model.safetensors.index.json``) qualify, and local GGUF files, whose blocks
+are dequantized when read (:mod:`baq.model.lazy_gguf`); ``can_load_lazily`` says whether
 a model argument does, and ``open_lazy`` raises :class:`LazyLoadUnsupported` (before reading any
 weight) when the checkpoint's names or shapes do not match the model, so that callers can fall
 back to ``baq.model.loader.load_model``.
@@ -49,6 +50,7 @@ from baq.model.checkpoint_map import (
     map_checkpoint,
     split_name,
 )
+from baq.model.lazy_gguf import GgufTensors, gguf_location
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +81,18 @@ def trim_heap() -> None:
 
 
 def can_load_lazily(name_or_path: str | os.PathLike | None, gguf_file: str | None = None) -> bool:
-    """Whether a model argument names a local folder that ``open_lazy`` can read.
+    """Whether a model argument names a local checkpoint that ``open_lazy`` can read.
 
     True for a folder with ``config.json`` and ``model.safetensors`` or
-    ``model.safetensors.index.json``. False for None (the GGUF reference model), GGUF files,
-    hub ids, and folders with ``.bin`` weights only. Cheap: it only looks at file names.
-    ``open_lazy`` may still raise :class:`LazyLoadUnsupported` (checkpoint names that need
-    transformers' key conversions, remote code): fall back to the full load then.
+    ``model.safetensors.index.json``, and for a local GGUF file (a ``.gguf`` path, a folder
+    with ``gguf_file``, or None: the reference model). False for hub ids and folders with
+    ``.bin`` weights only. Cheap: it only looks at file names. ``open_lazy`` may still raise
+    :class:`LazyLoadUnsupported` (checkpoint names that need transformers' key conversions,
+    remote code, GGUF architectures whose tensors are renamed while loading): fall back to the
+    full load then.
     """
+    if gguf_location(name_or_path, gguf_file) is not None:
+        return True
     if name_or_path is None or gguf_file is not None or str(name_or_path).endswith(".gguf"):
         return False
     folder = Path(name_or_path).expanduser()
@@ -102,8 +108,10 @@ class LazyLoader:
         model: the model; outside the blocks everything is real (on the CPU).
         blocks: its decoder blocks (``baq.model.blocks.decoder_layers``).
         prefix: the blocks' name in the model with a trailing dot, e.g. ``"model.layers."``.
-        folder: the checkpoint folder.
+        folder: the checkpoint folder (the file, for a GGUF).
         dtype: the model's dtype.
+
+    ``source`` reads slots instead of ``safetensors`` (a :class:`GgufTensors`' ``read``).
     """
 
     def __init__(
@@ -113,8 +121,10 @@ class LazyLoader:
         prefix: str,
         resident: list[Slot],
         per_block: list[list[Slot]],
+        source: Callable[[list[Slot], torch.device], dict[int, Tensor]] | None = None,
     ) -> None:
         self.model = model
+        self._source = source
         self.folder = folder
         self.prefix = prefix
         self.blocks = blocks.decoder_layers(model)
@@ -294,6 +304,8 @@ class LazyLoader:
 
     def _read(self, slots: list[Slot], device: torch.device) -> dict[int, Tensor]:
         """Read ``slots`` from disk, one ``safe_open`` per file, closed right after (unmapped)."""
+        if self._source is not None:
+            return self._source(slots, device)
         from safetensors import safe_open
 
         by_file: dict[Path, list[Slot]] = defaultdict(list)
@@ -335,15 +347,20 @@ def _load_generation_config(model: PreTrainedModel, folder: Path) -> None:
 
 
 def open_lazy(
-    name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto", tokenizer: bool = True
+    name_or_path: str | os.PathLike | None,
+    dtype: str | torch.dtype = "auto",
+    tokenizer: bool = True,
+    gguf_file: str | None = None,
 ) -> tuple[PreTrainedModel, Any, LazyLoader]:
-    """Open a local safetensors checkpoint with its decoder blocks left on disk.
+    """Open a local safetensors checkpoint or GGUF file with its decoder blocks left on disk.
 
     Args:
-        name_or_path: a folder for which :func:`can_load_lazily` is True.
+        name_or_path: a folder or ``.gguf`` file for which :func:`can_load_lazily` is True
+            (None: the reference model's GGUF).
         dtype: ``auto`` (the checkpoint's dtype, as ``from_pretrained`` picks it), ``float32``,
             ``bfloat16``, ``float16`` or a ``torch.dtype``. Floating tensors are cast to it.
         tokenizer: also load the tokenizer (else None is returned in its place).
+        gguf_file: a GGUF file name inside the ``name_or_path`` folder.
     Returns:
         ``(model, tokenizer, loader)``: the model is in eval mode with ``config.use_cache``
         False, everything outside the decoder blocks on the CPU with the values a full load
@@ -353,31 +370,24 @@ def open_lazy(
         LazyLoadUnsupported: the folder or its checkpoint does not qualify; nothing was read
             beyond config and headers, and a full load is the fallback.
     """
-    if not can_load_lazily(name_or_path):
+    if not can_load_lazily(name_or_path, gguf_file):
         raise LazyLoadUnsupported(
-            f"{name_or_path} is not a local folder with config.json and safetensors weights"
+            f"{name_or_path} is not a local folder with config.json and safetensors weights, "
+            "nor a local GGUF file"
         )
     from accelerate import init_empty_weights
 
-    folder = Path(name_or_path).expanduser()
+    gguf = gguf_location(name_or_path, gguf_file)
+    folder = Path(gguf[0] if gguf else name_or_path).expanduser()  # type: ignore[arg-type]
     requested = models.resolve_dtype(dtype) if isinstance(dtype, str) else dtype
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except Exception as err:
-        raise ValueError(f"cannot read the config of {folder}: {one_line(err)}") from err
-    ckpt = checkpoint_tensors(folder)
-    model_dtype = main_dtype(requested, config, ckpt)
-    tok = None
-    if tokenizer:
-        try:
-            tok = AutoTokenizer.from_pretrained(folder)
-        except Exception as err:
-            fix = ""
-            if not models.has_tokenizer_files(folder):
-                fix = "; save one next to the model with tokenizer.save_pretrained(folder)"
-            raise ValueError(
-                f"cannot load the tokenizer of {folder}: {one_line(err)}{fix}"
-            ) from err
+    if gguf is not None:  # config and tokenizer as from_pretrained(folder, gguf_file=...)
+        config = models.load_config(*gguf)
+        tok = models.load_tokenizer(*gguf) if tokenizer else None
+        # from_pretrained's "auto" for a GGUF: the config's dtype, else the default (float32)
+        model_dtype = main_dtype(requested, config, {})
+    else:
+        config, tok, ckpt = _folder_config(folder, tokenizer)
+        model_dtype = main_dtype(requested, config, ckpt)
     config._name_or_path = str(folder)
     try:
         # parameters on meta; buffers (rotary inv_freq, masks) are built for real
@@ -391,15 +401,20 @@ def open_lazy(
     prefix = next((f"{name}." for name, mod in model.named_modules() if mod is layers), None)
     if prefix is None:
         raise LazyLoadUnsupported("decoder blocks are not a submodule of the model")
+    source = None
+    if gguf is not None:
+        gguf_tensors = GgufTensors(folder / gguf[1], model, model_dtype)
+        ckpt, source, folder = gguf_tensors.checkpoint(), gguf_tensors.read, folder / gguf[1]
     resident, per_block = map_checkpoint(model, ckpt, model_dtype, prefix, len(layers))
-    loader = LazyLoader(model, folder, prefix, resident, per_block)
+    loader = LazyLoader(model, folder, prefix, resident, per_block, source)
     # persistent buffers of the blocks that the checkpoint holds wait on meta like parameters
     for slots in per_block:
         for slot in slots:
             if not slot.is_param:
                 loader._set(slot, torch.empty(slot.shape, dtype=slot.dtype, device="meta"))
     loader._materialise(resident, torch.device("cpu"))
-    _load_generation_config(model, folder)
+    if gguf is None:  # from_pretrained reads no generation_config.json next to a GGUF
+        _load_generation_config(model, folder)
     model.eval()
     model.config.use_cache = False
     log.info(
@@ -410,3 +425,24 @@ def open_lazy(
         (loader.block_nbytes(0) if len(loader) else 0) / 2**20,
     )
     return model, tok, loader
+
+
+def _folder_config(folder: Path, tokenizer: bool) -> tuple[Any, Any, dict]:
+    """Config, tokenizer (or None) and safetensors headers of a checkpoint folder."""
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as err:
+        raise ValueError(f"cannot read the config of {folder}: {one_line(err)}") from err
+    ckpt = checkpoint_tensors(folder)
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(folder)
+        except Exception as err:
+            fix = ""
+            if not models.has_tokenizer_files(folder):
+                fix = "; save one next to the model with tokenizer.save_pretrained(folder)"
+            raise ValueError(
+                f"cannot load the tokenizer of {folder}: {one_line(err)}{fix}"
+            ) from err
+    return config, tok, ckpt
