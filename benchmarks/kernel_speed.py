@@ -4,7 +4,9 @@ For every shape (rows x cols = out x in), nominal bits and token count: the medi
 
 * ``fp32``: ``F.linear`` with a float32 weight; ``bf16``: with a bfloat16 weight and input;
 * ``codes``: today's ``PackedLinear(cache="codes")`` (an int8 per weight, baq/saved);
-* ``kernel``: ``baq.kernels.cpu.linear`` on the layer's runtime layout;
+* ``kernel``: ``baq.kernels.cpu.linear`` on the layer's runtime layout (float32 ranges, as
+  PackedLinear keeps them);
+* ``module``: ``PackedLinear(cache="kernel")``, the same kernel through the module's forward;
 
 with the effective bandwidth of each (the bytes its weight takes, read once per product, over the
 time) and, measured in the same process, a STREAM-like copy bandwidth (two 512 MiB float32 arrays:
@@ -123,6 +125,8 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
     layer = PackedLinear(packed, grid.lo, grid.hi, grid.group_size, False, cache="codes")
     layout = build_layout(codes, levels, grid.group_size, False)
     lo16, hi16 = grid.lo.half(), grid.hi.half()
+    lo32, hi32 = lo16.float(), hi16.float()  # the float16 ranges of a save, as the module keeps
+    klayer = PackedLinear(packed, lo16, hi16, grid.group_size, False, cache="kernel")
     saved = layer_nbytes(rows, grid.lo.shape[1], levels)
     ceiling = layout.streams.numel() + layout.perm.numel() * layout.perm.element_size()
     Wf = layer.dequantize()
@@ -135,11 +139,13 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
         xb = x.bfloat16()
         with torch.inference_mode():
             layer(x)  # builds the codes cache outside the timing
+            klayer(x)  # and the module's layout
             t = {
                 "fp32": timeit(lambda x=x: F.linear(x, Wf), args.repeat),
                 "bf16": timeit(lambda xb=xb: F.linear(xb, Wb), args.repeat),
                 "codes": timeit(lambda x=x: layer(x), args.repeat),
-                "kernel": timeit(lambda x=x: cpu.linear(layout, x, lo16, hi16), args.repeat),
+                "kernel": timeit(lambda x=x: cpu.linear(layout, x, lo32, hi32), args.repeat),
+                "module": timeit(lambda x=x: klayer(x), args.repeat),
             }
         row = {
             "shape": [rows, cols],
@@ -152,6 +158,7 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
                 "bf16": Wb.nbytes,
                 "codes": layer._offsets.nbytes(),
                 "kernel": layout.nbytes() + 2 * lo16.nbytes,
+                "module": klayer.resident_nbytes(),
                 "saved": saved,
             },
             "layout_over_saved": (layout.nbytes() + 2 * lo16.nbytes) / saved,
@@ -170,8 +177,9 @@ def _line(row, llama) -> str:
         f"{rows}x{cols}",
         str(row["bits"]),
         str(row["tokens"]),
-        *(f"{t[k] * 1e6:.0f}" for k in ("fp32", "bf16", "codes", "kernel")),
+        *(f"{t[k] * 1e6:.0f}" for k in ("fp32", "bf16", "codes", "kernel", "module")),
         f"{t['fp32'] / t['kernel']:.2f}",
+        f"{t['codes'] / t['module']:.2f}",
         f"{gbs['kernel']:.1f}",
         f"{row['layout_over_saved']:.3f}",
     ]
@@ -182,9 +190,9 @@ def _line(row, llama) -> str:
 
 
 HEADER = (
-    "| layer (out x in) | bits | tokens | fp32 us | bf16 us | codes us | kernel us | "
-    "fp32 / kernel | kernel GB/s | layout / saved | llama Q2_K us | Q3_K us | Q4_K us | "
-    "Q4_0 us |\n|" + "---|" * 14
+    "| layer (out x in) | bits | tokens | fp32 us | bf16 us | codes us | kernel us | module us | "
+    "fp32 / kernel | codes / module | kernel GB/s | layout / saved | llama Q2_K us | Q3_K us | "
+    "Q4_K us | Q4_0 us |\n|" + "---|" * 16
 )
 
 
