@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from baq.cli import build_parser, main
-from conftest import corpus, make_tiny_llama, make_tokenizer
+from helpers import corpus, make_tiny_llama, make_tokenizer
 
 
 @pytest.fixture

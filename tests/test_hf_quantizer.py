@@ -15,7 +15,7 @@ from baq.config import QuantConfig
 from baq.saved import storage
 from baq.saved.packed_linear import PackedLinear
 from baq.saved.storage import StorageError
-from conftest import make_tiny_llama, make_tokenizer
+from helpers import make_tiny_llama, make_tokenizer
 from test_storage import _rehash, ids, make_tiny_gpt2, quantize_all
 
 transformers = pytest.importorskip("transformers")

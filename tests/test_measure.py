@@ -10,7 +10,7 @@ import torch
 from baq.cli import main
 from baq.config import QuantConfig
 from baq.run import allocation, measure
-from conftest import corpus, make_tiny_llama
+from helpers import corpus, make_tiny_llama
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from baq.cli import main
-from conftest import corpus, make_tiny_llama, make_tokenizer
+from helpers import corpus, make_tiny_llama, make_tokenizer
 
 # the child quantizes with the real CLI and SIGKILLs itself right after checkpointing block 1
 KILLER = """

@@ -14,7 +14,7 @@ from baq.quant.grid import nominal_bits
 from baq.quant.layer import quantize_layer
 from baq.saved import storage
 from baq.saved.storage import PackedLinear, StorageError
-from conftest import VOCAB, make_tiny_llama, make_tokenizer
+from helpers import VOCAB, make_tiny_llama, make_tokenizer
 
 
 def make_tiny_gpt2():

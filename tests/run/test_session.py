@@ -57,13 +57,24 @@ def test_without_a_terminal_the_walk_logs_its_progress(caplog):
     say the stage, the block, the seconds so far and the estimate of what is left."""
     model = make_tiny_llama(layers=4)
     ids = torch.randint(3, 500, (2, 16))
-    with caplog.at_level(logging.INFO, logger="baq.run.walker"):
+    with caplog.at_level(logging.INFO, logger="baq.progress"):
         quantize_model(model, ids, QuantConfig(method="gptq", bits=4), "cpu", progress=False)
     lines = [r.getMessage() for r in caplog.records if "left" in r.getMessage()]
     assert [line.split(",")[0] for line in lines] == [
         f"gptq 4 bits: block {k} of 4" for k in range(1, 5)
     ]
     assert lines[-1].endswith("about 0 s left")
+
+
+def test_the_command_line_prints_stages_and_blocks_by_default(tiny_model_dir, text, caplog):
+    """At the default verbosity, off a terminal, a run logs each stage and every few blocks."""
+    argv = ["quantize", str(tiny_model_dir), "--device", "cpu", "--eval", "none", "--method"]
+    argv += ["gptq", "--bits", "4", "--calib", str(text), "--nsamples", "4", "--seqlen", "32"]
+    caplog.set_level(logging.NOTSET)  # the command line sets the levels, as it does for a user
+    assert main(argv) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "baq.progress"]
+    assert "stage quantize: gptq at 4 bits" in lines
+    assert any(line.startswith("gptq 4 bits: block 2 of 2") for line in lines)
 
 
 def test_progress_is_a_bar_on_a_terminal_only(monkeypatch):

@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     logging.getLogger("baq").setLevel(level)
+    # a long run says where it is at the default verbosity: one line per stage, and every few
+    # blocks where no progress bar shows (nohup, CI logs, a notebook's captured output)
+    logging.getLogger("baq.progress").setLevel(
+        min(level, logging.INFO) if not args.quiet else level
+    )
     if args.quiet:  # errors only: no progress bars, transformers' included
         from transformers.utils import logging as hf_logging
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from baq.model.lazy import LazyLoader
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("baq.progress")  # one line per stage
 
 # the measurement of a run with an output folder, kept in its checkpoint so a resumed run plans
 # with the same numbers
@@ -149,7 +150,7 @@ def run_session(
     records = dict(base_records or {})
     if sets and session.evaluate_before:
         t = time.perf_counter()
-        log.info("stage eval_before: %d set(s)", len(sets))
+        progress_log.info("stage eval_before: %d set(s)", len(sets))
         topk = None if base_records else DEFAULT_TOPK
         scored = score_model(model, sets, device, "before", loader, record_topk=topk)
         before = {name: sc.perplexity for name, sc in scored.items()}
@@ -161,7 +162,7 @@ def run_session(
     plan = meas = None
     if cfg.allocation == "model":
         t = time.perf_counter()
-        log.info("stage measure")
+        progress_log.info("stage measure")
         folder = None if ckpt is None else ckpt.folder
         try:
             meas, measured = measurement_for(
@@ -174,7 +175,7 @@ def run_session(
         plan = plan_of(meas, cfg)
         if measured:
             seconds["measure"] = time.perf_counter() - t
-    log.info("stage quantize: %s at %g bits", cfg.method, cfg.bits)
+    progress_log.info("stage quantize: %s at %g bits", cfg.method, cfg.bits)
     try:
         run = quantize_model(
             model,
@@ -199,7 +200,7 @@ def run_session(
     kl: dict[str, dict[str, float]] = {}
     if sets:
         t = time.perf_counter()
-        log.info("stage eval_after: %d set(s)", len(sets))
+        progress_log.info("stage eval_after: %d set(s)", len(sets))
         on_load = None if loader is None else streaming.quantized_on_load(loader, run.results)
         base = {k: v for k, v in records.items() if v is not None}
         scored = score_model(model, sets, device, "after", loader, on_load, base_records=base)
@@ -213,7 +214,7 @@ def run_session(
         from baq.saved.manifest import folder_bytes as size_of
 
         t = time.perf_counter()
-        log.info("stage save: %s", session.output)
+        progress_log.info("stage save: %s", session.output)
         if loader is None:
             model.to("cpu")
         summary = {"nominal_bits": run.nominal_bits, "perplexity_after": after, "divergence": kl}

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from baq.model.lazy import LazyLoader
 
 log = logging.getLogger(__name__)
+# stage and progress lines: shown at the command line's default verbosity (cli/__init__.py)
+progress_log = logging.getLogger("baq.progress")
 
 T = TypeVar("T")
 
@@ -91,7 +93,7 @@ class Progress:
         self.done = 0
         self.t0 = time.perf_counter()
         if self.quiet:
-            log.info("%s: %d %ss", stage, total, unit)
+            progress_log.info("%s: %d %ss", stage, total, unit)
 
     def step(self) -> None:
         """One step finished."""
@@ -100,7 +102,7 @@ class Progress:
         if self.quiet and (self.done % self.every == 0 or self.done == self.total):
             spent = time.perf_counter() - self.t0
             left = spent / self.done * (self.total - self.done)
-            log.info(
+            progress_log.info(
                 "%s: %s %d of %d, %.0f s so far, about %.0f s left",
                 self.stage,
                 self.unit,
