@@ -178,7 +178,10 @@ def test_estimated_importance_pass_is_within_a_factor_of_its_measured_growth(tmp
     make_tiny_llama(layers=12).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     windows, seq = 64, 256
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    # the environment this process started with: an earlier quiet CLI test sets TQDM_DISABLE,
+    # and a disabled bar changes what the child holds
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    env.update(PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     child = subprocess.run(
         [sys.executable, "-c", FISHER_CHILD, str(model_dir), str(windows), str(seq)],
         env=env, capture_output=True, text=True, check=True,
