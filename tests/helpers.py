@@ -3,6 +3,7 @@ models, all made here with no download."""
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -252,3 +253,8 @@ def quantize_argv(setup, out: Path | None, *extra: str) -> list[str]:
         str(text), "--nsamples", "8", "--seqlen", "32", "--eval", "none", "--device", "cpu",
         *(["--output", str(out)] if out is not None else []), *extra,
     ]  # fmt: skip
+
+
+# the environment the test session started with: in-process CLI runs change it (a quiet run sets
+# TQDM_DISABLE), and a child process measured for memory must not inherit what earlier tests left
+START_ENV = dict(os.environ)

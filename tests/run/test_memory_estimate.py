@@ -16,7 +16,14 @@ from baq.config import QuantConfig
 from baq.model import blocks, loader
 from baq.run import activations, checkpoint, memory_estimate, quantization, walker
 from baq.run.hessian import hessian_hooks
-from helpers import corpus, folder_bytes, make_tiny_llama, make_tokenizer, quantize_argv
+from helpers import (
+    START_ENV,
+    corpus,
+    folder_bytes,
+    make_tiny_llama,
+    make_tokenizer,
+    quantize_argv,
+)
 
 CPU_OOM = (
     "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
@@ -178,9 +185,7 @@ def test_estimated_importance_pass_is_within_a_factor_of_its_measured_growth(tmp
     make_tiny_llama(layers=12).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     windows, seq = 64, 256
-    # the environment this process started with: an earlier quiet CLI test sets TQDM_DISABLE,
-    # and a disabled bar changes what the child holds
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    env = dict(START_ENV)  # not what earlier in-process CLI tests set
     env.update(PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     child = subprocess.run(
         [sys.executable, "-c", FISHER_CHILD, str(model_dir), str(windows), str(seq)],
