@@ -15,8 +15,14 @@ from baq.config import QuantConfig
 from baq.saved import storage
 from baq.saved.packed_linear import PackedLinear
 from baq.saved.storage import StorageError
-from helpers import make_tiny_llama, make_tokenizer
-from test_storage import _rehash, ids, make_tiny_gpt2, quantize_all
+from helpers import (
+    ids,
+    make_tiny_gpt2,
+    make_tiny_llama,
+    make_tokenizer,
+    quantize_all,
+    rehash_manifest,
+)
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -199,7 +205,7 @@ def test_from_pretrained_runs_the_integrity_checks(folder, tmp_path):
     dense = load_file(bad / "model.safetensors")
     dense.pop("model.norm.weight")
     save_file(dense, bad / "model.safetensors", metadata={"format": "pt"})
-    _rehash(bad, "model.safetensors")
+    rehash_manifest(bad, "model.safetensors")
     assert "model.safetensors" in _hf_error(bad, "model.norm.weight is missing")
 
     (bad / "manifest.json").unlink()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from baq.cli import main
-from helpers import corpus, make_tiny_llama, make_tokenizer
+from helpers import corpus, folder_bytes, make_tiny_llama, make_tokenizer
 
 # the child quantizes with the real CLI and SIGKILLs itself right after checkpointing block 1
 KILLER = """
@@ -46,11 +46,6 @@ def argv(setup, out: Path, *extra: str) -> list[str]:
         str(text), "--nsamples", "8", "--seqlen", "32", "--eval", "none", "--device", "cpu",
         "--output", str(out), *extra,
     ]  # fmt: skip
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -9,41 +9,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from baq.config import QuantConfig
-from baq.model import blocks
 from baq.quant.grid import nominal_bits
 from baq.quant.layer import quantize_layer
 from baq.saved import storage
 from baq.saved.storage import PackedLinear, StorageError
-from helpers import VOCAB, make_tiny_llama, make_tokenizer
-
-
-def make_tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
-    cfg.bos_token_id = cfg.eos_token_id = 2
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def quantize_all(model, cfg: QuantConfig, seed: int = 0) -> dict:
-    """Quantize every decoder linear on a random Hessian ``2 X X^T / n`` and write it back."""
-    g = torch.Generator().manual_seed(seed)
-    layers = blocks.decoder_layers(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    results = {}
-    for block in layers:
-        for short, mod in blocks.linears(block).items():
-            W = blocks.get_weight(mod)
-            X = torch.randn(W.shape[1], 96, generator=g) * torch.rand(W.shape[1], 1, generator=g)
-            res, _ = quantize_layer(W, 2 * X @ X.T / X.shape[1], cfg)
-            blocks.set_weight(mod, res.weight)
-            results[f"{names[id(block)]}.{short}"] = res
-    return results
-
-
-def ids(n=2, seq=12):
-    return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(3))
+from helpers import (
+    ids,
+    make_tiny_gpt2,
+    make_tiny_llama,
+    make_tokenizer,
+    quantize_all,
+    rehash_manifest,
+)
 
 
 def data_bytes(path) -> int:
@@ -120,15 +97,6 @@ def copy(saved, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(saved[0], out)
     return out
-
-
-def _rehash(folder, rel):
-    manifest = json.loads((folder / "manifest.json").read_text())
-    data = (folder / rel).read_bytes()
-    import hashlib
-
-    manifest["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _load_error(folder, match) -> str:
@@ -259,7 +227,7 @@ def test_wrong_version_in_config_is_reported(copy):
     config["quantization_config"]["format_version"] = 3
     (copy / "config.json").write_text(json.dumps(config))
     _load_error(copy, r"config\.json: (SHA-256 differs|\d+ bytes, manifest\.json says)")
-    _rehash(copy, "config.json")
+    rehash_manifest(copy, "config.json")
     _load_error(copy, r"config\.json: format version 3 is not supported")
 
 
@@ -278,14 +246,14 @@ def test_hand_edited_tensors_with_matching_hashes_are_caught(copy):
     name = "model.layers.0.self_attn.q_proj"
     tensors[f"{name}.lo"] = tensors[f"{name}.lo"][:-1].clone()
     save_file(tensors, str(path), metadata=meta)
-    _rehash(copy, "quantized.safetensors")
+    rehash_manifest(copy, "quantized.safetensors")
     _load_error(copy, rf"quantized\.safetensors: tensor {name}\.lo has shape \(63, 1\)")
 
     tensors = load_file(path)
     tensors[f"{name}.lo"] = torch.cat([tensors[f"{name}.lo"], tensors[f"{name}.lo"][:1]])
     tensors["model.layers.0.extra"] = torch.zeros(2)
     save_file(tensors, str(path), metadata=meta)
-    _rehash(copy, "quantized.safetensors")
+    rehash_manifest(copy, "quantized.safetensors")
     _load_error(copy, r"unexpected tensor model\.layers\.0\.extra")
 
 

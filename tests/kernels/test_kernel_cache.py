@@ -13,34 +13,17 @@ from safetensors.torch import load_file
 
 from baq import set_cache
 from baq.config import QuantConfig
-from baq.model import blocks
 from baq.quant.gptq import QuantResult
 from baq.quant.grid import fit_grid
-from baq.quant.layer import quantize_layer
 from baq.saved import storage
 from baq.saved.packed_linear import PackedLinear
-from helpers import VOCAB, make_tiny_llama, make_tokenizer
+from helpers import VOCAB, make_tiny_llama, make_tokenizer, quantize_all
 
 CFGS = {
     "baq2.5": QuantConfig(allocation="layer", method="baq", bits=2.5),
     "baq3-g24-sym": QuantConfig(allocation="layer", method="baq", bits=3, group_size=24, sym=True),
     "gptq3-ic-g16": QuantConfig(method="gptq", bits=3, dim="ic", group_size=16),
 }
-
-
-def quantize_all(model, cfg: QuantConfig) -> dict:
-    """Quantize every decoder linear on a random Hessian (as tests/test_storage.py)."""
-    g = torch.Generator().manual_seed(0)
-    names = {id(m): n for n, m in model.named_modules()}
-    results = {}
-    for block in blocks.decoder_layers(model):
-        for short, mod in blocks.linears(block).items():
-            W = blocks.get_weight(mod)
-            X = torch.randn(W.shape[1], 96, generator=g) * torch.rand(W.shape[1], 1, generator=g)
-            res, _ = quantize_layer(W, 2 * X @ X.T / X.shape[1], cfg)
-            blocks.set_weight(mod, res.weight)
-            results[f"{names[id(block)]}.{short}"] = res
-    return results
 
 
 @pytest.fixture(scope="module", params=sorted(CFGS))
