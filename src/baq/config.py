@@ -96,6 +96,10 @@ class QuantConfig:
     include_head: bool = False
     # per-OC ranges shrunk where that rounds the row better (quant/clip.py)
     clip: bool = False
+    # incoherence processing: each linear quantized in the basis of a seeded randomized Hadamard
+    # transform of its inputs (quant/rotation.py); rotate_seed and the layer's name give its seed
+    rotate: bool = False
+    rotate_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -184,6 +188,21 @@ class QuantConfig:
             raise ValueError(
                 "clip searches per-OC ranges, and per-IC ones are fitted inside the solve: "
                 "use --dim oc or auto with --clip, or drop --clip"
+            )
+        if not isinstance(self.rotate, bool):
+            raise ValueError(f"rotate={self.rotate!r}: use True or False")
+        if not (
+            isinstance(self.rotate_seed, int)
+            and not isinstance(self.rotate_seed, bool)
+            and 0 <= self.rotate_seed < 2**63
+        ):
+            raise ValueError(
+                f"rotate_seed={self.rotate_seed!r}: use an integer in [0, 2^63), e.g. 0"
+            )
+        if self.rotate and self.dim == "auto" and self.adadim == "block":
+            raise ValueError(
+                "adadim='block' rounds the unrotated weights, and --rotate quantizes rotated ones: "
+                "use --adadim proxy with --rotate, or drop --rotate"
             )
         if not isinstance(self.include_head, bool):
             raise ValueError(f"include_head={self.include_head!r}: use True or False")

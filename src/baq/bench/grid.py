@@ -40,6 +40,8 @@ KEY_OPTIONAL: dict[str, Any] = {
     "measure_samples": None,  # all windows until session 8
     "adadim": "proxy",
     "clip": False,
+    "rotate": False,
+    "rotate_seed": 0,
 }
 
 # family -> (label, QuantConfig fields); the order is the default grid's order
@@ -143,6 +145,7 @@ def build_grid(
     include_head: bool = False,
     adadim: str = "proxy",
     clip: bool = False,
+    rotate: bool = False,
 ) -> list[BenchSpec]:
     """The runs, in order: each family at each of ``bits`` (BAQ measured also at ``baq_bits``).
 
@@ -153,7 +156,9 @@ def build_grid(
     ``include_head`` quantizes the output head in every quantized run (same names, other keys).
     ``adadim`` is how the ``auto`` runs choose (``-auto-block`` in the name for the block output
     criterion). ``clip`` adds each variant with clipped per-OC ranges (``-clip``; not per-IC,
-    whose ranges the solve fits).
+    whose ranges the solve fits). ``rotate`` adds each variant quantized in the basis of its
+    input-side randomized Hadamard transform (``-rot``, before ``-clip``; not with AdaDim's
+    block criterion, which rounds the unrotated weights).
 
     Returns:
         The specs; names are unique. Bad settings raise ``ValueError`` from :class:`QuantConfig`.
@@ -164,6 +169,7 @@ def build_grid(
     if act_order:
         variants += [(None, True)] + ([(group_size, True)] if group_size is not None else [])
     clips = (False, True) if clip else (False,)
+    rots = (False, True) if rotate else (False,)
     if adadim != "proxy" and "auto" not in dims:  # it would change no run of the grid
         raise ValueError(
             f"adadim={adadim!r} is how --dim auto chooses, and the grid has no --dim auto: "
@@ -179,16 +185,19 @@ def build_grid(
             continue
         budgets = [*bits, *(baq_bits if family in FRACTIONAL else ())]
         for dim in dims:
-            for (gs, order), clipped in ((v, c) for v in variants for c in clips):
+            for (gs, order), rotated, clipped in (
+                (v, r, c) for v in variants for r in rots for c in clips
+            ):
                 if (order or dim == "auto") and fields["method"] == "rtn":
                     continue
-                if clipped and dim == "ic":
+                if (clipped and dim == "ic") or (rotated and dim == "auto" and adadim == "block"):
                     continue
                 tag = (
                     ("" if dim == "oc" else f"-{dim}")
                     + ("-block" if dim == "auto" and adadim == "block" else "")
                     + (f"-g{gs}" if gs else "")
                     + ("-act" if order else "")
+                    + ("-rot" if rotated else "")
                     + ("-clip" if clipped else "")
                 )
                 for b in budgets:
@@ -202,6 +211,7 @@ def build_grid(
                         adadim=adadim if dim == "auto" else "proxy",
                         include_head=include_head,
                         clip=clipped,
+                        rotate=rotated,
                         **fields,
                     )
                     name = f"{family}{tag}-{float(b):g}b"

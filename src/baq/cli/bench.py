@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import GRID_DIMS, RANGE_DTYPES
 from .common import UsageError, add_model_args, check_model, check_source, flagify
-from .measure import add_adadim_arg, add_clip_arg
+from .measure import add_adadim_arg, add_clip_arg, add_rotate_arg
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -47,6 +47,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
     add_adadim_arg(g)
     add_clip_arg(g, bench=True)
+    add_rotate_arg(g, bench=True)
     g.add_argument(
         "--include-head",
         action="store_true",
@@ -113,6 +114,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.include_head,
             args.adadim,
             args.clip,
+            args.rotate,
         )
         settings = bench_grid.BenchSettings(
             model=args.model,

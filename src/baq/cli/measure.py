@@ -60,6 +60,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--dim", default="oc", choices=GRID_DIMS, help="grid dimension, as quantize's")
     add_adadim_arg(g)
     add_clip_arg(g)
+    add_rotate_arg(g)
     g.add_argument("--percdamp", type=float, default=0.01)
     g.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"])
     g.add_argument("--range-dtype", default="float16", choices=RANGE_DTYPES)
@@ -111,6 +112,7 @@ def measure_config(args: argparse.Namespace) -> QuantConfig:
             dim=args.dim,
             adadim=args.adadim,
             clip=args.clip,
+            rotate=args.rotate,
             percdamp=args.percdamp,
             hessian_dtype=args.hessian_dtype,
             range_dtype=args.range_dtype,
@@ -170,6 +172,21 @@ def add_clip_arg(g: Any, bench: bool = False) -> None:
             if bench
             else "shrink each per-OC range (x1 to x0.5) where that rounds its row with the least "
             "H-diagonal-weighted error at the layer's levels, clipping the few largest weights"
+        ),
+    )
+
+
+def add_rotate_arg(g: Any, bench: bool = False) -> None:
+    """``--rotate``, shared by ``baq quantize``, ``baq measure`` and ``baq bench``."""
+    g.add_argument(
+        "--rotate",
+        action="store_true",
+        help=(
+            "also run every variant rotated (-rot in the name)"
+            if bench
+            else "quantize each linear in the basis of a seeded randomized Hadamard transform of "
+            "its inputs (incoherence processing, as QuIP#), applied again to the inputs at run "
+            "time; widths 2^k or 12/20/28/36 x 2^k (others stay unrotated)"
         ),
     )
 

@@ -41,6 +41,7 @@ from .measure import (
     add_clip_arg,
     add_head_arg,
     add_measure_samples_arg,
+    add_rotate_arg,
     check_measurement_args,
     measure_samples_of,
 )
@@ -74,6 +75,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     add_adadim_arg(g)
     add_clip_arg(g)
+    add_rotate_arg(g)
     g.add_argument("--act-order", action="store_true", help="solve columns by decreasing diag H")
     g.add_argument("--percdamp", type=float, default=0.01, help="dampening, fraction of mean H_jj")
     g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch block")
@@ -180,6 +182,7 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
             dim=args.dim,
             adadim=args.adadim,
             clip=args.clip,
+            rotate=args.rotate,
             act_order=args.act_order,
             percdamp=args.percdamp,
             block_size=args.block_size,

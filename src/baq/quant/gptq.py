@@ -67,6 +67,9 @@ class QuantResult:
         grid: the ranges the codes refer to.
         levels: (cols,) int64 level counts.
         losses: (cols,) float32 per-column losses l_j (zero for RTN, which has no ``H``).
+        rotation: the seed of the input-side :class:`~baq.quant.rotation.HadamardRotation`
+            the layer was quantized in, or None: codes, grid, levels and losses are then in the
+            rotated basis, ``weight`` in the original one (``rotation.original_basis``).
     """
 
     weight: Tensor
@@ -74,6 +77,7 @@ class QuantResult:
     grid: Grid
     levels: Tensor
     losses: Tensor
+    rotation: int | None = None
 
     @property
     def loss(self) -> float:

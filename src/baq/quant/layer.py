@@ -9,12 +9,17 @@ BAQ per layer, on one factorised Hessian:
 3. GPTQ again with the allocated level counts.
 
 Both solves share ``H``'s factorisation: the extra cost is one solve, no pass over the data.
+
+With ``cfg.rotate`` (incoherence processing, QuIP/QuIP#; :mod:`baq.quant.rotation`) every step
+above runs on ``W' = W R^T`` and ``H' = R H R^T`` for the layer's seeded randomized Hadamard
+transform ``R``: the grid, clipping, AdaDim's choice, the sensitivities and the solve all see
+the rotated layer, whose proxy loss is the original one's.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -24,6 +29,7 @@ from . import adadim, allocate
 from .clip import clip_grid
 from .gptq import HessianFactor, QuantResult, factor_hessian, gptq_solve, rtn_solve
 from .grid import Grid, expand_rows, fit_grid, group_of, nominal_bits, uniform_levels
+from .rotation import HadamardRotation, layer_seed, original_basis, rotate_input, supported
 
 
 @dataclass
@@ -44,6 +50,7 @@ class LayerRecord:
     level_histogram: dict[int, int] = field(default_factory=dict)
     beta: float | None = None  # model-level allocation: importance of one unit of its loss
     modelled_loss: float | None = None  # model-level allocation: sum_j c_j / L_j^2 planned
+    rotated: bool = False  # quantized in the basis of its input-side rotation (cfg.rotate)
 
     @property
     def loss_ratio(self) -> float | None:
@@ -124,6 +131,27 @@ def layer_grid(
     return grid
 
 
+def layer_rotation(cfg: QuantConfig, name: str, cols: int) -> HadamardRotation | None:
+    """The input-side rotation of layer ``name`` (seed :func:`layer_seed` of ``cfg.rotate_seed``
+    and the name), or None: without ``cfg.rotate``, or for a width with no fast construction
+    (:data:`~baq.quant.rotation.SUPPORTED`; such a layer is quantized unrotated)."""
+    if not cfg.rotate or not supported(cols):
+        return None
+    return HadamardRotation(cols, layer_seed(cfg.rotate_seed, name))
+
+
+def rotated_layer(
+    W: Tensor, H: Tensor | None, rot: HadamardRotation | None
+) -> tuple[Tensor, Tensor | None]:
+    """``(W R^T, R H R^T)`` (:func:`~baq.quant.rotation.rotate_input`), or ``(W, H)`` with no
+    rotation. ``W'`` is rotated in float64 and returned in float32 (a half-precision weight
+    would otherwise be rounded again in the new basis); ``H'`` keeps ``H``'s dtype."""
+    if rot is None:
+        return W, H
+    Wr, Hr = rotate_input(W.double(), H, rot)
+    return Wr.float(), Hr
+
+
 def quantize_layer(
     W: Tensor,
     H: Tensor | None,
@@ -132,7 +160,31 @@ def quantize_layer(
     levels: Tensor | None = None,
     chosen_dim: str | None = None,
 ) -> tuple[QuantResult, LayerRecord]:
-    """Quantize one weight matrix with ``cfg.method``.
+    """Quantize one weight matrix with ``cfg.method``; with ``cfg.rotate`` in the basis of the
+    layer's rotation (:func:`layer_rotation`): the result's codes, grid, levels and losses are
+    then those of ``W R^T`` on ``R H R^T``, its ``weight`` the dequantized one taken back to
+    the original basis (:func:`~baq.quant.rotation.original_basis`), its ``rotation`` the seed.
+
+    Args and returns: as :func:`quantize_basis`; ``name`` also seeds the rotation.
+    """
+    rot = layer_rotation(cfg, name, W.shape[1])
+    if rot is None:
+        return quantize_basis(W, H, cfg, name, levels, chosen_dim)
+    Wr, Hr = rotated_layer(W, H, rot)
+    res, rec = quantize_basis(Wr, Hr, cfg, name, levels, chosen_dim)
+    rec.rotated = True
+    return replace(res, weight=original_basis(res.weight, rot.seed), rotation=rot.seed), rec
+
+
+def quantize_basis(
+    W: Tensor,
+    H: Tensor | None,
+    cfg: QuantConfig,
+    name: str = "",
+    levels: Tensor | None = None,
+    chosen_dim: str | None = None,
+) -> tuple[QuantResult, LayerRecord]:
+    """Quantize one weight matrix with ``cfg.method``, in the basis it is given in.
 
     Args:
         W: (rows, cols) weights in (out_features, in_features) layout, any float dtype.

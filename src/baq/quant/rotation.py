@@ -67,6 +67,15 @@ def hadamard_factors(n: int) -> tuple[int, int]:
     raise ValueError(f"no Hadamard transform of size {n}: supported sizes are {SUPPORTED}")
 
 
+def supported(n: int) -> bool:
+    """Whether a transform of size ``n`` exists here (:data:`SUPPORTED`)."""
+    try:
+        hadamard_factors(n)
+    except ValueError:
+        return False
+    return True
+
+
 def legendre(q: int) -> Tensor:
     """(q,) int64 Legendre symbol ``chi(a)`` of ``a = 0..q-1`` modulo the odd prime ``q``."""
     chi = -torch.ones(q, dtype=torch.int64)
@@ -192,16 +201,21 @@ class HadamardRotation:
         s = torch.randint(0, 2, (self.n,), generator=g, dtype=torch.int64) * 2 - 1
         return s.to(device=device, dtype=dtype)
 
-    def apply(self, x: Tensor) -> Tensor:
-        """``R x`` for every vector ``x`` along the last dimension (``x @ R^T`` for a matrix)."""
+    def apply(self, x: Tensor, signs: Tensor | None = None) -> Tensor:
+        """``R x`` for every vector ``x`` along the last dimension (``x @ R^T`` for a matrix).
+
+        ``signs``: :meth:`signs` on ``x``'s device in the working dtype, if the caller keeps
+        them (a layer's forward does: drawing them costs more than a small transform)."""
         y, dtype = self._work(x)
-        y = hadamard_transform(y * self.signs(y.device, y.dtype))
+        s = self.signs(y.device, y.dtype) if signs is None else signs
+        y = hadamard_transform(y * s)
         return (y / math.sqrt(self.n)).to(dtype)
 
-    def inverse(self, x: Tensor) -> Tensor:
+    def inverse(self, x: Tensor, signs: Tensor | None = None) -> Tensor:
         """``R^T x`` along the last dimension: ``diag(s) H_n^T x / sqrt(n)``."""
         y, dtype = self._work(x)
-        y = hadamard_transform(y, transpose=True) * self.signs(y.device, y.dtype)
+        s = self.signs(y.device, y.dtype) if signs is None else signs
+        y = hadamard_transform(y, transpose=True) * s
         return (y / math.sqrt(self.n)).to(dtype)
 
     def matrix(self, dtype=torch.float64, device: torch.device | str | None = None) -> Tensor:
@@ -245,6 +259,24 @@ def rotate_input(
 def unrotate_input(Wr: Tensor, rot: HadamardRotation) -> Tensor:
     """The original basis back from a rotated (or quantized rotated) weight: ``W = W' R``."""
     return rot.inverse(Wr)
+
+
+def original_basis(Wr: Tensor, seed: int | None) -> Tensor:
+    """A quantized rotated weight in the original input basis, ``W = W' R``, as float32; ``Wr``
+    itself with ``seed`` None (no rotation).
+
+    The one definition of the weight a rotated layer computes with: the quantization pass writes
+    it into the model, a saved layer's ``dequantize`` and a resumed or lazily streamed run
+    recompute it. The product runs in float64 (exact butterflies, and the small Hadamard
+    factor's sums of float32 values rarely round), so it comes out the same wherever it runs.
+
+    Args:
+        Wr: (rows, cols) dequantized weight in the rotated basis; seed: the layer's
+            :class:`HadamardRotation` seed.
+    """
+    if seed is None:
+        return Wr
+    return HadamardRotation(Wr.shape[-1], seed).inverse(Wr.double()).float()
 
 
 def rotate_output(W: Tensor, rot: HadamardRotation) -> Tensor:

@@ -33,7 +33,7 @@ from baq.errors import one_line
 from baq.eval.divergence import windows_digest
 from baq.model import blocks
 from baq.quant.gptq import factor_hessian
-from baq.quant.layer import column_sensitivity, grid_dim, layer_grid
+from baq.quant.layer import column_sensitivity, grid_dim, layer_grid, layer_rotation, rotated_layer
 from baq.run import adadim_block, head, importance
 from baq.run.report import write_safetensors
 from baq.run.walker import BlockWalk, check_finite
@@ -68,6 +68,8 @@ MEASURED_LATER: dict[str, Any] = {
     "measure_samples": None,
     "adadim": "proxy",
     "clip": False,
+    "rotate": False,  # the sensitivities are those of the rotated layers (quant/rotation.py)
+    "rotate_seed": 0,  # recorded with rotate only: without it no layer's seed is used
 }
 # what a refusal calls a setting, where its key is not the flag
 _LABELS = {
@@ -77,6 +79,8 @@ _LABELS = {
     "measure_samples": "--measure-samples",
     "adadim": "--adadim",
     "clip": "--clip",
+    "rotate": "--rotate",
+    "rotate_seed": "rotate_seed",
 }
 
 
@@ -291,6 +295,8 @@ def config_settings(cfg: QuantConfig) -> dict[str, Any]:
     of :data:`MEASURED_LATER` not at their default, and ``bits``."""
     out = {k: getattr(cfg, k) for k in MEASURED_FIELDS}
     out |= {k: getattr(cfg, k) for k, d in MEASURED_LATER.items() if getattr(cfg, k) != d}
+    if not cfg.rotate:
+        out.pop("rotate_seed", None)
     out["skip"] = list(cfg.skip)
     out["bits"] = cfg.bits  # used by measured sensitivities only
     return out
@@ -444,9 +450,13 @@ def _add_layer(
 ) -> None:
     """Sensitivities ``c_j`` of one float linear on its Hessian, recorded in ``meas``; with
     ``--dim auto`` on the grid of ``chosen_dim`` (the block output criterion's) or, without
-    one, of the proxy criterion's choice."""
+    one, of the proxy criterion's choice; with ``--rotate`` those of the rotated layer
+    ``(W R^T, R H R^T)`` that the quantization pass solves (the plan's levels are the rotated
+    columns')."""
     W = blocks.get_weight(mod)
     check_finite(name, W)  # before the importance pass, which NaN weights would derail
+    shape = tuple(W.shape)
+    W, H = rotated_layer(W, H, layer_rotation(cfg, name, shape[1]))
     factor = factor_hessian(H, cfg.percdamp, False)
     Wd = W.to(factor.U.device, torch.float32).clone()
     Wd[:, factor.dead] = 0
@@ -454,5 +464,5 @@ def _add_layer(
     grid = layer_grid(Wd, H, cfg, dim)
     sens, _ = column_sensitivity(Wd, factor, grid, cfg)
     meas.names.append(name)
-    meas.shapes.append(tuple(W.shape))
+    meas.shapes.append(shape)
     meas.sens[name] = sens.double().cpu()

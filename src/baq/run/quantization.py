@@ -26,7 +26,8 @@ from baq.model import blocks
 from baq.model import loader as models
 from baq.quant.gptq import QuantResult
 from baq.quant.grid import Grid
-from baq.quant.layer import LayerRecord, quantize_layer
+from baq.quant.layer import LayerRecord, layer_rotation, quantize_layer
+from baq.quant.rotation import SUPPORTED
 from baq.run import adadim_block, head, streaming
 from baq.run.walker import BlockStep, BlockWalk, check_finite, is_skipped
 
@@ -143,7 +144,14 @@ def quantize_model(
         for step in walk:
             if step.index < start_block:
                 _restore(
-                    step.block, step.targets, step.prefix, restore_block, step.index, run, compact
+                    step.block,
+                    step.targets,
+                    step.prefix,
+                    restore_block,
+                    step.index,
+                    run,
+                    cfg,
+                    compact,
                 )
                 continue
             _solve_block(step, cfg, hdtype, run, compact, plan)
@@ -155,7 +163,7 @@ def quantize_model(
         if head_target:  # stage n_blocks, one more layer after the last block
             (name,) = head_target
             if n_blocks < start_block:
-                _restore(model, head_target, "", restore_block, n_blocks, run, compact)
+                _restore(model, head_target, "", restore_block, n_blocks, run, cfg, compact)
             else:
                 hessians = {}
                 if walk.inputs is not None:
@@ -227,15 +235,24 @@ def solve_targets(
         )
         if planned is not None:
             rec.beta, rec.modelled_loss = planned.beta, planned.modelled_loss
+        if cfg.rotate and res.rotation is None:
+            log.warning(
+                "%s: no randomized Hadamard transform of %d columns (sizes: %s): quantized "
+                "unrotated",
+                full,
+                W.shape[1],
+                SUPPORTED,
+            )
         blocks.set_weight(mod, res.weight)
         rec.seconds = time.perf_counter() - t
         run.results[full] = streaming.compact(res) if compact else _to_cpu(res)
         run.records.append(rec)
         log.info(
-            "%s: %.3f bits, loss %.4g%s%s",
+            "%s: %.3f bits, loss %.4g%s%s%s",
             full,
             rec.nominal_bits,
             rec.loss,
+            ", rotated" if rec.rotated else "",
             "" if rec.predicted_gain is None else f", predicted gain {rec.predicted_gain:.3f}",
             "" if rec.percdamp in (None, cfg.percdamp) else f", percdamp {rec.percdamp:g}",
         )
@@ -248,15 +265,26 @@ def _restore(
     restore_block: Callable[[int], tuple[dict[str, QuantResult], list[LayerRecord]]] | None,
     index: int,
     run: QuantRun,
+    cfg: QuantConfig,
     compact: bool = False,
 ) -> None:
-    """Put a finished block's saved results back into the model and the run."""
+    """Put a finished block's saved results back into the model and the run.
+
+    A checkpoint holds codes and ranges only; with ``cfg.rotate`` they are in each layer's
+    rotated basis, whose seed the config and the layer's name give again (the resumed run's
+    config is the interrupted one's: the checkpoint's fingerprint), so the result gets its
+    ``rotation`` back and its weight in the original basis, as the solver wrote it."""
     if restore_block is None:
         raise ValueError("start_block > 0 needs restore_block")
     results, records = restore_block(index)
     expected = {f"{prefix}{name}" for name in targets}
     if set(results) != expected:
         raise ValueError(f"checkpoint of block {index} holds other layers than the model's")
+    for name, res in list(results.items()):
+        rot = layer_rotation(cfg, name, res.codes.shape[1])
+        if rot is not None and res.rotation is None:
+            res = replace(res, weight=None, rotation=rot.seed)
+            results[name] = replace(res, weight=streaming.weight_of(res))
     for name, mod in targets.items():
         blocks.set_weight(mod, streaming.weight_of(results[f"{prefix}{name}"]))
     if compact:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from baq.model import blocks
 from baq.quant.gptq import QuantResult
 from baq.quant.grid import Grid, dequantize
+from baq.quant.rotation import original_basis
 from baq.run.activations import ActivationStore
 
 if TYPE_CHECKING:
@@ -107,11 +108,12 @@ def weight_of(res: QuantResult) -> Tensor:
     """The (rows, cols) float32 dequantized weight of a result, compact or not.
 
     ``grid.dequantize`` of the codes is bitwise the solver's weight (the checkpoint restores
-    weights the same way and resumed runs are byte-identical).
+    weights the same way and resumed runs are byte-identical); a rotated layer's is taken back
+    to the original basis as the solver's was (``rotation.original_basis``).
     """
     if res.weight is not None:
         return res.weight
-    return dequantize(res.codes, res.grid, res.levels)
+    return original_basis(dequantize(res.codes, res.grid, res.levels), res.rotation)
 
 
 def quantized_on_load(

@@ -7,7 +7,7 @@ run can report the size its save will have without writing it (docs/FORMAT.md).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from baq.kernels.layout import MAX_LEVELS as KERNEL_MAX_LEVELS
 from baq.kernels.layout import KernelLayout, build_layout
 from baq.quant.gptq import QuantResult
 from baq.quant.grid import Grid, column_params, dequantize_codes
+from baq.quant.rotation import original_basis
 from baq.saved.packing import (
     PackedCodes,
     layer_nbytes,
@@ -30,6 +31,7 @@ from baq.saved.packing import (
     range_groups,
     unpack_sorted,
 )
+from baq.saved.rotation_meta import ROTATION_BYTES, InputRotation
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,13 @@ class PackedLinear(nn.Module):
     float32 ones, so that ``model.to(dtype)`` cannot round them), and
     ``bias`` (rows,) or None. ``forward(x) = F.linear(x, W, bias)`` with ``W`` the dequantized
     (out_features, in_features) weight, bitwise equal to the solver's ``QuantResult.weight``.
+
+    A layer quantized with ``--rotate`` (``packed.rotation``, a seed) holds the codes of
+    ``W' = W R^T`` (saved/rotation_meta.py): :meth:`transform_input` gives ``R x`` (the identity
+    for an unrotated layer), and the caches ``"none"``, ``"codes"`` and ``"kernel"`` multiply
+    ``R x`` by the codes. ``"weight"`` keeps :meth:`dequantize`, the weight in the original
+    basis ``W' R`` (what the quantization pass wrote into the model, bit for bit), and applies
+    it to ``x`` itself: the float layer's speed, no transform per forward.
 
     Unpacking every forward costs 25 to 100 times the matrix product it feeds on a CPU, which
     prompt processing amortises and token-by-token generation does not; ``cache`` trades memory
@@ -105,6 +114,8 @@ class PackedLinear(nn.Module):
         for L, stream in packed.streams.items():
             self.register_buffer(f"codes_{L}", stream)
         self.register_buffer("bias", bias)
+        seed = packed.rotation  # rebuilt from the seed: the transform itself is never stored
+        self.rotation = None if seed is None else InputRotation(self.in_features, seed)
         self._weight: Tensor | None = None  # cache == "weight"
         self._offsets: OffsetCodes | None = None  # cache == "codes"
         # cache == "kernel": the layout (in place of the codes_<L> buffers) and float32 ranges
@@ -202,8 +213,13 @@ class PackedLinear(nn.Module):
             raise ValueError(f"codes {tuple(codes.shape)} and levels {tuple(levels.shape)} differ")
         if (levels < 1).any() or (codes < 0).any() or (codes >= levels.unsqueeze(0)).any():
             raise ValueError("codes outside [0, L - 1] of their column: not a solver result")
-        packed = pack_columns(codes, levels)
+        packed = replace(pack_columns(codes, levels), rotation=result.rotation)
         return cls(packed, grid.lo, grid.hi, grid.group_size, grid.sym, bias, cache, grid.dim)
+
+    @property
+    def rotation_seed(self) -> int | None:
+        """The seed of the input-side rotation the codes are in, or None."""
+        return None if self.rotation is None else self.rotation.seed
 
     @property
     def packed(self) -> PackedCodes:
@@ -212,7 +228,9 @@ class PackedLinear(nn.Module):
         else:
             classes = self.level_classes.tolist()
             streams = {L: getattr(self, f"codes_{L}") for L, _ in classes if L > 1}
-        return PackedCodes(self.out_features, self.level_classes, self.perm, streams)
+        return PackedCodes(
+            self.out_features, self.level_classes, self.perm, streams, self.rotation_seed
+        )
 
     @property
     def grid(self) -> Grid:
@@ -229,11 +247,12 @@ class PackedLinear(nn.Module):
 
     @property
     def storage_nbytes(self) -> int:
-        """Bytes of the stored tensors: codes, ranges, classes table and permutation."""
+        """Bytes of the stored tensors: codes, ranges, classes table, permutation, seed."""
         ranges = self.lo_bits.numel() * self.lo_bits.element_size()
         tables = [self.level_classes] + ([] if self.perm is None else [self.perm])
         codes = sum(packed_nbytes(L, n * self.out_features) for L, n in self.level_classes.tolist())
-        return sum(t.numel() * t.element_size() for t in tables) + codes + 2 * ranges
+        seed = 0 if self.rotation is None else ROTATION_BYTES
+        return sum(t.numel() * t.element_size() for t in tables) + codes + 2 * ranges + seed
 
     def resident_nbytes(self) -> int:
         """Bytes this layer holds now: its buffers and whatever its cache keeps (the layout and
@@ -247,14 +266,18 @@ class PackedLinear(nn.Module):
             held += self._offsets.nbytes()
         if self._weight is not None:
             held += self._weight.numel() * self._weight.element_size()
-        return held
+        return held + (0 if self.rotation is None else self.rotation.nbytes())
 
     @property
     def storage_bits(self) -> float:
         return self.storage_nbytes * 8 / (self.out_features * self.in_features)
 
-    def dequantize(self) -> Tensor:
-        """(out_features, in_features) float32 weight ``(code - zero) * step`` (quant/grid.py).
+    def dequantize(self, rotated: bool = False) -> Tensor:
+        """(out_features, in_features) float32 weight ``(code - zero) * step`` (quant/grid.py),
+        in the original input basis: ``W' R`` for a rotated layer
+        (:func:`~baq.quant.rotation.original_basis`, bitwise the weight the quantization pass
+        wrote into the model); with ``rotated`` the codes' own ``W'``, which multiplies
+        :meth:`transform_input`'s ``R x``.
 
         One unpack per level class into the stored (sorted) column order, the grid parameters
         for all columns at once, then one gather back to the original order.
@@ -264,7 +287,13 @@ class PackedLinear(nn.Module):
         step, zero = column_params(
             self.grid, packed.sorted_levels(), packed.order(), self.out_features
         )
-        return packed.unsort(dequantize_codes(codes, step, zero))
+        W = packed.unsort(dequantize_codes(codes, step, zero))
+        return W if rotated else original_basis(W, self.rotation_seed)
+
+    def transform_input(self, x: Tensor) -> Tensor:
+        """``R x`` along the last dimension (``x`` itself for an unrotated layer): the input the
+        codes, :meth:`offset_codes` and ``dequantize(rotated=True)`` apply to."""
+        return x if self.rotation is None else self.rotation(x)
 
     def offset_codes(self) -> OffsetCodes:
         """The layer as :class:`OffsetCodes`: ``W[r, c] = D[r, c] * span[r, g(c)] * inv[c]``
@@ -293,21 +322,24 @@ class PackedLinear(nn.Module):
                 with torch.inference_mode(False), torch.no_grad():
                     layout = self._build_layout()
             lo, hi = self._kernel_ranges
-            return cpu.linear(layout, x, lo, hi, bias)
+            return cpu.linear(layout, self.transform_input(x), lo, hi, bias)
         if self.cache in ("codes", "kernel"):
             offsets = self._offsets
             if offsets is None or offsets.offsets.device != x.device:
                 with torch.inference_mode(False), torch.no_grad():
                     offsets = self.offset_codes().to(x.device)
                 self._offsets = offsets
-            return offsets.linear(x, bias)
+            return offsets.linear(self.transform_input(x), bias)
+        # "none": the codes' basis, x rotated (cheaper than unrotating W every forward);
+        # "weight": the original basis, kept (the transform then costs nothing)
+        rotated = self.cache == "none" and self.rotation is not None
         W = self._weight
         if W is None or W.device != x.device or W.dtype != x.dtype:
             # a normal tensor even under inference_mode, so a cached weight serves any later call
             with torch.inference_mode(False), torch.no_grad():
-                W = self.dequantize().to(device=x.device, dtype=x.dtype)
+                W = self.dequantize(rotated).to(device=x.device, dtype=x.dtype)
             self._weight = W if self.cache == "weight" else None
-        return F.linear(x, W, bias)
+        return F.linear(self.transform_input(x) if rotated else x, W, bias)
 
     def extra_repr(self) -> str:
         return (
@@ -315,6 +347,7 @@ class PackedLinear(nn.Module):
             f"bias={self.bias is not None}, nominal_bits={self.nominal_bits:.3f}, "
             f"storage_bits={self.storage_bits:.3f}, level_classes={len(self.level_classes)}, "
             f"group_size={self.group_size}, sym={self.sym}, dim={self.dim}, cache={self.cache}"
+            + ("" if self.rotation is None else f", rotation_seed={self.rotation_seed}")
         )
 
     def file_tensors(self, name: str) -> dict[str, Tensor]:
@@ -436,6 +469,7 @@ def storage_bits_of(results: dict[str, QuantResult]) -> float:
         ngroups = range_groups((rows, cols), res.grid.group_size, dim)
         range_bytes = range_dtype(res.grid.lo, res.grid.hi).itemsize
         nbytes += layer_nbytes(rows, ngroups, res.levels, range_bytes, dim)
+        nbytes += 0 if res.rotation is None else ROTATION_BYTES
         weights += rows * cols
     return nbytes * 8 / weights if weights else 0.0
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from baq.saved.rotation_meta import read_rotation, rotation_tensors
+
 # a radix value must fit a non-negative int64 while it is built: b <= 63 bits
 _MAX_FIELD_BITS = 63
 # level counts are stored as int32
@@ -221,12 +223,15 @@ class PackedCodes:
         perm: (cols,) int16 (cols <= 32768) or int32: ``perm[p]`` is the original column at sorted
             position p; None when the stable sort is the identity.
         streams: ``L_k`` -> packed (rows, n_k) row-major codes of that class, for every L_k > 1.
+        rotation: seed of the input-side rotation the codes are in (saved/rotation_meta.py), or
+            None (the original basis).
     """
 
     rows: int
     classes: Tensor
     perm: Tensor | None
     streams: dict[int, Tensor]
+    rotation: int | None = None
 
     @property
     def cols(self) -> int:
@@ -351,8 +356,8 @@ def layer_tensors(name: str, packed: PackedCodes, lo: Tensor, hi: Tensor) -> dic
         lo, hi: (rows, ngroups) grid ranges, per IC (ngroups, cols).
     Returns:
         ``N.level_classes`` (K, 2) int32, ``N.lo``/``N.hi`` float16 (float32 when a range is not
-        a float16 value), ``N.perm`` (only when not the identity) and ``N.codes.<L>`` per class
-        with L > 1; all contiguous, on the CPU.
+        a float16 value), ``N.perm`` (only when not the identity), ``N.codes.<L>`` per class
+        with L > 1 and ``N.rotation`` (only for a rotated layer); all contiguous, on the CPU.
     """
     dtype = range_dtype(lo, hi)
     out = {
@@ -364,6 +369,7 @@ def layer_tensors(name: str, packed: PackedCodes, lo: Tensor, hi: Tensor) -> dic
         out[f"{name}.perm"] = packed.perm
     for L, stream in packed.streams.items():
         out[f"{name}.codes.{L}"] = stream
+    out |= rotation_tensors(name, packed.rotation)
     return {key: t.detach().cpu().contiguous() for key, t in out.items()}
 
 
@@ -387,7 +393,8 @@ def layer_nbytes(
 
     ``2 * range_bytes * rows * ngroups`` (lo and hi, 2 bytes each in float16; per IC
     ``2 * range_bytes * ngroups * cols``) ``+ 8 * K`` (the classes table) ``+ cols * 2 or 4``
-    (the permutation, only if the level counts are not already ascending) ``+`` the code streams.
+    (the permutation, only if the level counts are not already ascending) ``+`` the code streams
+    (a rotated layer's seed, 8 bytes, not counted here: ``rotation_meta.ROTATION_BYTES``).
     """
     levels = levels.reshape(-1).to(torch.int64).cpu()
     cols = levels.numel()
@@ -430,7 +437,8 @@ def read_layer(
         ngroups: range groups (:func:`range_groups`; 1 without groups).
         dim: "oc": ranges (rows, ngroups); "ic": (ngroups, cols).
     Returns:
-        ``(packed, lo, hi)`` with lo, hi float16 or float32 of that shape.
+        ``(packed, lo, hi)`` with lo, hi float16 or float32 of that shape; ``packed.rotation``
+        the seed of ``N.rotation`` (saved/rotation_meta.py), None without it.
     Raises:
         ValueError: one line naming the tensor and the problem.
     """
@@ -465,7 +473,8 @@ def read_layer(
         )
         if not ok:
             raise ValueError(f"tensor {name}.perm is not a permutation of 0..{cols - 1}")
-    packed = PackedCodes(rows=rows, classes=classes, perm=perm, streams={})
+    rotation = read_rotation(name, tensors, cols)
+    packed = PackedCodes(rows=rows, classes=classes, perm=perm, streams={}, rotation=rotation)
     for level, count in zip(L.tolist(), n.tolist()):
         dtype = packed_dtype(level)
         if dtype is None:

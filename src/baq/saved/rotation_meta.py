@@ -1,0 +1,83 @@
+"""A saved layer's input-side rotation (docs/FORMAT.md, section 6): the seed stored, the transform
+rebuilt from it at load time, and what a packed forward applies to its inputs.
+
+A layer quantized with ``--rotate`` holds codes and ranges of ``W' = W R^T``, with ``R`` the
+seeded randomized Hadamard transform of :class:`baq.quant.rotation.HadamardRotation`; it
+computes ``W x = W' (R x)``. Nothing but the seed is stored, as one more tensor of the layer,
+``N.rotation`` (int64, one element), absent for an unrotated layer: a folder written before it
+reads as it did, and a reader that does not know it refuses the folder ("unexpected tensor")
+instead of applying the codes to unrotated inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from baq.quant.rotation import SUPPORTED, HadamardRotation, supported
+
+ROTATION_BYTES = 8  # the stored seed: one int64
+
+
+def rotation_tensors(name: str, seed: int | None) -> dict[str, Tensor]:
+    """``{N.rotation: (1,) int64 seed}`` of a rotated layer ``N``; nothing without a rotation."""
+    if seed is None:
+        return {}
+    return {f"{name}.rotation": torch.tensor([seed], dtype=torch.int64)}
+
+
+def read_rotation(name: str, tensors: dict[str, Tensor], cols: int) -> int | None:
+    """Take layer ``N``'s rotation seed out of ``tensors`` (None when it has none), checked.
+
+    Raises:
+        ValueError: one line naming the tensor: not one int64, a negative seed, or a width
+            with no transform (:data:`~baq.quant.rotation.SUPPORTED`).
+    """
+    key = f"{name}.rotation"
+    if key not in tensors:
+        return None
+    t = tensors.pop(key)
+    if t.dtype != torch.int64 or tuple(t.shape) != (1,):
+        raise ValueError(
+            f"tensor {key} is {str(t.dtype).replace('torch.', '')} with shape {tuple(t.shape)}: "
+            "expected one int64 seed"
+        )
+    seed = int(t[0])
+    if seed < 0:
+        raise ValueError(f"tensor {key} holds the seed {seed}: expected a non-negative one")
+    if not supported(cols):
+        raise ValueError(
+            f"tensor {key}: no randomized Hadamard transform of {cols} columns ({SUPPORTED})"
+        )
+    return seed
+
+
+class InputRotation:
+    """``x -> R x`` of a packed layer's forward, with the random signs kept per device and
+    dtype: drawing them costs more than the transform of one token.
+
+    Args:
+        cols: the layer's input features; seed: the stored seed.
+    """
+
+    def __init__(self, cols: int, seed: int) -> None:
+        self.rot = HadamardRotation(cols, seed)
+        self._signs: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    @property
+    def seed(self) -> int:
+        return self.rot.seed
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``R x`` along the last dimension, in ``x``'s dtype (computed in float32 for half
+        types, as :class:`~baq.quant.rotation.HadamardRotation` does)."""
+        work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        key = (x.device, work)
+        signs = self._signs.get(key)
+        if signs is None:
+            signs = self._signs[key] = self.rot.signs(x.device, work)
+        return self.rot.apply(x, signs)
+
+    def nbytes(self) -> int:
+        """Bytes of the signs kept."""
+        return sum(s.numel() * s.element_size() for s in self._signs.values())
