@@ -10,6 +10,10 @@ use. The head is then solved like any linear (:func:`baq.run.quantization.solve_
 When the head's weight is the input embedding's (``tie_word_embeddings``), writing the solved
 weight back rewrites the embedding too: the model then embeds its tokens with the quantized
 matrix, and a saved folder stores that matrix once, packed (docs/FORMAT.md, section 2).
+
+With ``--rotate`` the head is rotated like any linear (its input, the normed hidden state, is
+what the packed head transforms at run time); what is written back, and what a tied embedding
+reads, is the quantized matrix in the original basis, so embedding lookups need no transform.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Two things keep this pass cheap, because on a CPU it costs about as much as the 
 
 Linears that read the very same input tensor (q/k/v read one normed hidden state, gate/up another)
 share one accumulator: the Hessian is computed once per distinct input.
+
+With ``--rotate`` the Hessians are still those of the unrotated inputs: each layer's is turned
+into ``R H R^T`` once, where it is solved (:func:`baq.quant.layer.rotated_layer`), which costs
+``O(cols^2 log cols)`` instead of a transform of every calibration token's input.
 """
 
 from __future__ import annotations

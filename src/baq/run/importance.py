@@ -16,6 +16,11 @@ calibration). The second estimator measures the same slope directly, as HIGGS do
 one layer with noise of the size of 3-bit round-to-nearest, measure the proxy loss it causes
 and the KL divergence of the logits against the unperturbed model, ``beta_l = KL / proxy``
 (a slope through the origin). It needs one forward from the layer's block onwards per layer.
+
+Both are measured on the float model as it is, also for a run with ``--rotate``: a layer's
+output error ``dW x = dW' (R x)`` and its proxy loss do not depend on the input basis, so
+``beta_l`` prices a rotated layer's loss as it does the unrotated one's (the rotation enters the
+measurement through the sensitivities, :mod:`baq.run.measure`).
 """
 
 from __future__ import annotations
