@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from baq.config import WEIGHT_CACHES
+from baq.kernels import runtime
 from baq.kernels.layout import MAX_LEVELS as KERNEL_MAX_LEVELS
-from baq.kernels.layout import KernelLayout, build_layout
 from baq.quant.gptq import QuantResult
 from baq.quant.grid import Grid, column_params, dequantize_codes
 from baq.quant.rotation import original_basis
@@ -119,7 +119,7 @@ class PackedLinear(nn.Module):
         self._weight: Tensor | None = None  # cache == "weight"
         self._offsets: OffsetCodes | None = None  # cache == "codes"
         # cache == "kernel": the layout (in place of the codes_<L> buffers) and float32 ranges
-        self._layout: KernelLayout | None = None
+        self._layout: runtime.RuntimeLayout | None = None
         self._kernel_ranges: tuple[Tensor, Tensor] | None = None
         self._fallback_logged = False
         # float tensors elsewhere in the model that hold this layer's dequantized weight (the
@@ -150,12 +150,12 @@ class PackedLinear(nn.Module):
             )  # fmt: skip
         return False
 
-    def _build_layout(self) -> KernelLayout:
+    def _build_layout(self) -> runtime.RuntimeLayout:
         """Rebuild the codes as the kernel layout and empty the ``codes_<L>`` buffers: the
         layout replaces them (issue 26: resident memory at about the packed size)."""
         packed = self.packed
         codes = packed.unsort(unpack_sorted(packed)).cpu()
-        layout = build_layout(codes, packed.levels().cpu(), self.group_size, self.sym, self.dim)
+        layout = runtime.build(codes, packed.levels().cpu(), self.group_size, self.sym, self.dim)
         del codes
         grid = self.grid
         self._kernel_ranges = (grid.lo.cpu().contiguous(), grid.hi.cpu().contiguous())
@@ -315,14 +315,12 @@ class PackedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         kernel = self.cache == "kernel" and x.device.type == "cpu" and self._kernel_fits()
         if kernel:
-            from baq.kernels import cpu  # numba, loaded at the first kernel forward only
-
             layout = self._layout
             if layout is None:
                 with torch.inference_mode(False), torch.no_grad():
                     layout = self._build_layout()
             lo, hi = self._kernel_ranges
-            return cpu.linear(layout, self.transform_input(x), lo, hi, bias)
+            return runtime.linear(layout, self.transform_input(x), lo, hi, bias)
         if self.cache in ("codes", "kernel"):
             offsets = self._offsets
             if offsets is None or offsets.offsets.device != x.device:

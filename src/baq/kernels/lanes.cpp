@@ -1,0 +1,325 @@
+// The lane-field kernel of baq/kernels/native.py (issue 26): y = x W^T + b for a packed layer in
+// the layout of baq/kernels/lanes.py, without building W. Plain C ABI (called through ctypes);
+// at::parallel_for runs the rows on torch's own OpenMP pool, so torch.set_num_threads applies and
+// no second pool competes with torch's.
+//
+// Layout (lanes.py): the columns with L > 1, sorted by (column group, L), sit in "slots"; every
+// column group starts on a chunk of 16 slots (padding slots: no column, input 0). Chunk k of
+// width w is a w-bit field at bit shift[k] of the 16 uint32 lanes of the block at word word[k]
+// of a row, slot l in lane l. Runs are consecutive chunks of one width. The product (module
+// docstring of native.py):
+//   per OC  y[r] = sum_g span[r,g] * (sum_s xs[s] q[r,s] - sum_{c in g} z(r,c) X[c])
+//   per IC  y[r] = sum_s xs_gr[s] q[r,s] - zterm[gr]
+// with xs[s] = x[col s] / (L_s - 1) (per IC x * step[gr, col]), X[c] the sum of xs over class c.
+// A chunk's 16 codes come back as float32 exactly (a shift, then a 16-entry vpermps table or a
+// mask and a conversion) and are multiplied into one accumulator per token: no rounding but the
+// float32 sums, which the tests bound against the dequantized float64 product.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && !defined(BAQ_PORTABLE)
+#include <immintrin.h>
+#define BAQ_AVX512 1
+#else
+#define BAQ_AVX512 0
+#endif
+
+namespace {
+
+constexpr int CHUNK = 16;  // slots per chunk: one 512-bit vector of float32
+constexpr int TMAX = 8;    // tokens multiplied together (accumulators kept in registers)
+
+struct Layout {
+  const uint32_t* words;       // (rows, rowwords)
+  const int32_t* chunk_word;   // (nchunks): first word of the chunk's block in a row
+  const int32_t* chunk_shift;  // (nchunks): bit of the chunk's field in its lanes
+  const int32_t* runs;         // (nruns, 4): first chunk, end chunk, width, 0
+  const int32_t* grun;         // (ngc + 1): first run of each column group
+  const int32_t* slot_col;     // (nslots): original column, -1 for padding
+  const float* slot_lm1;       // (nslots): L - 1 in float32 (1 for padding)
+  const int32_t* classes;      // (K, 4): column group, L, first slot, end slot
+  const int32_t* gclass;       // (ngc + 1): first class of each column group
+  int64_t rows, cols, rowwords, nslots, ngc, K;
+  int64_t ic, sym, rsize, nrg;  // per IC: row group size (0: one group) and count
+};
+
+// the zero point of quant/grid.py column_params, float32 as there (no fast-math in this file)
+inline float zero_point(float lo, float span, float lm1, int64_t sym) {
+  if (sym) return std::floor((lm1 + 1.0f) * 0.5f);
+  return std::nearbyint(-lo / (span / lm1));
+}
+
+#if BAQ_AVX512
+// 16 codes as float32 from lanes already shifted: for w <= 4 vpermps reads the low 4 bits of
+// each lane from the table i & (2^w - 1), which drops the bits of the fields above
+template <int W>
+inline __m512 codes_of(__m512i v) {
+  if constexpr (W <= 4) {
+    constexpr int m = (1 << W) - 1;
+    const __m512 table = _mm512_setr_ps(0 & m, 1 & m, 2 & m, 3 & m, 4 & m, 5 & m, 6 & m, 7 & m,
+                                        8 & m, 9 & m, 10 & m, 11 & m, 12 & m, 13 & m, 14 & m,
+                                        15 & m);
+    return _mm512_permutexvar_ps(v, table);
+  } else {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32((1 << W) - 1)));
+  }
+}
+
+// one chunk through the tables (block, shift): the chunks sharing a block with another run
+template <int W, int TT, int U>
+inline void one_chunk(const Layout& L, const uint32_t* row, const float* xs, int64_t ts,
+                      int64_t k, __m512 (&acc)[TT][U]) {
+  const __m512i v = _mm512_loadu_si512(row + L.chunk_word[k]);
+  const __m512 q = codes_of<W>(_mm512_srlv_epi32(v, _mm512_set1_epi32(L.chunk_shift[k])));
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t)
+    acc[t][0] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xs + t * ts + k * CHUNK), acc[t][0]);
+}
+
+// acc[t][.] += codes of the chunks [k0, k1) of width W times xs of token t. Inside a run the
+// chunks fill whole blocks, F = 32 / W fields at shifts 0, W, 2W...: one load a block and
+// shifts by immediates; only the chunks before the first whole block (in the block the run
+// shares with the one before) and after the last go through the tables
+template <int W, int TT, int U>
+inline void run_chunks(const Layout& L, const uint32_t* row, const float* xs, int64_t ts,
+                       int64_t k0, int64_t k1, __m512 (&acc)[TT][U]) {
+  constexpr int F = 32 / W;
+  int64_t k = k0;
+  for (; k < k1 && L.chunk_shift[k] != 0; ++k) one_chunk<W, TT, U>(L, row, xs, ts, k, acc);
+  if (k + F <= k1) {
+    const uint32_t* blk = row + L.chunk_word[k];
+    for (; k + F <= k1; k += F, blk += CHUNK) {
+      const __m512i v = _mm512_loadu_si512(blk);
+      const float* x = xs + k * CHUNK;
+#pragma GCC unroll 32
+      for (int f = 0; f < F; ++f) {
+        const __m512 q = codes_of<W>(f == 0 ? v : _mm512_srli_epi32(v, f * W));
+#pragma GCC unroll 8
+        for (int t = 0; t < TT; ++t)
+          acc[t][f % U] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x + t * ts + f * CHUNK),
+                                          acc[t][f % U]);
+      }
+    }
+  }
+  for (; k < k1; ++k) one_chunk<W, TT, U>(L, row, xs, ts, k, acc);
+}
+
+// dot[t] = sum over the runs [r0, r1) of one row of xs[t] . codes
+template <int TT>
+void group_dots(const Layout& L, const uint32_t* row, const float* xs, int64_t ts, int r0, int r1,
+                float* dot) {
+  constexpr int U = TT == 1 ? 4 : (TT == 2 ? 2 : 1);  // independent FMA chains per token
+  __m512 acc[TT][U];
+  for (int t = 0; t < TT; ++t)
+    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+  for (int r = r0; r < r1; ++r) {
+    const int32_t* run = L.runs + 4 * r;
+    switch (run[2]) {
+      case 1: run_chunks<1, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 2: run_chunks<2, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 3: run_chunks<3, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 4: run_chunks<4, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 5: run_chunks<5, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 6: run_chunks<6, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 7: run_chunks<7, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      default: run_chunks<8, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+    }
+  }
+  for (int t = 0; t < TT; ++t) {
+    __m512 s = acc[t][0];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[t][u]);
+    dot[t] = _mm512_reduce_add_ps(s);
+  }
+}
+#else
+// portable: plain loops over the 16 lanes of a chunk, which the compiler vectorises for the
+// host (AVX2: 8 lanes; without vector units, scalar)
+template <int TT>
+void group_dots(const Layout& L, const uint32_t* row, const float* xs, int64_t ts, int r0, int r1,
+                float* dot) {
+  float acc[TT][CHUNK] = {};
+  for (int r = r0; r < r1; ++r) {
+    const int32_t* run = L.runs + 4 * r;
+    const uint32_t mask = (1u << run[2]) - 1;
+    for (int64_t k = run[0]; k < run[1]; ++k) {
+      const uint32_t* v = row + L.chunk_word[k];
+      const uint32_t sh = (uint32_t)L.chunk_shift[k];
+      float q[CHUNK];
+      for (int l = 0; l < CHUNK; ++l) q[l] = (float)((v[l] >> sh) & mask);
+      const float* x = xs + k * CHUNK;
+      for (int t = 0; t < TT; ++t)
+        for (int l = 0; l < CHUNK; ++l) acc[t][l] += q[l] * x[t * ts + l];
+    }
+  }
+  for (int t = 0; t < TT; ++t) {
+    float s = 0.0f;
+    for (int l = 0; l < CHUNK; ++l) s += acc[t][l];
+    dot[t] = s;
+  }
+}
+#endif
+
+void dots(int tt, const Layout& L, const uint32_t* row, const float* xs, int64_t ts, int r0,
+          int r1, float* dot) {
+  switch (tt) {
+    case 1: group_dots<1>(L, row, xs, ts, r0, r1, dot); break;
+    case 2: group_dots<2>(L, row, xs, ts, r0, r1, dot); break;
+    case 3: group_dots<3>(L, row, xs, ts, r0, r1, dot); break;
+    case 4: group_dots<4>(L, row, xs, ts, r0, r1, dot); break;
+    case 5: group_dots<5>(L, row, xs, ts, r0, r1, dot); break;
+    case 6: group_dots<6>(L, row, xs, ts, r0, r1, dot); break;
+    case 7: group_dots<7>(L, row, xs, ts, r0, r1, dot); break;
+    default: group_dots<8>(L, row, xs, ts, r0, r1, dot); break;
+  }
+}
+
+struct AlignedFloats {
+  float* p = nullptr;
+  explicit AlignedFloats(size_t n) {
+    if (posix_memalign((void**)&p, 64, n * sizeof(float) + 64) != 0) p = nullptr;
+    if (p) std::memset(p, 0, n * sizeof(float));
+  }
+  ~AlignedFloats() { std::free(p); }
+};
+
+}  // namespace
+
+extern "C" {
+
+int baq_lanes_isa() { return BAQ_AVX512 ? 512 : 0; }
+
+// y (T, rows) = x (T, cols) W^T (+ bias); lo, hi: the float32 ranges ((rows, G) per OC, (G,
+// cols) per IC). Returns 0, or 1 when the scratch could not be allocated.
+int baq_lanes_linear(const Layout* Lp, const float* lo, const float* hi, const float* x,
+                      int64_t T, const float* bias, float* y) {
+  const Layout& L = *Lp;
+  const int64_t S = L.nslots, R = L.ic ? L.nrg : 1, G = L.ngc;  // per IC: ngc = 1
+  // the scaled input in slot order, per row group (per IC) and token
+  AlignedFloats xs_buf((size_t)(R * T * S));
+  std::vector<double> X((size_t)(T * L.K)), zterm((size_t)(R * T));
+  std::vector<float> clm1((size_t)L.K + 1);
+  for (int64_t c = 0; c < L.K; ++c) clm1[c] = (float)(L.classes[4 * c + 1] - 1);
+  if (!xs_buf.p) return 1;
+  float* xs = xs_buf.p;
+  for (int64_t gr = 0; gr < R; ++gr) {
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t j = L.slot_col[s];
+      if (j < 0) continue;
+      const float lm1 = L.slot_lm1[s];
+      float step = 0.0f, z = 0.0f;
+      if (L.ic) {
+        const float l = lo[gr * L.cols + j], span = hi[gr * L.cols + j] - l;
+        step = span / lm1;
+        z = zero_point(l, span, lm1, L.sym);
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const float v = L.ic ? x[t * L.cols + j] * step : x[t * L.cols + j] / lm1;
+        xs[(gr * T + t) * S + s] = v;
+        if (L.ic) zterm[gr * T + t] += (double)v * (double)z;
+      }
+    }
+  }
+  if (!L.ic)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < L.K; ++c) {
+        double sum = 0.0;
+        for (int64_t s = L.classes[4 * c + 2]; s < L.classes[4 * c + 3]; ++s) sum += xs[t * S + s];
+        X[t * L.K + c] = sum;
+      }
+  at::parallel_for(0, L.rows, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<double> out((size_t)T), zt((size_t)(G * T));
+    std::vector<float> z((size_t)L.K + 1), dot(TMAX);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t* row = L.words + r * L.rowwords;
+      const int64_t gr = (L.ic && L.rsize > 0) ? r / L.rsize : 0;
+      const float* xr = xs + gr * T * S;
+      std::fill(out.begin(), out.end(), 0.0);
+      if (!L.ic) {  // zero points of the row's classes, then their sums against X
+        for (int64_t g = 0; g < G; ++g) {
+          const float l = lo[r * L.ngc + g], span = hi[r * L.ngc + g] - l;
+          const int64_t c0 = L.gclass[g], c1 = L.gclass[g + 1];
+          if (L.sym)
+            for (int64_t c = c0; c < c1; ++c) z[c] = std::floor((clm1[c] + 1.0f) * 0.5f);
+          else
+            for (int64_t c = c0; c < c1; ++c) z[c] = std::nearbyint(-l / (span / clm1[c]));
+          for (int64_t t = 0; t < T; ++t) {
+            // 8 partial sums in a fixed order: vectorised, and the same for every thread count
+            double part[8] = {};
+            const double* Xt = X.data() + t * L.K;
+            int64_t c = c0;
+            for (; c + 8 <= c1; c += 8)
+              for (int i = 0; i < 8; ++i) part[i] += (double)z[c + i] * Xt[c + i];
+            for (; c < c1; ++c) part[0] += (double)z[c] * Xt[c];
+            zt[g * T + t] = ((part[0] + part[1]) + (part[2] + part[3])) +
+                            ((part[4] + part[5]) + (part[6] + part[7]));
+          }
+        }
+      }
+      for (int64_t t0 = 0; t0 < T; t0 += TMAX) {
+        const int tt = (int)std::min<int64_t>(TMAX, T - t0);
+        for (int64_t g = 0; g < G; ++g) {
+          dots(tt, L, row, xr + t0 * S, S, L.grun[g], L.grun[g + 1], dot.data());
+          if (L.ic) {
+            for (int t = 0; t < tt; ++t) out[t0 + t] += (double)dot[t];
+          } else {
+            const double span = (double)(hi[r * L.ngc + g] - lo[r * L.ngc + g]);
+            for (int t = 0; t < tt; ++t)
+              out[t0 + t] += span * ((double)dot[t] - zt[g * T + t0 + t]);
+          }
+        }
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        double v = out[t] - (L.ic ? zterm[gr * T + t] : 0.0);
+        if (bias) v += (double)bias[r];
+        y[t * L.rows + r] = (float)v;
+      }
+    }
+  });
+  return 0;
+}
+
+// rows [r0, r1) of W in the original column order, float32: (q - z) * step as
+// quant/grid.py dequantize_codes, bit for bit; out (r1 - r0, cols) must be zeroed (L = 1: 0)
+void baq_lanes_dequantize(const Layout* Lp, const float* lo, const float* hi, int64_t r0,
+                           int64_t r1, float* out) {
+  const Layout& L = *Lp;
+  at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const uint32_t* row = L.words + r * L.rowwords;
+      const int64_t gr = (L.ic && L.rsize > 0) ? r / L.rsize : 0;
+      float* o = out + (r - r0) * L.cols;
+      for (int64_t g = 0; g < L.ngc; ++g)
+      for (int64_t ri = L.grun[g]; ri < L.grun[g + 1]; ++ri) {
+        const int32_t* run = L.runs + 4 * ri;
+        const uint32_t mask = (1u << run[2]) - 1;
+        for (int64_t k = run[0]; k < run[1]; ++k) {
+          const uint32_t* v = row + L.chunk_word[k];
+          const uint32_t sh = (uint32_t)L.chunk_shift[k];
+          for (int l = 0; l < CHUNK; ++l) {
+            const int64_t s = k * CHUNK + l, j = L.slot_col[s];
+            if (j < 0) continue;
+            const int q = (int)((v[l] >> sh) & mask);
+            const float lm1 = L.slot_lm1[s];
+            float lv, hv;
+            if (L.ic) {
+              lv = lo[gr * L.cols + j];
+              hv = hi[gr * L.cols + j];
+            } else {
+              lv = lo[r * L.ngc + g];
+              hv = hi[r * L.ngc + g];
+            }
+            const float span = hv - lv, step = span / lm1;
+            o[j] = ((float)q - zero_point(lv, span, lm1, L.sym)) * step;
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,263 @@
+"""The lane-field runtime layout of a packed layer, for the native kernel (issue 26).
+
+Built at load time from the saved codes (the file is unchanged; :meth:`LaneLayout.unpack` gives
+the codes back exactly, so the saved streams can be rebuilt byte for byte). The EXL2 idea of
+issue 26, columns of equal width together with the input permuted to match:
+
+* Order. The columns with ``L > 1`` sorted by (column group, L, index), as
+  :mod:`baq.kernels.layout`: a class (group, L) is a run, so is a width ``ceil(log2 L)``. One-level
+  columns hold only 0 codes and drop out of the product (their "bias" term is 0).
+* Slots and chunks. The sorted columns of a column group fill *slots* from a chunk boundary on, a
+  chunk being :data:`CHUNK` (16) slots, the last one of a group padded with empty slots (input 0).
+  Per OC groups need this (each group's partial sum is scaled by its own range); without groups
+  there is one group and one padded chunk. A chunk's width is its widest code's (widths ascend
+  within a group, so the last column's).
+* Lane fields. A row is a sequence of *blocks* of 16 uint32 lanes (one 512-bit vector). Chunk
+  ``k`` of width ``w`` is a ``w``-bit field at bit ``shift[k]`` of every lane of block
+  ``block[k]``: slot ``l`` of the chunk in lane ``l``. The chunks fill the blocks in order, a new
+  block starting when the next field does not fit in the 32 bits (3-bit chunks: 10 a block, 30 of
+  32 bits used). Decoding a chunk is one vector load, one variable shift and, for ``w <= 4``, one
+  ``vpermps`` from a 16-entry table ``i & (2^w - 1)`` (the bits above the field are ignored by
+  the table: no mask, no conversion), else a mask and a conversion: 16 codes as float32 in 2 or 3
+  instructions for any width, then one FMA per token. The same per-chunk tables (block, shift)
+  serve every row: a row is ``rowwords`` uint32 and rows are independent (threads split them).
+* Runs: consecutive chunks of one width in one group, ``(first chunk, end chunk, width, 0)``; the
+  kernel switches on the width once a run.
+
+Memory: ``rows * rowwords * 4`` bytes: each code at its chunk's width, plus the bits a block
+leaves unused (2 of 32 for 3, 5 and 6 bits, 4 for 7) and the padding of each group's last chunk.
+Tables: 8 bytes a column (original index, ``L - 1``), 8 a chunk, 16 a run, 16 a class.
+benchmarks/kernel_speed.py reports the bytes against the saved ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from baq.kernels.layout import MAX_LEVELS, width_of
+
+CHUNK = 16  # slots a chunk: one 512-bit vector of float32, a field in each of 16 lanes
+LANE_BITS = 32
+# rows packed or unpacked together: bounds the scratch to about 2^22 numbers a step
+_SCRATCH = 2**22
+
+
+@dataclass
+class LaneLayout:
+    """One layer's codes as lane fields (module docstring).
+
+    Attributes:
+        rows, cols: the weight's shape (out_features, in_features).
+        dim, group_size, sym, ngroups: the grid's (quant/grid.py; ``ngroups`` range groups).
+        words: (rows, rowwords) int32, each row's blocks of 16 lanes (uint32 bits).
+        chunk_word: (nchunks,) int32 first word of each chunk's block in a row.
+        chunk_shift: (nchunks,) int32 bit of each chunk's field in its lanes.
+        runs: (nruns, 4) int32 ``(first chunk, end chunk, width, 0)``.
+        grun: (Gc + 1,) int32 first run of each column group (``Gc``: groups per OC, else 1).
+        slot_col: (nslots,) int32 original column of each slot, -1 for padding.
+        slot_lm1: (nslots,) float32 ``L - 1`` of each slot (1 for padding).
+        classes: (K, 4) int32 ``(column group, L, first slot, end slot)`` per class.
+        gclass: (Gc + 1,) int32 first class of each column group.
+    """
+
+    rows: int
+    cols: int
+    dim: str
+    group_size: int | None
+    sym: bool
+    ngroups: int
+    words: Tensor
+    chunk_word: Tensor
+    chunk_shift: Tensor
+    runs: Tensor
+    grun: Tensor
+    slot_col: Tensor
+    slot_lm1: Tensor
+    classes: Tensor
+    gclass: Tensor
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors the kernel reads, in the order of lanes.cpp's ``struct Layout``."""
+        return [self.words, self.chunk_word, self.chunk_shift, self.runs, self.grun,
+                self.slot_col, self.slot_lm1, self.classes, self.gclass]  # fmt: skip
+
+    def nbytes(self) -> int:
+        """Bytes held: words and tables."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def col_groups(self) -> int:
+        return int(self.grun.numel()) - 1
+
+    def chunk_widths(self) -> Tensor:
+        """(nchunks,) int64 width of every chunk."""
+        r = self.runs.long()
+        return torch.repeat_interleave(r[:, 2], r[:, 1] - r[:, 0])
+
+    def levels(self) -> Tensor:
+        """(cols,) int64 level counts in the original column order (1 for omitted columns)."""
+        out = torch.ones(self.cols, dtype=torch.int64)
+        real = self.slot_col >= 0
+        out[self.slot_col[real].long()] = self.slot_lm1[real].long() + 1
+        return out
+
+    def unpack(self) -> Tensor:
+        """(rows, cols) int64 codes in the original column order: the inverse of the build (0
+        in one-level columns)."""
+        out = torch.zeros(self.rows, self.cols, dtype=torch.int64)
+        real = self.slot_col >= 0
+        cols = self.slot_col[real].long()
+        lanes = self.chunk_word.long().view(-1, 1) + torch.arange(CHUNK)  # (nchunks, 16)
+        shift = self.chunk_shift.long().view(-1, 1)
+        mask = ((1 << self.chunk_widths()) - 1).view(-1, 1)
+        step = max(1, _SCRATCH // max(1, lanes.numel()))
+        for r0 in range(0, self.rows, step):
+            w = self.words[r0 : r0 + step].long() & 0xFFFFFFFF
+            codes = (w[:, lanes] >> shift) & mask  # (rb, nchunks, 16)
+            out[r0 : r0 + step, cols] = codes.reshape(w.shape[0], -1)[:, real]
+        return out
+
+
+def _fields(widths: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Block and bit of every chunk's field, the chunks filling blocks in order; returns the
+    first word of each chunk's block, its shift, and the words of a row."""
+    word, shift = [], []
+    block, bit = 0, 0
+    for w in widths.tolist():
+        if bit + w > LANE_BITS:
+            block, bit = block + 1, 0
+        word.append(block * CHUNK)
+        shift.append(bit)
+        bit += w
+    nblocks = block + 1 if word else 0
+    return (
+        torch.tensor(word, dtype=torch.int64),
+        torch.tensor(shift, dtype=torch.int64),
+        (nblocks * CHUNK),
+    )
+
+
+def build_lanes(
+    codes: Tensor,
+    levels: Tensor,
+    group_size: int | None,
+    sym: bool,
+    dim: str = "oc",
+    ngroups: int | None = None,
+) -> LaneLayout:
+    """Build the plane layout of one layer from its codes.
+
+    Args:
+        codes: (rows, cols) integer codes, column ``j`` in ``[0, levels[j])`` (original order).
+        levels: (cols,) level counts in ``[1, 256]``.
+        group_size: columns (per IC: rows) per range group, or None.
+        sym: symmetric grid.
+        dim: "oc" or "ic".
+        ngroups: range groups (default: from the shape and ``group_size``).
+    Returns:
+        The :class:`LaneLayout` (on the CPU).
+    Raises:
+        ValueError: a level count outside ``[1, 256]``, or a bad shape or ``dim``.
+    """
+    codes = codes.detach().cpu()
+    levels = levels.detach().cpu().to(torch.int64).reshape(-1)
+    rows, cols = codes.shape
+    if levels.numel() != cols:
+        raise ValueError(f"levels has {levels.numel()} entries for {cols} columns")
+    if int(levels.min()) < 1 or int(levels.max()) > MAX_LEVELS:
+        raise ValueError(f"level counts must lie in [1, {MAX_LEVELS}] for the kernel layout")
+    if dim not in ("oc", "ic"):
+        raise ValueError(f"dim={dim!r}: use oc or ic")
+    along = cols if dim == "oc" else rows
+    if ngroups is None:
+        ngroups = 1 if group_size is None else -(-along // group_size)
+    per_oc_groups = dim == "oc" and group_size is not None
+    colgroup = torch.arange(cols) // group_size if per_oc_groups else torch.zeros(cols).long()
+    gc = ngroups if per_oc_groups else 1
+    key = colgroup * (MAX_LEVELS + 1) + levels
+    order = torch.argsort(key, stable=True)
+    order = order[levels[order] > 1]
+    # slots: every group from a chunk boundary on, its last chunk padded
+    per_group = torch.bincount(colgroup[order], minlength=gc)
+    chunks = -(-per_group // CHUNK)
+    gslot = torch.cumsum(chunks * CHUNK, 0) - chunks * CHUNK  # first slot of each group
+    gfirst = torch.cumsum(per_group, 0) - per_group  # first sorted column of each group
+    g_of = colgroup[order]
+    slot_of = gslot[g_of] + torch.arange(order.numel()) - gfirst[g_of]
+    nslots = int(chunks.sum()) * CHUNK
+    slot_col = torch.full((nslots,), -1, dtype=torch.int64)
+    slot_col[slot_of] = order
+    slot_L = torch.ones(nslots, dtype=torch.int64)
+    slot_L[slot_of] = levels[order]
+    slot_w = torch.tensor([width_of(L) for L in slot_L.tolist()], dtype=torch.int64)
+    widths = slot_w.view(-1, CHUNK).amax(dim=1) if nslots else slot_w
+    chunk_group = torch.repeat_interleave(torch.arange(gc), chunks)
+    runs, grun = _runs(widths, chunk_group, gc)
+    runs_key, run_len = torch.unique_consecutive(key[order], return_counts=True)
+    cstart = slot_of[torch.cumsum(run_len, 0) - run_len]
+    classes = torch.stack(
+        [runs_key // (MAX_LEVELS + 1), runs_key % (MAX_LEVELS + 1), cstart, cstart + run_len], 1
+    ).reshape(-1, 4)
+    gclass = torch.cat([torch.zeros(1).long(), torch.cumsum(torch.bincount(
+        classes[:, 0], minlength=gc), 0)])  # fmt: skip
+    chunk_word, chunk_shift, rowwords = _fields(widths)
+    return LaneLayout(
+        rows=rows,
+        cols=cols,
+        dim=dim,
+        group_size=group_size,
+        sym=sym,
+        ngroups=ngroups,
+        words=_pack_words(codes, slot_col, chunk_word, chunk_shift, rowwords),
+        chunk_word=chunk_word.to(torch.int32),
+        chunk_shift=chunk_shift.to(torch.int32),
+        runs=runs.to(torch.int32),
+        grun=grun.to(torch.int32),
+        slot_col=slot_col.to(torch.int32),
+        slot_lm1=(slot_L - 1).clamp(min=1).to(torch.float32),
+        classes=classes.to(torch.int32),
+        gclass=gclass.to(torch.int32),
+    )
+
+
+def _runs(widths: Tensor, chunk_group: Tensor, gc: int) -> tuple[Tensor, Tensor]:
+    """Runs of chunks of one width and group: (nruns, 4) and the first run of every group."""
+    n = widths.numel()
+    if n == 0:
+        return torch.zeros(0, 4, dtype=torch.int64), torch.zeros(gc + 1, dtype=torch.int64)
+    change = torch.ones(n, dtype=torch.bool)
+    change[1:] = (widths[1:] != widths[:-1]) | (chunk_group[1:] != chunk_group[:-1])
+    first = torch.nonzero(change).reshape(-1)
+    end = torch.cat([first[1:], torch.tensor([n])])
+    runs = torch.stack([first, end, widths[first], torch.zeros_like(first)], 1)
+    per_group = torch.bincount(chunk_group[first], minlength=gc)
+    grun = torch.cat([torch.zeros(1).long(), torch.cumsum(per_group, 0)])
+    return runs, grun
+
+
+def _pack_words(
+    codes: Tensor, slot_col: Tensor, word: Tensor, shift: Tensor, rowwords: int
+) -> Tensor:
+    """(rows, rowwords) int32 words (uint32 bits) holding the codes in their lane fields."""
+    rows = codes.shape[0]
+    out = torch.zeros(rows, rowwords, dtype=torch.int64)
+    src = slot_col.clamp(min=0)
+    pad = slot_col < 0
+    lanes = (word.view(-1, 1) + torch.arange(CHUNK)).reshape(-1)  # word of each slot
+    shifts = shift.repeat_interleave(CHUNK)
+    step = max(1, _SCRATCH // max(1, slot_col.numel()))
+    for r0 in range(0, rows, step):
+        C = codes[r0 : r0 + step, src].to(torch.int64)
+        C[:, pad] = 0
+        # fields of one word never overlap: adding is or-ing
+        out[r0 : r0 + step].index_add_(1, lanes, C << shifts)
+    return (out - ((out >> 31) << 32)).to(torch.int32)
+
+
+def lanes_nbytes(rows: int, levels: Tensor, group_size: int | None = None) -> int:
+    """Word bytes of a per-OC layer from its level counts alone (the tables left out)."""
+    fake = build_lanes(torch.zeros(1, levels.numel(), dtype=torch.long), levels, group_size, False)
+    return rows * fake.words.shape[1] * 4

@@ -1,0 +1,208 @@
+"""The native CPU kernel of packed linears (issue 26): bit planes, C++, compiled at first use.
+
+``linear(layout, x, lo, hi, bias)`` computes ``F.linear(x, W, bias)`` for the weight ``W`` of a
+packed layer (docs/FORMAT.md section 8) from its :class:`~baq.kernels.lanes.LaneLayout`
+without building ``W``: up to :data:`MAX_KERNEL_TOKENS` tokens fused (decoding, small batches);
+longer inputs dequantize row tiles exactly (the same C++) and call torch's matmul.
+
+The algebra is that of :mod:`baq.kernels.cpu` (its docstring): per OC, ``y[r] = sum_g span[r, g]
+* (sum_j xs[j] q[r, j] - sum_c z[r, c] X[c])`` with ``xs[j] = x[j] / (L_j - 1)`` computed once
+per token, so the streamed part is a product of integer codes with one float vector for every
+row, and the zero points ``z`` (one per row and class) are recomputed from the ranges with the
+float32 operations of quant/grid.py. planes.cpp rebuilds 16 codes at a time as float32 from their
+bit planes (AVX512: a masked move and ``w - 1`` masked adds from 16-bit mask words) and multiplies
+them by 16 inputs with one FMA per token; the codes are exact, so the result differs from the
+dequantized float64 product by float32 sums alone (tests/kernels bound it). The input is never
+quantized (an int8 ``x`` with integer dot products, llama.cpp's way, would not be exact).
+
+Why C++ and not numba (measured, docs/DESIGN.md "Kernels"): on 4096x14336 at 3 bits, one token,
+two threads, numba's best (part streams decoded by shifts, LLVM-vectorised) ran 7.2 ms, no faster
+than float32 ``F.linear``: LLVM keeps the decode in general vector code, and numba's thread pool
+competes with torch's. The C++ reads a plane word straight into an AVX512 mask register
+(no shift, no compare), keeps 4 to 8 accumulators in registers, and runs on torch's own OpenMP
+pool through ``at::parallel_for`` (so ``torch.set_num_threads`` applies and no second pool
+exists). Without AVX512 the same loops are plain C++ that the compiler vectorises for the host.
+
+Compilation: ``torch.utils.cpp_extension.load`` (g++ and ninja; ``-O3 -march=native -fopenmp``)
+at the first use on a machine, cached in torch's extensions folder under a name hashed from the
+source, the flags and the processor, so later processes load it in well under a second. Where no
+compiler (or ninja) exists the load fails once, is logged at INFO, and :mod:`baq.kernels.runtime`
+uses the numba kernel of :mod:`baq.kernels.cpu` instead. The C functions are called by ctypes
+(no pybind: the source includes ``ATen/Parallel.h`` only and compiles in seconds).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from baq.kernels.lanes import LaneLayout
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lanes.cpp")
+# tokens up to which the fused kernel runs; beyond, dequantized row tiles go to torch's matmul
+MAX_KERNEL_TOKENS = 32
+# rows per dequantized tile of the long-input path: 1024 x 14336 float32 is 59 MB
+TILE_ROWS = 1024
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+_LIBS: dict[bool, ctypes.CDLL | None] = {}
+
+
+class _Layout(ctypes.Structure):
+    """planes.cpp's ``struct Layout``: pointers into a LaneLayout's tensors and its sizes."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in
+          ("words", "chunk_word", "chunk_shift", "runs", "grun", "slot_col", "slot_lm1",
+           "classes", "gclass")),
+        *((name, ctypes.c_int64) for name in
+          ("rows", "cols", "rowwords", "nslots", "ngc", "K", "ic", "sym", "rsize", "nrg")),
+    ]  # fmt: skip
+
+
+def library(portable: bool = False) -> ctypes.CDLL | None:
+    """The compiled kernel (built at the first call on this machine, then cached on disk), or
+    None where it cannot be built (logged once). ``portable``: the plain-loop variant that the
+    compiler vectorises, also used on machines without AVX512 (tests build it explicitly)."""
+    if portable not in _LIBS:
+        try:
+            _LIBS[portable] = _compile(portable)
+        except Exception as err:  # no compiler, no ninja, a failed build: all mean numba
+            first = str(err).strip().splitlines()[:1] or [type(err).__name__]
+            log.info("native kernel not available (%s): cache 'kernel' uses numba", first[0])
+            _LIBS[portable] = None
+    return _LIBS[portable]
+
+
+def _compile(portable: bool) -> ctypes.CDLL:
+    from torch.utils.cpp_extension import load
+
+    flags = FLAGS + (["-DBAQ_PORTABLE"] if portable else [])
+    key = SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_signature().encode()
+    name = "baq_lanes_" + hashlib.sha1(key).hexdigest()[:12]
+    log.info("loading the native kernel %s (compiled once per machine: seconds)", name)
+    path = load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                is_python_module=False, verbose=False)  # fmt: skip
+    lib = ctypes.CDLL(str(path))
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.baq_lanes_linear.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.baq_lanes_linear.restype = ctypes.c_int
+    lib.baq_lanes_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.baq_lanes_dequantize.restype = None
+    lib.baq_lanes_isa.restype = ctypes.c_int
+    return lib
+
+
+def _cpu_signature() -> str:
+    """The processor's model and flags: -march=native code must not meet another processor
+    through a shared extensions folder."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return platform.machine() + "|".join(lines)
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def _struct(layout: LaneLayout) -> _Layout:
+    """The C view of a layout, made once and kept on it (its tensors stay alive with it)."""
+    cached = getattr(layout, "_c", None)
+    if cached is None:
+        ic = layout.dim == "ic"
+        rsize = layout.group_size if (ic and layout.group_size is not None) else 0
+        ptrs = [t.data_ptr() for t in layout.tensors()]
+        cached = _Layout(
+            *ptrs, layout.rows, layout.cols, int(layout.words.shape[1]),
+            int(layout.slot_col.numel()), layout.col_groups, int(layout.classes.shape[0]),
+            int(ic), int(layout.sym), rsize, layout.ngroups if ic else 1,
+        )  # fmt: skip
+        layout._c = cached
+    return cached
+
+
+def _ranges(layout: LaneLayout, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    want = (layout.rows, layout.ngroups) if layout.dim == "oc" else (layout.ngroups, layout.cols)
+    if tuple(lo.shape) != want or tuple(hi.shape) != want:
+        raise ValueError(f"ranges of shape {tuple(lo.shape)}: expected {want}")
+    return tuple(t.detach().to("cpu", torch.float32).contiguous() for t in (lo, hi))
+
+
+def dequantize_rows(
+    layout: LaneLayout, lo: Tensor, hi: Tensor, r0: int, r1: int, lib: ctypes.CDLL | None = None
+) -> Tensor:
+    """(r1 - r0, cols) float32 rows of ``W``, bitwise the weights of docs/FORMAT.md section 8."""
+    lib = lib or _require()
+    lo, hi = _ranges(layout, lo, hi)
+    out = torch.zeros(r1 - r0, layout.cols)
+    lib.baq_lanes_dequantize(
+        ctypes.byref(_struct(layout)), lo.data_ptr(), hi.data_ptr(), r0, r1, out.data_ptr()
+    )
+    return out
+
+
+def linear(
+    layout: LaneLayout,
+    x: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    bias: Tensor | None = None,
+    max_tokens: int = MAX_KERNEL_TOKENS,
+    lib: ctypes.CDLL | None = None,
+) -> Tensor:
+    """``F.linear(x, W, bias)`` for the layer of ``layout`` with ranges ``lo``, ``hi``.
+
+    Args:
+        layout: the codes (:func:`baq.kernels.lanes.build_lanes`).
+        x: (..., cols) input on the CPU, any float dtype (computed in float32).
+        lo, hi: the grid ranges, (rows, G) per OC, (G, cols) per IC.
+        bias: (rows,) or None.
+        max_tokens: up to this many tokens the fused kernel runs; beyond, row tiles of ``W``
+            are dequantized and multiplied by torch.
+        lib: the compiled library (default :func:`library`; tests pass the portable one).
+    Returns:
+        (..., rows) in ``x.dtype``.
+    """
+    lib = lib or _require()
+    if x.shape[-1] != layout.cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer {layout.cols}")
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, layout.cols).to(torch.float32).contiguous()
+    T = x2.shape[0]
+    b = None if bias is None else bias.detach().to("cpu", torch.float32).contiguous()
+    if T > max_tokens:
+        tiles = [
+            dequantize_rows(layout, lo, hi, r0, min(r0 + TILE_ROWS, layout.rows), lib)
+            for r0 in range(0, layout.rows, TILE_ROWS)
+        ]
+        y = torch.cat([F.linear(x2, W) for W in tiles], dim=1)
+        if b is not None:
+            y = y + b
+    else:
+        lo, hi = _ranges(layout, lo, hi)
+        y = torch.empty(T, layout.rows)
+        rc = lib.baq_lanes_linear(
+            ctypes.byref(_struct(layout)), lo.data_ptr(), hi.data_ptr(), x2.data_ptr(), T,
+            None if b is None else b.data_ptr(), y.data_ptr(),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError(f"native kernel: no memory for the {T}x{layout.cols} input")
+    return y.reshape(*lead, layout.rows).to(x.dtype)
+
+
+def _require() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernel is not available here: use baq.kernels.cpu")
+    return lib
+
+
+__all__ = ["MAX_KERNEL_TOKENS", "dequantize_rows", "library", "linear"]
