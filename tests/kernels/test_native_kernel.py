@@ -1,0 +1,163 @@
+"""The native lane-field kernel (baq/kernels/native.py, lanes.cpp) against the slow, obvious
+reference (issue 26): the codes dequantized by quant/grid.py, then ``F.linear`` in float64.
+
+The kernel sums in float32 in another order, so it must agree to float32 rounding: a few float32
+epsilons of the magnitudes summed. It sums ``x q step`` and ``x z step`` apart (the zero points
+``z`` per class, native.py) and subtracts, so those magnitudes are ``|x| @ (|q| + |z|) step``,
+which is ``|x| @ |W|`` up to a small factor for most grids but not for a one-bit column whose
+zero point is 1 (``W`` is 0 or ``-step``, ``q + z`` up to 2): that is the bound used here.
+Both builds are checked: the AVX512 one of this machine (when it has AVX512) and the portable
+plain loops that other machines compile. The fallback to numba when nothing compiles is checked with the compiler taken away.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_cpu_kernel import CASES, EPS32, random_layer
+
+from baq.kernels import native, runtime
+from baq.kernels.lanes import CHUNK, LaneLayout, build_lanes
+from baq.kernels.layout import KernelLayout
+from baq.quant.grid import column_params, dequantize, fit_grid, quantize
+from baq.saved.packed_linear import PackedLinear
+from baq.saved.packing import pack_columns
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C++ compiler here")
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def lib(request):
+    lib = native.library(portable=request.param == "portable")
+    assert lib is not None
+    return lib
+
+
+def check(codes, levels, grid, tokens, lib, seed=1, max_tokens=native.MAX_KERNEL_TOKENS):
+    rows, cols = codes.shape
+    layout = build_lanes(codes, levels, grid.group_size, grid.sym, grid.dim)
+    W = dequantize(codes, grid, levels).double()
+    step, zero = column_params(grid, levels, rows=rows)
+    magnitude = (codes.double() + zero.double()) * step.double().abs()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, generator=gen)
+    bias = torch.randn(rows, generator=gen)
+    y = native.linear(layout, x, grid.lo, grid.hi, bias, max_tokens=max_tokens, lib=lib)
+    ref = F.linear(x.double(), W, bias.double())
+    scale = F.linear(x.double().abs(), magnitude) + bias.double().abs()
+    err = (y.double() - ref).abs()
+    assert y.dtype == torch.float32 and y.shape == (tokens, rows)
+    assert bool((err <= 8 * EPS32 * scale + 1e-30).all()), float((err / scale).max() / EPS32)
+
+
+# the cases of the numba kernel (odd shapes, ragged groups, per OC and per IC, sym and asym,
+# float16 and float32 ranges) and a per-OC group narrower than a chunk
+NATIVE_CASES = CASES + [(19, 45, 7, False, "oc", "float32")]
+
+
+@pytest.mark.parametrize("rows,cols,group_size,sym,dim,range_dtype", NATIVE_CASES)
+@pytest.mark.parametrize("tokens", [1, 2, 5, 9, 16, 64])
+def test_kernel_equals_dequantized_linear(lib, rows, cols, group_size, sym, dim, range_dtype,
+                                          tokens):  # fmt: skip
+    codes, levels, grid = random_layer(rows, cols, group_size, sym, dim, range_dtype)
+    check(codes, levels, grid, tokens, lib)
+
+
+@pytest.mark.parametrize("width", range(1, 9))
+def test_every_width_through_whole_blocks(lib, width):
+    """Long runs of one width fill whole blocks (the immediate-shift loop) between the chunks of
+    shared blocks (the table path): one run per width 1..8 at 2^w and 2^(w-1) + 1 levels."""
+    gen = torch.Generator().manual_seed(width)
+    cols = 16 * 40 + 7
+    levels = torch.full((cols,), 2**width)
+    levels[: cols // 3] = 2 ** (width - 1) + 1
+    levels[:5] = torch.tensor([1, 2, 3, 256, 17])
+    levels = levels[torch.randperm(cols, generator=gen)]
+    W = torch.randn(23, cols, generator=gen)
+    grid = fit_grid(W, group_size=None, sym=False, range_dtype="float32", dim="oc")
+    codes, _ = quantize(W, grid, levels)
+    for tokens in (1, 3, 8):
+        check(codes, levels, grid, tokens, lib, seed=tokens)
+
+
+def test_fused_and_tile_paths_agree_with_the_reference(lib):
+    codes, levels, grid = random_layer(41, 133, 32, False, "oc", "float16", seed=3)
+    for max_tokens in (0, 64):
+        check(codes, levels, grid, 64, lib, max_tokens=max_tokens)
+
+
+def test_one_and_two_threads_give_the_same_bits(lib):
+    """Each row is summed by one thread in a fixed order: the thread count changes nothing."""
+    codes, levels, grid = random_layer(67, 290, None, False, "oc", "float16", seed=4)
+    layout = build_lanes(codes, levels, grid.group_size, grid.sym, grid.dim)
+    x = torch.randn(3, 290)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(native.linear(layout, x, grid.lo, grid.hi, lib=lib))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dim,group_size", [("oc", None), ("oc", 24), ("ic", 10), ("oc", 5)])
+def test_layout_round_trip_and_exact_tiles(lib, dim, group_size):
+    """Permute and pack, then unpack: the codes exactly; dequantized tiles: the weights bitwise."""
+    codes, levels, grid = random_layer(31, 99, group_size, False, dim, "float16", seed=5)
+    layout = build_lanes(codes, levels, grid.group_size, grid.sym, grid.dim)
+    assert torch.equal(layout.unpack(), codes)
+    assert torch.equal(layout.levels(), levels)
+    W = dequantize(codes, grid, levels)
+    assert torch.equal(native.dequantize_rows(layout, grid.lo, grid.hi, 7, 30, lib=lib), W[7:30])
+
+
+def test_layout_size_is_near_the_ceiling_width():
+    """Each code at its chunk's width, blocks leaving at most 4 of 32 bits, one padded chunk."""
+    gen = torch.Generator().manual_seed(6)
+    levels = torch.randint(1, 257, (700,), generator=gen)
+    codes = (torch.rand(50, 700, generator=gen) * levels).long()
+    layout = build_lanes(codes, levels, None, False)
+    ceiling = sum(50 * (int(L) - 1).bit_length() for L in levels) / 8
+    held = layout.words.numel() * 4
+    assert ceiling <= held <= ceiling * 32 / 28 + 50 * 8 * CHUNK * 4
+    assert torch.equal(layout.unpack(), codes)
+
+
+def test_without_a_compiler_the_numba_kernel_runs(monkeypatch, caplog):
+    """A failed build is logged once at INFO; layers then get the numba layout and kernel."""
+
+    def no_compiler(portable):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(native, "_LIBS", {})
+    monkeypatch.setattr(native, "_compile", no_compiler)
+    codes, levels, grid = random_layer(29, 203, 64, False, "oc", "float32")
+    with caplog.at_level(logging.INFO, logger="baq.kernels.native"):
+        assert native.library() is None and native.library() is None
+        layout = runtime.build(codes, levels, grid.group_size, grid.sym, grid.dim)
+    assert isinstance(layout, KernelLayout)
+    notes = [r for r in caplog.records if "not available" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.INFO
+    x = torch.randn(2, 203)
+    W = dequantize(codes, grid, levels)
+    layer = PackedLinear(pack_columns(codes, levels), grid.lo, grid.hi, 64, False, cache="kernel")
+    with torch.inference_mode():
+        y = layer(x)
+    assert isinstance(layer._layout, KernelLayout)
+    torch.testing.assert_close(y, F.linear(x, W), rtol=0, atol=1e-4 * float(y.abs().max()))
+
+
+def test_with_a_compiler_the_module_runs_the_native_layout():
+    codes, levels, grid = random_layer(29, 203, 64, False, "oc", "float32")
+    layer = PackedLinear(pack_columns(codes, levels), grid.lo, grid.hi, 64, False, cache="kernel")
+    x = torch.randn(2, 203)
+    with torch.inference_mode():
+        y = layer(x)
+    assert isinstance(layer._layout, LaneLayout)
+    W = dequantize(codes, grid, levels)
+    torch.testing.assert_close(y, F.linear(x, W), rtol=0, atol=1e-4 * float(y.abs().max()))
