@@ -7,7 +7,8 @@ epsilons of the magnitudes summed. It sums ``x q step`` and ``x z step`` apart (
 which is ``|x| @ |W|`` up to a small factor for most grids but not for a one-bit column whose
 zero point is 1 (``W`` is 0 or ``-step``, ``q + z`` up to 2): that is the bound used here.
 Both builds are checked: the AVX512 one of this machine (when it has AVX512) and the portable
-plain loops that other machines compile. The fallback to numba when nothing compiles is checked with the compiler taken away.
+plain loops that other machines compile. The fallback to numba when nothing compiles is checked
+with the compiler taken away.
 """
 
 from __future__ import annotations
