@@ -14,7 +14,7 @@ import sys
 from baq.run.memory_estimate import out_of_memory
 
 from .. import __version__
-from . import bench, export, measure, quantize, saved
+from . import bench, export, measure, quantize, saved, tune
 from .common import UsageError, error_line, interrupted_line
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_parsers(sub, common)
     export.add_parser(sub, common)
     bench.add_parser(sub, common)
+    tune.add_parser(sub, common)
     return parser
 
 

@@ -82,6 +82,9 @@ class MemoryEstimate:
         importance: the model-level allocation's Fisher pass (``baq.run.importance``): every
             block's inputs for its windows, their gradients, the head's logits and one block's
             backward; its sensitivity pass holds at most what quantizing does.
+        tune: ``baq tune``'s training (:func:`baq.run.tune_setup.estimate_memory`): the
+            unpacked codes, each step's float weights, one window's activations with their
+            gradients, the trainable parameters with Adam's state.
     """
 
     resident: int
@@ -97,6 +100,7 @@ class MemoryEstimate:
     save: int = 0
     importance: int = 0
     base_record: int = 0
+    tune: int = 0
 
     def quantize_peak(self, spilled: bool = False) -> int:
         held = 0 if spilled else self.activations
@@ -114,6 +118,7 @@ class MemoryEstimate:
             kept + self.evaluation + self.calib_tokens,
             kept + self.save,
             self.resident + self.weights + self.importance + self.calib_tokens,
+            kept + self.tune + self.calib_tokens,
         )
 
 
@@ -169,6 +174,7 @@ class MemoryPlan:
             f"block forward {format_size(e.forward)}",
             f"evaluation {format_size(e.evaluation)}",
             *([f"importance pass {format_size(e.importance)}"] if e.importance else []),
+            *([f"tuning {format_size(e.tune)}"] if e.tune else []),
             f"load {format_size(e.load)}",
         ]
         return (
