@@ -38,6 +38,7 @@ __all__ = [
     "quantize",
     "save",
     "set_cache",
+    "tune",
 ]
 
 
@@ -70,6 +71,14 @@ def set_cache(model: Any, cache: str) -> int:
     from baq.saved.packed_linear import set_cache as _set
 
     return _set(model, cache)
+
+
+def tune(*args: Any, **kwargs: Any):
+    """See :func:`baq.run.tune_setup.tune`: ``baq.tune("smollm2-baq3", "smollm2-baq3-tuned")``
+    distils a saved folder into its float model (ranges trained, codes kept) and saves it."""
+    from baq.run.tune_setup import tune as _tune
+
+    return _tune(*args, **kwargs)
 
 
 def perplexity(*args: Any, **kwargs: Any) -> float:
