@@ -312,3 +312,22 @@ def test_the_estimate_grows_with_the_teachers_record_and_the_windows(setup):
     assert large.base_record == pytest.approx(10 * small.base_record, rel=0.01)
     assert small.tune > 9 * sum(r * c for r, c in [(64, 64)] * 2)  # at least the codes' terms
     assert math.isfinite(small.peak())
+
+
+@pytest.mark.parametrize("grid", [dict(), dict(dim="ic"), dict(sym=True)], ids=["oc", "ic", "sym"])
+def test_the_fast_scale_gradient_is_autograds(grid):
+    """Without range groups the forward takes the scale's gradient in closed form
+    (ScaledLinear); it equals autograd's through the dequantization, and so does the input's."""
+    layer = packed_layer(seed=4, **grid)
+    fast, slow = TunableLinear(layer), TunableLinear(layer)
+    with torch.no_grad():
+        for w in (fast, slow):
+            w.scale.copy_(torch.linspace(0.7, 1.3, w.scale.numel()).view_as(w.scale))
+    x = torch.randn(2, 6, layer.in_features)
+    G = torch.randn(2, 6, layer.out_features)
+    xf, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (fast(xf) * G).sum().backward()
+    (F.linear(xs, slow.weight(), layer.bias) * G).sum().backward()
+    assert torch.allclose(fast.scale.grad, slow.scale.grad, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(xf.grad, xs.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast(x), F.linear(x, slow.weight(), layer.bias))

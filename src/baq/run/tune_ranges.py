@@ -18,9 +18,12 @@ EfficientQAT's end-to-end stage (Chen et al., 2024, E2E-QP) with the format's ow
 functions PackedLinear dequantizes with (:func:`~baq.quant.grid.column_params`,
 :func:`~baq.quant.grid.dequantize_codes`), so at any scale its forward equals the forward of a
 PackedLinear holding those ranges; ``torch.round`` has no gradient, so the gradient reaches the
-scale through the step only. Memory: the unpacked codes, one byte per weight (two for columns of
-more than 256 levels), plus per step a float32 weight and its ``code - zero`` kept for the
-backward (8 bytes per quantized weight; 0.85 GB on the 135M reference model).
+scale through the step only. Without range groups (the default grids) :class:`ScaledLinear`
+gives the scale's gradient in closed form from the layer's output (per OC) or input (per IC),
+which saves the weight-gradient product, a third of a block's backward. Memory: the unpacked
+codes, one byte per weight (two for columns of more than 256 levels), plus per step a float32
+weight kept for the backward (and with range groups its ``code - zero``: at most 8 bytes per
+quantized weight, 0.85 GB on the 135M reference model).
 """
 
 from __future__ import annotations
@@ -87,6 +90,11 @@ class TunableLinear(nn.Module):
         if transform is not None:
             x = transform(x)
         bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        if layer.group_size is None and self.scale.requires_grad:
+            with torch.no_grad():
+                W = self.weight().to(x.dtype)
+            y = ScaledLinear.apply(x, W, self.scale, layer.dim)
+            return y if bias is None else y + bias
         return F.linear(x, self.weight().to(x.dtype), bias)
 
     @torch.no_grad()
@@ -106,6 +114,34 @@ class TunableLinear(nn.Module):
         layer.hi_bits.copy_(hi.view(bits))
         layer.set_cache(layer.cache)  # the cached weight or offsets belong to the old ranges
         return lo.float(), hi.float()
+
+
+class ScaledLinear(torch.autograd.Function):
+    """``x @ W.T`` where ``W = s * W0`` along one axis (zero points fixed, no range groups): the
+    scale's gradient without the weight's. Per OC ``dL/ds_r = sum_t g[t, r] y[t, r] / s_r``; per
+    IC ``dL/ds_c = sum_t x[t, c] (g W)[t, c] / s_c``. ``W`` is the exact dequantized weight, so
+    the forward is the packed one; the gradient equals autograd's through
+    :meth:`TunableLinear.weight` up to float rounding."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, scale: Tensor, dim: str) -> Tensor:
+        y = F.linear(x, W)
+        ctx.dim = dim
+        ctx.save_for_backward(x if dim == "ic" else y, W, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        kept, W, scale = ctx.saved_tensors
+        grad_x = g @ W
+        s = scale.clamp(min=MIN_SCALE)
+        if ctx.dim == "oc":  # scale (rows, 1)
+            prod = (g * kept).reshape(-1, W.shape[0]).sum(0)
+            grad_s = (prod.float() / s[:, 0]).unsqueeze(1) * (scale >= MIN_SCALE)
+        else:  # scale (1, cols)
+            prod = (kept * grad_x).reshape(-1, W.shape[1]).sum(0)
+            grad_s = (prod.float() / s[0]).unsqueeze(0) * (scale >= MIN_SCALE)
+        return grad_x, None, grad_s.to(scale.dtype), None
 
 
 def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
