@@ -231,92 +231,107 @@ int baq_lanes_linear(const Layout* Lp, const float* lo, const float* hi, const f
         for (int64_t s = L.classes[4 * c + 2]; s < L.classes[4 * c + 3]; ++s) sum += xs[t * S + s];
         X[t * L.K + c] = sum;
       }
-  at::parallel_for(0, L.rows, 8, [&](int64_t r0, int64_t r1) {
-    std::vector<double> out((size_t)T), zt((size_t)(G * T));
+  // rows in blocks of ROWS_BLOCK, every token tile over a block: the block's codes stay in cache
+  // while each tile's inputs (8 tokens, 32 KiB per 1024 columns) pass over them
+  constexpr int64_t ROWS_BLOCK = 16;
+  at::parallel_for(0, L.rows, ROWS_BLOCK, [&](int64_t r0, int64_t r1) {
+    std::vector<double> zt((size_t)(G * TMAX));
     std::vector<float> z((size_t)L.K + 1), dot(TMAX);
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint32_t* row = L.words + r * L.rowwords;
-      const int64_t gr = (L.ic && L.rsize > 0) ? r / L.rsize : 0;
-      const float* xr = xs + gr * T * S;
-      std::fill(out.begin(), out.end(), 0.0);
-      if (!L.ic) {  // zero points of the row's classes, then their sums against X
-        for (int64_t g = 0; g < G; ++g) {
-          const float l = lo[r * L.ngc + g], span = hi[r * L.ngc + g] - l;
-          const int64_t c0 = L.gclass[g], c1 = L.gclass[g + 1];
-          if (L.sym)
-            for (int64_t c = c0; c < c1; ++c) z[c] = std::floor((clm1[c] + 1.0f) * 0.5f);
-          else
-            for (int64_t c = c0; c < c1; ++c) z[c] = std::nearbyint(-l / (span / clm1[c]));
-          for (int64_t t = 0; t < T; ++t) {
-            // 8 partial sums in a fixed order: vectorised, and the same for every thread count
-            double part[8] = {};
-            const double* Xt = X.data() + t * L.K;
-            int64_t c = c0;
-            for (; c + 8 <= c1; c += 8)
-              for (int i = 0; i < 8; ++i) part[i] += (double)z[c + i] * Xt[c + i];
-            for (; c < c1; ++c) part[0] += (double)z[c] * Xt[c];
-            zt[g * T + t] = ((part[0] + part[1]) + (part[2] + part[3])) +
-                            ((part[4] + part[5]) + (part[6] + part[7]));
-          }
-        }
-      }
+    for (int64_t rb = r0; rb < r1; rb += ROWS_BLOCK)
       for (int64_t t0 = 0; t0 < T; t0 += TMAX) {
         const int tt = (int)std::min<int64_t>(TMAX, T - t0);
-        for (int64_t g = 0; g < G; ++g) {
-          dots(tt, L, row, xr + t0 * S, S, L.grun[g], L.grun[g + 1], dot.data());
-          if (L.ic) {
-            for (int t = 0; t < tt; ++t) out[t0 + t] += (double)dot[t];
-          } else {
-            const double span = (double)(hi[r * L.ngc + g] - lo[r * L.ngc + g]);
-            for (int t = 0; t < tt; ++t)
-              out[t0 + t] += span * ((double)dot[t] - zt[g * T + t0 + t]);
+        for (int64_t r = rb; r < std::min(r1, rb + ROWS_BLOCK); ++r) {
+          const uint32_t* row = L.words + r * L.rowwords;
+          const int64_t gr = (L.ic && L.rsize > 0) ? r / L.rsize : 0;
+          const float* xr = xs + (gr * T + t0) * S;
+          double out[TMAX] = {};
+          if (!L.ic) {  // zero points of the row's classes, then their sums against X
+            for (int64_t g = 0; g < G; ++g) {
+              const float l = lo[r * L.ngc + g], span = hi[r * L.ngc + g] - l;
+              const int64_t c0 = L.gclass[g], c1 = L.gclass[g + 1];
+              if (L.sym)
+                for (int64_t c = c0; c < c1; ++c) z[c] = std::floor((clm1[c] + 1.0f) * 0.5f);
+              else
+                for (int64_t c = c0; c < c1; ++c) z[c] = std::nearbyint(-l / (span / clm1[c]));
+              for (int t = 0; t < tt; ++t) {
+                // 8 partial sums in a fixed order: vectorised, the same for any thread count
+                double part[8] = {};
+                const double* Xt = X.data() + (t0 + t) * L.K;
+                int64_t c = c0;
+                for (; c + 8 <= c1; c += 8)
+                  for (int i = 0; i < 8; ++i) part[i] += (double)z[c + i] * Xt[c + i];
+                for (; c < c1; ++c) part[0] += (double)z[c] * Xt[c];
+                zt[g * TMAX + t] = ((part[0] + part[1]) + (part[2] + part[3])) +
+                                   ((part[4] + part[5]) + (part[6] + part[7]));
+              }
+            }
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            dots(tt, L, row, xr, S, L.grun[g], L.grun[g + 1], dot.data());
+            if (L.ic) {
+              for (int t = 0; t < tt; ++t) out[t] += (double)dot[t];
+            } else {
+              const double span = (double)(hi[r * L.ngc + g] - lo[r * L.ngc + g]);
+              for (int t = 0; t < tt; ++t) out[t] += span * ((double)dot[t] - zt[g * TMAX + t]);
+            }
+          }
+          for (int t = 0; t < tt; ++t) {
+            double v = out[t] - (L.ic ? zterm[gr * T + t0 + t] : 0.0);
+            if (bias) v += (double)bias[r];
+            y[(t0 + t) * L.rows + r] = (float)v;
           }
         }
       }
-      for (int64_t t = 0; t < T; ++t) {
-        double v = out[t] - (L.ic ? zterm[gr * T + t] : 0.0);
-        if (bias) v += (double)bias[r];
-        y[t * L.rows + r] = (float)v;
-      }
-    }
   });
   return 0;
 }
 
 // rows [r0, r1) of W in the original column order, float32: (q - z) * step as
-// quant/grid.py dequantize_codes, bit for bit; out (r1 - r0, cols) must be zeroed (L = 1: 0)
+// quant/grid.py dequantize_codes, bit for bit; out (r1 - r0, cols) must be zeroed (L = 1: 0).
+// A row's codes are decoded in slot order, then each class (per IC: each slot) scales its run.
 void baq_lanes_dequantize(const Layout* Lp, const float* lo, const float* hi, int64_t r0,
-                           int64_t r1, float* out) {
+                          int64_t r1, float* out) {
   const Layout& L = *Lp;
+  const int64_t S = L.nslots, R = L.ic ? L.nrg : 1;
+  // per IC the step and zero point of every (row group, slot), once
+  std::vector<float> step_ic(L.ic ? (size_t)(R * S) : 0), zero_ic(L.ic ? (size_t)(R * S) : 0);
+  for (int64_t gr = 0; L.ic && gr < R; ++gr)
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t j = L.slot_col[s];
+      if (j < 0) continue;
+      const float l = lo[gr * L.cols + j], span = hi[gr * L.cols + j] - l;
+      step_ic[gr * S + s] = span / L.slot_lm1[s];
+      zero_ic[gr * S + s] = zero_point(l, span, L.slot_lm1[s], L.sym);
+    }
   at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
+    std::vector<float> q((size_t)S);
     for (int64_t r = a; r < b; ++r) {
       const uint32_t* row = L.words + r * L.rowwords;
-      const int64_t gr = (L.ic && L.rsize > 0) ? r / L.rsize : 0;
-      float* o = out + (r - r0) * L.cols;
-      for (int64_t g = 0; g < L.ngc; ++g)
-      for (int64_t ri = L.grun[g]; ri < L.grun[g + 1]; ++ri) {
+      const int64_t nruns = L.grun[L.ngc];
+      for (int64_t ri = 0; ri < nruns; ++ri) {
         const int32_t* run = L.runs + 4 * ri;
         const uint32_t mask = (1u << run[2]) - 1;
         for (int64_t k = run[0]; k < run[1]; ++k) {
           const uint32_t* v = row + L.chunk_word[k];
           const uint32_t sh = (uint32_t)L.chunk_shift[k];
-          for (int l = 0; l < CHUNK; ++l) {
-            const int64_t s = k * CHUNK + l, j = L.slot_col[s];
-            if (j < 0) continue;
-            const int q = (int)((v[l] >> sh) & mask);
-            const float lm1 = L.slot_lm1[s];
-            float lv, hv;
-            if (L.ic) {
-              lv = lo[gr * L.cols + j];
-              hv = hi[gr * L.cols + j];
-            } else {
-              lv = lo[r * L.ngc + g];
-              hv = hi[r * L.ngc + g];
-            }
-            const float span = hv - lv, step = span / lm1;
-            o[j] = ((float)q - zero_point(lv, span, lm1, L.sym)) * step;
-          }
+          for (int l = 0; l < CHUNK; ++l) q[k * CHUNK + l] = (float)((v[l] >> sh) & mask);
         }
+      }
+      float* o = out + (r - r0) * L.cols;
+      if (L.ic) {
+        const int64_t gr = L.rsize > 0 ? r / L.rsize : 0;
+        const float *st = step_ic.data() + gr * S, *ze = zero_ic.data() + gr * S;
+        for (int64_t s = 0; s < S; ++s)
+          if (L.slot_col[s] >= 0) o[L.slot_col[s]] = (q[s] - ze[s]) * st[s];
+        continue;
+      }
+      for (int64_t c = 0; c < L.K; ++c) {
+        const int64_t g = L.classes[4 * c];
+        const float l = lo[r * L.ngc + g], span = hi[r * L.ngc + g] - l;
+        const float lm1 = (float)(L.classes[4 * c + 1] - 1);
+        const float st = span / lm1, ze = zero_point(l, span, lm1, L.sym);
+        for (int64_t s = L.classes[4 * c + 2]; s < L.classes[4 * c + 3]; ++s)
+          o[L.slot_col[s]] = (q[s] - ze) * st;
       }
     }
   });

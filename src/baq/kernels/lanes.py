@@ -148,7 +148,7 @@ def build_lanes(
     dim: str = "oc",
     ngroups: int | None = None,
 ) -> LaneLayout:
-    """Build the plane layout of one layer from its codes.
+    """Build the lane-field layout of one layer from its codes.
 
     Args:
         codes: (rows, cols) integer codes, column ``j`` in ``[0, levels[j])`` (original order).

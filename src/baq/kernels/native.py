@@ -1,27 +1,29 @@
-"""The native CPU kernel of packed linears (issue 26): bit planes, C++, compiled at first use.
+"""The native CPU kernel of packed linears (issue 26): lane fields, C++, compiled at first use.
 
 ``linear(layout, x, lo, hi, bias)`` computes ``F.linear(x, W, bias)`` for the weight ``W`` of a
-packed layer (docs/FORMAT.md section 8) from its :class:`~baq.kernels.lanes.LaneLayout`
-without building ``W``: up to :data:`MAX_KERNEL_TOKENS` tokens fused (decoding, small batches);
+packed layer (docs/FORMAT.md section 8) from its :class:`~baq.kernels.lanes.LaneLayout` without
+building ``W``: up to :data:`MAX_KERNEL_TOKENS` tokens fused (decoding, batches, short prompts);
 longer inputs dequantize row tiles exactly (the same C++) and call torch's matmul.
 
 The algebra is that of :mod:`baq.kernels.cpu` (its docstring): per OC, ``y[r] = sum_g span[r, g]
 * (sum_j xs[j] q[r, j] - sum_c z[r, c] X[c])`` with ``xs[j] = x[j] / (L_j - 1)`` computed once
 per token, so the streamed part is a product of integer codes with one float vector for every
 row, and the zero points ``z`` (one per row and class) are recomputed from the ranges with the
-float32 operations of quant/grid.py. planes.cpp rebuilds 16 codes at a time as float32 from their
-bit planes (AVX512: a masked move and ``w - 1`` masked adds from 16-bit mask words) and multiplies
-them by 16 inputs with one FMA per token; the codes are exact, so the result differs from the
-dequantized float64 product by float32 sums alone (tests/kernels bound it). The input is never
-quantized (an int8 ``x`` with integer dot products, llama.cpp's way, would not be exact).
+float32 operations of quant/grid.py. lanes.cpp rebuilds 16 codes at a time as float32 from their
+lane fields (AVX512: a shift and a ``vpermps`` from a 16-entry table for widths up to 4, a shift,
+a mask and a conversion above) and multiplies them by 16 inputs with one FMA per token. The codes
+are exact, so the result differs from the dequantized float64 product by float32 sums alone
+(tests/kernels bound it). The input is never quantized (an int8 ``x`` with integer dot products,
+llama.cpp's way, would not be exact).
 
 Why C++ and not numba (measured, docs/DESIGN.md "Kernels"): on 4096x14336 at 3 bits, one token,
-two threads, numba's best (part streams decoded by shifts, LLVM-vectorised) ran 7.2 ms, no faster
-than float32 ``F.linear``: LLVM keeps the decode in general vector code, and numba's thread pool
-competes with torch's. The C++ reads a plane word straight into an AVX512 mask register
-(no shift, no compare), keeps 4 to 8 accumulators in registers, and runs on torch's own OpenMP
-pool through ``at::parallel_for`` (so ``torch.set_num_threads`` applies and no second pool
-exists). Without AVX512 the same loops are plain C++ that the compiler vectorises for the host.
+numba's best (part streams decoded by shifts, LLVM-vectorised) was no faster than float32
+``F.linear`` (7.2 ms against 6.8, two threads), and its thread pool competed with torch's. The
+C++ decodes a chunk in 2 to 3 vector instructions with the accumulators in registers, about 3
+times faster than float32 ``F.linear`` there in CPU time, and runs on torch's own OpenMP pool
+through ``at::parallel_for`` (so ``torch.set_num_threads`` applies and no second pool exists).
+Without AVX512 the same loops are plain C++ that the compiler vectorises for the host
+(``-DBAQ_PORTABLE`` builds them here too, for the tests).
 
 Compilation: ``torch.utils.cpp_extension.load`` (g++ and ninja; ``-O3 -march=native -fopenmp``)
 at the first use on a machine, cached in torch's extensions folder under a name hashed from the
@@ -49,7 +51,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lanes.cpp")
 # tokens up to which the fused kernel runs; beyond, dequantized row tiles go to torch's matmul
-MAX_KERNEL_TOKENS = 32
+# (4096x14336, 3 bits, one thread, CPU time: fused 157 ms against tiles 259 at 64 tokens, 725
+# against 414 at 256; float32 F.linear 83 and 224)
+MAX_KERNEL_TOKENS = 128
 # rows per dequantized tile of the long-input path: 1024 x 14336 float32 is 59 MB
 TILE_ROWS = 1024
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -58,7 +62,7 @@ _LIBS: dict[bool, ctypes.CDLL | None] = {}
 
 
 class _Layout(ctypes.Structure):
-    """planes.cpp's ``struct Layout``: pointers into a LaneLayout's tensors and its sizes."""
+    """lanes.cpp's ``struct Layout``: pointers into a LaneLayout's tensors and its sizes."""
 
     _fields_ = [
         *((name, ctypes.c_void_p) for name in
