@@ -36,6 +36,7 @@ from .common import (
     positive,
     refuse_saved_model,
 )
+from .export import add_shard_arg, check_shard_size
 from .measure import (
     add_adadim_arg,
     add_clip_arg,
@@ -128,6 +129,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     o.add_argument("--report", type=Path, help="write the JSON run report here")
     o.add_argument("--output", type=Path, help="save the packed quantized model in this folder")
     o.add_argument("--force", action="store_true", help="replace an existing --output folder")
+    add_shard_arg(o)
     o.add_argument(
         "--resume",
         action="store_true",
@@ -225,6 +227,7 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any, Any]:
     for src in eval_sources(args):
         check_source(src, "--eval")
     calib = calib_config(args)
+    max_shard_size = check_shard_size(args)
     if args.output is not None:
         check_output_folder(args.output, args.force)
     if args.report is not None:
@@ -243,6 +246,7 @@ def validate_quantize(args: argparse.Namespace) -> tuple[QuantConfig, Any, Any]:
         device=args.device,
         output=args.output,
         force=args.force,
+        max_shard_size=max_shard_size,
         resume=args.resume,
         measurement=measurement,
         max_activation_bytes=max_activation_bytes,

@@ -123,7 +123,15 @@ class BaqHfQuantizer(HfQuantizer):
         self, model: Any, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> Any:
         from baq.saved import loading
-        from baq.saved.manifest import StorageError, check_version, read_header, verify_manifest
+        from baq.saved.manifest import (
+            StorageError,
+            check_version,
+            index_of,
+            merged_info,
+            verify_manifest,
+            weight_files,
+            weight_headers,
+        )
 
         root = self._folder(model, checkpoint_files)
         manifest = verify_manifest(root)
@@ -131,16 +139,26 @@ class BaqHfQuantizer(HfQuantizer):
         check_version(
             root / CONFIG_FILE, qc.quant_method, getattr(qc, "format_version", None), "quant_method"
         )
-        layers = loading.packed_layers_meta(root)
-        loading.check_layer_shapes(root, model, layers)
+        # transformers reads the files it resolved: they must be the ones the manifest lists
+        dense_files = weight_files(root, DENSE_FILE, manifest["files"])
+        if checkpoint_files:
+            unlisted = sorted({Path(f).name for f in checkpoint_files} - set(dense_files))
+            if unlisted or {Path(f).parent for f in checkpoint_files} != {root}:
+                raise StorageError(
+                    f"{root}: transformers would load {(unlisted or checkpoint_files)[0]}, which "
+                    f"{MANIFEST_FILE} does not list as a weight file"
+                )
+        # shapes against the config and the load's memory, before anything is allocated
+        layers, _ = loading.check_folder(root, model, manifest, "codes")
         for name in layers:
             model.set_submodule(name, PackedSlot(model.get_submodule(name)))
-        # transformers would quietly initialise a tensor model.safetensors lacks: check the names
-        _, header = read_header(root / DENSE_FILE)
+        # transformers would quietly initialise a tensor the dense files lack: check the names
+        header = merged_info(weight_headers(root, DENSE_FILE, manifest["files"]))
         stored, expected = set(header), set(model.state_dict()) - set(manifest["tied"])
+        where = root / (dense_files[0] if len(dense_files) == 1 else index_of(DENSE_FILE))
         for what, names in (("missing", expected - stored), ("unexpected", stored - expected)):
             if names:
-                raise StorageError(f"{root / DENSE_FILE}: tensor {min(names)} is {what}")
+                raise StorageError(f"{where}: tensor {min(names)} is {what}")
         self._root, self._layers, self._tied = root, layers, manifest["tied"]
         _untie_packed(
             model, {a for a, t in self._tied.items() if t.removesuffix(".weight") in layers}
@@ -158,7 +176,7 @@ class BaqHfQuantizer(HfQuantizer):
             if slot.bias is None:
                 return None
             if slot.bias.device.type == "meta":
-                raise StorageError(f"{root / DENSE_FILE}: tensor {name}.bias is missing")
+                raise StorageError(f"{root}: dense tensor {name}.bias is missing")
             return slot.bias.detach()
 
         loading.install_packed(root, model, self._layers, take_bias, "codes")
@@ -214,18 +232,23 @@ def save_pretrained(
     save_directory: str | os.PathLike,
     is_main_process: bool = True,
     push_to_hub: bool = False,
+    max_shard_size: int | str | None = None,
     **kwargs: Any,
 ) -> None:
     """``model.save_pretrained`` of a model loaded through this quantizer: a baq folder.
 
     Written atomically by :func:`baq.saved.storage.save_packed` (quantized.safetensors, manifest,
     model card); ``save_directory`` may be new, empty or a previous baq save (replaced), never
-    another folder. transformers' sharding and serialization options do not apply and are
-    ignored; the tokenizer is saved as usual with ``tokenizer.save_pretrained``, after this.
+    another folder. ``max_shard_size`` shards the weight files as transformers does (None: baq's
+    default, ``"5GB"``); transformers' serialization options do not apply and are ignored; the
+    tokenizer is saved as usual with ``tokenizer.save_pretrained``, after this.
     """
     from baq.saved.packed_linear import PackedLinear
+    from baq.saved.shards import DEFAULT_MAX_SHARD_SIZE, parse_shard_size
     from baq.saved.storage import save_packed
 
+    size = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
+    parse_shard_size(size)  # a bad size fails before anything else
     if not is_main_process:
         return
     if push_to_hub:
@@ -241,7 +264,7 @@ def save_pretrained(
     packed = {n: m for n, m in self.named_modules() if isinstance(m, PackedLinear)}
     qconfig = self.config.quantization_config
     qconfig = qconfig.to_dict() if hasattr(qconfig, "to_dict") else dict(qconfig)
-    save_packed(save_directory, self, None, packed, qconfig, force=True)
+    save_packed(save_directory, self, None, packed, qconfig, force=True, max_shard_size=size)
 
 
 def register() -> None:

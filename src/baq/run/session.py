@@ -33,6 +33,7 @@ from baq.config import DEFAULT_TOPK, QuantConfig
 from baq.run import checkpoint, measure, report, streaming
 from baq.run.allocation import LayerPlan, plan_bits, plan_levels
 from baq.run.quantization import QuantRun, quantize_model
+from baq.saved.shards import DEFAULT_MAX_SHARD_SIZE
 
 if TYPE_CHECKING:
     from baq.data import CalibConfig
@@ -56,6 +57,7 @@ class Session:
         device: where blocks run ("auto": CUDA when present).
         output: save the packed model in this folder (None: no save, no checkpoint).
         force: replace a previous save at ``output``.
+        max_shard_size: bytes above which a saved weight file is split into shards.
         resume: continue the interrupted run checkpointed in ``OUTPUT.partial``.
         measurement: a measurement to plan with (``baq measure``'s), instead of measuring.
         max_activation_bytes: RAM budget of each calibration activation store (None: no limit).
@@ -70,6 +72,7 @@ class Session:
     device: str = "auto"
     output: Path | None = None
     force: bool = False
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
     resume: bool = False
     measurement: measure.Measurement | None = None
     max_activation_bytes: int | None = None
@@ -220,7 +223,7 @@ def run_session(
         summary = {"nominal_bits": run.nominal_bits, "perplexity_after": after, "divergence": kl}
         storage.save_quantized(
             session.output, model, tokenizer, run.results, cfg, summary, session.force,
-            loader=loader,
+            loader=loader, max_shard_size=session.max_shard_size,
         )  # fmt: skip
         storage_bits = storage.storage_bits(session.output)
         folder_bytes = size_of(session.output)

@@ -21,6 +21,7 @@ from torch import nn
 from baq.errors import one_line
 from baq.saved.manifest import StorageError, fsync, list_files, swap_in
 from baq.saved.packed_linear import PackedLinear
+from baq.saved.shards import DEFAULT_MAX_SHARD_SIZE, parse_shard_size
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 
 def export_dequantized(
-    saved: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float16
+    saved: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float16,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Write ``saved`` (a baq folder) to ``out_dir`` as a plain folder of dequantized weights.
 
@@ -77,6 +81,8 @@ def export_dequantized(
             :func:`baq.load`).
         out_dir: the new folder; must not exist (or be empty).
         dtype: dtype of every floating tensor of the export.
+        max_shard_size: weights larger than this are written as transformers' shards and index
+            (shards.parse_shard_size), by transformers' own ``save_pretrained``.
     Returns:
         The absolute path of the export.
     Raises:
@@ -85,6 +91,7 @@ def export_dequantized(
     from baq.saved.storage import load_quantized
 
     target = Path(out_dir).expanduser().absolute()
+    limit = parse_shard_size(max_shard_size)
     if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         raise StorageError(f"{target} already exists: choose a new --output folder")
     model, tokenizer = load_quantized(saved, cache="none")
@@ -94,7 +101,7 @@ def export_dequantized(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=limit)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for rel in list_files(tmp):

@@ -4,7 +4,9 @@
 integrity (the manifest, format versions) is manifest.py.
 
 Every load verifies the manifest first and fails with one line naming the file (``StorageError``),
-never with silently wrong weights.
+never with silently wrong weights; then, before any weight is allocated, checks the stored shapes
+against config.json and the memory the load will take against what is available
+(:func:`check_folder`, load_memory.py). Weight files may be sharded (headers.weight_files).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from baq.config import WEIGHT_CACHES
 from baq.errors import one_line
 from baq.model import blocks, loader
+from baq.saved.load_memory import admit_load, estimate_load
 from baq.saved.manifest import (
     CARD_FILE,
     CONFIG_FILE,
@@ -30,10 +33,14 @@ from baq.saved.manifest import (
     QUANTIZED_FILE,
     StorageError,
     check_version,
-    layers_meta,
-    read_header,
+    index_of,
+    is_weight_name,
+    listed_files,
+    merged_info,
+    packed_layers,
     read_json,
     verify_manifest,
+    weight_headers,
 )
 from baq.saved.packed_linear import PackedLinear
 from baq.saved.packing import range_groups, read_layer
@@ -47,6 +54,16 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
         return load_file(str(path))
     except (OSError, SafetensorError) as err:
         raise StorageError(f"{path}: not a readable safetensors file ({one_line(err)})") from err
+
+
+def _load_dense(root: Path, files: list[str], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """The unquantized tensors of every dense file (weight_headers checked each is in one)."""
+    dense: dict[str, Tensor] = {}
+    for rel in files:
+        for key, t in _load_tensors(root / rel).items():
+            cast = dtype is not None and t.is_floating_point()
+            dense[key] = t.to(dtype) if cast else t
+    return dense
 
 
 def _load_config(root: Path) -> Any:
@@ -105,34 +122,31 @@ def load_quantized(
     root = Path(path)
     manifest = verify_manifest(root)
     config = _load_config(root)
-    layers = packed_layers_meta(root)
-    dense = _load_tensors(root / DENSE_FILE)
     if isinstance(dtype, str):
         dtype = loader.resolve_dtype(dtype)
         dtype = None if dtype == "auto" else dtype
-    if dtype is not None:
-        dense = {k: v.to(dtype) if v.is_floating_point() else v for k, v in dense.items()}
-
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    check_layer_shapes(root, model, layers)
+    layers, dense_files = check_folder(root, model, manifest, cache, dtype)
+    dense = _load_dense(root, dense_files, dtype)
+    dense_file = root / (dense_files[0] if len(dense_files) == 1 else index_of(DENSE_FILE))
 
     def take_bias(name: str, module: nn.Module) -> Tensor | None:
         if getattr(module, "bias", None) is None:
             return None
         bias = dense.pop(f"{name}.bias", None)
         if bias is None:
-            raise StorageError(f"{root / DENSE_FILE}: tensor {name}.bias is missing")
+            raise StorageError(f"{dense_file}: tensor {name}.bias is missing")
         return bias
 
     install_packed(root, model, layers, take_bias, cache)
     result = model.load_state_dict(dense, strict=False, assign=True)
     if result.unexpected_keys:
-        raise StorageError(f"{root / DENSE_FILE}: unexpected tensor {result.unexpected_keys[0]}")
+        raise StorageError(f"{dense_file}: unexpected tensor {result.unexpected_keys[0]}")
     tie_aliases(model, root, manifest["tied"], dtype)
     for key, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.device.type == "meta":
-            raise StorageError(f"{root / DENSE_FILE}: tensor {key} is missing")
+            raise StorageError(f"{dense_file}: tensor {key} is missing")
     listed = set(manifest["files"])
     _load_generation_config(model, root, listed)
     model.eval()
@@ -141,17 +155,67 @@ def load_quantized(
 
 
 def packed_layers_meta(root: Path) -> dict[str, dict]:
-    """The checked ``layers`` metadata of a folder's quantized.safetensors (header only)."""
-    qpath = root / QUANTIZED_FILE
-    meta, _ = read_header(qpath)
-    return layers_meta(qpath, meta)
+    """The checked ``layers`` metadata of a folder's quantized file or shards (headers only)."""
+    return packed_layers(root, weight_headers(root, QUANTIZED_FILE, listed_files(root)))
+
+
+def check_folder(
+    root: Path, model: nn.Module, manifest: dict, cache: str, dtype: torch.dtype | None = None
+) -> tuple[dict[str, dict], list[str]]:
+    """Everything about a verified folder that can be checked before a weight is allocated.
+
+    The headers (of every shard) against the model skeleton built from config.json: packed
+    layers, dense tensors and tied aliases of the shapes the config gives; then the memory the
+    load will take (load_memory.py) against the available memory.
+
+    Args:
+        root: the folder; ``manifest`` its verified manifest.
+        model: the skeleton (on the meta device; packed layers may already be slots).
+        cache: the PackedLinear cache the load will use.
+        dtype: the load's float dtype (None: as stored).
+    Returns:
+        ``(layers, dense_files)``: the ``layers`` metadata (each with its ``file``) and the
+        files holding the dense tensors.
+    Raises:
+        StorageError: one line naming the file, or the folder and the memory it asks for.
+    """
+    listed = manifest["files"]
+    qheaders = weight_headers(root, QUANTIZED_FILE, listed)
+    dheaders = weight_headers(root, DENSE_FILE, listed)
+    layers = packed_layers(root, qheaders)
+    check_layer_shapes(root, model, layers)
+    dense = merged_info(dheaders)
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items()}
+    where = {k: rel for rel, (_, info) in dheaders.items() for k in info}
+    for key, (_, shape, _) in dense.items():
+        if key not in shapes:
+            raise StorageError(f"{root / where[key]}: unexpected tensor {key}")
+        if tuple(shape) != shapes[key]:
+            raise StorageError(
+                f"{root / where[key]}: tensor {key} has shape {tuple(shape)}, config.json "
+                f"gives {shapes[key]}: the config does not belong to these weights"
+            )
+    for alias, stored in manifest["tied"].items():
+        owner = stored.removesuffix(".weight")
+        if owner in layers and alias in shapes and shapes[alias] != layers[owner]["shape"]:
+            raise StorageError(
+                f"{root / MANIFEST_FILE}: {alias} has shape {shapes[alias]}, the packed weight "
+                f"it is tied to {layers[owner]['shape']}"
+            )
+    itemsize = None if dtype is None else torch.empty((), dtype=dtype).element_size()
+    qinfo = merged_info(qheaders)
+    estimates = {
+        c: estimate_load(layers, qinfo, dense, manifest["tied"], c, itemsize) for c in WEIGHT_CACHES
+    }
+    admit_load(root, estimates, cache)
+    return layers, list(dheaders)
 
 
 def check_layer_shapes(root: Path, model: nn.Module, layers: dict[str, dict]) -> None:
     """Every packed layer names a linear of ``model`` with the stored (rows, cols) shape."""
-    qpath = root / QUANTIZED_FILE
     modules = dict(model.named_modules())
     for name, m in layers.items():
+        qpath = root / m.get("file", QUANTIZED_FILE)
         module = modules.get(name)
         if module is None:
             raise StorageError(f"{qpath}: layer {name} is not a module of {type(model).__name__}")
@@ -179,20 +243,25 @@ def install_packed(
         take_bias: ``(name, module) -> Tensor | None``, the bias of the layer being replaced.
         cache: the :class:`PackedLinear` cache.
     """
-    qpath = root / QUANTIZED_FILE
-    qtensors = _load_tensors(qpath)
+    by_file: dict[str, list[str]] = {}
     for name, m in layers.items():
-        shape = m["shape"]
-        bias = take_bias(name, model.get_submodule(name))
-        try:
-            ngroups = range_groups(shape, m["group_size"], m["dim"])
-            packed, lo, hi = read_layer(name, qtensors, shape, ngroups, m["dim"])
-        except ValueError as err:
-            raise StorageError(f"{qpath}: {err}") from None
-        layer = PackedLinear(packed, lo, hi, m["group_size"], m["sym"], bias, cache, m["dim"])
-        model.set_submodule(name, layer)
-    if qtensors:
-        raise StorageError(f"{qpath}: unexpected tensor {sorted(qtensors)[0]}")
+        by_file.setdefault(m.get("file", QUANTIZED_FILE), []).append(name)
+    for rel, names in by_file.items():  # one file (shard) in memory at a time
+        qpath = root / rel
+        qtensors = _load_tensors(qpath)
+        for name in names:
+            m = layers[name]
+            shape = m["shape"]
+            bias = take_bias(name, model.get_submodule(name))
+            try:
+                ngroups = range_groups(shape, m["group_size"], m["dim"])
+                packed, lo, hi = read_layer(name, qtensors, shape, ngroups, m["dim"])
+            except ValueError as err:
+                raise StorageError(f"{qpath}: {err}") from None
+            layer = PackedLinear(packed, lo, hi, m["group_size"], m["sym"], bias, cache, m["dim"])
+            model.set_submodule(name, layer)
+        if qtensors:
+            raise StorageError(f"{qpath}: unexpected tensor {sorted(qtensors)[0]}")
 
 
 def tie_aliases(
@@ -231,12 +300,13 @@ def _tie_packed(
         current = getattr(module, attr)
     except AttributeError as err:
         raise StorageError(f"{root / MANIFEST_FILE}: cannot tie {alias} to {owner}") from err
-    W = layer.dequantize()
-    if tuple(current.shape) != tuple(W.shape):
+    shape = (layer.out_features, layer.in_features)
+    if tuple(current.shape) != shape:  # before dequantizing: a wrong shape allocates nothing
         raise StorageError(
             f"{root / MANIFEST_FILE}: {alias} has shape {tuple(current.shape)}, the packed "
-            f"weight it is tied to {tuple(W.shape)}"
+            f"weight it is tied to {shape}"
         )
+    W = layer.dequantize()
     device = layer.level_classes.device if current.device.type == "meta" else current.device
     W = W.to(device=device, dtype=dtype or current.dtype)
     setattr(module, attr, nn.Parameter(W, requires_grad=current.requires_grad))
@@ -281,7 +351,11 @@ def _load_tokenizer(root: Path, listed: set[str]) -> Any:
     import shutil
     import tempfile
 
-    names = sorted(rel for rel in listed if rel not in NOT_TOKENIZER and "/" not in rel)
+    names = sorted(
+        rel
+        for rel in listed
+        if rel not in NOT_TOKENIZER and not is_weight_name(rel) and "/" not in rel
+    )
     if not any(n in names for n in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer

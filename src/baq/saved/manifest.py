@@ -1,8 +1,9 @@
-"""The integrity layer of a saved folder: its manifest, atomic placement, and header reads.
+"""The integrity layer of a saved folder: its manifest, atomic placement, and ``baq inspect``.
 
 ``manifest.json`` lists every file's byte count and SHA-256 (docs/FORMAT.md); loading checks it
-first, so a damaged folder fails with one line naming the file. The readers here look at file
-headers and level tables only, never at the packed codes, so ``baq inspect`` is instant.
+first, so a damaged folder fails with one line naming the file. The header readers (headers.py,
+whose names this module also exports) look at file headers and level tables only, never at the
+packed codes, so ``baq inspect`` is instant.
 """
 
 from __future__ import annotations
@@ -13,39 +14,52 @@ import logging
 import math
 import os
 import shutil
-import struct
 import uuid
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 
-from baq import __version__, atomic
+from baq import atomic
 from baq.atomic import fsync, path_kind
 from baq.errors import one_line
 
+# the names every reader of a saved folder imports from here
+from baq.saved.headers import (  # noqa: F401
+    CONFIG_FILE,
+    DENSE_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MANIFEST_MAX_BYTES,
+    QUANTIZED_FILE,
+    READ_VERSIONS,
+    WEIGHT_FILES,
+    HeaderInfo,
+    StorageError,
+    check_regular,
+    check_version,
+    index_of,
+    int_or,
+    is_int,
+    is_weight_name,
+    layers_meta,
+    listed_files,
+    merged_info,
+    packed_layers,
+    read_header,
+    read_json,
+    shard_name,
+    weight_files,
+    weight_headers,
+)
+
 log = logging.getLogger(__name__)
 
-FORMAT = "baq"
-FORMAT_VERSION = 2  # 2: per-IC grids (a layer's "dim"); version 1 folders are read as per-OC
-READ_VERSIONS = (1, 2)
-CONFIG_FILE = "config.json"
-DENSE_FILE = "model.safetensors"
-QUANTIZED_FILE = "quantized.safetensors"
-MANIFEST_FILE = "manifest.json"
-REQUIRED_FILES = (CONFIG_FILE, DENSE_FILE, QUANTIZED_FILE)
 CARD_FILE = "README.md"
 # config.json's transformers_weights: not a safetensors name, so transformers without baq stops
 # with an error quoting it (storage.mark_config); baq's quantizer removes it before loading
 NEEDS_BAQ = "quantized by baq: pip install baq, then import baq before from_pretrained"
-
-
-class StorageError(ValueError):
-    """A saved model cannot be written or read; the message is one line naming the file."""
-
-
-# a manifest lists a few dozen files; anything far larger is not one of ours
-MANIFEST_MAX_BYTES = 16 << 20
 
 
 def is_baq_save(folder: str | os.PathLike) -> bool:
@@ -146,28 +160,6 @@ def swap_in(tmp: Path, target: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StorageError(f"{path}: missing ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StorageError(f"{path}: not readable JSON ({one_line(err)})") from err
-    if not isinstance(data, dict):
-        raise StorageError(f"{path}: expected a JSON object")
-    return data
-
-
-def check_version(path: Path, fmt: Any, version: Any, fmt_key: str) -> None:
-    if fmt != FORMAT:
-        raise StorageError(f"{path}: {fmt_key} is {fmt!r}, not {FORMAT!r}: not a baq model folder")
-    if version not in READ_VERSIONS:
-        raise StorageError(
-            f"{path}: format version {version!r} is not supported: baq {__version__} reads "
-            f"versions {', '.join(map(str, READ_VERSIONS))}"
-        )
-
-
 def verify_manifest(path: str | os.PathLike) -> dict:
     """Check every file a saved folder lists: present, same byte count, same SHA-256.
 
@@ -190,9 +182,8 @@ def verify_manifest(path: str | os.PathLike) -> dict:
     tied = manifest.get("tied", {})
     if not isinstance(files, dict) or not isinstance(tied, dict):
         raise StorageError(f"{root / MANIFEST_FILE}: 'files' and 'tied' must be JSON objects")
-    for rel in REQUIRED_FILES:
-        if rel not in files:
-            raise StorageError(f"{root / MANIFEST_FILE}: does not list {rel}")
+    if CONFIG_FILE not in files:
+        raise StorageError(f"{root / MANIFEST_FILE}: does not list {CONFIG_FILE}")
     for rel, entry in files.items():
         file = root / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(entry, dict):
@@ -211,6 +202,14 @@ def verify_manifest(path: str | os.PathLike) -> dict:
                 f"{file}: SHA-256 differs from {MANIFEST_FILE}: corrupted or modified"
             )
     extra = set(list_files(root)) - set(files)
+    for rel in sorted(extra):
+        if is_weight_name(rel):  # transformers would load an unlisted model.safetensors
+            raise StorageError(
+                f"{root / rel}: a weight file {MANIFEST_FILE} does not list: not part of this "
+                "save; remove it, or save the folder again"
+            )
+    for file in WEIGHT_FILES:
+        weight_files(root, file, files)
     if extra:
         log.warning(
             "%s: files not in %s ignored: %s", root, MANIFEST_FILE, ", ".join(sorted(extra))
@@ -218,92 +217,12 @@ def verify_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def check_regular(root: Path, rel: str) -> None:
-    """A file of a saved folder is a regular file (or missing) reached through real folders:
-    a symbolic link, even one pointing inside the folder, is refused before it is opened."""
-    parts = Path(rel).parts
-    path = root
-    for i, part in enumerate(parts):
-        path = path / part
-        kind = path_kind(path)
-        if kind == "a symbolic link" or (kind is not None and i == len(parts) - 1):
-            raise StorageError(
-                f"{path}: is {kind}; a saved folder holds regular files only: copy the folder "
-                "without links (cp -rL) or save it again"
-            )
-
-
-def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[int], int]]]:
-    """A safetensors header: ``(metadata, name -> (dtype, shape, nbytes))``, without the data."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (-1,)
-            if n < 2 or n > path.stat().st_size - 8:
-                raise StorageError(f"{path}: not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StorageError(f"{path}: not a safetensors file ({one_line(err)})") from err
-    meta = header.pop("__metadata__", None) or {}
-    try:
-        info = {
-            k: (v["dtype"], v["shape"], v["data_offsets"][1] - v["data_offsets"][0])
-            for k, v in header.items()
-        }
-    except (KeyError, TypeError, IndexError) as err:
-        raise StorageError(f"{path}: malformed safetensors header ({one_line(err)})") from err
-    return meta, info
-
-
-def layers_meta(path: Path, meta: dict[str, str]) -> dict[str, dict]:
-    """The ``layers`` metadata of quantized.safetensors, checked: name -> shape, group_size, sym,
-    dim ("oc" when absent, as in every version 1 file)."""
-    version = int_or(meta.get("format_version"))
-    check_version(path, meta.get("format"), version, "format")
-    try:
-        layers = json.loads(meta["layers"])
-        for name, m in layers.items():
-            rows, cols = m["shape"]
-            gs = m["group_size"]
-            if not (is_int(rows) and is_int(cols) and rows >= 1 and cols >= 1):
-                raise ValueError(f"layer {name}: shape {m['shape']!r} is not two positive ints")
-            if not (gs is None or (is_int(gs) and gs >= 1)):
-                raise ValueError(f"layer {name}: group_size {gs!r} is not a positive int or null")
-            if not isinstance(m["sym"], bool):
-                raise ValueError(f"layer {name}: sym {m['sym']!r} is not true or false")
-            dim = m.get("dim", "oc")
-            if dim not in ("oc", "ic") or (dim == "ic" and version < 2):
-                raise ValueError(f"layer {name}: dim {dim!r} (format version {version})")
-            m.update(
-                shape=(rows, cols),
-                group_size=gs,
-                sym=m["sym"],
-                dim=dim,
-            )
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise StorageError(f"{path}: bad 'layers' metadata ({one_line(err)})") from err
-    return layers
-
-
-def is_int(value: Any) -> bool:
-    """A JSON integer (not a bool, not a float or a string of digits)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def int_or(value: Any) -> Any:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return value
-
-
-def _quantized_header(root: Path, verify: bool) -> tuple[Path, dict, dict]:
-    """``(path, tensor info, layers metadata)`` of quantized.safetensors, after the manifest."""
-    if verify:
-        verify_manifest(root)
-    qpath = root / QUANTIZED_FILE
-    meta, info = read_header(qpath)
-    return qpath, info, layers_meta(qpath, meta)
+def _quantized_headers(root: Path, verify: bool) -> tuple[dict, dict[str, dict]]:
+    """``(file -> (metadata, tensor info), layers metadata)`` of the quantized file or shards,
+    after the manifest."""
+    listed = verify_manifest(root)["files"] if verify else listed_files(root)
+    headers = weight_headers(root, QUANTIZED_FILE, listed)
+    return headers, packed_layers(root, headers)
 
 
 def inspect_quantized(path: str | os.PathLike, verify: bool = True) -> list[dict]:
@@ -319,36 +238,43 @@ def inspect_quantized(path: str | os.PathLike, verify: bool = True) -> list[dict
     """
     from safetensors import safe_open
 
-    qpath, info, layers = _quantized_header(Path(path), verify)
+    root = Path(path)
+    headers, layers = _quantized_headers(root, verify)
     rows_out = []
-    try:
-        with safe_open(str(qpath), framework="pt") as f:
-            for name, m in layers.items():
-                rows, cols = m["shape"]
-                classes = f.get_tensor(f"{name}.level_classes").tolist()
-                nbytes = sum(
-                    v[2]
-                    for k, v in info.items()
-                    if k.rpartition(".")[0] == name or k.startswith(f"{name}.codes.")
-                )
-                L = [c[0] for c in classes]
-                n = [c[1] for c in classes]
-                rows_out.append(
-                    {
-                        "name": name,
-                        "shape": (rows, cols),
-                        "nominal_bits": sum(c * math.log2(x) for x, c in zip(L, n)) / cols,
-                        "storage_bits": nbytes * 8 / (rows * cols),
-                        "bytes": nbytes,
-                        "group_size": m["group_size"],
-                        "sym": m["sym"],
-                        "dim": m["dim"],
-                        "levels": dict(zip(L, n)),
-                    }
-                )
-    except (OSError, SafetensorError) as err:
-        raise StorageError(f"{qpath}: {one_line(err)}") from err
+    for file, (_, info) in headers.items():
+        qpath = root / file
+        try:
+            with safe_open(str(qpath), framework="pt") as f:
+                for name, m in layers.items():
+                    if m["file"] == file:
+                        rows_out.append(_inspect_row(name, m, info, f))
+        except (OSError, SafetensorError) as err:
+            raise StorageError(f"{qpath}: {one_line(err)}") from err
     return rows_out
+
+
+def _inspect_row(name: str, m: dict, info: dict, f: Any) -> dict:
+    """One row of :func:`inspect_quantized`: the layer's header facts and its level table."""
+    rows, cols = m["shape"]
+    classes = f.get_tensor(f"{name}.level_classes").tolist()
+    nbytes = sum(
+        v[2]
+        for k, v in info.items()
+        if k.rpartition(".")[0] == name or k.startswith(f"{name}.codes.")
+    )
+    L = [c[0] for c in classes]
+    n = [c[1] for c in classes]
+    return {
+        "name": name,
+        "shape": (rows, cols),
+        "nominal_bits": sum(c * math.log2(x) for x, c in zip(L, n)) / cols,
+        "storage_bits": nbytes * 8 / (rows * cols),
+        "bytes": nbytes,
+        "group_size": m["group_size"],
+        "sym": m["sym"],
+        "dim": m["dim"],
+        "levels": dict(zip(L, n)),
+    }
 
 
 def storage_bits(path: str | os.PathLike, verify: bool = True) -> float:
@@ -360,6 +286,7 @@ def storage_bits(path: str | os.PathLike, verify: bool = True) -> float:
     Returns:
         Bits per quantized weight (codes, ranges, level tables and permutations all counted).
     """
-    qpath, info, layers = _quantized_header(Path(path), verify)
+    headers, layers = _quantized_headers(Path(path), verify)
     weights = sum(m["shape"][0] * m["shape"][1] for m in layers.values())
-    return sum(v[2] for v in info.values()) * 8 / weights if weights else 0.0
+    stored = sum(v[2] for v in merged_info(headers).values())
+    return stored * 8 / weights if weights else 0.0

@@ -3,9 +3,11 @@ integrity manifest.py, the module packed_linear.py).
 
 A saved model is a Hugging Face folder (``config.json`` with a ``quantization_config`` block,
 tokenizer files, safetensors weights) plus ``quantized.safetensors`` with the packed layers and a
-``manifest.json`` of SHA-256 digests; docs/FORMAT.md specifies every byte. Saves are atomic (a temp
-folder beside the target, fsynced, renamed at the end); loads verify the manifest first, so a
-damaged folder fails with one line naming the file, never with silently wrong weights.
+``manifest.json`` of SHA-256 digests; a weight file larger than the shard size is split into
+shards with an index, as transformers does (shards.py); docs/FORMAT.md specifies every byte.
+Saves are atomic (a temp folder beside the target, fsynced, renamed at the end); loads verify the
+manifest first, so a damaged folder fails with one line naming the file, never with silently
+wrong weights.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import logging
 import math
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -55,6 +56,7 @@ from baq.saved.manifest import (
     write_json,
 )
 from baq.saved.packed_linear import PackedLinear, nominal_bits_of, storage_bits_of
+from baq.saved.shards import DEFAULT_MAX_SHARD_SIZE, parse_shard_size, write_weights
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,7 @@ def save_quantized(
     summary: dict | None = None,
     force: bool = False,
     loader: Any = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Save a quantized model as a packed Hugging Face folder, atomically.
 
@@ -188,15 +191,20 @@ def save_quantized(
         loader: the ``baq.model.lazy.LazyLoader`` of a model opened with ``open_lazy``, whose blocks
             are on meta: their unquantized tensors are read from its checkpoint. Results may be
             compact (``weight`` None): only codes, grid and levels are saved.
+        max_shard_size: ``model.safetensors`` and ``quantized.safetensors`` larger than this are
+            split into shards with an index (transformers' ``max_shard_size``: ``"5GB"``,
+            ``"500MB"``, bytes; shards.parse_shard_size); smaller ones stay one file.
     Returns:
         The absolute path of the saved folder.
     Raises:
         StorageError: existing target, a results name the model lacks, a write error (the temp
             folder is removed).
+        ValueError: a ``max_shard_size`` that is not a size.
     """
     from baq.saved.model_card import base_model_id
 
     target = Path(out_dir).expanduser().absolute()
+    parse_shard_size(max_shard_size)  # before any work
     check_target(target, force)
     modules = dict(model.named_modules())
     packed: dict[str, PackedLinear] = {}
@@ -224,7 +232,7 @@ def save_quantized(
         "baq_version": __version__,
         "base_model": base_model_id(model),
     }
-    return save_packed(target, model, tokenizer, packed, qconfig, force, loader)
+    return save_packed(target, model, tokenizer, packed, qconfig, force, loader, max_shard_size)
 
 
 def save_packed(
@@ -235,6 +243,7 @@ def save_packed(
     qconfig: dict,
     force: bool = False,
     loader: Any = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Write a saved folder from packed layers: the second half of :func:`save_quantized`.
 
@@ -243,7 +252,7 @@ def save_packed(
     :class:`PackedLinear`.
 
     Args:
-        out_dir, model, tokenizer, force, loader: as in :func:`save_quantized`.
+        out_dir, model, tokenizer, force, loader, max_shard_size: as in :func:`save_quantized`.
         packed: full module name -> the layer's :class:`PackedLinear` (the module in ``model``
             itself, or one built from a solver result for a module that still holds the weight).
         qconfig: the ``quantization_config`` block (docs/FORMAT.md, section 3).
@@ -253,25 +262,28 @@ def save_packed(
     from baq.saved.model_card import model_card
 
     target = Path(out_dir).expanduser().absolute()
+    limit = parse_shard_size(max_shard_size)
     check_target(target, force)
-    quantized: dict[str, Tensor] = {}
-    layers: dict[str, dict] = {}
-    for name, layer in packed.items():
-        quantized.update(layer.file_tensors(name))
-        layers[name] = layer.file_meta()
+    names = list(packed)
+    units = [packed[name].file_tensors(name) for name in names]  # a layer stays in one file
+    layers = {name: packed[name].file_meta() for name in names}
     dense, tied = _dense_state(model, set(packed), loader)
     config = copy.deepcopy(model.config)
     config.quantization_config = qconfig
     config.architectures = [type(model).__name__]
     config.use_cache = True  # calibration turns the KV cache off; generation wants it back
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers)}
+
+    def packed_meta(group: list[int]) -> dict[str, str]:
+        """Each quantized file's header describes the layers it holds (docs/FORMAT.md, 5)."""
+        held = {names[i]: layers[names[i]] for i in group}
+        return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "layers": json.dumps(held)}
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_file(quantized, str(tmp / QUANTIZED_FILE), metadata=meta)
-        sort_metadata(tmp / QUANTIZED_FILE)
-        save_file(dense, str(tmp / DENSE_FILE), metadata={"format": "pt"})
+        write_weights(tmp, QUANTIZED_FILE, units, limit, packed_meta, save_file)
+        dense_units = [{key: t} for key, t in dense.items()]
+        write_weights(tmp, DENSE_FILE, dense_units, limit, lambda _: {"format": "pt"}, save_file)
         config.save_pretrained(tmp)
         mark_config(tmp / CONFIG_FILE)
         _save_generation_config(model, tmp)
@@ -315,29 +327,6 @@ def mark_config(path: Path) -> None:
     data = read_json(path, "the model config")
     data["transformers_weights"] = NEEDS_BAQ
     write_json(path, data)
-
-
-def sort_metadata(path: Path) -> None:
-    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
-
-    safetensors writes the metadata map in hash order, which changes from process to process;
-    sorting makes the same save the same bytes. The header keeps its length (the same compact
-    JSON, reordered), so the tensor data does not move.
-    """
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(n)
-        header = json.loads(raw)
-        meta = header.pop("__metadata__", None)
-        if not meta:
-            return
-        ordered = {"__metadata__": dict(sorted(meta.items())), **header}
-        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > n or raw[len(text) :].strip(b" "):
-            log.warning("%s: unexpected safetensors header layout; metadata left unsorted", path)
-            return
-        f.seek(8)
-        f.write(text + b" " * (n - len(text)))
 
 
 def _save_generation_config(model: nn.Module, folder: Path) -> None:
