@@ -4,13 +4,17 @@ For every shape (rows x cols = out x in), nominal bits and token count: the medi
 
 * ``fp32``: ``F.linear`` with a float32 weight; ``bf16``: with a bfloat16 weight and input;
 * ``codes``: today's ``PackedLinear(cache="codes")`` (an int8 per weight, baq/saved);
-* ``kernel``: ``baq.kernels.cpu.linear`` on the layer's runtime layout (float32 ranges, as
-  PackedLinear keeps them);
-* ``module``: ``PackedLinear(cache="kernel")``, the same kernel through the module's forward;
+* ``numba``: ``baq.kernels.cpu.linear`` on the numba kernel's layout (session 12; float32
+  ranges, as PackedLinear keeps them; ``--no-numba`` leaves it out);
+* ``native``: ``baq.kernels.native.linear`` on the lane-field layout (the C++ kernel, session 13);
+* ``module``: ``PackedLinear(cache="kernel")``, the kernel this machine runs through the module's
+  forward;
 
 with the effective bandwidth of each (the bytes its weight takes, read once per product, over the
-time) and, measured in the same process, a STREAM-like copy bandwidth (two 512 MiB float32 arrays:
-read + write bytes over the time) and a read-only one (a sum over one of them): the physical limit
+time), the CPU time of each (``time.process_time``: all threads, so on a shared machine a measure
+of the work that waiting for a core does not inflate) and, measured in the same process, a STREAM-
+like copy bandwidth (two 512 MiB float32 arrays: read + write bytes over the time) and a read-only
+one (a sum over one of them): the physical limit
 a memory-bound product approaches. The layers' level counts are sampled from the level histograms
 of real BAQ runs on the reference model (docs/results: model-level allocation, 2, 3 and 4 bits;
 every column weighted by its rows), or synthesized (``--synthetic``: ``L = round(2^(B + 0.5 *
@@ -35,7 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from baq.kernels import cpu
+from baq.kernels import cpu, native
+from baq.kernels.lanes import build_lanes
 from baq.kernels.layout import build_layout
 from baq.quant.grid import fit_grid
 from baq.saved.packed_linear import PackedLinear
@@ -71,17 +76,20 @@ def sample_levels(cols: int, bits: int, synthetic: bool, gen: torch.Generator) -
     return values[torch.multinomial(weights, cols, replacement=True, generator=gen)]
 
 
-def timeit(fn, repeat: int, budget_s: float = 3.0) -> float:
-    """Median seconds of ``fn()`` after two warm-up calls, at most ``repeat`` runs or the budget."""
+def timeit(fn, repeat: int, budget_s: float = 3.0) -> tuple[float, float]:
+    """Median wall and CPU seconds of ``fn()`` after two warm-up calls, at most ``repeat`` runs
+    or the budget."""
     fn()
     fn()
     times: list[float] = []
+    cpu_times: list[float] = []
     start = time.perf_counter()
     while len(times) < repeat and (time.perf_counter() - start < budget_s or len(times) < 5):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        cpu_times.append(time.process_time() - c)
+    return statistics.median(times), statistics.median(cpu_times)
 
 
 def stream_bandwidth(mib: int = 512) -> dict[str, float]:
@@ -123,12 +131,13 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
     codes = (torch.rand(rows, cols, generator=gen) * levels).long()
     packed = pack_columns(codes, levels)
     layer = PackedLinear(packed, grid.lo, grid.hi, grid.group_size, False, cache="codes")
-    layout = build_layout(codes, levels, grid.group_size, False)
+    layout = None if args.no_numba else build_layout(codes, levels, grid.group_size, False)
+    lanes = build_lanes(codes, levels, grid.group_size, False)
     lo16, hi16 = grid.lo.half(), grid.hi.half()
     lo32, hi32 = lo16.float(), hi16.float()  # the float16 ranges of a save, as the module keeps
     klayer = PackedLinear(packed, lo16, hi16, grid.group_size, False, cache="kernel")
     saved = layer_nbytes(rows, grid.lo.shape[1], levels)
-    ceiling = layout.streams.numel() + layout.perm.numel() * layout.perm.element_size()
+    ceiling = sum(rows * ((int(L) - 1).bit_length()) for L in levels.tolist()) // 8
     Wf = layer.dequantize()
     Wb = Wf.bfloat16()
     del W, codes
@@ -140,30 +149,40 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
         with torch.inference_mode():
             layer(x)  # builds the codes cache outside the timing
             klayer(x)  # and the module's layout
-            t = {
-                "fp32": timeit(lambda x=x: F.linear(x, Wf), args.repeat),
-                "bf16": timeit(lambda xb=xb: F.linear(xb, Wb), args.repeat),
-                "codes": timeit(lambda x=x: layer(x), args.repeat),
-                "kernel": timeit(lambda x=x: cpu.linear(layout, x, lo32, hi32), args.repeat),
-                "module": timeit(lambda x=x: klayer(x), args.repeat),
+            fns = {
+                "fp32": lambda x=x: F.linear(x, Wf),
+                "bf16": lambda xb=xb: F.linear(xb, Wb),
+                "codes": lambda x=x: layer(x),
+                "numba": lambda x=x: cpu.linear(layout, x, lo32, hi32),
+                "native": lambda x=x: native.linear(lanes, x, lo32, hi32),
+                "module": lambda x=x: klayer(x),
             }
+            if layout is None:
+                del fns["numba"]
+            both = {k: timeit(fn, args.repeat) for k, fn in fns.items()}
+            t = {k: v[0] for k, v in both.items()}
+            cpu_t = {k: v[1] for k, v in both.items()}
         row = {
             "shape": [rows, cols],
             "bits": bits,
             "nominal_bits": nominal,
             "tokens": T,
             "seconds": t,
+            "cpu_seconds": cpu_t,
             "bytes": {
                 "fp32": Wf.nbytes,
                 "bf16": Wb.nbytes,
                 "codes": layer._offsets.nbytes(),
-                "kernel": layout.nbytes() + 2 * lo16.nbytes,
+                "native": lanes.nbytes() + 2 * lo16.nbytes,
                 "module": klayer.resident_nbytes(),
                 "saved": saved,
             },
-            "layout_over_saved": (layout.nbytes() + 2 * lo16.nbytes) / saved,
+            "layout_over_saved": (lanes.nbytes() + 2 * lo16.nbytes) / saved,
             "ceiling_codes_over_saved": (ceiling + 2 * lo16.nbytes) / saved,
         }
+        if layout is not None:
+            row["bytes"]["numba"] = layout.nbytes() + 2 * lo16.nbytes
+            row["numba_layout_over_saved"] = row["bytes"]["numba"] / saved
         row["gbs"] = {k: row["bytes"][k] / v / 1e9 for k, v in t.items()}
         results.append(row)
         print(_line(row, args.llama), flush=True)
@@ -171,18 +190,20 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
 
 
 def _line(row, llama) -> str:
-    t, gbs = row["seconds"], row["gbs"]
+    t, gbs, c = row["seconds"], row["gbs"], row["cpu_seconds"]
     rows, cols = row["shape"]
     cells = [
         f"{rows}x{cols}",
         str(row["bits"]),
         str(row["tokens"]),
-        *(f"{t[k] * 1e6:.0f}" for k in ("fp32", "bf16", "codes", "kernel", "module")),
-        f"{t['fp32'] / t['kernel']:.2f}",
+        *(f"{t[k] * 1e6:.0f}" if k in t else "-" for k in
+          ("fp32", "bf16", "codes", "numba", "native", "module")),
+        f"{t['fp32'] / t['native']:.2f}",
+        f"{c['fp32'] / c['native']:.2f}",
         f"{t['codes'] / t['module']:.2f}",
-        f"{gbs['kernel']:.1f}",
+        f"{gbs['native']:.1f}",
         f"{row['layout_over_saved']:.3f}",
-    ]
+    ]  # fmt: skip
     for typ in ("q2_K", "q3_K", "q4_K", "q4_0"):
         s = llama.get((typ, rows, row["tokens"], cols))
         cells.append(f"{s * 1e6:.0f}" if s else "-")
@@ -190,9 +211,9 @@ def _line(row, llama) -> str:
 
 
 HEADER = (
-    "| layer (out x in) | bits | tokens | fp32 us | bf16 us | codes us | kernel us | module us | "
-    "fp32 / kernel | codes / module | kernel GB/s | layout / saved | llama Q2_K us | Q3_K us | "
-    "Q4_K us | Q4_0 us |\n|" + "---|" * 16
+    "| layer (out x in) | bits | tokens | fp32 us | bf16 us | codes us | numba us | native us | "
+    "module us | fp32 / native | same, CPU time | codes / module | native GB/s | layout / saved "
+    "| llama Q2_K us | Q3_K us | Q4_K us | Q4_0 us |\n|" + "---|" * 18
 )
 
 
@@ -204,6 +225,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--synthetic", action="store_true", help="synthetic level histogram")
+    ap.add_argument("--no-numba", action="store_true", help="leave the numba kernel out")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--llama", nargs="*", default=[], help="test-backend-ops perf logs")
     ap.add_argument("--out", type=Path, default=None)
