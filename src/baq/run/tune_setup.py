@@ -126,7 +126,7 @@ def estimate_memory(
     value, gradient and Adam's two moments.
     """
     from baq.saved.loading import packed_layers_meta
-    from baq.saved.manifest import DENSE_FILE, QUANTIZED_FILE
+    from baq.saved.manifest import WEIGHT_FILES, listed_files, weight_files
     from baq.saved.packing import range_groups
 
     shape = model_shape(teacher_config)
@@ -134,7 +134,9 @@ def estimate_memory(
     hidden, vocab = int(teacher_config.hidden_size), int(teacher_config.vocab_size)
     inter = int(getattr(teacher_config, "intermediate_size", None) or 4 * hidden)
     heads = int(getattr(teacher_config, "num_attention_heads", 1) or 1)
-    packed_bytes = sum((folder / f).stat().st_size for f in (QUANTIZED_FILE, DENSE_FILE))
+    listed = listed_files(folder)  # a weight file may be sharded (docs/FORMAT.md, section 1)
+    files = [f for w in WEIGHT_FILES for f in weight_files(folder, w, listed)]
+    packed_bytes = sum((folder / f).stat().st_size for f in files)
     weights = groups = 0
     for m in packed_layers_meta(folder).values():
         rows, cols = m["shape"]
