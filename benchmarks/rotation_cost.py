@@ -14,6 +14,7 @@ and the ratios ``rotate / fp32`` and ``codes+rot / codes``. The layers are 4-bit
 weights (the transform's cost does not depend on the codes).
 
     python benchmarks/rotation_cost.py --out rotation_cost.json
+    python benchmarks/rotation_cost.py --threads 1 --repeat 100
     python benchmarks/rotation_cost.py --device cuda --repeat 200
 """
 
@@ -68,8 +69,11 @@ def main() -> None:
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, help="torch threads (default torch's; 1 is steadier)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows_out = []
     print(f"device {args.device}, {torch.get_num_threads()} threads")

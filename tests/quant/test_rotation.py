@@ -200,3 +200,25 @@ def test_rotation_flattens_baqs_predicted_gain(factors, floor):
     # a few outlier columns carry most of the modelled loss (0.20 and 0.13 here)
     assert before < 0.3
     assert after > floor
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("block", [2, 8, 32], ids=["b2", "b8", "b32"])
+def test_blocked_transform_equals_the_dense_matrix(n, block, monkeypatch):
+    """The run-time transform of activations (dense Sylvester factors instead of butterflies)
+    is the same R, forward and transposed, for every supported size and factor size."""
+    monkeypatch.setattr(rot, "BLOCK", block)
+    h, p = rot.hadamard_factors(n)
+    x = torch.randn(4, 3, n, dtype=torch.float64)
+    torch.testing.assert_close(rot.fwht_blocked(x[..., :p], block), x[..., :p] @ rot.sylvester(p),
+                               rtol=0, atol=1e-12)  # fmt: skip
+    r = rot.HadamardRotation(n, seed=11)
+    R = r.matrix()
+    y = r.apply(x, blocked=True)
+    torch.testing.assert_close(y, x @ R.T, rtol=0, atol=1e-12)
+    Hn = torch.kron(rot.small_hadamard(h), rot.sylvester(p))
+    torch.testing.assert_close(rot.hadamard_transform(x, transpose=True, blocked=True), x @ Hn,
+                               rtol=0, atol=1e-11)  # fmt: skip
+    # float32 activations, as a packed layer's forward gives them
+    torch.testing.assert_close(r.apply(x.float(), blocked=True), (x @ R.T).float(),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip

@@ -70,13 +70,14 @@ class InputRotation:
 
     def __call__(self, x: Tensor) -> Tensor:
         """``R x`` along the last dimension, in ``x``'s dtype (computed in float32 for half
-        types, as :class:`~baq.quant.rotation.HadamardRotation` does)."""
+        types, as :class:`~baq.quant.rotation.HadamardRotation` does), by the blocked transform
+        (:func:`~baq.quant.rotation.fwht_blocked`: a few dense products per call)."""
         work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         key = (x.device, work)
         signs = self._signs.get(key)
         if signs is None:
             signs = self._signs[key] = self.rot.signs(x.device, work)
-        return self.rot.apply(x, signs)
+        return self.rot.apply(x, signs, blocked=True)
 
     def nbytes(self) -> int:
         """Bytes of the signs kept."""
