@@ -188,3 +188,20 @@ def test_a_rotation_tensor_removed_gives_other_logits_not_an_error(rotated, tmp_
     loaded, _ = baq.load(out)
     assert loaded.model.layers[0].self_attn.q_proj.rotation is None
     assert not torch.allclose(logits(loaded), logits(baq.load(rotated[0])[0]), atol=1e-3)
+
+
+def test_sharded_rotated_save_keeps_each_seed_with_its_layer(rotated, tmp_path):
+    """A packed layer is never split between shards: its seed travels with its codes."""
+    out, model, results = rotated
+    cfg = QuantConfig(method="gptq", bits=3, rotate=True, include_head=True)
+    sharded = storage.save_quantized(
+        tmp_path / "s", model, make_tokenizer(), results, cfg, max_shard_size="20KB"
+    )
+    shards = sorted(sharded.glob("quantized-*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        tensors = load_file(shard)
+        names = {k.removesuffix(".level_classes") for k in tensors if k.endswith(".level_classes")}
+        assert {k.removesuffix(".rotation") for k in tensors if k.endswith(".rotation")} == names
+    loaded, _ = baq.load(sharded, cache="weight")
+    assert torch.equal(logits(loaded), logits(model))
