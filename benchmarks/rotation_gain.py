@@ -54,9 +54,11 @@ def relative_loss(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> float:
     return proxy_loss(W, res.weight, H) / proxy_loss(W, torch.zeros_like(W), H)
 
 
-def measure(W: torch.Tensor, H: torch.Tensor, bits: int) -> dict[str, float]:
+def measure(W: torch.Tensor, H: torch.Tensor, bits: int, gain_only: bool) -> dict[str, float]:
     gptq = QuantConfig(method="gptq", bits=bits)
     baq = QuantConfig(method="baq", bits=bits, allocation="layer", sensitivity="analytic")
+    if gain_only:
+        return {"gain": predicted_gain(W, H, baq)}
     return {
         "gain": predicted_gain(W, H, baq),
         "gptq": relative_loss(W, H, gptq),
@@ -75,6 +77,7 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--blocks", type=int, nargs="*", help="block indices (default: all)")
     p.add_argument("--seed", type=int, default=0, help="rotation seed of the run")
+    p.add_argument("--gain-only", action="store_true", help="no GPTQ/BAQ solves: gains only")
     p.add_argument("--out", type=Path, default=Path("/tmp/rotation_gain.json"))
     args = p.parse_args()
 
@@ -98,8 +101,12 @@ def main() -> None:
                 r = rot.HadamardRotation(W.shape[1], rot.layer_seed(args.seed, full))
                 Wr, Hr = rot.rotate_input(W.double(), H, r)
                 row = {"name": full, "shape": list(W.shape)}
-                row |= {f"{k}_plain": v for k, v in measure(W, H, args.bits).items()}
-                row |= {f"{k}_rot": v for k, v in measure(Wr.float(), Hr, args.bits).items()}
+                plain, rotated = (measure(w, h, args.bits, args.gain_only) for w, h in
+                                  ((W, H), (Wr.float(), Hr)))  # fmt: skip
+                row |= {f"{k}_plain": v for k, v in plain.items()}
+                row |= {f"{k}_rot": v for k, v in rotated.items()}
+                if args.gain_only:
+                    row |= {f"{m}_{b}": math.nan for m in ("gptq", "baq") for b in ("plain", "rot")}
                 rows.append(row)
                 print(
                     f"{full}: gain {row['gain_plain']:.3f} -> {row['gain_rot']:.3f}, "
