@@ -126,3 +126,54 @@ def test_half_precision_weights_are_solved_in_float32():
     b = gptq_solve(W.bfloat16().float(), f, lv)
     assert a.weight.dtype == torch.float32
     assert torch.equal(a.weight, b.weight)
+
+
+def textbook_factor(H, percdamp, act_order):
+    """GPTQ's factorisation step by step, a full copy per step (what factor_hessian did before
+    it worked in place): dead inputs to 1, reorder, dampen, Cholesky, invert, Cholesky again;
+    each failure raises the dampening tenfold."""
+    H = H.clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    perm = perm if act_order else torch.arange(H.shape[0])
+    H = H[perm][:, perm]
+    damp = percdamp
+    while True:
+        Hd = H + damp * torch.diagonal(H).mean().item() * torch.eye(H.shape[0], dtype=H.dtype)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                return U.float(), perm, dead, damp
+        damp *= 10
+
+
+def hessian_with_dead_inputs(cols, dtype):
+    X = torch.randn(cols, 3 * cols, dtype=dtype) * torch.rand(cols, 1, dtype=dtype)
+    X[[1, cols // 2, cols - 1]] = 0
+    return 2 * X @ X.t() / X.shape[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+def test_the_in_place_factor_equals_the_textbook_steps_bit_for_bit(dtype, act_order):
+    # 600 columns: the reordering gathers 256 at a time, so three gathers, one ragged
+    H = hessian_with_dead_inputs(600, dtype)
+    f = factor_hessian(H, 0.01, act_order)
+    U, perm, dead, damp = textbook_factor(H, 0.01, act_order)
+    assert torch.equal(f.perm, perm) and torch.equal(f.dead, dead) and f.percdamp == damp
+    assert f.U.dtype == torch.float32 and torch.equal(f.U, U)
+
+
+def test_the_retried_factor_equals_the_textbook_steps_and_leaves_h_alone():
+    Qm, _ = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64))
+    eig = torch.linspace(1, 2, 300, dtype=torch.float64)
+    eig[-1] = -0.05  # indefinite: the first two dampening levels fail
+    H = Qm @ torch.diag(eig) @ Qm.t()
+    before = H.clone()
+    f = factor_hessian(H, 0.001, act_order=True)
+    U, perm, _, damp = textbook_factor(H, 0.001, True)
+    assert f.percdamp == damp > 0.001
+    assert torch.equal(f.U, U) and torch.equal(f.perm, perm)
+    assert torch.equal(H, before)  # the caller's H is never written

@@ -92,6 +92,10 @@ def factor_hessian(
     Dead inputs get ``H_jj = 1`` (their weights are zeroed by the solver). If the Cholesky
     factorisation fails, the dampening is multiplied by 10 and retried, with a warning each time.
 
+    Memory: besides the caller's ``H``, one ``(cols, cols)`` matrix of the working dtype (the
+    reordered, dampened copy, factorised, inverted and factorised again in place on the CPU),
+    plus a float32 ``U`` when working in float64 (:func:`factor_bytes`).
+
     Args:
         H: (cols, cols) Hessian proxy ``2 X X^T / n``; solved in float32, or float64 if given so.
         percdamp: dampening as a fraction of mean(diag H).
@@ -103,27 +107,26 @@ def factor_hessian(
         HessianError: when every dampening level fails (e.g. NaN or Inf in ``H``).
     """
     work_dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
-    H = H.to(work_dtype).clone()
-    if not torch.isfinite(H).all():
+    if not _all_finite(H):
         raise HessianError("Hessian contains NaN or Inf: check the calibration inputs")
     cols = H.shape[0]
-    diag = torch.diagonal(H)
-    dead = diag == 0
-    H[dead, dead] = 1.0
-    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(cols)
-    perm = perm.to(H.device)
-    H = H[perm][:, perm]
-    mean_diag = float(torch.diagonal(H).mean())
+    dead = torch.diagonal(H) == 0
+    perm = None
+    if act_order:  # dead columns count as H_jj = 1, as they are solved
+        diag = torch.diagonal(H).to(work_dtype).masked_fill(dead, 1.0)
+        perm = torch.argsort(diag, descending=True, stable=True)
     damp = percdamp
     for attempt in range(max_tries):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return HessianFactor(U=U.float(), perm=perm, dead=dead, percdamp=damp)
+        A = _working_copy(H, perm, dead, work_dtype)
+        if attempt == 0:
+            mean_diag = float(torch.diagonal(A).mean())
+        A.diagonal().add_(damp * mean_diag)
+        U = _inverse_factor(A)
+        del A  # on the CPU, U is A
+        if U is not None:
+            if perm is None:
+                perm = torch.arange(cols, device=H.device)
+            return HessianFactor(U=U.float(), perm=perm, dead=dead, percdamp=damp)
         if attempt + 1 < max_tries:
             log.warning(
                 "Hessian not positive definite with percdamp=%g; retrying with %g", damp, damp * 10
@@ -132,6 +135,67 @@ def factor_hessian(
     raise HessianError(
         f"Hessian not positive definite even with percdamp={damp:g}: "
         "use more calibration samples or a larger --percdamp"
+    )
+
+
+# columns of H gathered at once by the reordering (bounds its temporaries to a few MB)
+_GATHER_COLS = 256
+
+
+def _working_copy(H: Tensor, perm: Tensor | None, dead: Tensor, dtype: torch.dtype) -> Tensor:
+    """``H[perm][:, perm]`` in ``dtype`` with ``H_jj = 1`` at dead inputs: one new matrix.
+
+    Column-major (LAPACK's layout), so the factorisations below run in place without copies;
+    the reordering is gathered a few columns at a time instead of through two full copies.
+    """
+    cols = H.shape[0]
+    A = torch.empty((cols, cols), dtype=dtype, device=H.device).mT  # column-major
+    if perm is None:
+        A.copy_(H)
+    else:
+        perm = perm.to(H.device)
+        for i in range(0, cols, _GATHER_COLS):
+            A[:, i : i + _GATHER_COLS] = H.index_select(1, perm[i : i + _GATHER_COLS])[perm]
+        dead = dead[perm]
+    A.diagonal()[dead] = 1.0
+    return A
+
+
+def _inverse_factor(A: Tensor) -> Tensor | None:
+    """The upper Cholesky factor ``U`` of ``A^-1`` (GPTQ's ``Cholesky(H^-1)``), or None when
+    ``A`` (or ``A^-1``, in rounding) is not positive definite.
+
+    On the CPU every step overwrites ``A`` (``out=A``: bitwise what the out-of-place calls
+    give, tested), so the factor costs no matrix beyond ``A``; elsewhere (CUDA, where torch
+    copies such outputs) ``L`` and ``H^-1`` are freed as soon as the next step exists.
+    """
+    if A.device.type == "cpu":
+        info = torch.empty((), dtype=torch.int32)
+        torch.linalg.cholesky_ex(A, out=(A, info))  # A = L, lower
+        if int(info) != 0:
+            return None
+        torch.cholesky_inverse(A, out=A)  # A = H^-1
+        torch.linalg.cholesky_ex(A, upper=True, out=(A, info))  # A = U
+        U = A
+    else:
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) != 0:
+            return None
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        del Hinv
+    if int(info) != 0 or not _all_finite(U):
+        return None
+    return U
+
+
+def _all_finite(T: Tensor) -> bool:
+    """``torch.isfinite(T).all()`` a few columns at a time: on a whole matrix it allocates
+    about two matrices of temporaries (``abs``, comparisons)."""
+    return all(
+        bool(torch.isfinite(T[:, i : i + _GATHER_COLS]).all())
+        for i in range(0, T.shape[1], _GATHER_COLS)
     )
 
 
