@@ -205,3 +205,18 @@ def test_sharded_rotated_save_keeps_each_seed_with_its_layer(rotated, tmp_path):
         assert {k.removesuffix(".rotation") for k in tensors if k.endswith(".rotation")} == names
     loaded, _ = baq.load(sharded, cache="weight")
     assert torch.equal(logits(loaded), logits(model))
+
+
+def test_export_of_a_rotated_folder_is_the_original_basis_model(rotated, tmp_path):
+    """baq export writes W' R: a plain transformers model with the quantized model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from baq.saved.export import export_dequantized
+
+    out, model, results = rotated
+    dense = export_dequantized(out, tmp_path / "dense", dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(dense)
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(plain.get_submodule(name).weight, results[name].weight)
+    assert torch.equal(logits(plain), logits(model))
