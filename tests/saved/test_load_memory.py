@@ -113,10 +113,11 @@ def test_a_tiny_folder_claiming_a_huge_vocabulary_is_refused_before_allocating(
         r"2\.00 GiB is available: load it on a machine with more memory"
     )
     with pytest.raises(StorageError, match=pattern):
-        baq.load(folder)
+        baq.load(folder, cache="codes")
     with pytest.raises(StorageError, match="GiB is available"):
         AutoModelForCausalLM.from_pretrained(folder)
-    assert main(["eval", str(folder), "--eval", "builtin", "--eval-windows", "1"]) == 2
+    argv = ["eval", str(folder), "--eval", "builtin", "--eval-windows", "1", "--cache", "codes"]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "2.00 GiB is available" in err[0]
     # the estimate holds at least the tied embedding (float32) and the codes cache's byte each

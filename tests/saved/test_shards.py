@@ -168,6 +168,7 @@ def test_the_default_size_keeps_the_single_file_layout_byte_for_byte(saves, tmp_
     _save(tmp_path / "less", max_shard_size=total - 1)
     assert (tmp_path / "less" / "model.safetensors.index.json").is_file()
     assert (tmp_path / "less" / "quantized.safetensors").is_file()  # it still fits
+    assert_same_model(baq.load(tmp_path / "less")[0], baq.load(whole)[0])  # one file, one sharded
 
 
 # ----------------------------------------------------------------------------- reading back
