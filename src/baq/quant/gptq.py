@@ -230,8 +230,10 @@ def gptq_solve(
     """
     rows, cols = W.shape
     device = factor.U.device
-    W = W.to(device=device, dtype=torch.float32).clone()
-    W[:, factor.dead] = 0
+    W = W.to(device=device, dtype=torch.float32)
+    if bool(factor.dead.any()):  # a copy only when there is something to zero
+        W = W.clone()
+        W[:, factor.dead] = 0
     if dim not in ("oc", "ic"):
         raise ValueError(f"dim={dim!r}: use oc or ic")
     if dim == "ic" and grid is not None:
@@ -254,10 +256,17 @@ def gptq_solve(
             return grid
 
     Qt, Ct, losses = _blocked_solve(W, factor, lv, block_size, block_params)
+    del W
     inv = torch.argsort(perm)
+    # (rows, cols) in the original order, gathered straight from the transposed layout: one
+    # copy each, and the solver's buffer freed before the next is made
+    weight = Qt.t()[:, inv]
+    del Qt
+    codes = Ct.t()[:, inv]
+    del Ct
     return QuantResult(
-        weight=Qt[inv].t().contiguous(),
-        codes=Ct[inv].t().long().contiguous(),
+        weight=weight,
+        codes=codes.long(),
         grid=grid_of(inv),
         levels=levels,
         losses=losses[inv],
@@ -280,7 +289,7 @@ def _blocked_solve(
     cols = W.shape[1]
     U = factor.U
     # transposed layout: a column of W is a contiguous row of Wt, and so are the updates
-    Wt = W[:, factor.perm].t().contiguous()  # (cols, rows), processing order
+    Wt = W.t()[factor.perm]  # (cols, rows), processing order: one gathered copy
     Qt = torch.empty_like(Wt)
     Ct = torch.empty_like(Wt)
     losses = torch.empty(cols, dtype=torch.float32, device=W.device)

@@ -11,7 +11,8 @@ peaks (DESIGN.md section 3: the sequential protocol keeps one block's state at a
   as an accumulator and once as the matrix handed to the solver (an upper bound: linears that
   read one input share an accumulator);
 * the weights: the whole model, or with ``--lazy`` the tensors outside the blocks plus one block;
-  and the solver's copies of the widest linear (weight, codes, error, ``H^-1``);
+  and the solver's copies of the costliest linear (:func:`solve_bytes`: one working copy of
+  ``H`` factorised in place, ``U``, weight, codes and the solver's buffers);
 * one batched block forward (hidden states, MLP, attention scores ``heads x seqlen^2``);
 * evaluation: one window's logits ``eval_seqlen x vocab x 4`` bytes plus its log-softmax, and
   the compact base record kept across windows (top-k log-probabilities per position).
@@ -288,9 +289,7 @@ def estimate(
     if head is not None:
         linears.append(head)
         hessians += 2 * head[1] ** 2 * hbytes if calibrated else 0
-    rows, cols = max(linears, key=lambda rc: rc[0] * rc[1])
-    # weight, dequantized copy, error rows and codes (float32/int32), and H, its Cholesky, H^-1
-    solve = 4 * rows * cols * 4 + 3 * max(c for _, c in linears) ** 2 * hbytes
+    solve = max(solve_bytes(rows, cols, hbytes, method) for rows, cols in linears)
     batch = max(1, min(nsamples, BATCH_TOKENS // seqlen))
     forward = _forward_bytes(batch, seqlen, hidden, inter, heads, item) if calibrated else 0
     if calibrated:  # a hooked input is cast to the Hessian dtype before X^T X
@@ -328,6 +327,21 @@ def estimate(
         importance=importance,
         base_record=base_record,
     )
+
+
+def solve_bytes(rows: int, cols: int, hbytes: int, method: str = "baq") -> int:
+    """What solving one (rows, cols) linear holds beyond its weight and its Hessian (quant/).
+
+    ``factor_hessian`` works on one copy of ``H`` in place (plus the float32 ``U`` it returns
+    when ``H`` is float64); then ``U`` stays while the solver holds five float32-sized
+    (rows, cols) matrices at its peak (the dead-zeroed weight, its buffers, the result's weight
+    and int64 codes), three more for BAQ (its uniform measuring solve's result). RTN: no ``H``.
+    """
+    copies = (8 if method == "baq" else 5) * rows * cols * 4
+    if method == "rtn":
+        return copies
+    factor = cols * cols * (hbytes + (4 if hbytes == 8 else 0))
+    return max(factor, cols * cols * 4 + copies)
 
 
 def _forward_bytes(batch: int, seq: int, hidden: int, inter: int, heads: int, item: int) -> int:
