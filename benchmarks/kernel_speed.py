@@ -5,7 +5,9 @@ For every shape (rows x cols = out x in), nominal bits and token count: the medi
 * ``fp32``: ``F.linear`` with a float32 weight; ``bf16``: with a bfloat16 weight and input;
 * ``codes``: today's ``PackedLinear(cache="codes")`` (an int8 per weight, baq/saved);
 * ``numba``: ``baq.kernels.cpu.linear`` on the numba kernel's layout (session 12; float32
-  ranges, as PackedLinear keeps them; ``--no-numba`` leaves it out);
+  ranges, as PackedLinear keeps them), with ``--numba`` only: once numba's thread pool exists, the
+  threads of every later product in the process wait on it on a loaded machine (measured: 576x1536
+  float32 ``F.linear`` 125 us before, 20 ms after), so it is best measured in a process of its own;
 * ``native``: ``baq.kernels.native.linear`` on the lane-field layout (the C++ kernel, session 13);
 * ``module``: ``PackedLinear(cache="kernel")``, the kernel this machine runs through the module's
   forward;
@@ -39,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from baq.kernels import cpu, native
+from baq.kernels import native
 from baq.kernels.lanes import build_lanes
 from baq.kernels.layout import build_layout
 from baq.quant.grid import fit_grid
@@ -131,7 +133,7 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
     codes = (torch.rand(rows, cols, generator=gen) * levels).long()
     packed = pack_columns(codes, levels)
     layer = PackedLinear(packed, grid.lo, grid.hi, grid.group_size, False, cache="codes")
-    layout = None if args.no_numba else build_layout(codes, levels, grid.group_size, False)
+    layout = build_layout(codes, levels, grid.group_size, False) if args.numba else None
     lanes = build_lanes(codes, levels, grid.group_size, False)
     lo16, hi16 = grid.lo.half(), grid.hi.half()
     lo32, hi32 = lo16.float(), hi16.float()  # the float16 ranges of a save, as the module keeps
@@ -153,7 +155,7 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
                 "fp32": lambda x=x: F.linear(x, Wf),
                 "bf16": lambda xb=xb: F.linear(xb, Wb),
                 "codes": lambda x=x: layer(x),
-                "numba": lambda x=x: cpu.linear(layout, x, lo32, hi32),
+                "numba": lambda x=x: _numba_linear(layout, x, lo32, hi32),
                 "native": lambda x=x: native.linear(lanes, x, lo32, hi32),
                 "module": lambda x=x: klayer(x),
             }
@@ -187,6 +189,12 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
         results.append(row)
         print(_line(row, args.llama), flush=True)
     return results
+
+
+def _numba_linear(layout, x, lo, hi):
+    from baq.kernels import cpu  # numba: imported only when asked for (see the docstring)
+
+    return cpu.linear(layout, x, lo, hi)
 
 
 def _line(row, llama) -> str:
@@ -225,7 +233,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--synthetic", action="store_true", help="synthetic level histogram")
-    ap.add_argument("--no-numba", action="store_true", help="leave the numba kernel out")
+    ap.add_argument("--numba", action="store_true", help="time the numba kernel too")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--llama", nargs="*", default=[], help="test-backend-ops perf logs")
     ap.add_argument("--out", type=Path, default=None)

@@ -1,0 +1,77 @@
+"""Interleaved timing of the native kernel against float32 and bfloat16 ``F.linear`` (issue 26).
+
+On a machine shared with other jobs, the load drifts between the timings of
+benchmarks/kernel_speed.py (each method timed in a run of its own). Here every repeat calls each
+method once, in turn, so all of them see the same load; medians of wall and CPU time
+(``time.process_time``, all threads) over the repeats. One layer, real level histograms.
+
+    python benchmarks/kernel_ab.py --shape 4096x14336 --bits 3 --tokens 1 16 --threads 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from kernel_speed import sample_levels
+
+from baq.kernels import native
+from baq.kernels.lanes import build_lanes
+from baq.quant.grid import fit_grid
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="4096x14336")
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=15)
+    args = ap.parse_args()
+    rows, cols = map(int, args.shape.split("x"))
+    gen = torch.Generator().manual_seed(0)
+    levels = sample_levels(cols, args.bits, False, gen)
+    W = torch.randn(rows, cols, generator=gen)
+    grid = fit_grid(W, group_size=None, sym=False)
+    codes = (torch.rand(rows, cols, generator=gen) * levels).long()
+    layout = build_lanes(codes, levels, None, False)
+    Wb = W.bfloat16()
+    lo, hi = grid.lo.half().float(), grid.hi.half().float()
+    print(f"{args.shape}, {args.bits} bits: layout {layout.nbytes() / 1e6:.1f} MB")
+    print("| threads | tokens | fp32 us | bf16 us | native us | fp32 / native | same, CPU time |")
+    print("|---|---|---|---|---|---|---|")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for T in args.tokens:
+            x = torch.randn(T, cols)
+            xb = x.bfloat16()
+            fns = {
+                "fp32": lambda x=x: F.linear(x, W),
+                "bf16": lambda xb=xb: F.linear(xb, Wb),
+                "native": lambda x=x: native.linear(layout, x, lo, hi),
+            }
+            wall = {k: [] for k in fns}
+            cpu = {k: [] for k in fns}
+            for fn in fns.values():
+                fn()
+            for _ in range(args.repeat):
+                for k, fn in fns.items():
+                    t, c = time.perf_counter(), time.process_time()
+                    fn()
+                    wall[k].append(time.perf_counter() - t)
+                    cpu[k].append(time.process_time() - c)
+            w = {k: statistics.median(v) for k, v in wall.items()}
+            c = {k: statistics.median(v) for k, v in cpu.items()}
+            print(
+                f"| {threads} | {T} | {w['fp32'] * 1e6:.0f} | {w['bf16'] * 1e6:.0f} | "
+                f"{w['native'] * 1e6:.0f} | {w['fp32'] / w['native']:.2f} | "
+                f"{c['fp32'] / c['native']:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
