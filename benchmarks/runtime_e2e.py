@@ -17,8 +17,8 @@ subprocess measures
   the tokenizer included) at the end.
 
 The tokens come from ``--text`` (WikiText-2 test), so every mode sees the same input. A first
-short forward and generation before the timings builds each mode's cache (and compiles numba
-for ``kernel``, cached on disk after the first run).
+short forward and generation before the timings builds each mode's cache (and, for ``kernel``,
+loads the native kernel: compiled at the first use on a machine, cached on disk).
 
     python benchmarks/runtime_e2e.py /tmp/ref3 --out /tmp/e2e.json
 """
