@@ -85,7 +85,7 @@ def test_set_cache_switches_every_packed_layer_and_keeps_the_logits(folder):
     model = AutoModelForCausalLM.from_pretrained(folder)
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     codes = logits(model)
-    assert {m.cache for m in layers} == {"codes"} and all(m._offsets is not None for m in layers)
+    assert {m.cache for m in layers} == {"kernel"} and all(m._layout is not None for m in layers)
     assert baq.set_cache(model, "weight") == len(layers) > 0
     assert all(m.cache == "weight" and m._offsets is None for m in layers)
     torch.testing.assert_close(logits(model), codes, rtol=1e-4, atol=1e-4)

@@ -333,7 +333,7 @@ def test_packed_linear_cache_dtype_and_repr(saved):
     torch.testing.assert_close(d, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
     q = cached.model.layers[0].self_attn.q_proj
     assert q._weight is not None and plain.model.layers[0].self_attn.q_proj._weight is None
-    assert coded.model.layers[0].self_attn.q_proj._offsets is not None
+    assert coded.model.layers[0].self_attn.q_proj._layout is not None  # the default: kernel
     assert "nominal_bits=3.000" in repr(q) and "storage_bits=" in repr(q)
     with pytest.raises(ValueError, match="cache='all'"):
         storage.load_quantized(out, cache="all")

@@ -67,7 +67,7 @@ def load(*args: Any, **kwargs: Any):
 
 def set_cache(model: Any, cache: str) -> int:
     """See :func:`baq.saved.packed_linear.set_cache`: ``baq.set_cache(model, "weight")`` after
-    ``from_pretrained`` (which builds ``"codes"``) trades memory for the float model's speed."""
+    ``from_pretrained`` (which builds the default ``"kernel"``) trades memory for speed."""
     from baq.saved.packed_linear import set_cache as _set
 
     return _set(model, cache)

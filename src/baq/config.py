@@ -38,6 +38,10 @@ TEXT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl")
 # the dequantized weight (the float model's memory and speed), or the kernel layout in place of
 # the packed codes (about their size; the fused CPU kernel of baq/kernels multiplies by it).
 WEIGHT_CACHES: tuple[str, ...] = ("none", "codes", "weight", "kernel")
+# the cache of baq.load, baq generate/eval, from_pretrained and pipeline: the kernel layout, faster
+# than "codes" end to end on the reference model at a third of its memory (issue 26,
+# docs/results/kernel-s13.md); a GPU input runs a kernel layer as "codes"
+DEFAULT_CACHE = "kernel"
 # top tokens per position that the compact base record of an evaluation keeps (eval/divergence.py):
 # 97 % of the KL at 4-bit RTN (docs/RESULTS.md); here, not there, so that the memory estimate,
 # which must not import torch, reads the same number

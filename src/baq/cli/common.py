@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from baq.config import DEFAULT_TOPK
+from baq.config import DEFAULT_CACHE, DEFAULT_TOPK
 
 from ..config import TEXT_SOURCES
 from .checks import (  # noqa: F401  (re-exported for the command modules)
@@ -143,7 +143,7 @@ def load_lazy(args: argparse.Namespace):
     return model, tok, loader
 
 
-def load_any(args: argparse.Namespace, device: Any, cache: str = "codes"):
+def load_any(args: argparse.Namespace, device: Any, cache: str = DEFAULT_CACHE):
     """A saved baq folder loads packed; anything else through transformers."""
     if is_saved_folder(args.model):
         from baq.saved import storage

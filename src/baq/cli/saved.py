@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import WEIGHT_CACHES
+from ..config import DEFAULT_CACHE, WEIGHT_CACHES
 from .common import (
     UsageError,
     add_base_args,
@@ -61,10 +61,10 @@ def add_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache",
         choices=WEIGHT_CACHES,
-        default="codes",
-        help="what a saved model's quantized linears keep between forwards: codes (default, one "
-        "byte per weight), weight (float-model memory and speed), none (least memory, slowest) "
-        "or kernel (the packed size; fused CPU kernel, codes on a GPU)",
+        default=DEFAULT_CACHE,
+        help="what a saved model's quantized linears keep between forwards: kernel (default: "
+        "about the packed size, fused CPU kernel; codes on a GPU), codes (one byte per weight), "
+        "weight (float-model memory and speed) or none (least memory, slowest)",
     )
 
 

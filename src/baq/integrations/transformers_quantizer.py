@@ -33,6 +33,7 @@ from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from baq.config import DEFAULT_CACHE
 from baq.saved.manifest import CONFIG_FILE, DENSE_FILE, FORMAT, MANIFEST_FILE, NEEDS_BAQ
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,21 @@ class BaqConfig(QuantizationConfigMixin):
     """The ``quantization_config`` block of a saved folder (docs/FORMAT.md, section 3), verbatim.
 
     Every key of the block is an attribute, so ``to_dict()`` (what ``save_pretrained`` writes)
-    gives the block back unchanged.
+    gives the block back unchanged; except a key that would hide one of the config's own
+    attributes (``to_dict``, ``update``, ``__class__``, any ``_`` name), which no baq save
+    writes: it is dropped with a warning, as :func:`baq.load` ignores the block.
     """
 
-    def __init__(self, quant_method: str = FORMAT, **fields: Any) -> None:
+    def __init__(self, /, quant_method: str = FORMAT, **fields: Any) -> None:
         self.quant_method = quant_method
-        self.__dict__.update(fields)
+        hiding = sorted(k for k in fields if k.startswith("_") or hasattr(type(self), k))
+        if hiding:
+            log.warning(
+                "quantization_config keys ignored (they would hide the config's own "
+                "attributes; baq writes none of them): %s",
+                ", ".join(hiding),
+            )
+        self.__dict__.update({k: v for k, v in fields.items() if k not in hiding})
 
 
 class PackedSlot(nn.Module):
@@ -149,7 +159,7 @@ class BaqHfQuantizer(HfQuantizer):
                     f"{MANIFEST_FILE} does not list as a weight file"
                 )
         # shapes against the config and the load's memory, before anything is allocated
-        layers, _ = loading.check_folder(root, model, manifest, "codes")
+        layers, _ = loading.check_folder(root, model, manifest, DEFAULT_CACHE)
         for name in layers:
             model.set_submodule(name, PackedSlot(model.get_submodule(name)))
         # transformers would quietly initialise a tensor the dense files lack: check the names
@@ -179,7 +189,7 @@ class BaqHfQuantizer(HfQuantizer):
                 raise StorageError(f"{root}: dense tensor {name}.bias is missing")
             return slot.bias.detach()
 
-        loading.install_packed(root, model, self._layers, take_bias, "codes")
+        loading.install_packed(root, model, self._layers, take_bias, DEFAULT_CACHE)
         for name, device in devices.items():
             model.get_submodule(name).to(device)
         loading.tie_aliases(model, root, self._tied)

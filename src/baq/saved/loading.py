@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from baq.config import WEIGHT_CACHES
+from baq.config import DEFAULT_CACHE, WEIGHT_CACHES
 from baq.errors import one_line
 from baq.model import blocks, loader
 from baq.saved.load_memory import admit_load, estimate_load
@@ -92,7 +92,7 @@ def load_quantized(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
-    cache: str = "codes",
+    cache: str = DEFAULT_CACHE,
 ) -> tuple[nn.Module, Any]:
     """Load a saved folder as a transformers model with :class:`PackedLinear` quantized linears.
 
@@ -104,8 +104,9 @@ def load_quantized(
         device: where the model goes.
         dtype: cast the unquantized floating tensors (and the compute) to this dtype; None keeps
             the stored dtypes.
-        cache: what each quantized linear keeps between forwards: ``"codes"`` (the default: one
-            byte per weight, close to the float model's speed), ``"none"`` (least memory,
+        cache: what each quantized linear keeps between forwards: ``"kernel"`` (the default,
+            :data:`~baq.config.DEFAULT_CACHE`: about the packed size, the fused CPU kernel),
+            ``"codes"`` (one byte per weight), ``"none"`` (least memory,
             unpacks on every forward: slow) or ``"weight"`` (the float model's memory and
             speed); see :class:`PackedLinear`.
     Returns:

@@ -63,17 +63,17 @@ class PackedLinear(nn.Module):
       the output instead of dequantizing, equal to the dequantized forward up to float rounding;
     * ``"weight"``: the dequantized weight kept after the first forward, the float layer's
       memory and speed, bitwise the solver's weight;
-    * ``"kernel"``: at the first forward on the CPU the packed codes are rebuilt as the
-      :class:`~baq.kernels.layout.KernelLayout` and the ``codes_<L>`` buffers emptied, so the
-      layer holds about its packed size (the layout is 1.09 to 1.12 times the saved codes), and
-      :func:`baq.kernels.cpu.linear` multiplies by it without a float weight (equal to the
-      dequantized forward up to float32 rounding). Whatever reads the codes (``packed``,
-      ``state_dict``, :meth:`file_tensors`, :meth:`dequantize`) gets them repacked from the
-      layout, byte for byte the saved streams. A layer with more than 256 levels in a column,
-      or an input on another device than the CPU (no GPU kernel exists), runs as ``"codes"``.
-      Not the default: on the reference model it generated 8.5 tokens/s against 27 with
-      ``"codes"`` (benchmarks/runtime_e2e.py, 2 threads), a small layer's kernel call costing
-      about 200 us where ``"codes"`` takes about 120.
+    * ``"kernel"`` (the default of loads, :data:`baq.config.DEFAULT_CACHE`): at the first
+      forward on the CPU the packed codes are rebuilt as the runtime layout of
+      :func:`baq.kernels.runtime.build` (the native kernel's lane fields, or the numba kernel's
+      part streams where nothing compiles) and the ``codes_<L>`` buffers emptied, so the layer
+      holds about its packed size (1.1 to 1.5 times the saved codes, the small layers the most:
+      docs/results/kernel-s13.md), and :func:`baq.kernels.runtime.linear` multiplies by it
+      without a float weight (equal to the dequantized forward up to float32 rounding).
+      Whatever reads the codes (``packed``, ``state_dict``, :meth:`file_tensors`,
+      :meth:`dequantize`) gets them repacked from the layout, byte for byte the saved streams.
+      A layer with more than 256 levels in a column, or an input on another device than the
+      CPU (no GPU kernel exists), runs as ``"codes"``.
 
     Args:
         packed: the codes, grouped by level count.
