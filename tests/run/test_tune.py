@@ -359,3 +359,13 @@ def test_a_teacher_that_is_another_model_is_named(setup):
 
     other = make_tiny_llama(seed=1)
     assert teacher_mismatch(student, other) == "model.embed_tokens.weight"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_partial(setup, tmp_path, monkeypatch):
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_mod, "window_kl", stop)
+    out = tmp_path / "t"
+    assert main(tune_argv(setup, out, "--steps", "2", evaluate=False)) == 130
+    assert not out.exists() and not (tmp_path / "t.partial").exists()

@@ -26,6 +26,8 @@ import copy
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ from baq.eval.divergence import BaseRecord, compact_kl, windows_digest
 from baq.eval.scoring import score_sets
 from baq.run.checkpoint import hold, partial_dir, tensor_digest
 from baq.run.tune_ranges import MIN_SCALE, tunable, tunable_layers, write_back
-from baq.run.tune_state import TuneState, load_state, save_state
+from baq.run.tune_state import STATE_FILE, TuneState, load_state, save_state
 from baq.saved.packed_linear import PackedLinear
 
 log = logging.getLogger(__name__)
@@ -313,16 +315,16 @@ def tune_model(
             "seconds": seconds,
         }
         if output is not None:
+            t = time.perf_counter()
             report["output"] = str(save_tuned(output, model, tokenizer, qconfig, report, force))
-            seconds["save"] = time.perf_counter() - t - seconds["tune"]
+            seconds["save"] = time.perf_counter() - t
     finally:
         if lock is not None:
-            import os
-
             os.close(lock)
-    if ckpt is not None and output is not None and output.exists():
-        import shutil
-
+        # a run stopped before its first checkpoint leaves nothing that asks for --resume
+        if ckpt is not None and not (ckpt / STATE_FILE).is_file():
+            shutil.rmtree(ckpt, ignore_errors=True)
+    if ckpt is not None and output.exists():
         shutil.rmtree(ckpt, ignore_errors=True)  # the save landed: the checkpoint has served
     return TuneResult(report, losses, model)
 
