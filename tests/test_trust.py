@@ -745,6 +745,35 @@ def test_sym_as_a_string_is_a_type_error(copy):
 # defect 10: smaller ones
 
 
+@pytest.mark.parametrize("key", ["to_dict", "to_json_string", "update", "__class__", "self"])
+def test_a_quantization_config_key_that_hides_a_method_still_loads(copy, tmp_path, key, caplog):
+    """A key named like one of the config's own attributes (or like ``self``, the constructor's
+    first argument) gave a TypeError in from_pretrained: it is ignored with a warning."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    caplog.set_level(logging.WARNING, logger="baq")
+    config = json.loads((copy / "config.json").read_text())
+    config["quantization_config"][key] = {"x": 1}
+    (copy / "config.json").write_text(json.dumps(config))
+    rehash(copy, "config.json")
+    model = AutoModelForCausalLM.from_pretrained(copy, device_map="cpu")
+    qc = model.config.quantization_config
+    block = qc.to_dict()
+    assert json.loads(qc.to_json_string()) == block
+    if key == "self":  # an ordinary field for the config: kept, round trip unchanged
+        assert block["self"] == {"x": 1}
+    else:
+        assert key not in block
+        assert "quantization_config keys ignored" in caplog.text and key in caplog.text
+    reference, _ = storage.load_quantized(copy)
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    model.save_pretrained(tmp_path / "again")  # to_dict() is what it writes
+    assert manifest.is_baq_save(tmp_path / "again")
+
+
 def test_a_huge_group_size_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["quantize", tiny_model_dir, "--group-size", "99999999999999999999", "--output", out]
