@@ -745,6 +745,64 @@ def test_sym_as_a_string_is_a_type_error(copy):
 # defect 10: smaller ones
 
 
+def _forge_layer(folder: Path, edit) -> str:
+    """Apply ``edit(tensors, first_layer)`` to quantized.safetensors, rehashed; the layer name."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / "quantized.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    first = next(iter(json.loads(meta["layers"])))
+    edit(tensors, first, torch)
+    save_file(tensors, str(path), metadata=meta)
+    rehash(folder, "quantized.safetensors")
+    return first
+
+
+def _set_class(row, col, value):
+    def edit(t, name, torch):
+        table = t[f"{name}.level_classes"].clone()
+        table[row, col] = value
+        t[f"{name}.level_classes"] = table
+
+    return edit
+
+
+def _nan_lo(t, name, torch):
+    t[f"{name}.lo"] = t[f"{name}.lo"].clone().fill_(float("nan"))
+
+
+INSPECT_CASES = {
+    "zero-level": (_set_class(0, 0, 0), "level_classes is not a table of ascending level counts"),
+    "negative-level": (_set_class(0, 0, -3), "level_classes is not a table of ascending level"),
+    "zero-columns": (_set_class(0, 1, 0), "level_classes is not a table of ascending level"),
+    "nan-range": (_nan_lo, "lo/.hi hold NaN or Inf"),
+    "extra-tensor": (lambda t, name, torch: t.update(junk=torch.zeros(3)), "unexpected tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(INSPECT_CASES))
+def test_inspect_refuses_what_eval_refuses(copy, case, capsys):
+    """``baq inspect`` ran no layer checks: it printed a table for folders ``baq eval`` refuses,
+    and "math domain error" for a level count of zero."""
+    edit, message = INSPECT_CASES[case]
+    name = _forge_layer(copy, edit)
+    with pytest.raises(StorageError) as loaded:
+        storage.load_quantized(copy)
+    err = fails(capsys, ["inspect", copy])
+    assert err == f"baq: error: {loaded.value}"
+    assert message in err and "math domain" not in err
+    assert (name in err) or case == "extra-tensor"
+
+
+def test_inspect_still_prints_a_sound_folder(copy, capsys):
+    assert main(["inspect", str(copy)]) == 0
+    assert "storage bits per weight" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("key", ["to_dict", "to_json_string", "update", "__class__", "self"])
 def test_a_quantization_config_key_that_hides_a_method_still_loads(copy, tmp_path, key, caplog):
     """A key named like one of the config's own attributes (or like ``self``, the constructor's

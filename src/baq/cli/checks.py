@@ -372,3 +372,45 @@ def flagify(msg: str) -> str:
     if sep and head.isidentifier():
         return f"--{head.replace('_', '-')}={tail}"
     return msg
+
+
+def check_saved_layers(root: Path) -> None:
+    """What ``baq eval`` checks in a saved folder before it builds a layer, for ``baq inspect``:
+    the manifest (sizes, SHA-256), the headers and the layers' metadata, then every packed
+    layer's tensors (:func:`baq.saved.packing.read_layer`: the level-class table, ranges,
+    permutation, stream sizes and codes) and no tensor left over. One layer is read at a time.
+
+    Raises:
+        StorageError: one line naming the file, the layer and the problem.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from baq.saved.headers import packed_layers, weight_headers
+    from baq.saved.manifest import QUANTIZED_FILE, StorageError, verify_manifest
+    from baq.saved.packing import range_groups, read_layer
+
+    listed = verify_manifest(root)["files"]
+    headers = weight_headers(root, QUANTIZED_FILE, listed)
+    layers = packed_layers(root, headers)
+    for rel, (_, info) in headers.items():
+        path = root / rel
+        mine = {n: m for n, m in layers.items() if m["file"] == rel}
+        # a tensor belongs to the layer whose name prefixes it (module names nest by dots)
+        owner = {k: max((n for n in mine if k.startswith(n + ".")), key=len, default=None)
+                 for k in info}  # fmt: skip
+        left = sorted(k for k, n in owner.items() if n is None)
+        if left:
+            raise StorageError(f"{path}: unexpected tensor {left[0]}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name, m in mine.items():
+                    tensors = {k: f.get_tensor(k) for k, n in owner.items() if n == name}
+                    try:
+                        ngroups = range_groups(m["shape"], m["group_size"], m["dim"])
+                        read_layer(name, tensors, m["shape"], ngroups, m["dim"])
+                    except ValueError as err:
+                        raise StorageError(f"{path}: {one_line(err)}") from None
+                    if tensors:
+                        raise StorageError(f"{path}: unexpected tensor {sorted(tensors)[0]}")
+        except (OSError, SafetensorError) as err:
+            raise StorageError(f"{path}: {one_line(err)}") from err

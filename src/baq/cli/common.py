@@ -27,6 +27,7 @@ from .checks import (  # noqa: F401  (re-exported for the command modules)
     check_output_folder,
     check_readable,
     check_report_file,
+    check_saved_layers,
     check_source,
     check_text_file,
     check_text_fits,

@@ -16,6 +16,7 @@ from .common import (
     check_eval_fits,
     check_model,
     check_report_file,
+    check_saved_layers,
     check_source,
     eval_sets,
     eval_sources,
@@ -209,7 +210,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{args.folder}: not a saved baq model (no {manifest.MANIFEST_FILE}); "
             "write one with baq quantize --output"
         )
-    rows = manifest.inspect_quantized(args.folder)
+    check_saved_layers(args.folder)  # everything baq eval checks before it builds a layer
+    rows = manifest.inspect_quantized(args.folder, verify=False)
     print(format_inspect(rows))
     return 0
 
