@@ -840,24 +840,109 @@ def test_a_huge_group_size_is_refused_before_the_model_loads(tiny_model_dir, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_resume_hint(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """safetensors reports a full disk as its own error type: writing a checkpoint block gave a
+    traceback, and the final save's error no --resume hint."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real, calls = safetensors.torch.save_file, []
+
+    def second_block_fills_the_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            Path(filename).write_bytes(b"half a block")
+            raise SafetensorError(FULL)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", second_block_fills_the_disk)
+    out = tmp_path / "out"
+    err = fails(capsys, ["quantize", tiny_model_dir, "--output", out, "--method", "gptq", *QUICK])
+    partial = tmp_path / "out.partial"
+    assert err == (
+        f"baq: error: {partial / 'block-00001.safetensors'}: No space left on device; free some "
+        f"disk space and rerun with --resume (the checkpoint is {partial})"
+    )
+    assert sorted(p.name for p in partial.iterdir()) == [
+        "block-00000.json", "block-00000.safetensors", "pid", "run.json"
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.partial"]
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_resume_hint(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError(FULL)
+
+    monkeypatch.setattr(storage, "save_file", full)
+    out = tmp_path / "out"
+    err = fails(capsys, ["quantize", tiny_model_dir, "--output", out, "--method", "gptq", *QUICK])
+    assert err.startswith(f"baq: error: cannot save {out}: {FULL}; ")
+    partial = tmp_path / "out.partial"
+    assert err.endswith(f"disk space and rerun with --resume (the checkpoint is {partial})")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.partial"]
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from baq.run.checkpoint import claim
+fd = claim(Path(sys.argv[1]))
+print("held", flush=True)
+sys.stdin.read()  # hold the lock until the test closes stdin
+"""
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_second_run_on_one_output_is_told_another_run_holds_it(
     resume, tiny_model_dir, tmp_path, no_model_load, capsys
 ):
-    from baq.run.checkpoint import hold, partial_dir, write_json
+    """Another process holds OUTPUT.partial (the first run, still working): the second is told
+    so, with its pid, whether or not it asks to --resume; nothing in the folder changes."""
+    import subprocess
+    import sys
+
+    from baq.run.checkpoint import partial_dir, write_json
 
     out = tmp_path / "out"
     partial = partial_dir(out)
     partial.mkdir()
     write_json(partial / "run.json", {"version": 1})
-    fd = hold(partial)  # the first run, still working
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(partial)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
     try:
+        assert first.stdout.readline().strip() == "held"
+        before = snapshot(partial)
         argv = ["quantize", tiny_model_dir, "--output", out, *QUICK]
         err = fails(capsys, argv + (["--resume"] if resume else []))
+        assert snapshot(partial) == before
     finally:
-        os.close(fd)
+        first.communicate("")
     assert err == (
-        f"baq: error: {partial}: another baq run is writing this output now; wait for it to "
-        "finish, or choose another --output"
+        f"baq: error: {out.absolute()} is being written by another baq run (pid {first.pid}), "
+        f"which holds {partial}: wait for it to finish, or choose another --output"
     )
-    assert sorted(p.name for p in partial.iterdir()) == ["run.json"]
+
+
+def test_a_run_that_died_leaves_no_lock(tiny_model_dir, tmp_path, no_model_load, capsys):
+    """flock locks end with their process: a killed run's checkpoint asks for --resume, its
+    stale pid file notwithstanding."""
+    from baq.run.checkpoint import PID_FILE, partial_dir, write_json
+
+    partial = partial_dir(tmp_path / "out")
+    partial.mkdir()
+    write_json(partial / "run.json", {"version": 1})
+    (partial / PID_FILE).write_text("999999999\n")
+    err = fails(capsys, ["quantize", tiny_model_dir, "--output", tmp_path / "out", *QUICK])
+    assert "holds an interrupted run: add --resume" in err and "another baq run" not in err

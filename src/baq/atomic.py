@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable
@@ -116,11 +117,25 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         fsync(tmp)
         check_output_file(path)  # again: something may have been put there meanwhile
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        code = os_errno(err)
+        if code is not None and not isinstance(err, OSError):
+            # safetensors reports a full disk as its own error type: an OSError for the callers
+            # (the command line's full-disk hint, ``except OSError``)
+            raise OSError(code, os.strerror(code), str(path)) from err
         raise
     fsync(path.parent)
     return path
+
+
+def os_errno(err: BaseException) -> int | None:
+    """The ``errno`` of an OSError, or of a library error that carries one only in its text
+    (safetensors' Rust I/O errors end with ``(os error 28)``); None otherwise."""
+    if isinstance(err, OSError):
+        return err.errno
+    match = re.search(r"\(os error (\d+)\)", str(err))
+    return int(match.group(1)) if match else None
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -318,10 +318,12 @@ def check_finite_weights(model: Any) -> None:
 
 def no_space(err: BaseException) -> bool:
     """The error, or one it was raised from, is a full disk (or quota)."""
+    from baq.atomic import os_errno
+
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if os_errno(err) in (errno.ENOSPC, errno.EDQUOT):  # safetensors' errors included
             return True
         err = err.__cause__ or err.__context__
     return False
@@ -346,6 +348,9 @@ def error_line(err: BaseException, args: argparse.Namespace) -> str:
         return memory_error_line(err, kept_checkpoint(args))
     text = one_line(err)
     if no_space(err):
+        name = getattr(err, "filename", None)  # which write filled the disk
+        if name and str(name) not in text:
+            text = f"{name}: {text}"
         partial = kept_checkpoint(args)
         if partial is None:
             text += "; free some disk space, or choose an --output on another disk"

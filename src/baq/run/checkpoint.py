@@ -3,6 +3,7 @@
 ``baq quantize --output DIR`` keeps ``DIR.partial/`` while it works:
 
     run.json              the fingerprint: settings, calibration and model hashes
+    pid                   the process writing it, which holds the folder's ``flock``
     block-00007.safetensors   one per finished block: each layer's codes, levels, ranges, losses
     block-00007.json          that block's layer records (the running report)
     block-00030.*             with ``--include-head``, the output head: the stage after the
@@ -33,6 +34,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from baq.atomic import write_text
 from baq.config import QuantConfig
 from baq.errors import one_line
 from baq.quant.gptq import QuantResult
@@ -43,6 +45,7 @@ from baq.run.report import write_json, write_safetensors
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+PID_FILE = "pid"  # the process writing the folder (the lock is the folder's flock)
 CHECKPOINT_VERSION = 1
 
 
@@ -138,8 +141,14 @@ def check_settings(folder: str | os.PathLike, config: dict[str, Any]) -> None:
 
 
 def _another_run(folder: Path) -> ValueError:
+    try:
+        pid = int((folder / PID_FILE).read_text().strip())
+        who = f"another baq run (pid {pid})"
+    except (OSError, ValueError):  # not written yet, or by a run of an older baq
+        who = "another baq run"
+    output = folder.with_name(folder.name.removesuffix(".partial"))
     return ValueError(
-        f"{folder}: another baq run is writing this output now; wait for it to finish, or "
+        f"{output} is being written by {who}, which holds {folder}: wait for it to finish, or "
         "choose another --output"
     )
 
@@ -159,6 +168,19 @@ def hold(folder: Path) -> int:
     except OSError:
         os.close(fd)
         raise _another_run(folder) from None
+    return fd
+
+
+def claim(folder: Path) -> int:
+    """:func:`hold` the folder and record this process's id in it (``PID_FILE``), which the
+    refusal of a second run names. A run that dies leaves no stale lock (``flock`` locks end
+    with their process): the file is read only while its lock is held.
+
+    Returns:
+        The folder's open descriptor (closing it releases the lock).
+    """
+    fd = hold(folder)
+    write_text(folder / PID_FILE, f"{os.getpid()}\n")
     return fd
 
 
@@ -203,12 +225,12 @@ class Checkpoint:
                     "or delete the folder to start over"
                 ) from None
             self.created = True
-            self._lock = hold(self.folder)
+            self._lock = claim(self.folder)
             write_json(run_file, self.fingerprint)
             return 0
         if not run_file.is_file():
             raise ValueError(f"--resume: no checkpoint at {self.folder}; run without --resume")
-        self._lock = hold(self.folder)
+        self._lock = claim(self.folder)
         _refuse_differences(self.folder, _read_run(self.folder), self.fingerprint)
         done = 0
         while (self.folder / f"block-{done:05d}.json").is_file():
