@@ -264,7 +264,7 @@ def test_text_too_short_for_the_windows(tiny_model_dir, tmp_path, no_model_load,
     err = fails(capsys, [*argv, "--output", str(tmp_path / "out")])
     assert re.search(
         rf"--calib {short}: the text has 17 tokens; 64-token windows starting at token 0 "
-        r"need at least 65: use a longer text, a smaller seqlen",
+        r"need at least 65: use a longer text, a smaller --seqlen",
         err,
     ), err
     err = fails(capsys, [*argv, "--calib-start", "10", "--seqlen", "8"])

@@ -840,6 +840,54 @@ def test_a_huge_group_size_is_refused_before_the_model_loads(tiny_model_dir, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+EVAL32 = ["--eval", "builtin", "--eval-seqlen", "32"]
+FLAG_CASES = {
+    "end-too-close": (["--calib-end", "20"], "--calib-end"),
+    "negative-start": (["--calib-start", "-1"], "--calib-start"),
+    "end-past-the-text": (["--calib-end", "99999999"], "--calib-end"),
+    "late-start": (["--calib-start", "65480"], "--calib-start"),
+    "too-many-eval-windows": ([*EVAL32, "--eval-windows", "100000"], "--eval-windows"),
+    "eval-windows-near-the-end": ([*EVAL32, "--eval-windows", "2046"], "--eval-windows"),
+    "end-before-the-eval-windows": (
+        [*EVAL32, "--eval-windows", "2000", "--calib-end", "64010"],
+        "--eval-windows",
+    ),
+}
+
+
+def accepted_flags(command: str) -> set[str]:
+    from baq.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return set(sub.choices[command]._option_string_actions)
+
+
+@pytest.mark.parametrize("command", ["quantize", "measure"])
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_calibration_errors_name_flags_that_exist(
+    case, command, tiny_model_dir, tmp_path, no_model_load, capsys
+):
+    """Errors said --end for --calib-end, --start for --calib-start, and blamed --calib's text
+    for too many --eval-windows."""
+    extra, flag = FLAG_CASES[case]
+    if command == "measure" and "--eval" in extra:
+        pytest.skip("baq measure does not evaluate")
+    argv = [command, tiny_model_dir, "--nsamples", "4", "--seqlen", "32", *extra]
+    if command == "measure":
+        argv += ["--output", tmp_path / "m.safetensors"]
+    elif "--eval" not in extra:
+        argv += ["--eval", "none"]
+    err = fails(capsys, argv)
+    named = set(re.findall(r"--[a-z][a-z-]*", err))
+    assert flag in named and named <= accepted_flags(command), err
+
+
+def test_eval_errors_name_flags_that_exist(tiny_model_dir, no_model_load, capsys):
+    err = fails(capsys, ["eval", tiny_model_dir, *EVAL32, "--eval-windows", "100000"])
+    named = set(re.findall(r"--[a-z][a-z-]*", err))
+    assert "--eval-windows" in named and named <= accepted_flags("eval"), err
+
+
 FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
 
 

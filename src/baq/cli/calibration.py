@@ -6,7 +6,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import UsageError, check_source, eval_sources, flagify, log, positive
+from .common import (
+    UsageError,
+    calib_fit_error,
+    check_source,
+    eval_note,
+    eval_sources,
+    flagify,
+    log,
+    positive,
+)
 
 
 def add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -33,13 +42,25 @@ def calib_config(args: argparse.Namespace) -> Any:
     if args.seqlen < 2:
         raise UsageError(f"--seqlen={args.seqlen}: use at least 2")
     check_source(args.calib, "--calib")
+    if args.calib_start is not None and args.calib_start < 0:
+        raise UsageError(f"--calib-start={args.calib_start}: use a token index >= 0")
+    start = calib_start(args)
+    if args.calib_end is not None and args.calib_end - start <= args.seqlen:
+        note = eval_note(args, start)
+        after = f"token {start}" + (
+            f" ({note})" if note else " (--calib-start)" if args.calib_start is not None else ""
+        )
+        raise UsageError(
+            f"--calib-end={args.calib_end} leaves no room for {args.seqlen}-token windows after "
+            f"{after}: use --calib-end > {start + args.seqlen}"
+        )
     try:
         return CalibConfig(
             source=args.calib,
             nsamples=args.nsamples,
             seqlen=args.seqlen,
             seed=args.seed,
-            start=calib_start(args),
+            start=start,
             end=args.calib_end,
         )
     except ValueError as err:
@@ -52,6 +73,9 @@ def calib_windows(tok: Any, calib_cfg: Any) -> Any:
 
     tokens = data.tokenize(tok, data.load_text(calib_cfg.source, split="train"))
     c = calib_cfg
+    why = calib_fit_error(c, int(tokens.numel()))  # a hub text, not checked before the load
+    if why is not None:
+        raise UsageError(f"--calib {c.source}: {why}")
     return data.calibration_windows(tokens, c.nsamples, c.seqlen, c.seed, c.start, c.end)
 
 

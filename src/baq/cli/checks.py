@@ -203,34 +203,67 @@ def check_text_fits(
         raise UsageError(f"{flag} {src}: {one_line(err)}") from None
 
 
+def calib_fit_error(calib: Any, ntokens: int, eval_note: str | None = None) -> str | None:
+    """Why ``calib``'s windows (a ``CalibConfig``) do not fit a text of ``ntokens`` tokens, in
+    the flags the user typed (:func:`baq.data.calibration_windows`' rule); None when they fit.
+
+    Args:
+        eval_note: how the start was derived from the evaluation (``--eval-windows N x
+            --eval-seqlen S``), or None when it is ``--calib-start`` or 0.
+    """
+    if calib.end is not None and calib.end > ntokens:
+        return f"--calib-end={calib.end} is past the end of the text ({ntokens} tokens): lower it"
+    stop = ntokens if calib.end is None else calib.end
+    if stop - calib.start > calib.seqlen:
+        return None
+    need = calib.start + calib.seqlen + 1
+    before = "" if calib.end is None else f" before --calib-end={calib.end}"
+    if eval_note:
+        return (
+            f"calibration starts after the evaluated windows ({eval_note} = {calib.start} "
+            f"tokens), and {calib.seqlen}-token windows then need {need} tokens{before}; the "
+            f"text has {ntokens}: lower --eval-windows, or calibrate on another text (--calib)"
+        )
+    earlier = " or an earlier --calib-start" if calib.start else ""
+    return (
+        f"the text has {ntokens} tokens; {calib.seqlen}-token windows starting at token "
+        f"{calib.start}{before} need at least {need}: use a longer text, a smaller --seqlen"
+        f"{earlier}"
+    )
+
+
+def eval_note(args: argparse.Namespace, start: int) -> str | None:
+    """How a calibration start came from the evaluation windows (for the errors), or None."""
+    if getattr(args, "calib_start", None) is not None or not start:
+        return None
+    return f"--eval-windows {args.eval_windows} x --eval-seqlen {args.eval_seqlen}"
+
+
 def check_calib_fits(args: argparse.Namespace, calib: Any) -> None:
     """The calibration text holds enough tokens for ``calib`` (a ``CalibConfig``)."""
-    from .. import data
-
     needed = calib.end if calib.end is not None else calib.start + calib.seqlen + 1
-    check_text_fits(
-        args,
-        calib.source,
-        "--calib",
-        needed,
-        lambda tokens: data.calibration_windows(
-            tokens, 1, calib.seqlen, calib.seed, calib.start, calib.end
-        ),
-    )
+
+    def cut(tokens: Any) -> None:
+        why = calib_fit_error(calib, int(tokens.numel()), eval_note(args, calib.start))
+        if why is not None:
+            raise ValueError(why)
+
+    check_text_fits(args, calib.source, "--calib", needed, cut)
 
 
 def check_eval_fits(args: argparse.Namespace) -> None:
     """Every evaluation text holds enough tokens for its windows."""
-    from .. import data
+    seqlen, n = args.eval_seqlen, args.eval_windows or 1
+
+    def cut(tokens: Any) -> None:
+        if tokens.numel() < n * seqlen:
+            raise ValueError(
+                f"the text has {tokens.numel()} tokens; {n} windows of {seqlen} need "
+                f"{n * seqlen}: use a longer text, fewer --eval-windows or a smaller --eval-seqlen"
+            )
 
     for src in eval_sources(args):
-        check_text_fits(
-            args,
-            src,
-            "--eval",
-            args.eval_seqlen * (args.eval_windows or 1),
-            lambda tokens: data.eval_windows(tokens, args.eval_seqlen, args.eval_windows),
-        )
+        check_text_fits(args, src, "--eval", seqlen * n, cut)
 
 
 def writable(folder: Path) -> bool:
