@@ -149,6 +149,35 @@ def test_rotated_layer_computes_the_same_function():
     torch.testing.assert_close(y, x @ W.t(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("cols,chunk", [(36, 7), (640, 100), (640, 256), (1536, 1536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hessian_rotated_by_row_chunks_is_the_whole_matrix_expression(
+    cols, chunk, dtype, monkeypatch
+):
+    """rotate_input transforms H a chunk of rows at a time and symmetrises in place (so that
+    it holds two Hessian-sized matrices, not six): the whole-matrix expression to the
+    rounding of the dense Hadamard factor's products (BLAS may sum a 7-row product in another
+    order than a 36-row one), with chunks that do not divide the size, one chunk, and two
+    threads; exactly symmetric."""
+    monkeypatch.setattr(rot, "ROW_CHUNK", chunk)
+    H = correlated_hessian(cols).to(dtype)
+    r = rot.HadamardRotation(cols, seed=5)
+    whole = r.apply(r.apply(H).mT)
+    whole = (whole + whole.mT) / 2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Hr = rot.rotate_input(torch.randn(3, cols, dtype=dtype), H, r)[1]
+    finally:
+        torch.set_num_threads(threads)
+    assert Hr.dtype == dtype and torch.equal(Hr, Hr.mT)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(Hr, whole, rtol=8 * eps, atol=8 * eps * float(whole.abs().max()))
+    R = r.matrix()
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(Hr.double(), R @ H.double() @ R.t(), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("cols,act_order", [(64, False), (36, True), (640, False)])
 def test_gptq_on_rotated_layer_equals_gptq_on_explicit_rotation(cols, act_order):
     rows = 16

@@ -74,6 +74,7 @@ def plan_run_memory(
         saving=args.output is not None,
         include_head=cfg.include_head,
         importance_windows=importance_windows(args, cfg),
+        rotate=cfg.rotate,
     )
     try:
         plan = memory_estimate.admit(

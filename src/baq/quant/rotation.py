@@ -295,8 +295,43 @@ def rotate_input(
     Wr = rot.apply(W)
     if H is None:
         return Wr, None
-    Hr = rot.apply(rot.apply(H).mT)  # rows of H -> H R^T; transposed (H symmetric) R H; again
-    return Wr, (Hr + Hr.mT) / 2
+    # rows of H -> A = H R^T; the rows of A^T (H symmetric: R H) -> R H R^T. A chunk of rows at
+    # a time, so that besides H the transform holds A and the result (the butterfly's own
+    # temporaries, about four copies of its input, stay a chunk's): a 28672-column float32
+    # Hessian is 3.3 GB
+    A = _apply_rows(rot, H)
+    Hr = _apply_rows(rot, A.mT)
+    del A
+    _symmetrise_(Hr)
+    return Wr, Hr
+
+
+ROW_CHUNK = 256  # rows transformed at a time by rotate_input
+
+
+def _apply_rows(rot: HadamardRotation, M: Tensor) -> Tensor:
+    """``M R^T`` (``rot.apply`` on every row), :data:`ROW_CHUNK` rows at a time. Each row is
+    transformed on its own, so this equals the whole-matrix result up to the summation order
+    BLAS picks for the small dense Hadamard factor at a given row count (bitwise where the
+    width is a power of two); the chunk is fixed, so every run gives the same bits."""
+    out = torch.empty(M.shape, dtype=M.dtype, device=M.device)
+    signs = rot.signs(M.device, rot._work(M[:1])[0].dtype)
+    for i in range(0, M.shape[0], ROW_CHUNK):
+        out[i : i + ROW_CHUNK] = rot.apply(M[i : i + ROW_CHUNK], signs=signs)
+    return out
+
+
+def _symmetrise_(M: Tensor) -> None:
+    """``M <- (M + M^T) / 2`` in place, block by block (bitwise the out-of-place expression:
+    each pair of entries gets the same sum, halved): the two products of :func:`rotate_input`
+    round differently."""
+    n, b = M.shape[0], ROW_CHUNK
+    for i in range(0, n, b):
+        for j in range(i, n, b):
+            upper = M[i : i + b, j : j + b]
+            t = (upper + M[j : j + b, i : i + b].mT) / 2
+            upper.copy_(t)
+            M[j : j + b, i : i + b].copy_(t.mT)
 
 
 def unrotate_input(Wr: Tensor, rot: HadamardRotation) -> Tensor:
