@@ -104,6 +104,7 @@ def quantize(
     measurement: Any = None,
     report: Any = None,
     progress: bool | None = None,
+    max_shard_size: int | str = "5GB",
 ) -> SessionResult:
     """Quantize ``model`` in place: the same run as ``baq quantize`` (:mod:`baq.run.session`).
 
@@ -128,6 +129,8 @@ def quantize(
         measurement: a :class:`baq.run.measure.Measurement` (or its file) to plan with.
         report: write the JSON report here.
         progress: progress bars (None: on a terminal, log lines otherwise).
+        max_shard_size: weight files of ``output`` larger than this are split into shards, as
+            transformers' ``max_shard_size`` (``"5GB"``, ``"500MB"``, ``"2GiB"`` or bytes).
     Returns:
         The :class:`baq.run.session.SessionResult`: ``.results`` (what :func:`save` packs),
         ``.records`` and ``.report`` (the report ``baq quantize --report`` writes).
@@ -138,6 +141,9 @@ def quantize(
 
     from baq.run.measure import Measurement
     from baq.run.session import Session, run_session
+    from baq.saved.shards import parse_shard_size
+
+    parse_shard_size(max_shard_size)  # a bad size fails here, before any block is solved
 
     from . import data
 
@@ -164,5 +170,6 @@ def quantize(
         report_path=None if report is None else Path(report),
         model_name=str(getattr(getattr(model, "config", None), "_name_or_path", "") or "model"),
         progress=progress,
+        max_shard_size=max_shard_size,
     )
     return run_session(model, tokenizer, calib, session, sets, calib_cfg)

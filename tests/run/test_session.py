@@ -41,6 +41,29 @@ def test_library_defaults_give_the_command_lines_saved_bytes(tiny_model_dir, tex
     assert folder_bytes(cli_out) == folder_bytes(lib_out)  # every file, byte for byte
 
 
+def test_library_shards_a_save_as_the_command_line_does(tiny_model_dir, text, tmp_path):
+    """``baq.quantize(max_shard_size=...)`` is ``baq quantize --max-shard-size``: the same
+    shards, byte for byte; a size that is not one is refused before the model is touched."""
+    cli_out, lib_out = tmp_path / "cli" / "m", tmp_path / "lib" / "m"
+    cli_out.parent.mkdir(), lib_out.parent.mkdir()
+    argv = ["quantize", str(tiny_model_dir), "-q", "--device", "cpu", "--eval", "none"]
+    argv += ["--calib", str(text), "--nsamples", "4", "--seqlen", "32", "--method", "gptq"]
+    assert main([*argv, "--max-shard-size", "40KB", "--output", str(cli_out)]) == 0
+    model, tok = baq.load_model(str(tiny_model_dir))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = QuantConfig(method="gptq", bits=3.0)  # as the command line parses it
+    with pytest.raises(ValueError, match="max shard size '5 apples'"):
+        baq.quantize(model, tok, cfg, str(text), 4, 32, device="cpu", max_shard_size="5 apples")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    baq.quantize(
+        model, tok, cfg, str(text), 4, 32, device="cpu", output=lib_out, max_shard_size="40KB"
+    )
+    files = folder_bytes(lib_out)
+    assert any(name.endswith(".safetensors.index.json") for name in files)  # sharded
+    assert files == folder_bytes(cli_out)
+    assert baq.load(lib_out) is not None
+
+
 def test_a_model_level_config_never_reaches_a_per_layer_run():
     model = make_tiny_llama()
     ids = torch.randint(3, 500, (4, 16))
