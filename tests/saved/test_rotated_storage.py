@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import baq
+from baq.cli import main
 from baq.config import WEIGHT_CACHES, QuantConfig
 from baq.quant import rotation as rot
 from baq.quant.grid import dequantize
 from baq.quant.layer import quantize_layer
 from baq.run.quantization import quantize_model
-from baq.saved import storage
+from baq.saved import manifest, storage
 from baq.saved.packed_linear import PackedLinear, storage_bits_of
 from baq.saved.storage import StorageError
 from helpers import ids, make_tiny_llama, make_tokenizer, rehash_manifest
@@ -130,6 +131,22 @@ def test_rotated_folder_round_trips_through_transformers(rotated, tmp_path):
     model.save_pretrained(again)  # the packed head's tied embedding is checked and stored once
     got = (again / "quantized.safetensors").read_bytes()
     assert got == (out / "quantized.safetensors").read_bytes()
+
+
+def test_inspect_shows_which_layers_are_rotated(rotated, capsys):
+    """``baq inspect`` marks the layers whose codes are in a rotated basis (every width of the
+    tiny model has a construction), from the folder's own ``N.rotation`` tensors."""
+    out, _, results = rotated
+    rows = manifest.inspect_quantized(out)
+    assert {r["name"]: r["rotated"] for r in rows} == {
+        name: res.rotation is not None for name, res in results.items()
+    }
+    assert all(r["rotated"] for r in rows)
+    assert main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "rotated" in table[0].split()
+    assert all(line.split()[4] == "yes" for line in table[1:-1])
+    assert table[-1].endswith(f"; {len(rows)} rotated (--rotate)")
 
 
 def test_a_folder_without_rotation_tensors_reads_as_before(tmp_path):

@@ -219,15 +219,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def format_inspect(rows: list[dict]) -> str:
     """The ``baq inspect`` table: one line per layer, then the weighted totals."""
     width = max([len(r["name"]) for r in rows] + [5])
+    rotated = sum(bool(r.get("rotated")) for r in rows)
     lines = [f"{'layer':<{width}}  {'shape':>11}  nominal  storage  levels (L:columns)"]
+    if rotated:  # a column only for folders written with --rotate
+        lines[0] = lines[0].replace("  levels", "  rotated  levels")
     weights = nominal = stored = 0.0
     for r in rows:
         rows_, cols = r["shape"]
         hist = sorted(r["levels"].items(), key=lambda kv: -kv[1])
         shown = " ".join(f"{L}:{n}" for L, n in hist[:6]) + (" ..." if len(hist) > 6 else "")
+        mark = f"  {'yes' if r.get('rotated') else 'no':>7}" if rotated else ""
         lines.append(
             f"{r['name']:<{width}}  {f'{rows_}x{cols}':>11}  {r['nominal_bits']:7.3f}  "
-            f"{r['storage_bits']:7.3f}  {shown}"
+            f"{r['storage_bits']:7.3f}{mark}  {shown}"
         )
         weights += rows_ * cols
         nominal += r["nominal_bits"] * rows_ * cols
@@ -236,5 +240,6 @@ def format_inspect(rows: list[dict]) -> str:
         lines.append(
             f"{len(rows)} layers, {int(weights):,} weights: {nominal / weights:.3f} nominal, "
             f"{stored / weights:.3f} storage bits per weight"
+            + (f"; {rotated} rotated (--rotate)" if rotated else "")
         )
     return "\n".join(lines)

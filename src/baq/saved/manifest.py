@@ -234,7 +234,8 @@ def inspect_quantized(path: str | os.PathLike, verify: bool = True) -> list[dict
     Returns:
         Rows in file order with ``name``, ``shape`` (rows, cols), ``nominal_bits`` (mean log2 L),
         ``storage_bits`` (the layer's stored bytes * 8 / (rows * cols)), ``bytes``,
-        ``group_size``, ``sym``, ``dim`` and ``levels`` ({L: number of columns}).
+        ``group_size``, ``sym``, ``dim``, ``levels`` ({L: number of columns}) and ``rotated``
+        (the codes are in the basis of an input-side rotation, ``--rotate``).
     """
     from safetensors import safe_open
 
@@ -274,6 +275,7 @@ def _inspect_row(name: str, m: dict, info: dict, f: Any) -> dict:
         "sym": m["sym"],
         "dim": m["dim"],
         "levels": dict(zip(L, n)),
+        "rotated": f"{name}.rotation" in info,
     }
 
 
