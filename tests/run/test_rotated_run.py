@@ -136,6 +136,56 @@ def test_bad_rotation_flags_exit_2_before_loading(setup, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_rotate_seed_draws_every_layers_transform(setup, whole, tmp_path):
+    """``--rotate-seed N``: each layer's saved seed is ``layer_seed(N, name)`` (the default is
+    0), the report says N, and the codes differ from seed 0's."""
+    from safetensors.torch import load_file
+
+    from baq.quant.rotation import layer_seed
+
+    out = tmp_path / "seeded"
+    assert main(argv(setup, out, "--rotate-seed", "7")) == 0
+    assert report(out)["quant"]["rotate_seed"] == 7 and report(whole)["quant"]["rotate_seed"] == 0
+    seeded, plain = (
+        load_file(out / "quantized.safetensors"),
+        load_file(whole / "quantized.safetensors"),
+    )
+    names = {k.removesuffix(".rotation") for k in seeded if k.endswith(".rotation")}
+    assert len(names) == 4 * 7 + 1
+    for name in names:
+        assert int(seeded[f"{name}.rotation"]) == layer_seed(7, name)
+        assert int(plain[f"{name}.rotation"]) == layer_seed(0, name)
+    assert (
+        folder_bytes(out)["quantized.safetensors"] != folder_bytes(whole)["quantized.safetensors"]
+    )
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            ["--rotate-seed", "-1"],
+            "argument --rotate-seed: '-1': use an integer from 0 to 2^63 - 1",
+        ),
+        (["--rotate-seed", "x"], "argument --rotate-seed: 'x': use an integer from 0 to 2^63 - 1"),
+    ],
+)
+def test_a_bad_rotate_seed_is_one_line(setup, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv(setup, tmp_path / "x", *extra))
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_rotate_seed_without_rotate_is_refused_before_loading(setup, tmp_path, capsys):
+    args = [a for a in argv(setup, tmp_path / "x", "--rotate-seed", "3") if a != "--rotate"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "baq: error: --rotate-seed 3 has no effect without --rotate: add it"
+    assert not (tmp_path / "x").exists()
+
+
 def test_bench_rotated_runs_are_named_and_keyed_apart(tmp_path):
     settings = bench_grid.BenchSettings(model="m", text="builtin")
     plain = bench_grid.build_grid(["gptq", "baq-model"], [3], [], clip=True)

@@ -112,7 +112,7 @@ def measure_config(args: argparse.Namespace) -> QuantConfig:
             dim=args.dim,
             adadim=args.adadim,
             clip=args.clip,
-            rotate=args.rotate,
+            **rotation_of(args),
             percdamp=args.percdamp,
             hessian_dtype=args.hessian_dtype,
             range_dtype=args.range_dtype,
@@ -189,6 +189,34 @@ def add_rotate_arg(g: Any, bench: bool = False) -> None:
             "time; widths 2^k or 12/20/28/36 x 2^k (others stay unrotated)"
         ),
     )
+    if not bench:
+        g.add_argument(
+            "--rotate-seed",
+            type=rotate_seed,
+            default=None,
+            metavar="N",
+            help="seed of the rotations with --rotate (default 0); each layer's transform is "
+            "drawn from it and the layer's name, and saved as that seed",
+        )
+
+
+def rotate_seed(text: str) -> int:
+    """``--rotate-seed``: an integer in [0, 2^63) (argparse's one-line error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r}: use an integer from 0 to 2^63 - 1, e.g. 0")
+    return value
+
+
+def rotation_of(args: Any) -> dict[str, Any]:
+    """``rotate`` and ``rotate_seed`` of a :class:`QuantConfig` from ``--rotate``,
+    ``--rotate-seed``; a seed without ``--rotate`` is a mistake said in one line."""
+    if args.rotate_seed is not None and not args.rotate:
+        raise UsageError(f"--rotate-seed {args.rotate_seed} has no effect without --rotate: add it")
+    return {"rotate": args.rotate, "rotate_seed": args.rotate_seed or 0}
 
 
 def add_head_arg(g: Any) -> None:

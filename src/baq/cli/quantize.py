@@ -45,6 +45,7 @@ from .measure import (
     add_rotate_arg,
     check_measurement_args,
     measure_samples_of,
+    rotation_of,
 )
 from .memory import plan_run_memory
 
@@ -184,7 +185,7 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
             dim=args.dim,
             adadim=args.adadim,
             clip=args.clip,
-            rotate=args.rotate,
+            **rotation_of(args),
             act_order=args.act_order,
             percdamp=args.percdamp,
             block_size=args.block_size,
