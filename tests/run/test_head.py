@@ -344,7 +344,7 @@ def test_memory_estimate_counts_the_head(tiny_model_dir):
     plain = memory_estimate.estimate(config, **kw)
     full = memory_estimate.estimate(config, **kw, include_head=True)
     hidden, vocab = config.hidden_size, config.vocab_size
-    assert full.hessians - plain.hessians == 2 * hidden * hidden * 4  # accumulator and matrix
+    assert full.hessians - plain.hessians == hidden * hidden * 4  # the accumulator becomes H
     assert full.results - plain.results == vocab * hidden * 8  # float32 weight + int32 codes
     assert full.save - plain.save == vocab * hidden
     # the head (512 x 64) is wider than any block linear: its solve sets the solver's peak

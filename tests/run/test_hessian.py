@@ -32,6 +32,26 @@ def test_accumulator_matches_the_full_product(dtype):
     assert torch.allclose(H.double(), slow_hessian([x.float() for x in xs]), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("cols", [24, 450])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hessian_is_made_in_place_bitwise_the_textbook_mirror(cols, dtype):
+    """hessian() turns the accumulator's own lower triangle into H (strips of TILE rows, a
+    width that is not a multiple of it): bitwise ``(low + low.tril(-1).t()) * 2 / n`` of a copy,
+    in the accumulator's memory; shared linears get that one tensor; no input after it."""
+    g = torch.Generator().manual_seed(cols)
+    acc = HessianAccumulator(cols, torch.device("cpu"), dtype)
+    for n in (5, 17):
+        acc.add(torch.randn(n, cols, generator=g))
+    low = acc.sum.clone().tril()
+    expected = (low + low.tril(-1).t()) * (2.0 / acc.tokens)
+    H = acc.hessian()
+    assert torch.equal(H, expected) and torch.equal(H, H.t())
+    assert H.data_ptr() == acc.sum.data_ptr()  # no second matrix
+    assert acc.hessian() is H  # a linear sharing the input gets the same H, not rescaled
+    with pytest.raises(RuntimeError, match="after the Hessian was made"):
+        acc.add(torch.randn(2, cols))
+
+
 def calib(vocab, n=4, seq=16):
     return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(1))
 

@@ -75,6 +75,7 @@ def plan_run_memory(
         include_head=cfg.include_head,
         importance_windows=importance_windows(args, cfg),
         rotate=cfg.rotate,
+        planned=cfg.allocation == "model",
     )
     try:
         plan = memory_estimate.admit(

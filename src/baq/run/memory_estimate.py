@@ -7,9 +7,9 @@ peaks (DESIGN.md section 3: the sequential protocol keeps one block's state at a
 
 * calibration activations, the inputs and outputs of a block: ``2 x nsamples x seqlen x hidden x
   itemsize`` (two :class:`~baq.run.activations.ActivationStore` live during a block's forward);
-* the block's Hessians: ``H = 2 X X^T / n`` per linear (``in_features^2`` in float32 or 64), once
-  as an accumulator and once as the matrix handed to the solver (an upper bound: linears that
-  read one input share an accumulator);
+* the block's Hessians: ``H = 2 X X^T / n`` per linear (``in_features^2`` in float32 or 64); the
+  accumulator becomes the matrix handed to the solver (``run.hessian``), and linears that read
+  one input share it, so this is an upper bound (q/k/v and gate/up counted apart);
 * the weights: the whole model, or with ``--lazy`` the tensors outside the blocks plus one block;
   and the solver's copies of the costliest linear (:func:`solve_bytes`: one working copy of
   ``H`` factorised in place, ``U``, weight, codes and the solver's buffers);
@@ -68,7 +68,7 @@ class MemoryEstimate:
         load: extra memory while loading: the weight files' mapped pages, and for GGUF two
             more copies of the largest tensor (dequantized, then converted).
         activations: calibration inputs and outputs of a block, 0 for RTN.
-        hessians: one block's Hessians, accumulator and matrix per linear.
+        hessians: one block's Hessians, one matrix per linear.
         solve: the solver's copies for the widest linear of a block.
         forward: one batched block forward during calibration.
         evaluation: one evaluation window's logits and forward.
@@ -246,6 +246,7 @@ def estimate(
     include_head: bool = False,
     importance_windows: int = 0,
     rotate: bool = False,
+    planned: bool = False,
 ) -> MemoryEstimate:
     """What a run of ``baq quantize`` will hold, in bytes, before any weight is read.
 
@@ -272,6 +273,7 @@ def estimate(
         importance_windows: calibration windows of the model-level allocation's Fisher pass
             (0: no model-level allocation).
         rotate: the layers are quantized in a rotated basis (:func:`solve_bytes`).
+        planned: BAQ's levels come from the model-level plan (one solve per layer).
     """
     shape = shape or model_shape(config)
     item = _itemsize(dtype)
@@ -285,13 +287,16 @@ def estimate(
         weights -= (shape["blocks"] - 1) * shape["block_params"] * item
     calibrated = method != "rtn"
     activations = 2 * nsamples * seqlen * hidden * item if calibrated else 0
-    hessians = 2 * sum(cols * cols for _, cols in shape["linears"]) * hbytes if calibrated else 0
+    hessians = sum(cols * cols for _, cols in shape["linears"]) * hbytes if calibrated else 0
     linears = list(shape["linears"])
     head = shape.get("head") if include_head else None
     if head is not None:
         linears.append(head)
-        hessians += 2 * head[1] ** 2 * hbytes if calibrated else 0
-    solve = max(solve_bytes(rows, cols, hbytes, method, rotate) for rows, cols in linears)
+        hessians += head[1] ** 2 * hbytes if calibrated else 0
+    # BAQ with the model-level plan solves each layer once at its planned levels, as GPTQ does;
+    # only the per-layer allocation adds its uniform measuring solve
+    solver = "gptq" if method == "baq" and planned else method
+    solve = max(solve_bytes(rows, cols, hbytes, solver, rotate) for rows, cols in linears)
     batch = max(1, min(nsamples, BATCH_TOKENS // seqlen))
     forward = _forward_bytes(batch, seqlen, hidden, inter, heads, item) if calibrated else 0
     if calibrated:  # a hooked input is cast to the Hessian dtype before X^T X
