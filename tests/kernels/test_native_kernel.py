@@ -84,7 +84,11 @@ def test_every_width_through_whole_blocks(lib, width):
         check(codes, levels, grid, tokens, lib, seed=tokens)
 
 
-def test_fused_and_tile_paths_agree_with_the_reference(lib):
+@pytest.mark.parametrize("tile_rows", [1024, 16])
+def test_fused_and_tile_paths_agree_with_the_reference(lib, tile_rows, monkeypatch):
+    """The fused kernel and the long-input path (dequantized row tiles, one at a time, written
+    into the output's columns: one tile, or several with a ragged last one)."""
+    monkeypatch.setattr(native, "TILE_ROWS", tile_rows)
     codes, levels, grid = random_layer(41, 133, 32, False, "oc", "float16", seed=3)
     for max_tokens in (0, 64):
         check(codes, levels, grid, 64, lib, max_tokens=max_tokens)

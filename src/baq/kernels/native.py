@@ -42,7 +42,6 @@ import platform
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from baq.kernels.lanes import LaneLayout
@@ -183,13 +182,13 @@ def linear(
     T = x2.shape[0]
     b = None if bias is None else bias.detach().to("cpu", torch.float32).contiguous()
     if T > max_tokens:
-        tiles = [
-            dequantize_rows(layout, lo, hi, r0, min(r0 + TILE_ROWS, layout.rows), lib)
-            for r0 in range(0, layout.rows, TILE_ROWS)
-        ]
-        y = torch.cat([F.linear(x2, W) for W in tiles], dim=1)
+        # one dequantized tile at a time: the layer's float weight never exists whole
+        y = torch.empty(T, layout.rows)
+        for r0 in range(0, layout.rows, TILE_ROWS):
+            r1 = min(r0 + TILE_ROWS, layout.rows)
+            torch.mm(x2, dequantize_rows(layout, lo, hi, r0, r1, lib).t(), out=y[:, r0:r1])
         if b is not None:
-            y = y + b
+            y += b
     else:
         lo, hi = _ranges(layout, lo, hi)
         y = torch.empty(T, layout.rows)
