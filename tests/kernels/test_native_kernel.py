@@ -94,6 +94,28 @@ def test_fused_and_tile_paths_agree_with_the_reference(lib, tile_rows, monkeypat
         check(codes, levels, grid, 64, lib, max_tokens=max_tokens)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_long_half_precision_input_multiplies_in_its_dtype(lib, dtype, monkeypatch):
+    """Past MAX_KERNEL_TOKENS a bfloat16 (float16) input multiplies each dequantized tile
+    rounded to its dtype, as ``F.linear`` on the weight cache's rounded weight: within that
+    dtype's rounding of the same product, and returned in it; short inputs stay float32."""
+    monkeypatch.setattr(native, "TILE_ROWS", 16)
+    codes, levels, grid = random_layer(41, 133, 32, False, "oc", "float16", seed=6)
+    layout = build_lanes(codes, levels, grid.group_size, grid.sym, grid.dim)
+    W = dequantize(codes, grid, levels)
+    gen = torch.Generator().manual_seed(7)
+    x, bias = torch.randn(70, 133, generator=gen).to(dtype), torch.randn(41, generator=gen)
+    y = native.linear(layout, x, grid.lo, grid.hi, bias, max_tokens=64, lib=lib)
+    ref = F.linear(x, W.to(dtype), bias.to(dtype))
+    assert y.dtype == dtype and y.shape == (70, 41)
+    eps = torch.finfo(dtype).eps
+    scale = F.linear(x.double().abs(), W.double().abs()) + bias.double().abs()
+    assert bool(((y.double() - ref.double()).abs() <= 4 * eps * scale).all())
+    short = native.linear(layout, x[:8], grid.lo, grid.hi, bias, max_tokens=64, lib=lib)
+    exact = F.linear(x[:8].float().double(), W.double(), bias.double())
+    assert bool(((short.double() - exact).abs() <= eps * (scale[:8] + 1)).all())
+
+
 def test_one_and_two_threads_give_the_same_bits(lib):
     """Each row is summed by one thread in a fixed order: the thread count changes nothing."""
     codes, levels, grid = random_layer(67, 290, None, False, "oc", "float16", seed=4)

@@ -165,7 +165,9 @@ def linear(
 
     Args:
         layout: the codes (:func:`baq.kernels.lanes.build_lanes`).
-        x: (..., cols) input on the CPU, any float dtype (computed in float32).
+        x: (..., cols) input on the CPU, any float dtype (computed in float32; past
+            ``max_tokens`` a bfloat16 or float16 input multiplies the rounded weight in its
+            own dtype, as ``F.linear`` with ``cache="weight"``).
         lo, hi: the grid ranges, (rows, G) per OC, (G, cols) per IC.
         bias: (rows,) or None.
         max_tokens: up to this many tokens the fused kernel runs; beyond, row tiles of ``W``
@@ -178,18 +180,23 @@ def linear(
     if x.shape[-1] != layout.cols:
         raise ValueError(f"input has {x.shape[-1]} features, the layer {layout.cols}")
     lead = x.shape[:-1]
-    x2 = x.detach().reshape(-1, layout.cols).to(torch.float32).contiguous()
-    T = x2.shape[0]
+    T = x.numel() // layout.cols
     b = None if bias is None else bias.detach().to("cpu", torch.float32).contiguous()
     if T > max_tokens:
-        # one dequantized tile at a time: the layer's float weight never exists whole
-        y = torch.empty(T, layout.rows)
+        # one dequantized tile at a time (the layer's float weight never exists whole), in the
+        # input's dtype: a bfloat16 model multiplies as cache="weight" does, and a long prompt
+        # in bfloat16 runs at its BLAS speed (about 4x float32's on this project's machine)
+        wide = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        xs = x.detach().reshape(-1, layout.cols).to(wide).contiguous()
+        y = torch.empty(T, layout.rows, dtype=wide)
         for r0 in range(0, layout.rows, TILE_ROWS):
             r1 = min(r0 + TILE_ROWS, layout.rows)
-            torch.mm(x2, dequantize_rows(layout, lo, hi, r0, r1, lib).t(), out=y[:, r0:r1])
+            W = dequantize_rows(layout, lo, hi, r0, r1, lib).to(wide)
+            torch.mm(xs, W.t(), out=y[:, r0:r1])
         if b is not None:
-            y += b
+            y += b.to(wide)
     else:
+        x2 = x.detach().reshape(-1, layout.cols).to(torch.float32).contiguous()
         lo, hi = _ranges(layout, lo, hi)
         y = torch.empty(T, layout.rows)
         rc = lib.baq_lanes_linear(
