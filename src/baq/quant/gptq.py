@@ -94,7 +94,7 @@ def factor_hessian(
 
     Memory: besides the caller's ``H``, one ``(cols, cols)`` matrix of the working dtype (the
     reordered, dampened copy, factorised, inverted and factorised again in place on the CPU),
-    plus a float32 ``U`` when working in float64 (:func:`factor_bytes`).
+    plus a float32 ``U`` when working in float64 (:func:`baq.run.solve_memory.solve_bytes`).
 
     Args:
         H: (cols, cols) Hessian proxy ``2 X X^T / n``; solved in float32, or float64 if given so.
