@@ -26,7 +26,7 @@ CALIB = ["--nsamples", "8", "--seqlen", "64", "--seed", "1"]
 def test_measurement_round_trip_and_plan_meets_the_budget(tmp_path):
     model = make_tiny_llama()
     calib = torch.randint(3, 512, (6, 32), generator=torch.Generator().manual_seed(0))
-    cfg = QuantConfig(bits=2.5, allocation="model", sensitivity="analytic")
+    cfg = QuantConfig(bits=2.5, allocation="model", sensitivity="analytic", clip=False)
     meas = measure.measure_model(model, calib, cfg, ("fisher",), "cpu", "digest")
     assert len(meas.names) == 14 and all(
         meas.sens[n].shape == (s[1],) for n, s in zip(meas.names, meas.shapes)
@@ -53,12 +53,14 @@ def test_measurement_round_trip_and_plan_meets_the_budget(tmp_path):
             measure.settings_of(
                 "digest",
                 calib,
-                QuantConfig(percdamp=0.1, allocation="model", sensitivity="analytic"),
+                QuantConfig(percdamp=0.1, allocation="model", sensitivity="analytic", clip=False),
             )
         )
     meas.check(
         measure.settings_of(
-            "digest", calib, QuantConfig(bits=4, allocation="model", sensitivity="analytic")
+            "digest",
+            calib,
+            QuantConfig(bits=4, allocation="model", sensitivity="analytic", clip=False),
         )
     )
 
@@ -68,7 +70,7 @@ def test_clipped_and_adadim_measurements_serve_their_own_budget_only(extra):
     model = make_tiny_llama()
     calib = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
     at = lambda bits, **kw: QuantConfig(  # noqa: E731
-        bits=bits, allocation="model", sensitivity="analytic", **kw
+        bits=bits, allocation="model", sensitivity="analytic", **{"clip": False, **kw}
     )
     meas = measure.measure_model(model, calib, at(3, **extra), (), "cpu", "d")
     meas.check(measure.settings_of("d", calib, at(3, **extra)))
@@ -100,7 +102,8 @@ def test_hessians_read_the_first_measure_samples_windows():
 
 def test_measure_plan_quantize_on_a_tiny_model(tiny_model_dir, text_file, tmp_path, capsys):
     meas = tmp_path / "m.safetensors"
-    argv = ["measure", str(tiny_model_dir), "--calib", str(text_file), *CALIB]
+    # unclipped ranges: one measurement serves every budget (clipped ones are fitted at one)
+    argv = ["measure", str(tiny_model_dir), "--calib", str(text_file), *CALIB, "--no-clip"]
     assert main([*argv, "--importance", "fisher", "noise", "--output", str(meas), "-q"]) == 0
     # --lazy reads one block at a time and measures the same
     lazy = tmp_path / "lazy.safetensors"
@@ -116,7 +119,7 @@ def test_measure_plan_quantize_on_a_tiny_model(tiny_model_dir, text_file, tmp_pa
     assert "14 layers: 2.4" in out or "14 layers: 2.5000" in out
     assert "at 4 bits: modelled loss" in out
     # with the measurement, and without it (measured inside the run): the same quantized model
-    q = ["quantize", str(tiny_model_dir), "--allocation", "model", "--bits", "2.5"]
+    q = ["quantize", str(tiny_model_dir), "--allocation", "model", "--bits", "2.5", "--no-clip"]
     q += ["--calib", str(text_file), *CALIB, "--eval", "none"]
     reports = []
     for extra in (["--measurement", str(meas)], ["--importance", "fisher"]):
@@ -202,7 +205,7 @@ def test_resumed_model_allocation_uses_the_same_plan(
     from baq.run import checkpoint
 
     out = tmp_path / "out"
-    q = ["quantize", str(tiny_model_dir), "--allocation", "model", "--bits", "2.5"]
+    q = ["quantize", str(tiny_model_dir), "--allocation", "model", "--bits", "2.5", "--no-clip"]
     q += ["--calib", str(text_file), *CALIB, "--eval", "none", "--skip-before", "-q"]
     assert main([*q, "--output", str(tmp_path / "whole")]) == 0
     real = checkpoint.Checkpoint.save_block

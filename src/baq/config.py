@@ -98,8 +98,10 @@ class QuantConfig:
     measure_samples: int | None = 32
     # the output head as one more layer after the last block (its tied embedding reads it too)
     include_head: bool = False
-    # per-OC ranges shrunk where that rounds the row better (quant/clip.py)
-    clip: bool = False
+    # per-OC ranges shrunk where that rounds the row better (quant/clip.py); None: wherever the
+    # grid has per-OC ranges (dim oc or auto), the default: on the reference model it wins at 2,
+    # 3 and 4 bits (BAQ) and 3 (GPTQ), on Gemma 3 270M at 3 bits (docs/RESULTS.md, session 14)
+    clip: bool | None = None
     # incoherence processing: each linear quantized in the basis of a seeded randomized Hadamard
     # transform of its inputs (quant/rotation.py); rotate_seed and the layer's name give its seed
     rotate: bool = False
@@ -186,6 +188,8 @@ class QuantConfig:
             raise ValueError(
                 f"measure_samples={self.measure_samples}: use a positive integer, e.g. 32"
             )
+        if self.clip is None:
+            object.__setattr__(self, "clip", self.dim != "ic")
         if not isinstance(self.clip, bool):
             raise ValueError(f"clip={self.clip!r}: use True or False")
         if self.clip and self.dim == "ic":

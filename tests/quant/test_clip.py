@@ -90,7 +90,9 @@ def test_methods_use_the_clipped_grid_and_ic_is_refused(monkeypatch):
     X = torch.randn(32, 200)
     H = 2 * X @ X.t() / 200
     for method in ("rtn", "gptq", "baq"):
-        plain = QuantConfig(allocation="layer", method=method, bits=3, sensitivity="analytic")
+        plain = QuantConfig(
+            allocation="layer", method=method, bits=3, sensitivity="analytic", clip=False
+        )
         clipped = QuantConfig(
             allocation="layer", method=method, bits=3, sensitivity="analytic", clip=True
         )
@@ -103,3 +105,6 @@ def test_methods_use_the_clipped_grid_and_ic_is_refused(monkeypatch):
         assert (res.codes >= 0).all() and (res.codes < res.levels.unsqueeze(0)).all()
     with pytest.raises(ValueError, match="use --dim oc or auto with --clip"):
         QuantConfig(method="gptq", dim="ic", clip=True)
+    # the default: clipped wherever the ranges are per OC, min/max per IC
+    assert QuantConfig().clip and QuantConfig(dim="auto").clip
+    assert QuantConfig(dim="ic").clip is False

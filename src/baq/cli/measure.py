@@ -164,15 +164,21 @@ def add_adadim_arg(g: Any) -> None:
 
 def add_clip_arg(g: Any, bench: bool = False) -> None:
     """``--clip``, shared by ``baq quantize``, ``baq measure`` and ``baq bench``."""
+    if bench:
+        g.add_argument(
+            "--clip",
+            action="store_true",
+            help="also run every variant with clipped ranges (-clip in the name)",
+        )
+        return
     g.add_argument(
         "--clip",
-        action="store_true",
-        help=(
-            "also run every variant with clipped ranges (-clip in the name)"
-            if bench
-            else "shrink each per-OC range (x1 to x0.5) where that rounds its row with the least "
-            "H-diagonal-weighted error at the layer's levels, clipping the few largest weights"
-        ),
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shrink each per-OC range (x1 to x0.5) where that rounds its row with the least "
+        "H-diagonal-weighted error at the layer's levels, clipping the few largest weights "
+        "(default: on wherever ranges are per OC, i.e. not with --dim ic; --no-clip: min/max "
+        "ranges)",
     )
 
 
