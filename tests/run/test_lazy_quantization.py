@@ -131,6 +131,62 @@ def test_lazy_run_resumes_to_the_same_bytes(setup, monkeypatch, tmp_path):
     assert folder_bytes(out) == folder_bytes(full) and not partial.exists()
 
 
+def _mapped_files(t: torch.Tensor) -> set[str]:
+    """Files of the memory mappings that hold ``t``'s bytes (/proc/self/maps)."""
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    files = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= start and end <= hi:
+            files.add(parts[5] if len(parts) > 5 else "")
+    return files
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc maps")
+def test_a_lazy_run_keeps_its_codes_in_the_checkpoint_files_not_in_memory(
+    setup, monkeypatch, tmp_path
+):
+    """What a 70B's results need (a byte per weight, 64 GiB) is not resident: every finished
+    block's codes are read back through a memory map of its checkpoint file, also after a
+    resume, and the save still writes a full load's bytes."""
+    from baq.saved import storage
+
+    full = tmp_path / "full"
+    assert main(argv(setup, full, "baq", evaluate=False)) == 0
+    seen: dict[str, set[str]] = {}
+    save_quantized, save_block = storage.save_quantized, checkpoint.Checkpoint.save_block
+
+    def spy_save(out, model, tok, results, *a, **k):
+        seen.update({name: _mapped_files(res.codes) for name, res in results.items()})
+        return save_quantized(out, model, tok, results, *a, **k)
+
+    def save_then_stop(self, index, results, records):
+        kept = save_block(self, index, results, records)
+        if index == 1:
+            raise KeyboardInterrupt
+        return kept
+
+    monkeypatch.setattr(storage, "save_quantized", spy_save)
+    out = tmp_path / "lazy"
+    monkeypatch.setattr(checkpoint.Checkpoint, "save_block", save_then_stop)
+    assert main(argv(setup, out, "baq", "--lazy", evaluate=False)) == 130
+    monkeypatch.setattr(checkpoint.Checkpoint, "save_block", save_block)
+    assert main(argv(setup, out, "baq", "--lazy", "--resume", evaluate=False)) == 0
+    assert folder_bytes(out) == folder_bytes(full)
+    assert len(seen) == 4 * 7
+    partial = str(checkpoint.partial_dir(out))
+    for name, files in seen.items():
+        block = int(name.split(".")[2])
+        want = f"{partial}/block-{block:05d}.safetensors"
+        assert len(files) == 1 and files.pop().removesuffix(" (deleted)") == want, name
+    # a whole load keeps its results in memory (the model holds them anyway)
+    seen.clear()
+    assert main(argv(setup, tmp_path / "again", "baq", evaluate=False)) == 0
+    assert seen and all(files in (set(), {""}) or "[heap]" in files for files in seen.values())
+
+
 def test_pipeline_with_a_loader_keeps_compact_results(setup, tmp_path):
     _, model_dir, _ = setup
     cfg = QuantConfig(method="gptq", bits=3)

@@ -449,3 +449,38 @@ def test_cuda_out_of_memory_at_batch_one_gives_up():
     with pytest.raises(torch.OutOfMemoryError):
         walker.retry_halving(always, 5)
     assert calls == [5, 2, 1]
+
+
+def test_a_lazy_save_holds_one_block_of_results_and_one_shard_whatever_the_depth():
+    """A lazy run keeps finished codes in its checkpoint files and the save packs a shard at a
+    time, so the plan of a 70B shape (80 blocks) keeps what the results and the save hold to
+    one block and one shard, and the whole run fits 24 GiB: it planned 133 GiB when every
+    result stayed in memory until the save."""
+    from transformers import LlamaConfig
+
+    from baq.run import memory_estimate as me
+
+    def plan(blocks: int, **kw) -> me.MemoryEstimate:
+        config = LlamaConfig(
+            hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+            num_key_value_heads=8, num_hidden_layers=blocks, vocab_size=128256,
+        )  # fmt: skip
+        return me.estimate(
+            config, method="baq", nsamples=128, seqlen=512, eval_seqlen=None,
+            eval_windows=None, dtype="bfloat16", lazy=True, saving=True, resident=0,
+            importance_windows=8, planned=True, **kw,
+        )  # fmt: skip
+
+    shallow, deep = plan(8), plan(80)
+    block = 8192 * (2 * 8192 + 2 * 1024) + 3 * 8192 * 28672
+    assert shallow.results == deep.results == block
+    assert deep.save == 5 * 10**9 + 8192 * 28672 < 80 * block
+    assert plan(80, shard_bytes=10**9).save == 10**9 + 8192 * 28672
+    assert deep.peak(spilled=True) < 24 * 2**30
+    whole = me.estimate(
+        LlamaConfig(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                    num_key_value_heads=8, num_hidden_layers=80, vocab_size=128256),
+        method="baq", nsamples=128, seqlen=512, eval_seqlen=None, eval_windows=None,
+        dtype="bfloat16", lazy=True, saving=False, resident=0,
+    )  # fmt: skip
+    assert whole.results == 80 * block  # without a save (no checkpoint) they stay in memory

@@ -385,3 +385,52 @@ def test_plan_shards_is_the_greedy_split_with_oversized_units_alone():
             assert shard and (used <= limit or len(shard) == 1) or not sizes
             if k + 1 < len(plan):  # it started a new shard only because the next did not fit
                 assert used + sizes[plan[k + 1][0]] > limit
+
+
+# ----------------------------------------------------------------------------- packing on demand
+
+
+def test_a_save_from_results_packs_each_shard_just_before_writing_it(tmp_path, monkeypatch):
+    """save_quantized packs a layer only when the writer reaches its shard, once, and writes
+    the bytes a save of the same layers packed up front writes: a 70B's packed layers (26 GiB
+    at 3 bits) are never all in memory."""
+    model = make_tiny_llama()
+    results = quantize_all(model, CFG)
+    qconfig = {"quant_method": "baq", "format_version": 1, "storage_bits": 0.0}
+    eager = {name: PackedLinear.from_quantized(res) for name, res in results.items()}
+    storage.save_packed(tmp_path / "eager", model, None, eager, qconfig, max_shard_size=SMALL)
+    events = []
+    make, write = storage.PackOnDemand.__getitem__, storage.save_file
+
+    def spy_make(self, name):
+        events.append(("pack", name))
+        return make(self, name)
+
+    def spy_write(tensors, filename, metadata=None):
+        events.append(("write", {k.rsplit(".", 2)[0] for k in tensors if ".codes" in k}))
+        return write(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(storage.PackOnDemand, "__getitem__", spy_make)
+    monkeypatch.setattr(storage, "save_file", spy_write)
+    lazy = storage.PackOnDemand(results)
+    storage.save_packed(tmp_path / "lazy", model, None, lazy, qconfig, max_shard_size=SMALL)
+    assert folder_bytes(tmp_path / "lazy") == folder_bytes(tmp_path / "eager")
+    packed = [name for kind, name in events if kind == "pack"]
+    assert sorted(packed) == sorted(results)  # each layer packed once
+    pending: set[str] = set()
+    shards = 0
+    for kind, what in events:
+        if kind == "pack":
+            pending.add(what)
+        elif what:  # a quantized shard holds exactly the layers packed since the last one
+            assert what == pending
+            pending, shards = set(), shards + 1
+    assert shards == 3 and not pending
+
+
+def test_a_unit_that_differs_from_its_planned_size_is_refused(tmp_path):
+    from baq.saved.shards import write_weights
+
+    units = [lambda: {"a": torch.zeros(4)}, lambda: {"b": torch.zeros(3)}]
+    with pytest.raises(RuntimeError, match="unit 1 has 12 bytes, planned 16"):
+        write_weights(tmp_path, "x.safetensors", units, 10**6, lambda _: {}, sizes=[16, 16])

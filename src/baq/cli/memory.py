@@ -48,6 +48,7 @@ def plan_run_memory(
     """
     from baq.model.lazy import can_load_lazily
     from baq.run import memory_estimate
+    from baq.saved.shards import parse_shard_size
 
     if config is None:
         return None
@@ -76,6 +77,7 @@ def plan_run_memory(
         importance_windows=importance_windows(args, cfg),
         rotate=cfg.rotate,
         planned=cfg.allocation == "model",
+        shard_bytes=parse_shard_size(args.max_shard_size),  # checked before: a valid size
     )
     try:
         plan = memory_estimate.admit(

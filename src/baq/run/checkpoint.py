@@ -15,6 +15,11 @@ weights are rebuilt from their codes, which reproduces the solver's dequantized 
 bit, and the calibration inputs of the next block are recomputed by running the finished blocks
 again (one forward each, no Hessians, no solves). The result is byte-identical to an
 uninterrupted run.
+
+A lazy run (``--lazy``) also uses the block files as its memory: once a block is written, its
+layers' codes are replaced by views of a memory map of the file (:attr:`Checkpoint.map_codes`),
+so the results of a model far larger than RAM (a byte per weight: 64 GiB at 70B) are file pages
+the kernel reads when the evaluation or the save needs them and drops under pressure.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +209,10 @@ class Checkpoint:
         self.fingerprint = fingerprint
         self.created = False  # this run made the folder (open without resume)
         self._lock: int | None = None  # the folder's descriptor, flocked while this run works
+        # a lazy run keeps no codes in memory: each finished block's codes are read back from
+        # its file through a memory map (file pages the kernel may drop), so the results of a
+        # 70B model (a byte per weight) never need 64 GiB of RAM before the save
+        self.map_codes = False
 
     def open(self, resume: bool) -> int:
         """Start a new checkpoint, or (``resume``) check and reuse the existing one.
@@ -237,8 +246,15 @@ class Checkpoint:
             done += 1
         return done
 
-    def save_block(self, index: int, results: dict[str, QuantResult], records: list) -> None:
-        """Write block ``index``: its layers' results (codes, ranges, levels, losses), records."""
+    def save_block(
+        self, index: int, results: dict[str, QuantResult], records: list
+    ) -> dict[str, QuantResult] | None:
+        """Write block ``index``: its layers' results (codes, ranges, levels, losses), records.
+
+        Returns:
+            With :attr:`map_codes`, the same results with their codes memory-mapped from the
+            written file (to replace the caller's copies), else None.
+        """
         tensors: dict[str, Tensor] = {}
         meta: dict[str, Any] = {}
         for name, res in results.items():
@@ -260,6 +276,9 @@ class Checkpoint:
             stem.with_suffix(".json"),
             {"layers": list(results), "records": [asdict(r) for r in records]},
         )
+        if not self.map_codes:
+            return None
+        return _with_mapped_codes(stem.with_suffix(".safetensors"), results)
 
     def load_block(self, index: int) -> tuple[dict[str, QuantResult], list[LayerRecord]]:
         """Results and records of a finished block, as :meth:`save_block` received them.
@@ -282,7 +301,11 @@ class Checkpoint:
                 meta = json.loads((f.metadata() or {})["layers"])
         except Exception as err:  # safetensors raises its own types on a damaged file
             raise BlockError(path, one_line(err)) from None
-        return check_block(stem, info, tensors, meta)
+        results, records = check_block(stem, info, tensors, meta)
+        del tensors
+        if self.map_codes:
+            results = _with_mapped_codes(path, results)
+        return results, records
 
     def discard_if_new(self) -> None:
         """Delete the folder if this run made it and finished no block yet: a run refused
@@ -302,6 +325,37 @@ class Checkpoint:
             self._lock = None
 
     __del__ = release
+
+
+def _with_mapped_codes(path: Path, results: dict[str, QuantResult]) -> dict[str, QuantResult]:
+    """``results`` with each layer's codes replaced by a read-only-by-convention view of the
+    ``{name}.codes`` tensor of the block file ``path`` (a private memory map: untouched pages
+    cost nothing, touched ones are file pages the kernel can drop again; the map outlives the
+    file's deletion). Level counts above 256 keep int32 codes, as :func:`streaming.compact`.
+
+    Raises:
+        BlockError: the file's codes differ in shape or dtype from the results (not this run's).
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    data = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+    dtypes = {"U8": torch.uint8, "I32": torch.int32}
+    out = {}
+    for name, res in results.items():
+        info = header.get(f"{name}.codes", {})
+        dtype = dtypes.get(info.get("dtype"))
+        codes_dtype = torch.uint8 if int(res.levels.max()) <= 256 else torch.int32
+        begin, end = (8 + n + k for k in info.get("data_offsets", (0, 0)))
+        if dtype != codes_dtype or list(info.get("shape", ())) != list(res.codes.shape):
+            raise BlockError(path, f"layer {name}: its codes are not the ones just written")
+        raw = data[begin:end]
+        if begin % dtype.itemsize:  # safetensors aligns by dtype; a copy if a writer did not
+            raw = raw.clone()
+        out[name] = replace(res, weight=None, codes=raw.view(dtype).view(res.codes.shape))
+    return out
 
 
 def _tuple_shape(key: str, value: Any) -> Any:

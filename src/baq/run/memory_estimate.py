@@ -78,9 +78,12 @@ class MemoryEstimate:
             evaluation to the last.
         calib_tokens: the (nsamples, seqlen) int64 calibration windows.
         results: the solver results kept for the save: float32 weight and int32 codes per
-            quantized weight (8 bytes), or with ``--lazy`` compact uint8 codes (1 byte).
-        save: the packed layers built for the save: at most a byte per quantized weight (codes
-            of up to 8 bits), with the results still held.
+            quantized weight (8 bytes), or with ``--lazy`` compact uint8 codes (1 byte); a lazy
+            run that saves keeps them in its checkpoint's files (memory-mapped file pages,
+            which the kernel drops under pressure), so only the block being solved counts.
+        save: the packed layers built for the save, one shard at a time: at most a byte per
+            quantized weight (codes of up to 8 bits) of one shard and its largest layer, with
+            the results still held.
         importance: the model-level allocation's Fisher pass (``baq.run.importance``): every
             block's inputs for its windows, their gradients, the head's logits and one block's
             backward; its sensitivity pass holds at most what quantizing does.
@@ -248,6 +251,7 @@ def estimate(
     importance_windows: int = 0,
     rotate: bool = False,
     planned: bool = False,
+    shard_bytes: int = 5 * 10**9,
 ) -> MemoryEstimate:
     """What a run of ``baq quantize`` will hold, in bytes, before any weight is read.
 
@@ -275,6 +279,7 @@ def estimate(
             (0: no model-level allocation).
         rotate: the layers are quantized in a rotated basis (:func:`solve_bytes`).
         planned: BAQ's levels come from the model-level plan (one solve per layer).
+        shard_bytes: the save's ``--max-shard-size`` (the save packs a shard at a time).
     """
     shape = shape or model_shape(config)
     item = _itemsize(dtype)
@@ -310,6 +315,8 @@ def estimate(
         base_record = base_record_bytes((eval_windows or 1) * (eval_seqlen - 1))
     quantized = shape["blocks"] * sum(rows * cols for rows, cols in shape["linears"])
     quantized += head[0] * head[1] if head is not None else 0
+    largest = max(rows * cols for rows, cols in linears)
+    block_quantized = max(sum(rows * cols for rows, cols in shape["linears"]), largest)
     importance = 0
     if importance_windows:
         w = min(importance_windows, nsamples)
@@ -330,8 +337,8 @@ def estimate(
         forward=forward,
         evaluation=evaluation,
         calib_tokens=nsamples * seqlen * 8 if calibrated else 0,
-        results=quantized * (1 if lazy else 8),
-        save=quantized if saving else 0,
+        results=(block_quantized if saving else quantized) if lazy else quantized * 8,
+        save=min(quantized, shard_bytes + largest) if saving else 0,
         importance=importance,
         base_record=base_record,
     )

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +66,7 @@ def quantize_model(
     cfg: QuantConfig,
     device: torch.device | str | None = None,
     progress: bool | None = None,
-    on_block_done: Callable[[int, dict[str, QuantResult], list[LayerRecord]], None] | None = None,
+    on_block_done: Callable[[int, dict[str, QuantResult], list[LayerRecord]], Any] | None = None,
     batch_size: int | None = None,
     batch_tokens: int = BATCH_TOKENS,
     start_block: int = 0,
@@ -86,7 +86,9 @@ def quantize_model(
         device: where blocks and solves run (default: CUDA when present, else CPU).
         progress: show a progress bar (None: only on a terminal).
         on_block_done: called after each quantized block with its index, results and records
-            (checkpoints); the head is stage ``len(blocks)``, after the last block.
+            (checkpoints); the head is stage ``len(blocks)``, after the last block. What it
+            returns (results whose codes the checkpoint now holds on disk) replaces the run's
+            results of those layers; None keeps them.
         batch_size: calibration samples per block forward; default: as many as fit in
             ``batch_tokens`` tokens, if batching reproduces the one-sample outputs on block 0.
         batch_tokens: token budget of one batched forward.
@@ -159,7 +161,8 @@ def quantize_model(
             if on_block_done is not None:
                 names = [f"{step.prefix}{name}" for name in step.targets]
                 block_records = run.records[len(run.records) - len(names) :]
-                on_block_done(step.index, {n: run.results[n] for n in names}, block_records)
+                kept = on_block_done(step.index, {n: run.results[n] for n in names}, block_records)
+                run.results.update(kept or {})
         if head_target:  # stage n_blocks, one more layer after the last block
             (name,) = head_target
             if n_blocks < start_block:
@@ -173,7 +176,8 @@ def quantize_model(
                 solve_targets(head_target, "", hessians, cfg, run, compact, plan)
                 run.seconds = time.perf_counter() - t0
                 if on_block_done is not None:
-                    on_block_done(n_blocks, {name: run.results[name]}, run.records[-1:])
+                    kept = on_block_done(n_blocks, {name: run.results[name]}, run.records[-1:])
+                    run.results.update(kept or {})
             head.log_tie(model)
     run.seconds = time.perf_counter() - t0
     return run

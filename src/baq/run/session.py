@@ -301,6 +301,7 @@ def open_checkpoint(
         checkpoint.partial_dir(session.output),
         checkpoint.fingerprint(model, calib, cfg, tensors),
     )
+    ckpt.map_codes = loader is not None  # a lazy run's results live in the checkpoint's files
     done = ckpt.open(resume=session.resume)
     if done:
         log.info("resuming after %d finished blocks from %s", done, ckpt.folder)

@@ -355,14 +355,25 @@ class PackedLinear(nn.Module):
 
     def file_meta(self) -> dict[str, Any]:
         """This layer's entry in the ``layers`` metadata of quantized.safetensors."""
-        meta = {
-            "shape": [self.out_features, self.in_features],
-            "group_size": self.group_size,
-            "sym": self.sym,
-        }
-        if self.dim != "oc":  # absent means per-OC, as in every version 1 file
-            meta["dim"] = self.dim
-        return meta
+        shape = (self.out_features, self.in_features)
+        return layer_meta(shape, self.group_size, self.sym, self.dim)
+
+
+def layer_meta(shape: tuple[int, int], group_size: int | None, sym: bool, dim: str) -> dict:
+    """A layer's entry in the ``layers`` metadata of quantized.safetensors (docs/FORMAT.md)."""
+    meta = {"shape": [int(shape[0]), int(shape[1])], "group_size": group_size, "sym": sym}
+    if dim != "oc":  # absent means per-OC, as in every version 1 file
+        meta["dim"] = dim
+    return meta
+
+
+def result_nbytes(res: QuantResult) -> int:
+    """Bytes the saved tensors of one solver result take, from its level counts (no packing)."""
+    rows, cols = res.codes.shape
+    ngroups = range_groups((rows, cols), res.grid.group_size, res.grid.dim)
+    range_bytes = range_dtype(res.grid.lo, res.grid.hi).itemsize
+    nbytes = layer_nbytes(rows, ngroups, res.levels, range_bytes, res.grid.dim)
+    return nbytes + (0 if res.rotation is None else ROTATION_BYTES)
 
 
 @dataclass(frozen=True)
@@ -462,13 +473,8 @@ def storage_bits_of(results: dict[str, QuantResult]) -> float:
     """
     nbytes = weights = 0
     for res in results.values():
-        rows, cols = res.codes.shape
-        dim = res.grid.dim
-        ngroups = range_groups((rows, cols), res.grid.group_size, dim)
-        range_bytes = range_dtype(res.grid.lo, res.grid.hi).itemsize
-        nbytes += layer_nbytes(rows, ngroups, res.levels, range_bytes, dim)
-        nbytes += 0 if res.rotation is None else ROTATION_BYTES
-        weights += rows * cols
+        nbytes += result_nbytes(res)
+        weights += res.codes.numel()
     return nbytes * 8 / weights if weights else 0.0
 
 

@@ -92,33 +92,52 @@ def plan_shards(sizes: list[int], limit: int) -> list[list[int]]:
 def write_weights(
     folder: Path,
     file: str,
-    units: list[dict[str, Tensor]],
+    units: list[dict[str, Tensor]] | list[Callable[[], dict[str, Tensor]]],
     limit: int,
     metadata: Callable[[list[int]], dict[str, str]],
     save: Callable[..., None] | None = None,
+    sizes: list[int] | None = None,
 ) -> list[str]:
     """Write ``units`` as ``folder/file``, or as its shards and index when they exceed ``limit``.
 
     Args:
         folder: the (temporary) save folder.
         file: ``model.safetensors`` or ``quantized.safetensors``.
-        units: the tensors, grouped into what must stay in one file, in file order.
+        units: the tensors, grouped into what must stay in one file, in file order; or
+            functions that make them, called when their file is written (then ``sizes``).
         limit: the shard size in bytes.
         metadata: unit indices of one file -> that file's safetensors metadata.
         save: the writer, ``(tensors, filename, metadata=...)`` (None: safetensors' save_file).
+        sizes: the bytes of each unit's tensors, required with unit functions (checked when
+            made: the shards and the index's ``total_size`` are planned from them).
     Returns:
         The names of the files written (the index last when sharded).
     """
     if save is None:
         from safetensors.torch import save_file as save
 
-    sizes = [sum(t.numel() * t.element_size() for t in unit.values()) for unit in units]
+    def nbytes(unit: dict[str, Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in unit.values())
+
+    if sizes is None:
+        sizes = [nbytes(unit) for unit in units]  # type: ignore[arg-type]
+    planned = sizes
+
+    def make(i: int) -> dict[str, Tensor]:
+        unit = units[i]
+        if not callable(unit):
+            return unit
+        made = unit()
+        if nbytes(made) != planned[i]:  # the index and the shards were planned from the sizes
+            raise RuntimeError(f"{file}: unit {i} has {nbytes(made)} bytes, planned {planned[i]}")
+        return made
+
     groups = plan_shards(sizes, limit) if sum(sizes) > limit else [list(range(len(units)))]
     n = len(groups)
     names = [file] if n == 1 else [shard_name(file, i + 1, n) for i in range(n)]
     weight_map: dict[str, str] = {}
     for name, group in zip(names, groups):
-        tensors = {k: t for i in group for k, t in units[i].items()}
+        tensors = {k: t for i in group for k, t in make(i).items()}
         meta = metadata(group)
         save(tensors, str(folder / name), metadata=meta)
         if len(meta) > 1:  # one key has one order
