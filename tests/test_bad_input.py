@@ -320,6 +320,8 @@ BITS = [
     ),
     (["--bits", "4.5", "--max-levels", "16"], "raise --max-levels to 32"),
     (["--max-levels", "1"], "--max-levels=1: use a value in [2, 65536]"),
+    (["--min-levels", "0"], "--min-levels=0: use an integer in [1, max_levels=256]"),
+    (["--bits", "1", "--min-levels", "4"], "--bits=1.0 is below the floor of min_levels=4"),
     (["--method", "rtn", "--bits", "2.5"], "use an integer, or --method baq"),
     (["--dim", "ic", "--clip"], "use --dim oc or auto with --clip, or drop --clip"),
 ]

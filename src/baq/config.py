@@ -79,6 +79,10 @@ class QuantConfig:
     sensitivity: Sensitivity | None = None
     exponent: float = 2.0  # BAQ: t in b_j = B + (1/t) log2(c_j / geomean c); published code 1.95
     max_levels: int = 256  # BAQ: cap on the level count of one column
+    # BAQ: floor on the level count of one column; None: 2 with rotate (a rotated layer's
+    # columns are alike, and the loss model, blind to GPTQ's feedback through a run of pruned
+    # columns, would prune whole layers: DESIGN.md section 1), else 1 (a column may be pruned)
+    min_levels: int | None = None
     hessian_dtype: Literal["float32", "float64"] = "float32"
     range_dtype: Literal["float16", "float32"] = "float16"  # grid ranges (quant/grid.py)
     dim: Literal["oc", "ic", "auto"] = "oc"  # grid ranges per row, per column, or AdaDim's pick
@@ -130,6 +134,23 @@ class QuantConfig:
             )
         if not 2 <= self.max_levels <= 65536:
             raise ValueError(f"max_levels={self.max_levels}: use a value in [2, 65536], e.g. 256")
+        if self.min_levels is None:
+            object.__setattr__(self, "min_levels", 2 if self.rotate is True else 1)
+        if not (
+            isinstance(self.min_levels, int)
+            and not isinstance(self.min_levels, bool)
+            and 1 <= self.min_levels <= self.max_levels
+        ):
+            raise ValueError(
+                f"min_levels={self.min_levels!r}: use an integer in [1, max_levels="
+                f"{self.max_levels}], e.g. 2 (no column pruned)"
+            )
+        if self.method == "baq" and self.bits < math.log2(self.min_levels) - 1e-12:
+            raise ValueError(
+                f"bits={self.bits} is below the floor of min_levels={self.min_levels} "
+                f"(log2 = {math.log2(self.min_levels):g} bits per column): raise --bits or "
+                "lower --min-levels"
+            )
         if self.method == "baq" and self.bits > math.log2(self.max_levels):
             top = math.log2(self.max_levels)
             raise ValueError(

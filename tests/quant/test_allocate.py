@@ -129,3 +129,54 @@ def test_analytic_sensitivity_is_the_expected_rtn_loss():
     measured = (err.double() ** 2).sum(0) / Udiag.double() ** 2
     modelled = A.analytic_sensitivity(ranges, Udiag) * 2.0 ** (-2 * bits)
     assert torch.allclose(measured, modelled, rtol=0.1)
+
+
+# ----------------------------------------------------------------------------- a floor on levels
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_a_floor_of_min_levels_is_the_closed_form_clamped_from_below(trial):
+    """With ``min_levels`` every column gets at least the floor, the budget is met as without
+    it, and the columns above the floor follow the same threshold rule: the allocation equals
+    the unfloored one on a problem where the floor is not binding, and where it binds, a
+    column's levels never fall when its sensitivity rises (monotone), and the columns above the
+    floor have the equal-loss shape (``c_j / L_j^2`` equal within rounding)."""
+    g = torch.Generator().manual_seed(trial)
+    c = torch.exp(3 * torch.randn(64, generator=g, dtype=torch.float64))
+    B = [1.5, 2.0, 3.0, 2.5][trial]
+    free = A.allocate_levels(c, B)
+    floored = A.allocate_levels(c, B, min_levels=2)
+    assert int(floored.min()) >= 2 and int(free.min()) == 1  # lognormal spread 3: some pruned
+    bits = float(torch.log2(floored.double()).sum())
+    assert bits <= B * 64 + 1e-9 and B * 64 - bits < math.log2(3)  # within one column's step
+    order = torch.argsort(c)
+    assert bool((floored[order][1:] >= floored[order][:-1]).all())
+    above = floored > 2
+    loss = c[above] / floored[above].double() ** 2
+    # a rounded level L is within [L - 1/2, L + 1/2] of the continuous one: loss within (3/2)^2
+    assert float(loss.max() / loss.min()) < (1.5 / 0.5) ** 2
+    # not binding: a floor of 1, or a problem where nobody is pruned, gives the same levels
+    assert torch.equal(A.allocate_levels(c, B, min_levels=1), free)
+    flat = torch.ones(64, dtype=torch.float64) + 0.01 * torch.rand(64, generator=g)
+    assert torch.equal(A.allocate_levels(flat, 3.0, min_levels=2), A.allocate_levels(flat, 3.0))
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_integer_bits_with_a_floor_equal_brute_force_over_floored_bits(trial):
+    g = torch.Generator().manual_seed(trial)
+    c = torch.exp(3 * torch.randn(4, generator=g, dtype=torch.float64))
+    B = [1.0, 2.0, 2.5, 1.5][trial]
+    levels = A.allocate_integer_bits(c, B, max_bits=4, min_bits=1)
+    assert int(levels.min()) >= 2
+    best = math.inf
+    for bs in itertools.product(range(1, 5), repeat=4):
+        if sum(bs) <= math.floor(B * 4 + 1e-9):
+            best = min(best, sum(ci * 4.0**-bi for ci, bi in zip(c.tolist(), bs)))
+    assert abs(A.modelled_loss(c, levels) - best) <= 1e-12 * max(best, 1)
+
+
+def test_a_budget_below_the_floor_is_refused():
+    with pytest.raises(ValueError, match="min_levels"):
+        A.allocate_levels(torch.ones(4, dtype=torch.float64), 0.5, min_levels=2)
+    with pytest.raises(ValueError, match="min_levels"):
+        A.allocate_levels(torch.ones(4, dtype=torch.float64), 3.0, min_levels=300)

@@ -116,3 +116,31 @@ def test_bad_inputs_are_refused():
         A.allocate_model_levels(sens, beta, rows[:-1], 3)
     with pytest.raises(ValueError, match="beta"):
         A.allocate_model_levels(sens, torch.tensor([1.0, 0.0, 1.0]), rows, 3)
+
+
+def test_a_floor_keeps_every_column_of_every_layer_and_spends_the_budget():
+    """The model-level closed form with ``min_levels=2``: no column pruned in any layer, the
+    budget in weights met within one step, the same levels without the floor where it does
+    not bind; the integer greedy's floor likewise (and it is optimal for what it spends)."""
+    sens, beta, rows = problem(layers=5, seed=4)
+    sens[0] = sens[0] * 1e-8  # a layer the unfloored plan starves
+    N = sum(r * c.numel() for r, c in zip(rows, sens))
+    free = A.allocate_model_levels(sens, beta, rows, 2.0)
+    floored = A.allocate_model_levels(sens, beta, rows, 2.0, min_levels=2)
+    assert float(torch.log2(free[0].double()).mean()) < 0.5
+    assert all(int(L.min()) >= 2 for L in floored)
+    spent = sum(r * float(torch.log2(L.double()).sum()) for r, L in zip(rows, floored))
+    assert spent <= 2.0 * N + 1e-6 and 2.0 * N - spent < max(rows)
+    for L in A.allocate_model_integer_bits(sens, beta, rows, 2.0, max_bits=8, min_bits=1):
+        assert int(L.min()) >= 2
+
+
+def test_rotation_floors_the_plan_at_two_levels_unless_told_otherwise():
+    from baq.config import QuantConfig
+
+    assert QuantConfig(rotate=True).min_levels == 2 and QuantConfig().min_levels == 1
+    assert QuantConfig(rotate=True, min_levels=1).min_levels == 1
+    with pytest.raises(ValueError, match="below the floor"):
+        QuantConfig(bits=1.0, min_levels=4)
+    with pytest.raises(ValueError, match="min_levels"):
+        QuantConfig(min_levels=0)

@@ -88,6 +88,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--exponent", type=float, default=2.0)
     p.add_argument("--max-levels", type=int, default=256)
     p.add_argument(
+        "--min-levels",
+        type=int,
+        default=None,
+        help="floor on levels per column (default: 2 for a rotated measurement, else 1)",
+    )
+    p.add_argument(
         "--budgets",
         type=float,
         nargs="*",
@@ -288,6 +294,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from baq.run.allocation import format_plan, plan_levels
 
+    meas = _read(args.measurement)
+    rotated = meas.settings.get("rotate") is True  # the quantization run's default floor
+    floor = {"rotate": rotated, "min_levels": args.min_levels}
     try:
         cfg = QuantConfig(
             method="baq",
@@ -297,13 +306,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             importance=args.importance,
             exponent=args.exponent,
             max_levels=args.max_levels,
+            **floor,
         )
         budgets = [
-            QuantConfig(method="baq", bits=b, max_levels=args.max_levels).bits for b in args.budgets
+            QuantConfig(method="baq", bits=b, max_levels=args.max_levels, **floor).bits
+            for b in args.budgets
         ]
     except ValueError as err:
         raise UsageError(flagify(str(err))) from None
-    meas = _read(args.measurement)
     try:
         plans = plan_levels(meas, cfg)
     except ValueError as err:

@@ -92,6 +92,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     add_allocation_args(g)
     g.add_argument("--exponent", type=float, default=2.0, help="BAQ: t in B + log2(c/g)/t")
     g.add_argument("--max-levels", type=int, default=256, help="BAQ: cap on levels per column")
+    g.add_argument(
+        "--min-levels",
+        type=int,
+        default=None,
+        help="BAQ: floor on levels per column (default: 2 with --rotate, else 1: prunable)",
+    )
     g.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"])
     g.add_argument(
         "--range-dtype",
@@ -193,6 +199,7 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
             sensitivity=args.sensitivity or ("analytic" if allocation == "model" else "measured"),
             exponent=args.exponent,
             max_levels=args.max_levels,
+            min_levels=args.min_levels,
             hessian_dtype=args.hessian_dtype,
             range_dtype=args.range_dtype,
             skip=tuple(args.skip),

@@ -54,14 +54,22 @@ def modelled_loss(sens: Tensor, levels: Tensor) -> float:
     return float((sens.double() / levels.double().square()).sum())
 
 
-def _levels_at(logc: Tensor, offset: float, exponent: float, max_levels: int) -> Tensor:
-    """``L_j = clamp(round(2^(offset + log2(c_j)/t)), 1, max_levels)``; c_j = 0 gives 1 level."""
+def _levels_at(
+    logc: Tensor, offset: float, exponent: float, max_levels: int, min_levels: int = 1
+) -> Tensor:
+    """``L_j = clamp(round(2^(offset + log2(c_j)/t)), min_levels, max_levels)``; c_j = 0 gives
+    ``min_levels``."""
     b = offset + logc / exponent
-    return torch.exp2(b).round().clamp(1, max_levels).nan_to_num(1.0).to(torch.int64)
+    levels = torch.exp2(b).round().nan_to_num(float(min_levels))
+    return levels.clamp(min_levels, max_levels).to(torch.int64)
 
 
 def allocate_levels(
-    sens: Tensor, avg_bits: float, exponent: float = 2.0, max_levels: int = 256
+    sens: Tensor,
+    avg_bits: float,
+    exponent: float = 2.0,
+    max_levels: int = 256,
+    min_levels: int = 1,
 ) -> Tensor:
     """Level counts from the closed form with the budget met exactly.
 
@@ -75,19 +83,36 @@ def allocate_levels(
         avg_bits: target nominal rate B in [0, log2(max_levels)].
         exponent: t in the closed form.
         max_levels: cap on L_j.
+        min_levels: floor on L_j (the closed form with the clamp ``L_j >= min_levels``, whose
+            Lagrange solution is the same threshold rule with the floor's columns fixed).
     Returns:
-        (cols,) int64 level counts in [1, max_levels].
+        (cols,) int64 level counts in [min_levels, max_levels].
     """
-    if not 0 <= avg_bits <= math.log2(max_levels) + 1e-12:
-        raise ValueError(f"avg_bits={avg_bits} outside [0, log2(max_levels={max_levels})]")
+    _check_budget(avg_bits, max_levels, min_levels)
     c = sens.double().cpu()
     logc = torch.where(c > 0, torch.log2(c), torch.full_like(c, -math.inf))
-    levels = _levels_for_budget(logc, None, avg_bits * c.numel(), exponent, max_levels)
+    budget = avg_bits * c.numel()
+    levels = _levels_for_budget(logc, None, budget, exponent, max_levels, min_levels)
     return levels.to(sens.device)
 
 
+def _check_budget(avg_bits: float, max_levels: int, min_levels: int) -> None:
+    if not 1 <= min_levels <= max_levels:
+        raise ValueError(f"min_levels={min_levels}: use a value in [1, max_levels={max_levels}]")
+    if not math.log2(min_levels) - 1e-12 <= avg_bits <= math.log2(max_levels) + 1e-12:
+        raise ValueError(
+            f"avg_bits={avg_bits} outside [log2(min_levels={min_levels}), "
+            f"log2(max_levels={max_levels})]"
+        )
+
+
 def _levels_for_budget(
-    logc: Tensor, cost: Tensor | None, budget: float, exponent: float, max_levels: int
+    logc: Tensor,
+    cost: Tensor | None,
+    budget: float,
+    exponent: float,
+    max_levels: int,
+    min_levels: int = 1,
 ) -> Tensor:
     """``L_j = round(2^(K + logc_j / t))`` with the largest ``K`` whose spend fits ``budget``.
 
@@ -101,22 +126,25 @@ def _levels_for_budget(
         bits = torch.log2(levels.double())
         return float(bits.sum() if cost is None else (cost * bits).sum())
 
+    def at(offset: float) -> Tensor:
+        return _levels_at(logc, offset, exponent, max_levels, min_levels)
+
     alive = logc[torch.isfinite(logc)]
     if alive.numel() == 0:
-        return torch.ones(logc.numel(), dtype=torch.int64)
-    lo = math.log2(1.0) - float(alive.max()) / exponent - 2.0  # every column at 1 level
+        return torch.full((logc.numel(),), min_levels, dtype=torch.int64)
+    lo = math.log2(min_levels) - float(alive.max()) / exponent - 2.0  # every column at the floor
     hi = math.log2(max_levels) - float(alive.min()) / exponent + 2.0  # every live column capped
-    if spend(_levels_at(logc, hi, exponent, max_levels)) <= budget:
-        return _levels_at(logc, hi, exponent, max_levels)
+    if spend(at(hi)) <= budget:
+        return at(hi)
     for _ in range(200):
         mid = (lo + hi) / 2
         if mid in (lo, hi):
             break
-        if spend(_levels_at(logc, mid, exponent, max_levels)) <= budget:
+        if spend(at(mid)) <= budget:
             lo = mid
         else:
             hi = mid
-    levels = _levels_at(logc, lo, exponent, max_levels)
+    levels = at(lo)
 
     # columns whose next rounding threshold lies in (lo, hi] (ties of equal c_j): add them in
     # threshold order while the budget lasts
@@ -189,6 +217,7 @@ def allocate_model_levels(
     avg_bits: float,
     exponent: float = 2.0,
     max_levels: int = 256,
+    min_levels: int = 1,
 ) -> list[Tensor]:
     """Level counts of every column of every layer from the model-level closed form.
 
@@ -200,19 +229,24 @@ def allocate_model_levels(
         sens, beta, rows, avg_bits, exponent: as in :func:`model_closed_form_bits`
             (``c_lj = 0``: the column gets one level).
         max_levels: cap on L_lj.
+        min_levels: floor on L_lj (as in :func:`allocate_levels`).
     Returns:
         Per layer, (cols_l,) int64 level counts.
     """
-    if not 0 <= avg_bits <= math.log2(max_levels) + 1e-12:
-        raise ValueError(f"avg_bits={avg_bits} outside [0, log2(max_levels={max_levels})]")
+    _check_budget(avg_bits, max_levels, min_levels)
     logc, cost, cols = _model_columns(sens, beta, rows)
     budget = avg_bits * float(cost.sum())
-    levels = _levels_for_budget(logc, cost, budget, exponent, max_levels)
+    levels = _levels_for_budget(logc, cost, budget, exponent, max_levels, min_levels)
     return list(torch.split(levels, cols))
 
 
 def allocate_model_integer_bits(
-    sens: list[Tensor], beta: Tensor, rows: list[int], avg_bits: float, max_bits: int = 8
+    sens: list[Tensor],
+    beta: Tensor,
+    rows: list[int],
+    avg_bits: float,
+    max_bits: int = 8,
+    min_bits: int = 0,
 ) -> list[Tensor]:
     """Power-of-two level counts for the model's loss under the budget in weights.
 
@@ -223,16 +257,19 @@ def allocate_model_integer_bits(
     Lagrangian solution, optimal for the bits it spends, which is within one step (``rows_l``
     bits) of the budget. With equal ``rows`` this is :func:`allocate_integer_bits`.
 
+    ``min_bits``: every column's first bits are taken before any other step (a floor).
+
     Returns:
         Per layer, (cols_l,) int64 level counts ``2^b_lj``.
     """
-    if not 0 <= avg_bits <= max_bits:
-        raise ValueError(f"avg_bits={avg_bits} outside [0, max_bits={max_bits}]")
+    if not min_bits <= avg_bits <= max_bits:
+        raise ValueError(f"avg_bits={avg_bits} outside [min_bits={min_bits}, max_bits={max_bits}]")
     logc, cost, cols = _model_columns(sens, beta, rows)
     weight = torch.exp2(logc)  # beta_l c_lj / rows_l: reduction per stored bit at 0 bits
     total = math.floor(avg_bits * float(cost.sum()) + 1e-9)
     k = torch.arange(max_bits, dtype=torch.float64)
     ratio = weight.unsqueeze(1) * (4.0**-k - 4.0 ** -(k + 1)).unsqueeze(0)  # (cols, max_bits)
+    ratio[:, :min_bits] = math.inf  # the floor: first in line, a prefix of each column
     order = torch.argsort(-ratio.flatten(), stable=True)
     spent = torch.cumsum(cost.repeat_interleave(max_bits)[order], 0)
     fits = spent <= total
@@ -244,7 +281,9 @@ def allocate_model_integer_bits(
     return list(torch.split(2**b, cols))
 
 
-def allocate_integer_bits(sens: Tensor, avg_bits: float, max_bits: int = 8) -> Tensor:
+def allocate_integer_bits(
+    sens: Tensor, avg_bits: float, max_bits: int = 8, min_bits: int = 0
+) -> Tensor:
     """Optimal power-of-two level counts for the modelled loss under the budget.
 
     Minimises ``sum_j c_j 4^(-b_j)`` over integers ``0 <= b_j <= max_bits`` with
@@ -257,16 +296,18 @@ def allocate_integer_bits(sens: Tensor, avg_bits: float, max_bits: int = 8) -> T
         sens: (cols,) sensitivities c_j >= 0.
         avg_bits: target mean bits B in [0, max_bits].
         max_bits: largest bitwidth of one column.
+        min_bits: smallest (a floor every column gets before any other step).
     Returns:
         (cols,) int64 level counts ``2^b_j``.
     """
-    if not 0 <= avg_bits <= max_bits:
-        raise ValueError(f"avg_bits={avg_bits} outside [0, max_bits={max_bits}]")
+    if not min_bits <= avg_bits <= max_bits:
+        raise ValueError(f"avg_bits={avg_bits} outside [min_bits={min_bits}, max_bits={max_bits}]")
     c = sens.double().cpu()
     cols = c.numel()
     total = int(math.floor(avg_bits * cols + 1e-9))
     k = torch.arange(max_bits, dtype=torch.float64)
     gains = c.unsqueeze(1) * (4.0**-k - 4.0 ** -(k + 1)).unsqueeze(0)  # (cols, max_bits)
+    gains[:, :min_bits] = math.inf
     # stable order on a flattened (column, bit) table keeps each column's picks a prefix on ties
     flat = gains.flatten()
     order = torch.argsort(-flat, stable=True)[:total]

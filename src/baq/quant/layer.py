@@ -223,9 +223,12 @@ def quantize_basis(
     sens, uniform = column_sensitivity(Wd, factor, grid, cfg)
     if cfg.integer_bits:
         max_bits = int(math.floor(math.log2(cfg.max_levels)))
-        levels = allocate.allocate_integer_bits(sens, cfg.bits, max_bits)
+        min_bits = math.ceil(math.log2(cfg.min_levels))
+        levels = allocate.allocate_integer_bits(sens, cfg.bits, max_bits, min_bits)
     else:
-        levels = allocate.allocate_levels(sens, cfg.bits, cfg.exponent, cfg.max_levels)
+        levels = allocate.allocate_levels(
+            sens, cfg.bits, cfg.exponent, cfg.max_levels, cfg.min_levels
+        )
     res = gptq_solve(Wd, factor, levels.to(Wd.device), **solve)
     uniform_levels_ = torch.full_like(levels, uniform_probe_levels(cfg.bits))
     rec = _record(

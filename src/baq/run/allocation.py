@@ -51,10 +51,13 @@ def plan_levels(meas: Measurement, cfg: QuantConfig) -> list[LayerPlan]:
     rows = [s[0] for s in meas.shapes]
     if cfg.integer_bits:
         max_bits = int(math.floor(math.log2(cfg.max_levels)))
-        levels = allocate.allocate_model_integer_bits(sens, beta, rows, cfg.bits, max_bits)
+        min_bits = math.ceil(math.log2(cfg.min_levels))
+        levels = allocate.allocate_model_integer_bits(
+            sens, beta, rows, cfg.bits, max_bits, min_bits
+        )
     else:
         levels = allocate.allocate_model_levels(
-            sens, beta, rows, cfg.bits, cfg.exponent, cfg.max_levels
+            sens, beta, rows, cfg.bits, cfg.exponent, cfg.max_levels, cfg.min_levels
         )
     return [
         LayerPlan(n, tuple(shape), float(b), L, allocate.modelled_loss(meas.sens[n], L))
