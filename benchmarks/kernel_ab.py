@@ -6,6 +6,10 @@ method once, in turn, so all of them see the same load; medians of wall and CPU 
 (``time.process_time``, all threads) over the repeats. One layer, real level histograms.
 
     python benchmarks/kernel_ab.py --shape 4096x14336 --bits 3 --tokens 1 16 --threads 1 2
+
+``--baseline-source OLD.cpp`` also builds another version of lanes.cpp (say, ``git show
+HEAD~1:src/baq/kernels/lanes.cpp > OLD.cpp``) and times it in the same turns, and checks that
+both versions give the same bits: a kernel change A/B in one process.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +35,27 @@ def main() -> None:
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--baseline-source", type=Path, help="another lanes.cpp to time beside")
     args = ap.parse_args()
+    new_lib = native.library()
+    old_lib = None
+    if args.baseline_source is not None:
+        source, native.SOURCE = native.SOURCE, args.baseline_source.absolute()
+        try:
+            old_lib = native._compile(False)
+        finally:
+            native.SOURCE = source
+
+    def with_lib(lib):
+        def call(x):
+            native._LIBS[False] = lib
+            try:
+                return native.linear(layout, x, lo, hi)
+            finally:
+                native._LIBS[False] = new_lib
+
+        return call
+
     rows, cols = map(int, args.shape.split("x"))
     gen = torch.Generator().manual_seed(0)
     levels = sample_levels(cols, args.bits, False, gen)
@@ -41,8 +66,12 @@ def main() -> None:
     Wb = W.bfloat16()
     lo, hi = grid.lo.half().float(), grid.hi.half().float()
     print(f"{args.shape}, {args.bits} bits: layout {layout.nbytes() / 1e6:.1f} MB")
-    print("| threads | tokens | fp32 us | bf16 us | native us | fp32 / native | same, CPU time |")
-    print("|---|---|---|---|---|---|---|")
+    base = " baseline us | baseline / native |" if old_lib is not None else ""
+    print(
+        "| threads | tokens | fp32 us | bf16 us | native us | fp32 / native | same, CPU time |"
+        + base
+    )
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if old_lib is not None else ""))
     for threads in args.threads:
         torch.set_num_threads(threads)
         for T in args.tokens:
@@ -53,6 +82,10 @@ def main() -> None:
                 "bf16": lambda xb=xb: F.linear(xb, Wb),
                 "native": lambda x=x: native.linear(layout, x, lo, hi),
             }
+            if old_lib is not None:
+                fns["baseline"] = lambda x=x: with_lib(old_lib)(x)
+                same = torch.equal(fns["native"](), fns["baseline"]())
+                assert same, "the baseline source gives other bits than lanes.cpp"
             wall = {k: [] for k in fns}
             cpu = {k: [] for k in fns}
             for fn in fns.values():
@@ -68,7 +101,12 @@ def main() -> None:
             print(
                 f"| {threads} | {T} | {w['fp32'] * 1e6:.0f} | {w['bf16'] * 1e6:.0f} | "
                 f"{w['native'] * 1e6:.0f} | {w['fp32'] / w['native']:.2f} | "
-                f"{c['fp32'] / c['native']:.2f} |",
+                f"{c['fp32'] / c['native']:.2f} |"
+                + (
+                    f" {w['baseline'] * 1e6:.0f} | {w['baseline'] / w['native']:.2f} |"
+                    if old_lib is not None
+                    else ""
+                ),
                 flush=True,
             )
 

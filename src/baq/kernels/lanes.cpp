@@ -88,110 +88,145 @@ inline __m512 codes_of(__m512i v) {
 }
 
 // one chunk through the tables (block, shift): the chunks sharing a block with another run
-template <int W, int TT, int U>
+template <int W, int NR, int TT, int U>
 inline void one_chunk(const Layout& L, const uint32_t* row, const float* xs, int64_t ts,
-                      int64_t k, __m512 (&acc)[TT][U]) {
-  const __m512i v = _mm512_loadu_si512(row + L.chunk_word[k]);
-  const __m512 q = codes_of<W>(_mm512_srlv_epi32(v, _mm512_set1_epi32(L.chunk_shift[k])));
+                      int64_t k, __m512 (&acc)[NR][TT][U]) {
+  const __m512i sh = _mm512_set1_epi32(L.chunk_shift[k]);
+#pragma GCC unroll 4
+  for (int i = 0; i < NR; ++i) {
+    const __m512i v = _mm512_loadu_si512(row + i * L.rowwords + L.chunk_word[k]);
+    const __m512 q = codes_of<W>(_mm512_srlv_epi32(v, sh));
 #pragma GCC unroll 8
-  for (int t = 0; t < TT; ++t)
-    acc[t][0] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xs + t * ts + k * CHUNK), acc[t][0]);
+    for (int t = 0; t < TT; ++t)
+      acc[i][t][0] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xs + t * ts + k * CHUNK), acc[i][t][0]);
+  }
 }
 
-// acc[t][.] += codes of the chunks [k0, k1) of width W times xs of token t. Inside a run the
-// chunks fill whole blocks, F = 32 / W fields at shifts 0, W, 2W...: one load a block and
-// shifts by immediates; only the chunks before the first whole block (in the block the run
-// shares with the one before) and after the last go through the tables
-template <int W, int TT, int U>
+// acc[i][t][.] += codes of row i of the chunks [k0, k1) of width W times xs of token t. Inside
+// a run the chunks fill whole blocks, F = 32 / W fields at shifts 0, W, 2W...: one load a block
+// and shifts by immediates; only the chunks before the first whole block (in the block the run
+// shares with the one before) and after the last go through the tables. NR rows share each
+// load of xs: one row at a time read the whole scaled input (57 KB at 14336 columns, more than
+// L1) from L2 once per row
+template <int W, int NR, int TT, int U>
 inline void run_chunks(const Layout& L, const uint32_t* row, const float* xs, int64_t ts,
-                       int64_t k0, int64_t k1, __m512 (&acc)[TT][U]) {
+                       int64_t k0, int64_t k1, __m512 (&acc)[NR][TT][U]) {
   constexpr int F = 32 / W;
   int64_t k = k0;
-  for (; k < k1 && L.chunk_shift[k] != 0; ++k) one_chunk<W, TT, U>(L, row, xs, ts, k, acc);
+  for (; k < k1 && L.chunk_shift[k] != 0; ++k) one_chunk<W, NR, TT, U>(L, row, xs, ts, k, acc);
   if (k + F <= k1) {
     const uint32_t* blk = row + L.chunk_word[k];
     for (; k + F <= k1; k += F, blk += CHUNK) {
-      const __m512i v = _mm512_loadu_si512(blk);
+      __m512i v[NR];
+#pragma GCC unroll 4
+      for (int i = 0; i < NR; ++i) v[i] = _mm512_loadu_si512(blk + i * L.rowwords);
       const float* x = xs + k * CHUNK;
 #pragma GCC unroll 32
       for (int f = 0; f < F; ++f) {
-        const __m512 q = codes_of<W>(f == 0 ? v : _mm512_srli_epi32(v, f * W));
 #pragma GCC unroll 8
-        for (int t = 0; t < TT; ++t)
-          acc[t][f % U] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x + t * ts + f * CHUNK),
-                                          acc[t][f % U]);
+        for (int t = 0; t < TT; ++t) {
+          const __m512 xv = _mm512_loadu_ps(x + t * ts + f * CHUNK);
+#pragma GCC unroll 4
+          for (int i = 0; i < NR; ++i) {
+            const __m512 q = codes_of<W>(f == 0 ? v[i] : _mm512_srli_epi32(v[i], f * W));
+            acc[i][t][f % U] = _mm512_fmadd_ps(q, xv, acc[i][t][f % U]);
+          }
+        }
       }
     }
   }
-  for (; k < k1; ++k) one_chunk<W, TT, U>(L, row, xs, ts, k, acc);
+  for (; k < k1; ++k) one_chunk<W, NR, TT, U>(L, row, xs, ts, k, acc);
 }
 
-// dot[t] = sum over the runs [r0, r1) of one row of xs[t] . codes
-template <int TT>
+// dot[i * TT + t] = sum over the runs [r0, r1) of row i of xs[t] . codes, rows i < NR at
+// ``row + i * rowwords``; each row's sum in the order of one row alone (bit for bit)
+template <int NR, int TT>
 void group_dots(const Layout& L, const uint32_t* row, const float* xs, int64_t ts, int r0, int r1,
                 float* dot) {
   constexpr int U = TT == 1 ? 4 : (TT == 2 ? 2 : 1);  // independent FMA chains per token
-  __m512 acc[TT][U];
-  for (int t = 0; t < TT; ++t)
-    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+  __m512 acc[NR][TT][U];
+  for (int i = 0; i < NR; ++i)
+    for (int t = 0; t < TT; ++t)
+      for (int u = 0; u < U; ++u) acc[i][t][u] = _mm512_setzero_ps();
   for (int r = r0; r < r1; ++r) {
     const int32_t* run = L.runs + 4 * r;
     switch (run[2]) {
-      case 1: run_chunks<1, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 2: run_chunks<2, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 3: run_chunks<3, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 4: run_chunks<4, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 5: run_chunks<5, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 6: run_chunks<6, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 7: run_chunks<7, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      default: run_chunks<8, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 1: run_chunks<1, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 2: run_chunks<2, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 3: run_chunks<3, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 4: run_chunks<4, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 5: run_chunks<5, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 6: run_chunks<6, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 7: run_chunks<7, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      default: run_chunks<8, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
     }
   }
-  for (int t = 0; t < TT; ++t) {
-    __m512 s = acc[t][0];
-    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[t][u]);
-    dot[t] = _mm512_reduce_add_ps(s);
-  }
+  for (int i = 0; i < NR; ++i)
+    for (int t = 0; t < TT; ++t) {
+      __m512 s = acc[i][t][0];
+      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[i][t][u]);
+      dot[i * TT + t] = _mm512_reduce_add_ps(s);
+    }
 }
 #else
 // portable: plain loops over the 16 lanes of a chunk, which the compiler vectorises for the
 // host (AVX2: 8 lanes; without vector units, scalar)
-template <int TT>
-void group_dots(const Layout& L, const uint32_t* row, const float* xs, int64_t ts, int r0, int r1,
-                float* dot) {
-  float acc[TT][CHUNK] = {};
-  for (int r = r0; r < r1; ++r) {
-    const int32_t* run = L.runs + 4 * r;
-    const uint32_t mask = (1u << run[2]) - 1;
-    for (int64_t k = run[0]; k < run[1]; ++k) {
-      const uint32_t* v = row + L.chunk_word[k];
-      const uint32_t sh = (uint32_t)L.chunk_shift[k];
-      float q[CHUNK];
-      for (int l = 0; l < CHUNK; ++l) q[l] = (float)((v[l] >> sh) & mask);
-      const float* x = xs + k * CHUNK;
-      for (int t = 0; t < TT; ++t)
-        for (int l = 0; l < CHUNK; ++l) acc[t][l] += q[l] * x[t * ts + l];
+template <int NR, int TT>
+void group_dots(const Layout& L, const uint32_t* row0, const float* xs, int64_t ts, int r0,
+                int r1, float* dot) {
+  for (int i = 0; i < NR; ++i) {
+    const uint32_t* row = row0 + i * L.rowwords;
+    float acc[TT][CHUNK] = {};
+    for (int r = r0; r < r1; ++r) {
+      const int32_t* run = L.runs + 4 * r;
+      const uint32_t mask = (1u << run[2]) - 1;
+      for (int64_t k = run[0]; k < run[1]; ++k) {
+        const uint32_t* v = row + L.chunk_word[k];
+        const uint32_t sh = (uint32_t)L.chunk_shift[k];
+        float q[CHUNK];
+        for (int l = 0; l < CHUNK; ++l) q[l] = (float)((v[l] >> sh) & mask);
+        const float* x = xs + k * CHUNK;
+        for (int t = 0; t < TT; ++t)
+          for (int l = 0; l < CHUNK; ++l) acc[t][l] += q[l] * x[t * ts + l];
+      }
     }
-  }
-  for (int t = 0; t < TT; ++t) {
-    float s = 0.0f;
-    for (int l = 0; l < CHUNK; ++l) s += acc[t][l];
-    dot[t] = s;
+    for (int t = 0; t < TT; ++t) {
+      float s = 0.0f;
+      for (int l = 0; l < CHUNK; ++l) s += acc[t][l];
+      dot[i * TT + t] = s;
+    }
   }
 }
 #endif
 
-void dots(int tt, const Layout& L, const uint32_t* row, const float* xs, int64_t ts, int r0,
-          int r1, float* dot) {
+// rows sharing one pass over the scaled input at tt tokens: 4 at one token, 2 up to 4 tokens
+// (the accumulators, NR * tt * U <= 16, stay in registers)
+inline int rows_together(int tt) { return tt == 1 ? 4 : (tt <= 4 ? 2 : 1); }
+
+void dots(int nr, int tt, const Layout& L, const uint32_t* row, const float* xs, int64_t ts,
+          int r0, int r1, float* dot) {
+  if (nr == 4) {
+    group_dots<4, 1>(L, row, xs, ts, r0, r1, dot);
+    return;
+  }
+  if (nr == 2) {
+    switch (tt) {
+      case 1: group_dots<2, 1>(L, row, xs, ts, r0, r1, dot); break;
+      case 2: group_dots<2, 2>(L, row, xs, ts, r0, r1, dot); break;
+      case 3: group_dots<2, 3>(L, row, xs, ts, r0, r1, dot); break;
+      default: group_dots<2, 4>(L, row, xs, ts, r0, r1, dot); break;
+    }
+    return;
+  }
   switch (tt) {
-    case 1: group_dots<1>(L, row, xs, ts, r0, r1, dot); break;
-    case 2: group_dots<2>(L, row, xs, ts, r0, r1, dot); break;
-    case 3: group_dots<3>(L, row, xs, ts, r0, r1, dot); break;
-    case 4: group_dots<4>(L, row, xs, ts, r0, r1, dot); break;
-    case 5: group_dots<5>(L, row, xs, ts, r0, r1, dot); break;
-    case 6: group_dots<6>(L, row, xs, ts, r0, r1, dot); break;
-    case 7: group_dots<7>(L, row, xs, ts, r0, r1, dot); break;
-    default: group_dots<8>(L, row, xs, ts, r0, r1, dot); break;
+    case 1: group_dots<1, 1>(L, row, xs, ts, r0, r1, dot); break;
+    case 2: group_dots<1, 2>(L, row, xs, ts, r0, r1, dot); break;
+    case 3: group_dots<1, 3>(L, row, xs, ts, r0, r1, dot); break;
+    case 4: group_dots<1, 4>(L, row, xs, ts, r0, r1, dot); break;
+    case 5: group_dots<1, 5>(L, row, xs, ts, r0, r1, dot); break;
+    case 6: group_dots<1, 6>(L, row, xs, ts, r0, r1, dot); break;
+    case 7: group_dots<1, 7>(L, row, xs, ts, r0, r1, dot); break;
+    default: group_dots<1, 8>(L, row, xs, ts, r0, r1, dot); break;
   }
 }
 
@@ -252,19 +287,24 @@ int baq_lanes_linear(const Layout* Lp, const float* lo, const float* hi, const f
   // while each tile's inputs (8 tokens, 32 KiB per 1024 columns) pass over them
   constexpr int64_t ROWS_BLOCK = 16;
   at::parallel_for(0, L.rows, ROWS_BLOCK, [&](int64_t r0, int64_t r1) {
-    std::vector<double> zt((size_t)(G * TMAX));
-    std::vector<float> z((size_t)L.K + 1), dot(TMAX);
+    constexpr int NRMAX = 4;
+    std::vector<double> zt((size_t)(NRMAX * G * TMAX));
+    std::vector<float> z((size_t)L.K + 1), dot(NRMAX * TMAX);
     for (int64_t rb = r0; rb < r1; rb += ROWS_BLOCK)
       for (int64_t t0 = 0; t0 < T; t0 += TMAX) {
         const int tt = (int)std::min<int64_t>(TMAX, T - t0);
-        for (int64_t r = rb; r < std::min(r1, rb + ROWS_BLOCK); ++r) {
-          const uint32_t* row = L.words + r * L.rowwords;
+        const int64_t rend = std::min(r1, rb + ROWS_BLOCK);
+        for (int64_t r = rb; r < rend;) {
+          int nr = rows_together(tt);
           const int64_t gr = (L.ic && L.rsize > 0) ? r / L.rsize : 0;
+          // rows that share the pass must share the scaled input (per IC: one row group)
+          if (r + nr > rend || (L.ic && L.rsize > 0 && (r + nr - 1) / L.rsize != gr)) nr = 1;
           const float* xr = xs + (gr * T + t0) * S;
-          double out[TMAX] = {};
-          if (!L.ic) {  // zero points of the row's classes, then their sums against X
+          double out[NRMAX][TMAX] = {};
+          for (int i = 0; i < nr && !L.ic; ++i) {  // zero points of the classes, their sums
+            const int64_t ri = r + i;
             for (int64_t g = 0; g < G; ++g) {
-              const float l = lo[r * L.ngc + g], span = hi[r * L.ngc + g] - l;
+              const float l = lo[ri * L.ngc + g], span = hi[ri * L.ngc + g] - l;
               const int64_t c0 = L.gclass[g], c1 = L.gclass[g + 1];
               if (L.sym)
                 for (int64_t c = c0; c < c1; ++c) z[c] = std::floor((clm1[c] + 1.0f) * 0.5f);
@@ -276,27 +316,35 @@ int baq_lanes_linear(const Layout* Lp, const float* lo, const float* hi, const f
                 const double* Xt = X.data() + (t0 + t) * L.K;
                 int64_t c = c0;
                 for (; c + 8 <= c1; c += 8)
-                  for (int i = 0; i < 8; ++i) part[i] += (double)z[c + i] * Xt[c + i];
+                  for (int k = 0; k < 8; ++k) part[k] += (double)z[c + k] * Xt[c + k];
                 for (; c < c1; ++c) part[0] += (double)z[c] * Xt[c];
-                zt[g * TMAX + t] = ((part[0] + part[1]) + (part[2] + part[3])) +
-                                   ((part[4] + part[5]) + (part[6] + part[7]));
+                zt[(i * G + g) * TMAX + t] = ((part[0] + part[1]) + (part[2] + part[3])) +
+                                             ((part[4] + part[5]) + (part[6] + part[7]));
               }
             }
           }
           for (int64_t g = 0; g < G; ++g) {
-            dots(tt, L, row, xr, S, L.grun[g], L.grun[g + 1], dot.data());
-            if (L.ic) {
-              for (int t = 0; t < tt; ++t) out[t] += (double)dot[t];
-            } else {
-              const double span = (double)(hi[r * L.ngc + g] - lo[r * L.ngc + g]);
-              for (int t = 0; t < tt; ++t) out[t] += span * ((double)dot[t] - zt[g * TMAX + t]);
+            dots(nr, tt, L, L.words + r * L.rowwords, xr, S, L.grun[g], L.grun[g + 1],
+                 dot.data());
+            for (int i = 0; i < nr; ++i) {
+              const float* d = dot.data() + i * tt;
+              if (L.ic) {
+                for (int t = 0; t < tt; ++t) out[i][t] += (double)d[t];
+              } else {
+                const int64_t ri = r + i;
+                const double span = (double)(hi[ri * L.ngc + g] - lo[ri * L.ngc + g]);
+                for (int t = 0; t < tt; ++t)
+                  out[i][t] += span * ((double)d[t] - zt[(i * G + g) * TMAX + t]);
+              }
             }
           }
-          for (int t = 0; t < tt; ++t) {
-            double v = out[t] - (L.ic ? zterm[gr * T + t0 + t] : 0.0);
-            if (bias) v += (double)bias[r];
-            y[(t0 + t) * L.rows + r] = (float)v;
-          }
+          for (int i = 0; i < nr; ++i)
+            for (int t = 0; t < tt; ++t) {
+              double v = out[i][t] - (L.ic ? zterm[gr * T + t0 + t] : 0.0);
+              if (bias) v += (double)bias[r + i];
+              y[(t0 + t) * L.rows + r + i] = (float)v;
+            }
+          r += nr;
         }
       }
   });
