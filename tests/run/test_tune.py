@@ -333,6 +333,45 @@ def test_the_fast_scale_gradient_is_autograds(grid):
     assert torch.equal(fast(x), F.linear(x, slow.weight(), layer.bias))
 
 
+@pytest.mark.parametrize("grid", [dict(dim="oc"), dict(dim="ic")], ids=["oc", "ic"])
+def test_the_fast_scale_gradient_under_bfloat16_autocast_is_autograds(grid):
+    """--train-dtype bfloat16: ScaledLinear's forward and backward run in the autocast dtype
+    and give float32 gradients of the float32 scale and input, close to the float32 ones (and
+    to autograd's in bfloat16)."""
+    layer = packed_layer(seed=5, **grid)
+    fast, slow = TunableLinear(layer), TunableLinear(layer)
+    x = torch.randn(2, 6, layer.in_features)
+    G = torch.randn(2, 6, layer.out_features)
+    xf, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yf = fast(xf)
+        ys = F.linear(xs, slow.weight(), layer.bias)
+    assert yf.dtype == ys.dtype == torch.bfloat16
+    (yf.float() * G).sum().backward()
+    (ys.float() * G).sum().backward()
+    assert fast.scale.grad.dtype == torch.float32 and xf.grad.dtype == torch.float32
+    scale = slow.scale.grad.abs().max()
+    assert torch.allclose(fast.scale.grad, slow.scale.grad, atol=0.05 * float(scale))
+    ref = TunableLinear(layer)
+    xr = x.clone().requires_grad_()
+    (ref(xr) * G).sum().backward()  # float32
+    assert torch.allclose(fast.scale.grad, ref.scale.grad, atol=0.05 * float(scale))
+    assert torch.allclose(xf.grad, xr.grad, atol=0.05 * float(xr.grad.abs().max()))
+
+
+def test_bfloat16_training_lowers_the_kl_and_keeps_the_codes(setup, tmp_path):
+    out, report = tmp_path / "tuned", tmp_path / "report.json"
+    argv = tune_argv(setup, out, "--steps", "24", "--lr", "0.02", "--report", str(report),
+                     "--train-dtype", "bfloat16", evaluate=False)  # fmt: skip
+    assert main(argv) == 0
+    t = json.loads(report.read_text())["tuning"]
+    assert t["train_dtype"] == "bfloat16"
+    assert t["kl_check_rounded"] < 0.95 * t["kl_check_before"]
+    a = load_file(setup[3] / "quantized.safetensors")
+    b = load_file(out / "quantized.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith((".lo", ".hi")))
+
+
 def test_the_teacher_is_the_base_model_the_folder_names():
     import importlib.util
 

@@ -94,7 +94,7 @@ class TunableLinear(nn.Module):
             with torch.no_grad():
                 W = self.weight().to(x.dtype)
             y = ScaledLinear.apply(x, W, self.scale, layer.dim)
-            return y if bias is None else y + bias
+            return y if bias is None else y + bias.to(y.dtype)  # y in autocast's dtype
         return F.linear(x, self.weight().to(x.dtype), bias)
 
     @torch.no_grad()
@@ -133,7 +133,7 @@ class ScaledLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         kept, W, scale = ctx.saved_tensors
-        grad_x = g @ W
+        grad_x = g @ W.to(g.dtype)  # under autocast the forward ran in g's dtype (bfloat16)
         s = scale.clamp(min=MIN_SCALE)
         if ctx.dim == "oc":  # scale (rows, 1)
             prod = (g * kept).reshape(-1, W.shape[0]).sum(0)
