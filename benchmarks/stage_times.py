@@ -129,7 +129,11 @@ def main() -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     install()
     t0 = time.perf_counter()
-    rc = baq.cli.main(argv)
+    try:
+        rc = baq.cli.main(argv)
+    except Exception as err:  # the stages timed before a failure are still worth the table
+        print(f"the command failed: {type(err).__name__}: {err}", file=sys.stderr)
+        rc = 1
     wall = time.perf_counter() - t0
     cpu_all = time.process_time()
     rows, cpu_rows = defaultdict(dict), defaultdict(dict)
