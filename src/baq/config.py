@@ -127,6 +127,8 @@ class QuantConfig:
                 f"bits={self.bits}: use a value in [1, 8] (8 bits = 256 levels is the most), "
                 "e.g. --bits 3"
             )
+        # an int (QuantConfig(bits=3)) is recorded as the command line records it: 3.0
+        object.__setattr__(self, "bits", float(self.bits))
         if self.method != "baq" and float(self.bits) != int(self.bits):
             raise ValueError(
                 f"bits={self.bits}: {self.method} gives every weight the same integer bitwidth; "

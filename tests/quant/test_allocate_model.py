@@ -144,3 +144,12 @@ def test_rotation_floors_the_plan_at_two_levels_unless_told_otherwise():
         QuantConfig(bits=1.0, min_levels=4)
     with pytest.raises(ValueError, match="min_levels"):
         QuantConfig(min_levels=0)
+
+
+def test_integer_bits_in_the_config_are_recorded_as_the_command_line_records_them():
+    from dataclasses import asdict
+
+    from baq.config import QuantConfig
+
+    assert asdict(QuantConfig(bits=3)) == asdict(QuantConfig(bits=3.0))
+    assert isinstance(QuantConfig(bits=3).bits, float)

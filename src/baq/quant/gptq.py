@@ -312,8 +312,9 @@ def _blocked_solve(
             # columns i+1.. of this block absorb the error now, the rest once per block
             W1[i + 1 :] -= U1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0)
         losses[i1:i2] = E1.square().sum(dim=1) / 2
-        if i2 < cols:
-            Wt[i2:] -= U[i1:i2, i2:].t() @ E1
+        if i2 < cols:  # in place: `-= U.t() @ E1` made a (cols - i2, rows) temporary per block,
+            # fresh pages each time (a 28672 x 8192 layer zero-filled 105 GB of them)
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
     return Qt, Ct, losses
 
 
