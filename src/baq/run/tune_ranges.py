@@ -18,12 +18,17 @@ EfficientQAT's end-to-end stage (Chen et al., 2024, E2E-QP) with the format's ow
 functions PackedLinear dequantizes with (:func:`~baq.quant.grid.column_params`,
 :func:`~baq.quant.grid.dequantize_codes`), so at any scale its forward equals the forward of a
 PackedLinear holding those ranges; ``torch.round`` has no gradient, so the gradient reaches the
-scale through the step only. Without range groups (the default grids) :class:`ScaledLinear`
-gives the scale's gradient in closed form from the layer's output (per OC) or input (per IC),
-which saves the weight-gradient product, a third of a block's backward. Memory: the unpacked
-codes, one byte per weight (two for columns of more than 256 levels), plus per step a float32
-weight kept for the backward (and with range groups its ``code - zero``: at most 8 bytes per
-quantized weight, 0.85 GB on the 135M reference model).
+scale through the step only. Without range groups (the default grids) a group is a row (per
+OC) or a column (per IC), the weight is ``W0`` scaled along that axis (``W0`` the weight at
+``s = 1``), and :class:`ScaledLinear` multiplies by ``W0`` once, made at the first step and kept,
+scaling the output (per OC) or the input (per IC): no dequantization per step (the reference
+model's step spent more time rebuilding its weights than multiplying by them), and the scale's
+gradient in closed form, which saves the weight-gradient product, a third of a block's backward.
+``s * W0`` equals the dequantization at the scaled ranges up to float rounding (exactly, in
+real numbers); the reported KLs after training are the packed layers' own forward. Memory: the
+unpacked codes, one byte per weight (two for columns of more than 256 levels), plus ``W0``
+(float32) or with range groups per step a float32 weight kept for the backward and its
+``code - zero``: at most 8 bytes per quantized weight, 0.85 GB on the 135M reference model.
 """
 
 from __future__ import annotations
@@ -70,16 +75,18 @@ class TunableLinear(nn.Module):
         self.register_buffer("lo0", grid.lo.clone())
         self.register_buffer("hi0", grid.hi.clone())
         self.scale = nn.Parameter(torch.ones_like(grid.lo))
+        self._w0: Tensor | None = None  # the weight at scale 1, made at the first fast forward
 
     def ranges(self) -> tuple[Tensor, Tensor]:
         """The current ``(lo, hi)``, float32, in the grid's shape."""
         s = self.scale.clamp(min=MIN_SCALE)
         return self.lo0 * s, self.hi0 * s
 
-    def weight(self) -> Tensor:
-        """(out_features, in_features) float32 weight of the current ranges (differentiable)."""
+    def weight(self, scaled: bool = True) -> Tensor:
+        """(out_features, in_features) float32 weight of the current ranges (differentiable);
+        ``scaled=False``: of the saved ranges (scale 1)."""
         layer = self.packed
-        lo, hi = self.ranges()
+        lo, hi = self.ranges() if scaled else (self.lo0, self.hi0)
         grid = Grid(lo, hi, layer.group_size, layer.sym, layer.dim)
         step, zero = column_params(grid, self.levels, rows=layer.out_features)
         return dequantize_codes(self.codes, step, zero)
@@ -91,9 +98,10 @@ class TunableLinear(nn.Module):
             x = transform(x)
         bias = None if layer.bias is None else layer.bias.to(x.dtype)
         if layer.group_size is None and self.scale.requires_grad:
-            with torch.no_grad():
-                W = self.weight().to(x.dtype)
-            y = ScaledLinear.apply(x, W, self.scale, layer.dim)
+            if self._w0 is None:
+                with torch.no_grad():
+                    self._w0 = self.weight(scaled=False)
+            y = ScaledLinear.apply(x, self._w0.to(x.dtype), self.scale, layer.dim)
             return y if bias is None else y + bias.to(y.dtype)  # y in autocast's dtype
         return F.linear(x, self.weight().to(x.dtype), bias)
 
@@ -117,30 +125,41 @@ class TunableLinear(nn.Module):
 
 
 class ScaledLinear(torch.autograd.Function):
-    """``x @ W.T`` where ``W = s * W0`` along one axis (zero points fixed, no range groups): the
-    scale's gradient without the weight's. Per OC ``dL/ds_r = sum_t g[t, r] y[t, r] / s_r``; per
-    IC ``dL/ds_c = sum_t x[t, c] (g W)[t, c] / s_c``. ``W`` is the exact dequantized weight, so
-    the forward is the packed one; the gradient equals autograd's through
-    :meth:`TunableLinear.weight` up to float rounding."""
+    """``x @ W.T`` with ``W = s * W0`` along one axis (zero points fixed, no range groups): per
+    OC ``y = s_r (x @ W0.T)[:, r]``, per IC ``y = (x * s) @ W0.T``; the scale's gradient without
+    the weight's: per OC ``dL/ds_r = sum_t g[t, r] (x @ W0.T)[t, r]``, per IC
+    ``dL/ds_c = sum_t x[t, c] (g @ W0)[t, c]``. Equals autograd's through
+    :meth:`TunableLinear.weight` up to float rounding. Under autocast the products run in its
+    dtype (the scale is cast to it; its gradient comes back float32)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, scale: Tensor, dim: str) -> Tensor:
-        y = F.linear(x, W)
+    def forward(ctx, x: Tensor, W0: Tensor, scale: Tensor, dim: str) -> Tensor:
+        s = scale.clamp(min=MIN_SCALE)
         ctx.dim = dim
-        ctx.save_for_backward(x if dim == "ic" else y, W, scale)
+        if dim == "oc":  # scale (rows, 1)
+            y0 = F.linear(x, W0)
+            ctx.save_for_backward(y0, W0, scale)
+            return y0 * s[:, 0].to(y0.dtype)
+        xs = x * s[0].to(x.dtype)  # scale (1, cols)
+        y = F.linear(xs, W0)
+        ctx.save_for_backward(x, W0, scale)
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        kept, W, scale = ctx.saved_tensors
-        grad_x = g @ W.to(g.dtype)  # under autocast the forward ran in g's dtype (bfloat16)
+        kept, W0, scale = ctx.saved_tensors
         s = scale.clamp(min=MIN_SCALE)
-        if ctx.dim == "oc":  # scale (rows, 1)
-            prod = (g * kept).reshape(-1, W.shape[0]).sum(0)
-            grad_s = (prod.float() / s[:, 0]).unsqueeze(1) * (scale >= MIN_SCALE)
-        else:  # scale (1, cols)
-            prod = (kept * grad_x).reshape(-1, W.shape[1]).sum(0)
-            grad_s = (prod.float() / s[0]).unsqueeze(0) * (scale >= MIN_SCALE)
+        W0 = W0.to(g.dtype)  # under autocast the forward ran in g's dtype (bfloat16)
+        live = scale >= MIN_SCALE  # below the floor the scale is a constant
+        if ctx.dim == "oc":
+            grad_x = (g * s[:, 0].to(g.dtype)) @ W0
+            prod = (g * kept).reshape(-1, W0.shape[0]).sum(0)  # kept: x @ W0.T
+            grad_s = prod.float().unsqueeze(1) * live
+        else:
+            gW = g @ W0
+            grad_x = gW * s[0].to(gW.dtype)
+            prod = (kept * gW).reshape(-1, W0.shape[1]).sum(0)  # kept: x
+            grad_s = prod.float().unsqueeze(0) * live
         return grad_x, None, grad_s.to(scale.dtype), None
 
 
