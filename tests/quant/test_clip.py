@@ -108,3 +108,19 @@ def test_methods_use_the_clipped_grid_and_ic_is_refused(monkeypatch):
     # the default: clipped wherever the ranges are per OC, min/max per IC
     assert QuantConfig().clip and QuantConfig(dim="auto").clip
     assert QuantConfig(dim="ic").clip is False
+
+
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_the_search_in_slabs_of_rows_is_the_search_over_the_whole_layer(group_size):
+    """Rows are independent: any slab size (one row, a few, the layer) picks the same factors
+    and the same stored ranges."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(37, 300, generator=g) * torch.rand(1, 300, generator=g)
+    levels = torch.randint(1, 20, (300,), generator=g)
+    grid = G.fit_grid(W, group_size=group_size, sym=False)
+    weight = torch.rand(300, generator=g)
+    whole = clip_grid(W, grid, levels, weight, slab_weights=W.numel())
+    for slab in (1, 300 * 5, 300 * 36):
+        got = clip_grid(W, grid, levels, weight, slab_weights=slab)
+        assert torch.equal(got[1], whole[1])
+        assert torch.equal(got[0].lo, whole[0].lo) and torch.equal(got[0].hi, whole[0].hi)
