@@ -56,13 +56,8 @@ from baq.saved.manifest import (
     verify_manifest,
     write_json,
 )
-from baq.saved.packed_linear import (
-    PackedLinear,
-    layer_meta,
-    nominal_bits_of,
-    result_nbytes,
-    storage_bits_of,
-)
+from baq.saved.packed_linear import PackedLinear
+from baq.saved.result_sizes import layer_meta, nominal_bits_of, result_nbytes, storage_bits_of
 from baq.saved.shards import DEFAULT_MAX_SHARD_SIZE, parse_shard_size, write_weights
 
 log = logging.getLogger(__name__)
