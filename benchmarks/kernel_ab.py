@@ -9,7 +9,9 @@ method once, in turn, so all of them see the same load; medians of wall and CPU 
 
 ``--baseline-source OLD.cpp`` also builds another version of lanes.cpp (say, ``git show
 HEAD~1:src/baq/kernels/lanes.cpp > OLD.cpp``) and times it in the same turns, and checks that
-both versions give the same bits: a kernel change A/B in one process.
+both versions give the same bits: a kernel change A/B in one process. ``--compact`` instead
+times the same kernel on the compact layout (``build_lanes(radix=True)``, the ``"compact"``
+cache) as the "baseline" column, and checks the two agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def main() -> None:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--baseline-source", type=Path, help="another lanes.cpp to time beside")
+    ap.add_argument(
+        "--compact",
+        action="store_true",
+        help="baseline column: this kernel on the compact (radix) layout",
+    )
     args = ap.parse_args()
     new_lib = native.library()
     old_lib = None
@@ -63,15 +70,20 @@ def main() -> None:
     grid = fit_grid(W, group_size=None, sym=False)
     codes = (torch.rand(rows, cols, generator=gen) * levels).long()
     layout = build_lanes(codes, levels, None, False)
+    fields = build_lanes(codes, levels, None, False, radix=True) if args.compact else None
     Wb = W.bfloat16()
     lo, hi = grid.lo.half().float(), grid.hi.half().float()
-    print(f"{args.shape}, {args.bits} bits: layout {layout.nbytes() / 1e6:.1f} MB")
-    base = " baseline us | baseline / native |" if old_lib is not None else ""
+    print(
+        f"{args.shape}, {args.bits} bits: layout {layout.nbytes() / 1e6:.1f} MB"
+        + (f" (compact: {fields.nbytes() / 1e6:.1f} MB)" if fields is not None else "")
+    )
+    has_base = old_lib is not None or fields is not None
+    base = " baseline us | baseline / native |" if has_base else ""
     print(
         "| threads | tokens | fp32 us | bf16 us | native us | fp32 / native | same, CPU time |"
         + base
     )
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if old_lib is not None else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if has_base else ""))
     for threads in args.threads:
         torch.set_num_threads(threads)
         for T in args.tokens:
@@ -86,6 +98,11 @@ def main() -> None:
                 fns["baseline"] = lambda x=x: with_lib(old_lib)(x)
                 same = torch.equal(fns["native"](), fns["baseline"]())
                 assert same, "the baseline source gives other bits than lanes.cpp"
+            if fields is not None:
+                fns["baseline"] = lambda x=x: native.linear(fields, x, lo, hi)
+                a, b = fns["native"](), fns["baseline"]()
+                tol = 1e-5 * F.linear(x.abs(), W.abs()).max()
+                assert float((a - b).abs().max()) <= tol, "radix and fields layouts disagree"
             wall = {k: [] for k in fns}
             cpu = {k: [] for k in fns}
             for fn in fns.values():
@@ -104,7 +121,7 @@ def main() -> None:
                 f"{c['fp32'] / c['native']:.2f} |"
                 + (
                     f" {w['baseline'] * 1e6:.0f} | {w['baseline'] / w['native']:.2f} |"
-                    if old_lib is not None
+                    if has_base
                     else ""
                 ),
                 flush=True,

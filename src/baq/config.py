@@ -36,8 +36,10 @@ TEXT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl")
 # What a loaded quantized linear keeps between forwards (packed_linear.py): nothing (packed codes
 # only, dequantized in every forward), the integer codes minus zero points (one byte per weight),
 # the dequantized weight (the float model's memory and speed), or the kernel layout in place of
-# the packed codes (about their size; the fused CPU kernel of baq/kernels multiplies by it).
-WEIGHT_CACHES: tuple[str, ...] = ("none", "codes", "weight", "kernel")
+# the packed codes (about their size; the fused CPU kernel of baq/kernels multiplies by it), or
+# that layout with level counts such as 3, 5, 6 and 9 to 11 as radix digits ("compact": 4 to 8 %
+# smaller on large layers, about 0.7x the kernel's speed at one token: docs/RESULTS.md).
+WEIGHT_CACHES: tuple[str, ...] = ("none", "codes", "weight", "kernel", "compact")
 # the cache of baq.load, baq generate/eval, from_pretrained and pipeline: the kernel layout, faster
 # than "codes" end to end on the reference model at a third of its memory (issue 26,
 # docs/results/kernel-s13.md); a GPU input runs a kernel layer as "codes"

@@ -40,8 +40,9 @@ def packed_layers(model) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
-def test_kernel_generates_the_weight_cache_tokens(folder):
-    kernel, _ = storage.load_quantized(folder, cache="kernel")
+@pytest.mark.parametrize("cache", ["kernel", "compact"])
+def test_kernel_generates_the_weight_cache_tokens(folder, cache):
+    kernel, _ = storage.load_quantized(folder, cache=cache)
     weight, _ = storage.load_quantized(folder, cache="weight")
     x = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -103,6 +104,35 @@ def test_set_cache_switches_to_and_from_the_kernel(folder):
         assert all(b.numel() > 0 for n, b in layer.named_buffers() if n.startswith("codes_"))
         assert layer.storage_nbytes == full
         assert torch.equal(model(x).logits, ref)
+
+
+def test_compact_holds_radix_digits_in_less_memory_and_saves_the_same_codes():
+    """``cache="compact"``: columns of 3, 5 and 10 levels as radix digits, the layer's memory
+    below the "kernel" layout's, the same product to float32 rounding, and the saved codes back
+    bitwise when the cache is switched."""
+    gen = torch.Generator().manual_seed(7)
+    levels = torch.tensor([3] * 400 + [5] * 300 + [10] * 200 + [16] * 50)
+    levels = levels[torch.randperm(levels.numel(), generator=gen)]
+    layer = _layer(256, levels.numel(), levels, gen)
+    streams = {n: b.clone() for n, b in layer.named_buffers() if n.startswith("codes_")}
+    x = torch.randn(2, levels.numel(), generator=gen)
+    held = {}
+    for cache in ("kernel", "compact"):
+        layer.set_cache(cache)
+        with torch.inference_mode():
+            y = layer(x)
+        held[cache] = layer.resident_nbytes()
+        assert layer._layout is not None
+        radix = set(layer._layout.runs[:, 3].tolist()) - {0}
+        assert radix == ({3, 5, 10} if cache == "compact" else set())
+        ref = torch.nn.functional.linear(x.double(), layer.dequantize().double())
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    # 3, 5 and 10 levels: 19, 13 and 9 codes a lane against 16, 10 and 8
+    assert held["compact"] < 0.9 * held["kernel"]
+    layer.set_cache("codes")
+    for n, b in layer.named_buffers():
+        if n.startswith("codes_"):
+            assert torch.equal(b, streams[n])
 
 
 def test_load_state_dict_into_a_kernel_layer():

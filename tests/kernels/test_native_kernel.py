@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from test_cpu_kernel import CASES, EPS32, random_layer
 
 from baq.kernels import native, runtime
-from baq.kernels.lanes import CHUNK, LaneLayout, build_lanes
+from baq.kernels.lanes import CHUNK, LaneLayout, build_lanes, radix_digits, radix_pays
 from baq.kernels.layout import KernelLayout
 from baq.quant.grid import column_params, dequantize, fit_grid, quantize
 from baq.saved.packed_linear import PackedLinear
@@ -81,6 +81,62 @@ def test_every_width_through_whole_blocks(lib, width):
     grid = fit_grid(W, group_size=None, sym=False, range_dtype="float32", dim="oc")
     codes, _ = quantize(W, grid, levels)
     for tokens in (1, 3, 8):
+        check(codes, levels, grid, tokens, lib, seed=tokens)
+
+
+RADIX_BASES = [b for b in range(3, 257) if radix_pays(b)]
+
+
+def test_radix_bases_are_those_a_lane_holds_more_of():
+    """A base is stored as digits only where a 32-bit lane holds more of its codes than of
+    ``ceil(log2 B)``-bit fields; each word's largest value fits its 21 or 11 bits."""
+    for b in range(3, 257):
+        lo, hi = radix_digits(b)
+        assert b**lo <= 2**21 < b ** (lo + 1) and b**hi <= 2**11 < b ** (hi + 1)
+        width = (b - 1).bit_length()
+        assert radix_pays(b) == (lo + hi > 32 // width)
+    assert {3, 5, 6, 9, 10, 11} <= set(RADIX_BASES) and not {4, 7, 8, 12, 16} & set(RADIX_BASES)
+
+
+@pytest.mark.parametrize("base", RADIX_BASES)
+def test_radix_runs_equal_the_dequantized_product(lib, base):
+    """A run of chunks stored in base B: whole blocks, a partial last block (digits of the low
+    and the high word), columns of fewer levels inside it, its neighbours in bit fields; rows
+    with every code at B - 1 (each word at its largest value, where the float32 peeling is
+    closest to wrong) and at 0; 1 to 9 tokens (4 and 2 rows sharing a pass, and 1)."""
+    gen = torch.Generator().manual_seed(base)
+    d = sum(radix_digits(base))
+    cols = CHUNK * (3 * d - 1) + 5  # whole blocks, and a partial one where its digits pay
+    levels = torch.full((cols,), base)
+    levels[: cols // 9] = torch.randint(2, base, (cols // 9,), generator=gen)
+    levels[-20:] = torch.tensor([1, 2, 4, 7, 8, 12, 16, 256, 3, 5] * 2)
+    levels = levels[torch.randperm(cols, generator=gen)]
+    W = torch.randn(13, cols, generator=gen)
+    grid = fit_grid(W, group_size=None, sym=False, range_dtype="float32", dim="oc")
+    codes, _ = quantize(W, grid, levels)
+    codes[0], codes[1], codes[5] = levels - 1, 0, levels - 1
+    layout = build_lanes(codes, levels, None, False, radix=True)
+    assert base in layout.runs[:, 3].tolist()
+    assert torch.equal(layout.unpack(), codes * (levels > 1))
+    W = dequantize(codes, grid, levels)
+    assert torch.equal(native.dequantize_rows(layout, grid.lo, grid.hi, 0, 13, lib=lib), W)
+    for tokens in (1, 2, 3, 9):
+        check(codes, levels, grid, tokens, lib, seed=tokens)
+
+
+def test_radix_runs_in_per_oc_groups(lib):
+    """Per OC groups: each group's run of 3- and 5-level chunks in blocks of its own."""
+    gen = torch.Generator().manual_seed(11)
+    cols = 2 * 650  # per group 20 chunks of 3 levels, 20 of 5 and a ragged one
+    levels = torch.tensor([3] * 320 + [5] * 330)[torch.randperm(650, generator=gen)].repeat(2)
+    W = torch.randn(9, cols, generator=gen)
+    grid = fit_grid(W, group_size=650, sym=True, range_dtype="float16", dim="oc")
+    codes, _ = quantize(W, grid, levels)
+    layout = build_lanes(codes, levels, 650, True, radix=True)
+    assert layout.col_groups == 2
+    assert {3, 5} <= set(layout.runs[:, 3].tolist())
+    assert torch.equal(layout.unpack(), codes)
+    for tokens in (1, 4):
         check(codes, levels, grid, tokens, lib, seed=tokens)
 
 
@@ -144,15 +200,37 @@ def test_layout_round_trip_and_exact_tiles(lib, dim, group_size):
 
 
 def test_layout_size_is_near_the_ceiling_width():
-    """Each code at its chunk's width, blocks leaving at most 4 of 32 bits, one padded chunk."""
+    """Each code at its chunk's width, blocks leaving at most 4 of 32 bits, one padded chunk;
+    at most that where radix runs replace fields."""
     gen = torch.Generator().manual_seed(6)
-    levels = torch.randint(1, 257, (700,), generator=gen)
+    choices = torch.tensor([1, 2, 4, 7, 8, 12, 16, 32, 64, 128, 256])  # no radix base
+    levels = choices[torch.randint(0, len(choices), (700,), generator=gen)]
     codes = (torch.rand(50, 700, generator=gen) * levels).long()
     layout = build_lanes(codes, levels, None, False)
     ceiling = sum(50 * (int(L) - 1).bit_length() for L in levels) / 8
     held = layout.words.numel() * 4
     assert ceiling <= held <= ceiling * 32 / 28 + 50 * 8 * CHUNK * 4
     assert torch.equal(layout.unpack(), codes)
+    levels = torch.randint(1, 257, (700,), generator=gen)
+    codes = (torch.rand(50, 700, generator=gen) * levels).long()
+    held = build_lanes(codes, levels, None, False, radix=True).words.numel() * 4
+    ceiling = sum(50 * (int(L) - 1).bit_length() for L in levels) / 8
+    assert held <= ceiling * 32 / 28 + 50 * 8 * CHUNK * 4
+
+
+@pytest.mark.parametrize("base,per_lane", [(3, 19), (5, 13), (6, 12), (9, 9), (11, 9)])
+def test_radix_runs_hold_their_digits_per_lane(base, per_lane):
+    """One level count throughout: whole blocks of ``per_lane`` digits, and the chunks left
+    over in bit fields (``32 // width`` a block) unless they fill more than a block."""
+    width = (base - 1).bit_length()
+    for extra in range(per_lane):
+        chunks = 5 * per_lane + extra
+        levels = torch.full((CHUNK * chunks,), base)
+        codes = (torch.rand(2, levels.numel()) * base).long()
+        layout = build_lanes(codes, levels, None, False, radix=True)
+        tail = 1 if extra * width > 32 else -(-extra // (32 // width))
+        assert layout.words.shape[1] == CHUNK * (5 + tail)
+        assert torch.equal(layout.unpack(), codes)
 
 
 def test_without_a_compiler_the_numba_kernel_runs(monkeypatch, caplog):

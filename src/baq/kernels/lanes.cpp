@@ -12,10 +12,13 @@
 //   per IC  y[r] = sum_s xs_gr[s] q[r,s] - zterm[gr]
 // with xs[s] = x[col s] / (L_s - 1) (per IC x * step[gr, col]), X[c] the sum of xs over class c.
 // A chunk's 16 codes come back as float32 exactly (a shift, then a 16-entry vpermps table or a
-// mask and a conversion) and are multiplied into one accumulator per token: no rounding but the
-// float32 sums, which the tests bound against the dequantized float64 product.
+// mask and a conversion; in a radix run, a digit peeled off a 21- or 11-bit base-B word in
+// float32, exact for words under 2^21: lanes.py) and are multiplied into one accumulator per
+// token: no rounding but the float32 sums, which the tests bound against the dequantized
+// float64 product.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -38,7 +41,7 @@ struct Layout {
   const uint32_t* words;       // (rows, rowwords)
   const int32_t* chunk_word;   // (nchunks): first word of the chunk's block in a row
   const int32_t* chunk_shift;  // (nchunks): bit of the chunk's field in its lanes
-  const int32_t* runs;         // (nruns, 4): first chunk, end chunk, width, 0
+  const int32_t* runs;         // (nruns, 4): first chunk, end chunk, width, base (0: bits)
   const int32_t* grun;         // (ngc + 1): first run of each column group
   const int32_t* slot_col;     // (nslots): original column, -1 for padding
   const float* slot_lm1;       // (nslots): L - 1 in float32 (1 for padding)
@@ -70,6 +73,39 @@ inline void zero_points(float lo, float span, const float* lm1, float* z, int64_
 #endif
   for (; c < c1; ++c) z[c] = std::rint(-lo / (span / lm1[c]));
 }
+
+constexpr int RADIX_LO_BITS = 21;  // lanes.py: the low word of a radix lane
+constexpr uint32_t RADIX_LO_MASK = (1u << RADIX_LO_BITS) - 1;
+
+// base-b digits that fit a word of ``bits`` bits (b^d <= 2^bits), as lanes.py radix_digits
+inline int radix_digits(int b, int bits) {
+  int d = 0;
+  for (int64_t p = b; p <= (int64_t(1) << bits); p *= b) ++d;
+  return d;
+}
+
+// the code of chunk k in lane value v, scalar (the portable build and the dequantization):
+// a bit field, or digit ``shift`` of a radix block of base ``base``
+struct FieldReader {
+  uint32_t mask, div, base, shift;
+  FieldReader(int width, int base_, int shift_) {
+    if (base_ == 0) {
+      mask = (1u << width) - 1, div = 1, base = 0, shift = (uint32_t)shift_;
+      return;
+    }
+    const int dlo = radix_digits(base_, RADIX_LO_BITS);
+    const bool hi = shift_ >= dlo;
+    shift = hi ? RADIX_LO_BITS : 0;
+    mask = hi ? ~0u >> RADIX_LO_BITS : RADIX_LO_MASK;
+    div = 1;
+    for (int p = hi ? shift_ - dlo : shift_; p > 0; --p) div *= (uint32_t)base_;
+    base = (uint32_t)base_;
+  }
+  uint32_t operator()(uint32_t v) const {
+    const uint32_t f = (v >> shift) & mask;
+    return base ? (f / div) % base : f;
+  }
+};
 
 #if BAQ_AVX512
 // 16 codes as float32 from lanes already shifted: for w <= 4 vpermps reads the low 4 bits of
@@ -138,6 +174,64 @@ inline void run_chunks(const Layout& L, const uint32_t* row, const float* xs, in
   for (; k < k1; ++k) one_chunk<W, NR, TT, U>(L, row, xs, ts, k, acc);
 }
 
+// acc[i][t][.] += codes of row i of the radix chunks [k0, k1) of base B times xs of token t: a
+// block holds dlo digits in the low 21 bits of its lanes and dhi in the high 11, digit p being
+// chunk k0 + p. Each word goes to float32 once; its quotients q_p = floor((f + 1/2) / B^p) are
+// exact (lanes.py) and independent of each other, so no chain of divisions waits on the one
+// before; digit p is q_p - B q_{p+1} (exact: integers under 2^21)
+template <int NR, int TT, int U>
+inline void radix_chunks(const Layout& L, const uint32_t* row, const float* xs, int64_t ts,
+                         int64_t k0, int64_t k1, int B, __m512 (&acc)[NR][TT][U]) {
+  const int dlo = radix_digits(B, RADIX_LO_BITS), D = dlo + radix_digits(B, 32 - RADIX_LO_BITS);
+  float inv[32], half[32];  // 1 / B^p and 1 / (2 B^p) of each digit in its word
+  for (int p = 0, q = 0; p < D; ++p, ++q) {
+    if (p == dlo) q = 0;
+    double pw = 1.0;
+    for (int e = 0; e < q; ++e) pw *= B;
+    inv[p] = (float)(1.0 / pw), half[p] = (float)(0.5 / pw);
+  }
+  const __m512 vb = _mm512_set1_ps((float)B);
+  const __m512i vmask = _mm512_set1_epi32((int)RADIX_LO_MASK);
+  for (int64_t k = k0; k < k1; k += D) {
+    const uint32_t* blk = row + L.chunk_word[k];
+    const int nd = (int)std::min<int64_t>(D, k1 - k);
+    __m512 flo[NR], fhi[NR];
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; ++i) {
+      const __m512i v = _mm512_loadu_si512(blk + i * L.rowwords);
+      flo[i] = _mm512_cvtepi32_ps(_mm512_and_si512(v, vmask));
+      fhi[i] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, RADIX_LO_BITS));
+    }
+    const float* x = xs + k * CHUNK;
+    __m512 cur[NR];  // q_p of each row
+    for (int i = 0; i < NR; ++i) cur[i] = flo[i];
+    for (int p = 0; p < nd; ++p) {
+      const bool top = p == dlo - 1 || p == D - 1;  // the word's last digit is its quotient
+      __m512 q[NR];
+#pragma GCC unroll 4
+      for (int i = 0; i < NR; ++i) {
+        if (top) {
+          q[i] = cur[i];
+          cur[i] = fhi[i];  // q_0 of the high word
+        } else {
+          const __m512 f = p < dlo ? flo[i] : fhi[i];
+          const __m512 next = _mm512_roundscale_ps(
+              _mm512_fmadd_ps(f, _mm512_set1_ps(inv[p + 1]), _mm512_set1_ps(half[p + 1])),
+              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+          q[i] = _mm512_fnmadd_ps(next, vb, cur[i]);
+          cur[i] = next;
+        }
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) {
+        const __m512 xv = _mm512_loadu_ps(x + t * ts + p * CHUNK);
+#pragma GCC unroll 4
+        for (int i = 0; i < NR; ++i) acc[i][t][p % U] = _mm512_fmadd_ps(q[i], xv, acc[i][t][p % U]);
+      }
+    }
+  }
+}
+
 // dot[i * TT + t] = sum over the runs [r0, r1) of row i of xs[t] . codes, rows i < NR at
 // ``row + i * rowwords``; each row's sum in the order of one row alone (bit for bit)
 template <int NR, int TT>
@@ -150,6 +244,10 @@ void group_dots(const Layout& L, const uint32_t* row, const float* xs, int64_t t
       for (int u = 0; u < U; ++u) acc[i][t][u] = _mm512_setzero_ps();
   for (int r = r0; r < r1; ++r) {
     const int32_t* run = L.runs + 4 * r;
+    if (run[3] != 0) {
+      radix_chunks<NR, TT, U>(L, row, xs, ts, run[0], run[1], run[3], acc);
+      continue;
+    }
     switch (run[2]) {
       case 1: run_chunks<1, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
       case 2: run_chunks<2, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
@@ -179,12 +277,11 @@ void group_dots(const Layout& L, const uint32_t* row0, const float* xs, int64_t 
     float acc[TT][CHUNK] = {};
     for (int r = r0; r < r1; ++r) {
       const int32_t* run = L.runs + 4 * r;
-      const uint32_t mask = (1u << run[2]) - 1;
       for (int64_t k = run[0]; k < run[1]; ++k) {
         const uint32_t* v = row + L.chunk_word[k];
-        const uint32_t sh = (uint32_t)L.chunk_shift[k];
+        const FieldReader read(run[2], run[3], L.chunk_shift[k]);
         float q[CHUNK];
-        for (int l = 0; l < CHUNK; ++l) q[l] = (float)((v[l] >> sh) & mask);
+        for (int l = 0; l < CHUNK; ++l) q[l] = (float)read(v[l]);
         const float* x = xs + k * CHUNK;
         for (int t = 0; t < TT; ++t)
           for (int l = 0; l < CHUNK; ++l) acc[t][l] += q[l] * x[t * ts + l];
@@ -375,11 +472,10 @@ void baq_lanes_dequantize(const Layout* Lp, const float* lo, const float* hi, in
       const int64_t nruns = L.grun[L.ngc];
       for (int64_t ri = 0; ri < nruns; ++ri) {
         const int32_t* run = L.runs + 4 * ri;
-        const uint32_t mask = (1u << run[2]) - 1;
         for (int64_t k = run[0]; k < run[1]; ++k) {
           const uint32_t* v = row + L.chunk_word[k];
-          const uint32_t sh = (uint32_t)L.chunk_shift[k];
-          for (int l = 0; l < CHUNK; ++l) q[k * CHUNK + l] = (float)((v[l] >> sh) & mask);
+          const FieldReader read(run[2], run[3], L.chunk_shift[k]);
+          for (int l = 0; l < CHUNK; ++l) q[k * CHUNK + l] = (float)read(v[l]);
         }
       }
       float* o = out + (r - r0) * L.cols;

@@ -21,8 +21,21 @@ issue 26, columns of equal width together with the input permuted to match:
   the table: no mask, no conversion), else a mask and a conversion: 16 codes as float32 in 2 or 3
   instructions for any width, then one FMA per token. The same per-chunk tables (block, shift)
   serve every row: a row is ``rowwords`` uint32 and rows are independent (threads split them).
-* Runs: consecutive chunks of one width in one group, ``(first chunk, end chunk, width, 0)``; the
-  kernel switches on the width once a run.
+* Radix blocks. A level count just above a power of two wastes most of a bit at its ceiling
+  width (3 levels in 2 bits, 5 or 6 in 3, 9 to 11 in 4, 17 or 18 in 5, 33 to 38 in 6). A run of
+  chunks whose widest column has such a count ``B`` (:func:`radix_digits`) is stored in base
+  ``B`` instead where that is smaller: each lane of a block holds a 21-bit word of ``d_lo``
+  base-``B`` digits and an 11-bit word of ``d_hi`` (``B^d`` fits the word), digit ``p`` of a
+  block being chunk ``first + p`` (``chunk_shift`` is then the digit, not a bit). 21 bits so
+  that the kernel peels digits in float32 exactly: ``q = floor((f + 1/2) / B)`` is off from the
+  true quotient's fraction (``(r + 1/2) / B``, at least ``1 / (2B)`` from an integer) by at most
+  ``1 / (4B)`` for ``f < 2^21`` (the reciprocal's and the product's roundings, each under
+  ``2^-24`` relative of a value under ``2^21 / B``), then the digit is ``f - qB`` exactly: three
+  vector instructions a digit. 3 levels: 19 codes a lane against 16; 5 and 6: 13 and 12 against
+  10; 9 to 11: 9 against 8.
+* Runs: consecutive chunks of one width and one base in one group, ``(first chunk, end chunk,
+  width, base)`` with base 0 for bit fields; the kernel switches on them once a run. The radix
+  runs' blocks follow all the bit fields' in a row, so no block is left part empty.
 
 Memory: ``rows * rowwords * 4`` bytes: each code at its chunk's width, plus the bits a block
 leaves unused (2 of 32 for 3, 5 and 6 bits, 4 for 7) and the padding of each group's last chunk.
@@ -41,6 +54,10 @@ from baq.kernels.layout import MAX_LEVELS, width_of
 
 CHUNK = 16  # slots a chunk: one 512-bit vector of float32, a field in each of 16 lanes
 LANE_BITS = 32
+# a radix lane: a low word of RADIX_LO_BITS (float32 peels its digits exactly, module docstring)
+# and a high word of the rest
+RADIX_LO_BITS = 21
+RADIX_HI_BITS = LANE_BITS - RADIX_LO_BITS
 # rows packed or unpacked together: bounds the scratch to about 2^22 numbers a step
 _SCRATCH = 2**22
 
@@ -54,8 +71,10 @@ class LaneLayout:
         dim, group_size, sym, ngroups: the grid's (quant/grid.py; ``ngroups`` range groups).
         words: (rows, rowwords) int32, each row's blocks of 16 lanes (uint32 bits).
         chunk_word: (nchunks,) int32 first word of each chunk's block in a row.
-        chunk_shift: (nchunks,) int32 bit of each chunk's field in its lanes.
-        runs: (nruns, 4) int32 ``(first chunk, end chunk, width, 0)``.
+        chunk_shift: (nchunks,) int32 bit of each chunk's field in its lanes (in a radix run:
+            its digit in the block).
+        runs: (nruns, 4) int32 ``(first chunk, end chunk, width, base)``, base 0 for bit
+            fields.
         grun: (Gc + 1,) int32 first run of each column group (``Gc``: groups per OC, else 1).
         slot_col: (nslots,) int32 original column of each slot, -1 for padding.
         slot_lm1: (nslots,) float32 ``L - 1`` of each slot (1 for padding).
@@ -111,32 +130,83 @@ class LaneLayout:
         real = self.slot_col >= 0
         cols = self.slot_col[real].long()
         lanes = self.chunk_word.long().view(-1, 1) + torch.arange(CHUNK)  # (nchunks, 16)
-        shift = self.chunk_shift.long().view(-1, 1)
-        mask = ((1 << self.chunk_widths()) - 1).view(-1, 1)
+        shift, mask, div, base = (t.view(-1, 1) for t in _field_readers(
+            self.runs.long(), self.chunk_shift.long()))  # fmt: skip
         step = max(1, _SCRATCH // max(1, lanes.numel()))
         for r0 in range(0, self.rows, step):
             w = self.words[r0 : r0 + step].long() & 0xFFFFFFFF
-            codes = (w[:, lanes] >> shift) & mask  # (rb, nchunks, 16)
+            codes = ((w[:, lanes] >> shift) & mask) // div % base  # (rb, nchunks, 16)
             out[r0 : r0 + step, cols] = codes.reshape(w.shape[0], -1)[:, real]
         return out
 
 
-def _fields(widths: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Block and bit of every chunk's field, the chunks filling blocks in order; returns the
-    first word of each chunk's block, its shift, and the words of a row."""
-    word, shift = [], []
-    block, bit = 0, 0
-    for w in widths.tolist():
-        if bit + w > LANE_BITS:
-            block, bit = block + 1, 0
-        word.append(block * CHUNK)
-        shift.append(bit)
-        bit += w
-    nblocks = block + 1 if word else 0
+def radix_digits(base: int) -> tuple[int, int]:
+    """Base-``base`` digits in the low (21-bit) and the high (11-bit) word of a radix lane."""
+
+    def fit(bits: int) -> int:
+        d, p = 0, base
+        while p <= 1 << bits:
+            d, p = d + 1, p * base
+        return d
+
+    return fit(RADIX_LO_BITS), fit(RADIX_HI_BITS)
+
+
+def radix_pays(base: int) -> bool:
+    """Whether a lane holds more base-``base`` digits than ``ceil(log2 base)``-bit fields."""
+    return base > 2 and sum(radix_digits(base)) > LANE_BITS // width_of(base)
+
+
+def _field_readers(runs: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per chunk ``(shift, mask, divisor, base)``: its code is ``((lane >> shift) & mask) //
+    divisor % base`` (bit fields: divisor 1, base past any code)."""
+    n = runs[:, 1] - runs[:, 0]
+    width = torch.repeat_interleave(runs[:, 2], n)
+    base = torch.repeat_interleave(runs[:, 3], n)
+    out_shift, mask = shift.clone(), (1 << width) - 1
+    div, mod = torch.ones_like(shift), torch.full_like(shift, 1 << 32)
+    for b in base.unique().tolist():
+        if b == 0:
+            continue
+        sel = base == b
+        d_lo = radix_digits(b)[0]
+        p = shift[sel]
+        hi = p >= d_lo
+        out_shift[sel] = torch.where(hi, RADIX_LO_BITS, 0)
+        mask[sel] = torch.where(hi, (1 << RADIX_HI_BITS) - 1, (1 << RADIX_LO_BITS) - 1)
+        div[sel] = torch.tensor(b, dtype=torch.int64) ** torch.where(hi, p - d_lo, p)
+        mod[sel] = b
+    return out_shift, mask, div, mod
+
+
+def _fields(runs: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Block and bit (radix: digit) of every chunk's field; returns the first word of each
+    chunk's block, its shift, and the words of a row. The bit-field chunks fill blocks in chunk
+    order, skipping the radix runs (a run only reads its own chunks' blocks and shifts), and
+    the radix runs take whole blocks after them: no block is left part empty between the two."""
+    n = int(runs[-1, 1]) if runs.numel() else 0
+    word, shift = [0] * n, [0] * n
+    block, bit = -1, LANE_BITS  # no block open yet
+    for k0, k1, w, base in runs.tolist():
+        if base:
+            continue
+        for k in range(k0, k1):
+            if bit + w > LANE_BITS:
+                block, bit = block + 1, 0
+            word[k], shift[k] = block * CHUNK, bit
+            bit += w
+    for k0, k1, _, base in runs.tolist():
+        if not base:
+            continue
+        d = sum(radix_digits(base))
+        for i in range(k1 - k0):
+            if i % d == 0:
+                block += 1
+            word[k0 + i], shift[k0 + i] = block * CHUNK, i % d
     return (
         torch.tensor(word, dtype=torch.int64),
         torch.tensor(shift, dtype=torch.int64),
-        (nblocks * CHUNK),
+        (block + 1) * CHUNK,
     )
 
 
@@ -147,6 +217,7 @@ def build_lanes(
     sym: bool,
     dim: str = "oc",
     ngroups: int | None = None,
+    radix: bool = False,
 ) -> LaneLayout:
     """Build the lane-field layout of one layer from its codes.
 
@@ -157,6 +228,8 @@ def build_lanes(
         sym: symmetric grid.
         dim: "oc" or "ic".
         ngroups: range groups (default: from the shape and ``group_size``).
+        radix: store the level counts of :func:`radix_pays` as radix digits (the ``"compact"``
+            cache: smaller, slower to decode); False, the default: bit fields only.
     Returns:
         The :class:`LaneLayout` (on the CPU).
     Raises:
@@ -195,7 +268,9 @@ def build_lanes(
     slot_w = torch.tensor([width_of(L) for L in slot_L.tolist()], dtype=torch.int64)
     widths = slot_w.view(-1, CHUNK).amax(dim=1) if nslots else slot_w
     chunk_group = torch.repeat_interleave(torch.arange(gc), chunks)
-    runs, grun = _runs(widths, chunk_group, gc)
+    chunk_L = slot_L.view(-1, CHUNK).amax(dim=1) if nslots else slot_L
+    bases = _radix_bases(chunk_L, chunk_group) if radix else torch.zeros_like(chunk_L)
+    runs, grun = _runs(widths, bases, chunk_group, gc)
     runs_key, run_len = torch.unique_consecutive(key[order], return_counts=True)
     cstart = slot_of[torch.cumsum(run_len, 0) - run_len]
     classes = torch.stack(
@@ -203,7 +278,7 @@ def build_lanes(
     ).reshape(-1, 4)
     gclass = torch.cat([torch.zeros(1).long(), torch.cumsum(torch.bincount(
         classes[:, 0], minlength=gc), 0)])  # fmt: skip
-    chunk_word, chunk_shift, rowwords = _fields(widths)
+    chunk_word, chunk_shift, rowwords = _fields(runs)
     return LaneLayout(
         rows=rows,
         cols=cols,
@@ -211,7 +286,7 @@ def build_lanes(
         group_size=group_size,
         sym=sym,
         ngroups=ngroups,
-        words=_pack_words(codes, slot_col, chunk_word, chunk_shift, rowwords),
+        words=_pack_words(codes, slot_col, chunk_word, _multipliers(runs, chunk_shift), rowwords),
         chunk_word=chunk_word.to(torch.int32),
         chunk_shift=chunk_shift.to(torch.int32),
         runs=runs.to(torch.int32),
@@ -223,23 +298,56 @@ def build_lanes(
     )
 
 
-def _runs(widths: Tensor, chunk_group: Tensor, gc: int) -> tuple[Tensor, Tensor]:
-    """Runs of chunks of one width and group: (nruns, 4) and the first run of every group."""
+def _radix_bases(chunk_levels: Tensor, chunk_group: Tensor) -> Tensor:
+    """(nchunks,) base of every chunk: its widest level count ``B`` where radix blocks hold
+    more of them than bit fields (:func:`radix_pays`), else 0. Of ``n`` chunks sharing ``B``
+    (and a group), the whole blocks' are digits, and the ``r < digits`` left over too if their
+    fields would take more than the block (``r * width > 32``); else they stay bit fields,
+    which share blocks with their neighbours."""
+    n = chunk_levels.numel()
+    bases = torch.zeros(n, dtype=torch.int64)
+    if n == 0:
+        return bases
+    change = torch.ones(n, dtype=torch.bool)
+    change[1:] = (chunk_levels[1:] != chunk_levels[:-1]) | (chunk_group[1:] != chunk_group[:-1])
+    first = torch.nonzero(change).reshape(-1).tolist()
+    for a, b in zip(first, first[1:] + [n]):
+        base = int(chunk_levels[a])
+        if radix_pays(base):
+            d = sum(radix_digits(base))
+            whole = (b - a) // d * d
+            if (b - a - whole) * width_of(base) > LANE_BITS:
+                whole = b - a
+            bases[a : a + whole] = base
+    return bases
+
+
+def _runs(widths: Tensor, bases: Tensor, chunk_group: Tensor, gc: int) -> tuple[Tensor, Tensor]:
+    """Runs of chunks of one width, base and group: (nruns, 4) and the first run of every
+    group."""
     n = widths.numel()
     if n == 0:
         return torch.zeros(0, 4, dtype=torch.int64), torch.zeros(gc + 1, dtype=torch.int64)
     change = torch.ones(n, dtype=torch.bool)
-    change[1:] = (widths[1:] != widths[:-1]) | (chunk_group[1:] != chunk_group[:-1])
+    change[1:] = ((widths[1:] != widths[:-1]) | (bases[1:] != bases[:-1])
+                  | (chunk_group[1:] != chunk_group[:-1]))  # fmt: skip
     first = torch.nonzero(change).reshape(-1)
     end = torch.cat([first[1:], torch.tensor([n])])
-    runs = torch.stack([first, end, widths[first], torch.zeros_like(first)], 1)
+    runs = torch.stack([first, end, widths[first], bases[first]], 1)
     per_group = torch.bincount(chunk_group[first], minlength=gc)
     grun = torch.cat([torch.zeros(1).long(), torch.cumsum(per_group, 0)])
     return runs, grun
 
 
+def _multipliers(runs: Tensor, shift: Tensor) -> Tensor:
+    """(nchunks,) the factor of each chunk's code in its lane: ``2^shift`` for a bit field,
+    ``B^p`` (low word) or ``B^p 2^21`` (high word) for digit ``p`` of a radix block."""
+    shift_bits, _, div, _ = _field_readers(runs, shift)
+    return div << shift_bits
+
+
 def _pack_words(
-    codes: Tensor, slot_col: Tensor, word: Tensor, shift: Tensor, rowwords: int
+    codes: Tensor, slot_col: Tensor, word: Tensor, factor: Tensor, rowwords: int
 ) -> Tensor:
     """(rows, rowwords) int32 words (uint32 bits) holding the codes in their lane fields."""
     rows = codes.shape[0]
@@ -247,17 +355,20 @@ def _pack_words(
     src = slot_col.clamp(min=0)
     pad = slot_col < 0
     lanes = (word.view(-1, 1) + torch.arange(CHUNK)).reshape(-1)  # word of each slot
-    shifts = shift.repeat_interleave(CHUNK)
+    factors = factor.repeat_interleave(CHUNK)
     step = max(1, _SCRATCH // max(1, slot_col.numel()))
     for r0 in range(0, rows, step):
         C = codes[r0 : r0 + step, src].to(torch.int64)
         C[:, pad] = 0
-        # fields of one word never overlap: adding is or-ing
-        out[r0 : r0 + step].index_add_(1, lanes, C << shifts)
+        # fields (digits) of one word never overlap: adding is or-ing
+        out[r0 : r0 + step].index_add_(1, lanes, C * factors)
     return (out - ((out >> 31) << 32)).to(torch.int32)
 
 
-def lanes_nbytes(rows: int, levels: Tensor, group_size: int | None = None) -> int:
+def lanes_nbytes(
+    rows: int, levels: Tensor, group_size: int | None = None, radix: bool = False
+) -> int:
     """Word bytes of a per-OC layer from its level counts alone (the tables left out)."""
-    fake = build_lanes(torch.zeros(1, levels.numel(), dtype=torch.long), levels, group_size, False)
+    zeros = torch.zeros(1, levels.numel(), dtype=torch.long)
+    fake = build_lanes(zeros, levels, group_size, False, radix=radix)
     return rows * fake.words.shape[1] * 4

@@ -21,12 +21,18 @@ RuntimeLayout = LaneLayout | KernelLayout
 
 
 def build(
-    codes: Tensor, levels: Tensor, group_size: int | None, sym: bool, dim: str = "oc"
+    codes: Tensor,
+    levels: Tensor,
+    group_size: int | None,
+    sym: bool,
+    dim: str = "oc",
+    radix: bool = False,
 ) -> RuntimeLayout:
     """The runtime layout of one layer for the kernel this machine runs (arguments as
-    :func:`baq.kernels.lanes.build_lanes`)."""
+    :func:`baq.kernels.lanes.build_lanes`; ``radix``: the compact lane layout, ignored by the
+    numba fallback, which has none)."""
     if native.library() is not None:
-        return build_lanes(codes, levels, group_size, sym, dim)
+        return build_lanes(codes, levels, group_size, sym, dim, radix=radix)
     return build_layout(codes, levels, group_size, sym, dim)
 
 

@@ -119,6 +119,7 @@ def estimate_load(
             if top > KERNEL_LEVELS
             else int(KERNEL_LAYOUT_RATIO * code_bytes) + 8 * ranges,
         }
+        per_cache["compact"] = per_cache["kernel"]  # at most the kernel's: an upper bound
         cache_bytes += per_cache[cache]
         transient = max(transient, rows * cols * TRANSIENT_BYTES_PER_WEIGHT)
     tied_bytes = 0

@@ -69,6 +69,9 @@ class PackedLinear(nn.Module):
       holds about its packed size (1.1 to 1.5 times the saved codes, the small layers the most:
       docs/results/kernel-s13.md), and :func:`baq.kernels.runtime.linear` multiplies by it
       without a float weight (equal to the dequantized forward up to float32 rounding).
+      ``"compact"``: the same kernel on a layout that stores the level counts a 32-bit lane
+      holds more of as radix digits than as bit fields (3, 5, 6, 9-11, 17, 18, 33-38:
+      :func:`baq.kernels.lanes.radix_pays`): less memory, slower decoding (docs/RESULTS.md).
       Whatever reads the codes (``packed``, ``state_dict``, :meth:`file_tensors`,
       :meth:`dequantize`) gets them repacked from the layout, byte for byte the saved streams.
       A layer with more than 256 levels in a column, or an input on another device than the
@@ -81,7 +84,7 @@ class PackedLinear(nn.Module):
         group_size: columns (per IC: rows) per range group, or None.
         sym: symmetric grid (zero point L // 2).
         bias: (rows,) or None.
-        cache: ``"none"``, ``"codes"``, ``"weight"`` or ``"kernel"`` (above).
+        cache: ``"none"``, ``"codes"``, ``"weight"``, ``"kernel"`` or ``"compact"`` (above).
         dim: ``"oc"`` (ranges per row) or ``"ic"`` (per column; quant/grid.py).
     """
 
@@ -154,7 +157,8 @@ class PackedLinear(nn.Module):
         layout replaces them (issue 26: resident memory at about the packed size)."""
         packed = self.packed
         codes = packed.unsort(unpack_sorted(packed)).cpu()
-        layout = runtime.build(codes, packed.levels().cpu(), self.group_size, self.sym, self.dim)
+        layout = runtime.build(codes, packed.levels().cpu(), self.group_size, self.sym, self.dim,
+                               radix=self.cache == "compact")  # fmt: skip
         del codes
         grid = self.grid
         self._kernel_ranges = (grid.lo.cpu().contiguous(), grid.hi.cpu().contiguous())
@@ -312,7 +316,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        kernel = self.cache == "kernel" and x.device.type == "cpu" and self._kernel_fits()
+        kernel = self.cache in ("kernel", "compact") and x.device.type == "cpu"
+        kernel = kernel and self._kernel_fits()
         if kernel:
             layout = self._layout
             if layout is None:
@@ -320,7 +325,7 @@ class PackedLinear(nn.Module):
                     layout = self._build_layout()
             lo, hi = self._kernel_ranges
             return runtime.linear(layout, self.transform_input(x), lo, hi, bias)
-        if self.cache in ("codes", "kernel"):
+        if self.cache in ("codes", "kernel", "compact"):
             offsets = self._offsets
             if offsets is None or offsets.offsets.device != x.device:
                 with torch.inference_mode(False), torch.no_grad():
