@@ -482,3 +482,17 @@ def test_argparse_errors_are_one_line_exit_2(argv, message, no_model_load, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith("baq: error: ") and "\n" not in err, err
     assert message in err and err.endswith("-h')")
+
+
+def test_python_dash_m_baq_is_the_command_line(tmp_path):
+    """``python -m baq`` runs the same parser: a bad argument exits 2 with the one-line error."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "nowhere"
+    run = subprocess.run(
+        [sys.executable, "-m", "baq", "inspect", str(missing)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert str(missing) in run.stderr and "Traceback" not in run.stderr
