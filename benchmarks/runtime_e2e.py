@@ -1,8 +1,9 @@
 """End-to-end runtime of a saved model per cache mode (issue 26): generation speed, prompt time,
 peak memory and the bytes of the quantized linears, one fresh process per mode.
 
-For a saved folder (``baq quantize ... --output FOLDER``) and each mode of ``kernel``, ``codes``,
-``weight`` (``baq.load(FOLDER, cache=MODE)``) and ``float`` (``--float-model``, default the
+For a saved folder (``baq quantize ... --output FOLDER``) and each mode of ``kernel``,
+``compact``, ``codes``, ``weight`` (``baq.load(FOLDER, cache=MODE)``) and ``float``
+(``--float-model``, default the
 reference model, loaded by ``baq.load_model`` in the dtype of the saved dense tensors), a
 subprocess measures
 
@@ -33,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("kernel", "codes", "weight", "float")
+MODES = ("kernel", "compact", "codes", "weight", "float")
 FORWARDED = ("new_tokens", "gen_prompt", "prompt_tokens", "repeat", "threads", "text")
 FORWARDED += ("float_model",)
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
