@@ -412,3 +412,27 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_no_partial(setup, tmp_
     out = tmp_path / "t"
     assert main(tune_argv(setup, out, "--steps", "2", evaluate=False)) == 130
     assert not out.exists() and not (tmp_path / "t.partial").exists()
+
+
+def test_auto_train_dtype_follows_the_cpus_bfloat16_units(tmp_path, monkeypatch):
+    """``train_dtype="auto"`` (the default) trains in bfloat16 on a CPU that lists avx512_bf16
+    or amx_bf16, in float32 on one that does not or where no cpuinfo exists; explicit names
+    stay as given."""
+    from baq.run import tune as tune_mod
+
+    assert tune_mod.TuneConfig().train_dtype == "auto"
+    flags = {"with": "fpu sse avx512f avx512_bf16 amx_tile", "without": "fpu sse avx2 fma"}
+    for name, line in flags.items():
+        info = tmp_path / name
+        info.write_text(f"processor\t: 0\nflags\t\t: {line}\n\nprocessor\t: 1\nflags\t\t: {line}\n")
+        assert tune_mod.cpu_has_bf16_units(info) == (name == "with")
+    assert not tune_mod.cpu_has_bf16_units(tmp_path / "missing")
+    cpu = torch.device("cpu")
+    for has, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(tune_mod, "cpu_has_bf16_units", lambda has=has: has)
+        assert tune_mod.resolve_train_dtype("auto", cpu) == want
+        assert tune_mod.resolve_train_dtype("float32", cpu) == "float32"
+        cfg = tune_mod.TuneConfig()
+        with tune_mod.training_precision(cfg, cpu):
+            y = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
+        assert y.dtype == getattr(torch, want)

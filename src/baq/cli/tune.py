@@ -58,10 +58,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     d.add_argument("--checkpoint-every", type=int, default=25, metavar="N", help="steps")
     d.add_argument(
         "--train-dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
         help="matrix products of the training steps (bfloat16: autocast, about 2x faster on "
-        "CPUs with bfloat16 units; parameters and the KL stay float32)",
+        "CPUs with bfloat16 units; parameters and the KL stay float32; auto, the default: "
+        "bfloat16 where the CPU or GPU has bfloat16 units, else float32)",
     )
     add_calib_args(t)
     add_eval_args(t, default=["builtin"], windows=16)

@@ -29,7 +29,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,9 @@ from baq.saved.packed_linear import PackedLinear
 
 log = logging.getLogger(__name__)
 
-TRAIN_DTYPES = ("float32", "bfloat16")
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")
+# CPU flags of bfloat16 matrix units (Linux /proc/cpuinfo): where "auto" trains in bfloat16
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 progress_log = logging.getLogger("baq.progress")
 
 
@@ -69,7 +71,10 @@ class TuneConfig:
         train_dtype: the training steps' matrix products: ``"float32"``, or ``"bfloat16"``
             under ``torch.autocast`` (parameters, Adam, the KL and the reported check-window
             KLs stay float32; on a CPU with bfloat16 matrix units a step takes about half the
-            time: 1.64 against 3.56 CPU s for the reference model's 512 tokens, one thread).
+            time: 1.64 against 3.56 CPU s for the reference model's 512 tokens, one thread), or
+            ``"auto"`` (the default): bfloat16 on a CUDA device that supports it and on a CPU
+            with bfloat16 units (:func:`resolve_train_dtype`), else float32. The same check
+            KL either way on the reference model (0.1997 bfloat16, 0.1989 float32, session 15).
     """
 
     steps: int = 200
@@ -80,7 +85,7 @@ class TuneConfig:
     checkpoint_every: int = 25
     seed: int = 0
     check_windows: int = 4
-    train_dtype: str = "float32"
+    train_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.train_dtype not in TRAIN_DTYPES:
@@ -163,10 +168,34 @@ def mean_kl(model: nn.Module, calib: Tensor, record: BaseRecord, n: int, device)
         )
 
 
+def cpu_has_bf16_units(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU lists a bfloat16 matrix unit (:data:`BF16_CPU_FLAGS`); False where no
+    /proc/cpuinfo exists (other systems train in float32 under "auto")."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+def resolve_train_dtype(name: str, device: torch.device) -> str:
+    """``"auto"`` made concrete for ``device`` (module docstring of :class:`TuneConfig`)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device.type == "cpu" and cpu_has_bf16_units() else "float32"
+
+
 def training_precision(cfg: TuneConfig, device: torch.device) -> Any:
     """The autocast context of a training step (a no-op at float32)."""
-    enabled = cfg.train_dtype != "float32"
-    dtype = getattr(torch, cfg.train_dtype) if enabled else None
+    name = resolve_train_dtype(cfg.train_dtype, device)
+    enabled = name != "float32"
+    dtype = getattr(torch, name) if enabled else None
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
@@ -295,6 +324,9 @@ def tune_model(
     """
     sets = eval_sets or {}
     seconds = dict(seconds or {})
+    if cfg.train_dtype == "auto":
+        cfg = replace(cfg, train_dtype=resolve_train_dtype("auto", device))
+        log.info("training steps in %s (--train-dtype auto)", cfg.train_dtype)
     record, records = teacher.calibration, teacher.sets
     model.to(device)
     before = evaluate(model, sets, records, device, "before", seconds)
