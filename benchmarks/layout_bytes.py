@@ -2,10 +2,10 @@
 
 For each packed linear of a saved folder: its stored bytes (codes, ranges, tables: what the file
 holds for it), the bytes of the native kernel's lane layout with bit fields only (the
-``"kernel"`` cache, the default) and with radix runs (``"compact"``, baq/kernels/lanes.py), the
-float32 ranges the kernel reads, and the ratios of what the layer then holds to the stored
-bytes; then the sums over the model. No timing: the layouts are built from the saved codes as a
-load does.
+``"kernel"`` cache, the default) and with radix runs (``"compact"``, baq/kernels/lanes.py), and
+the ratios of what the layer then holds (the layout and its other buffers: ranges, level table,
+order; the kernel widens float16 ranges at each call) to the stored bytes; then the sums over the
+model. No timing: the layouts are built from the saved codes as a load does.
 
     python benchmarks/layout_bytes.py SAVED_FOLDER [--json out.json] [--top 10]
 """
@@ -34,13 +34,10 @@ def layer_row(name: str, m: PackedLinear) -> dict:
         lanes = build_lanes(codes, levels, m.group_size, m.sym, m.dim, radix=radix)
         assert torch.equal(lanes.unpack(), codes * (levels > 1)), name
         out[key] = lanes.nbytes()
-    # the kernel reads float32 ranges: a float16 save keeps both (PackedLinear.resident_nbytes)
-    lo = m.lo_bits
-    out["ranges32"] = 0 if lo.dtype == torch.float32 else 2 * lo.numel() * 4
     out["buffers"] = sum(b.numel() * b.element_size() for n, b in m.named_buffers()
                          if not n.startswith("codes_"))  # fmt: skip
     for key in CACHES:
-        out[f"{key}_over_stored"] = (out[key] + out["buffers"] + out["ranges32"]) / out["stored"]
+        out[f"{key}_over_stored"] = (out[key] + out["buffers"]) / out["stored"]
     return out
 
 
@@ -54,17 +51,17 @@ def main() -> None:
 
     model, _ = baq.load(args.folder, cache="codes")
     rows = [layer_row(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
-    total = {k: sum(r[k] for r in rows) for k in ("stored", *CACHES, "ranges32", "buffers")}
-    extra = total["buffers"] + total["ranges32"]
+    total = {k: sum(r[k] for r in rows) for k in ("stored", *CACHES, "buffers")}
+    extra = total["buffers"]
     total.update({f"{k}_over_stored": (total[k] + extra) / total["stored"] for k in CACHES})
     total.update(name="all", shape=["", ""])
-    print("| layer | shape | stored B | kernel layout B | compact layout B | float32 ranges B |"
+    print("| layer | shape | stored B | kernel layout B | compact layout B | other buffers B |"
           " held / stored, kernel | compact |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     largest = sorted(rows, key=lambda r: -r["stored"])[: args.top]
     for r in largest + [total]:
         print(f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {r['stored']} | {r['kernel']} |"
-              f" {r['compact']} | {r['ranges32']} | {r['kernel_over_stored']:.3f} |"
+              f" {r['compact']} | {r['buffers']} | {r['kernel_over_stored']:.3f} |"
               f" {r['compact_over_stored']:.3f} |")  # fmt: skip
     if args.json:
         report = {"folder": str(args.folder), "layers": rows, "total": total}

@@ -117,7 +117,7 @@ def estimate_load(
             "weight": rows * cols * (itemsize or 4),
             "kernel": codes
             if top > KERNEL_LEVELS
-            else int(KERNEL_LAYOUT_RATIO * code_bytes) + 8 * ranges,
+            else int(KERNEL_LAYOUT_RATIO * code_bytes) + 8 * cols,  # + the slot tables
         }
         per_cache["compact"] = per_cache["kernel"]  # at most the kernel's: an upper bound
         cache_bytes += per_cache[cache]
