@@ -7,7 +7,12 @@ the ratios of what the layer then holds (the layout and its other buffers: range
 order; the kernel widens float16 ranges at each call) to the stored bytes; then the sums over the
 model. No timing: the layouts are built from the saved codes as a load does.
 
-    python benchmarks/layout_bytes.py SAVED_FOLDER [--json out.json] [--top 10]
+    python benchmarks/layout_bytes.py SAVED_FOLDER [--json out.json] [--top 10] \
+        [--sample-shapes 4096x14336 14336x4096]
+
+``--sample-shapes``: also layers of those shapes whose columns' level counts are drawn from the
+folder's histogram (weighted by weights), to see the layout of a larger model at the same
+allocation (per-OC float16 ranges and an int16 order counted on both sides).
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from baq.kernels.lanes import build_lanes
+from baq.kernels.lanes import build_lanes, lanes_nbytes
 from baq.saved.packed_linear import PackedLinear
-from baq.saved.packing import unpack_sorted
+from baq.saved.packing import packed_nbytes, unpack_sorted
 
 CACHES = ("kernel", "compact")
 
@@ -41,11 +46,34 @@ def layer_row(name: str, m: PackedLinear) -> dict:
     return out
 
 
+def sampled_rows(histogram: dict[int, int], shapes: list[str], seed: int = 0) -> list[dict]:
+    """Layers of ``shapes`` ("ROWSxCOLS") with column level counts drawn from ``histogram``
+    (level count -> weights): stored bytes (codes, float16 per-OC ranges, int16 order) against
+    the kernel and compact layouts plus the same ranges and order."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(list(histogram))
+    p = torch.tensor(list(histogram.values()), dtype=torch.float64)
+    out = []
+    for shape in shapes:
+        rows, cols = (int(v) for v in shape.split("x"))
+        levels = counts[torch.multinomial(p / p.sum(), cols, replacement=True, generator=gen)]
+        other = rows * 2 * 2 + cols * 2  # float16 lo/hi per row, int16 column order
+        stored = other + sum(packed_nbytes(int(L), int((levels == L).sum()) * rows)
+                             for L in levels.unique())  # fmt: skip
+        row = {"name": "sampled", "shape": [rows, cols], "stored": stored, "buffers": other}
+        for key, radix in (("kernel", False), ("compact", True)):
+            row[key] = lanes_nbytes(rows, levels, radix=radix) + 8 * cols  # + slot tables
+            row[f"{key}_over_stored"] = (row[key] + other) / stored
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--top", type=int, default=8, help="layers printed (the largest)")
+    ap.add_argument("--sample-shapes", nargs="*", default=[], metavar="ROWSxCOLS")
     args = ap.parse_args()
     import baq
 
@@ -59,12 +87,18 @@ def main() -> None:
           " held / stored, kernel | compact |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     largest = sorted(rows, key=lambda r: -r["stored"])[: args.top]
-    for r in largest + [total]:
+    histogram: dict[int, int] = {}
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            for L, n in m.level_classes.tolist():
+                histogram[L] = histogram.get(L, 0) + n * m.out_features
+    sampled = sampled_rows(histogram, args.sample_shapes)
+    for r in largest + [total] + sampled:
         print(f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {r['stored']} | {r['kernel']} |"
               f" {r['compact']} | {r['buffers']} | {r['kernel_over_stored']:.3f} |"
               f" {r['compact_over_stored']:.3f} |")  # fmt: skip
     if args.json:
-        report = {"folder": str(args.folder), "layers": rows, "total": total}
+        report = {"folder": str(args.folder), "layers": rows, "total": total, "sampled": sampled}
         args.json.write_text(json.dumps(report, indent=1))
 
 
