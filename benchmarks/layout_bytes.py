@@ -18,7 +18,8 @@ allocation (per-OC float16 ranges and an int16 order counted on both sides).
 from __future__ import annotations
 
 import argparse
-import json
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -78,9 +79,21 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=8, help="layers printed (the largest)")
     ap.add_argument("--sample-shapes", nargs="*", default=[], metavar="ROWSxCOLS")
     args = ap.parse_args()
+    for shape in args.sample_shapes:
+        if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", shape):
+            ap.error(f"--sample-shapes {shape}: use ROWSxCOLS, e.g. 4096x14336")
     import baq
+    from baq.atomic import UnsafeOutput, check_output_file, write_json
+    from baq.errors import one_line
+    from baq.saved.headers import StorageError
 
-    model, _ = baq.load(args.folder, cache="codes")
+    try:  # the output path before the load, a bad folder in one line
+        if args.json:
+            check_output_file(args.json, "--json")
+        model, _ = baq.load(args.folder, cache="codes")
+    except (StorageError, UnsafeOutput, OSError) as err:
+        print(f"layout_bytes: error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
     rows = [layer_row(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
     total = {k: sum(r[k] for r in rows) for k in ("stored", *CACHES, "buffers")}
     extra = total["buffers"]
@@ -102,7 +115,7 @@ def main() -> None:
               f" {r['compact_over_stored']:.3f} |")  # fmt: skip
     if args.json:
         report = {"folder": str(args.folder), "layers": rows, "total": total, "sampled": sampled}
-        args.json.write_text(json.dumps(report, indent=1))
+        write_json(args.json, report, indent=1)
 
 
 if __name__ == "__main__":
