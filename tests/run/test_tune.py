@@ -206,6 +206,37 @@ def test_tuning_lowers_held_out_kl_and_keeps_codes_and_sizes(setup, tmp_path):
     assert qc["summary"]["perplexity_after"][str(text)] == rep["perplexity"][str(text)]["after"]
 
 
+@pytest.mark.parametrize("steps, batch, recorded", [(3, 2, 6), (5, 2, 8)])
+def test_the_teacher_records_the_windows_the_steps_read(setup, monkeypatch, steps, batch, recorded):
+    """Only the first ``steps * batch`` windows are recorded (all when there are fewer), and
+    the steps read every recorded window: the first pass of the seeded order covers them."""
+    root, model_dir, text, saved = setup
+    calib = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(1))
+    asked, read = [], []
+    record, kl = tune_mod.teacher_records, tune_mod.window_kl
+
+    def spy_records(teacher, windows, *a, **k):
+        asked.append(windows.clone())
+        return record(teacher, windows, *a, **k)
+
+    def spy_kl(model, window, base, device):
+        if torch.is_grad_enabled():  # a training step (the checks run without gradients)
+            read.append(window.clone())
+        return kl(model, window, base, device)
+
+    monkeypatch.setattr("baq.run.tune_setup.teacher_records", spy_records)
+    monkeypatch.setattr(tune_mod, "window_kl", spy_kl)
+    cfg = TuneConfig(steps=steps, batch=batch, check_windows=2)
+    result = tune(str(saved), base=str(model_dir), config=cfg, calibration=calib, device="cpu",
+                  progress=False)  # fmt: skip
+    assert len(asked) == 1 and torch.equal(asked[0], calib[:recorded])
+    assert result.report["tuning"]["calibration_windows"] == [recorded, 16]
+    assert {"load", "teacher", "tune"} <= result.report["seconds"].keys()
+    rows = {tuple(w.tolist()) for w in read}
+    assert rows == {tuple(w.tolist()) for w in calib[:recorded]}
+    assert len(read) == steps * batch
+
+
 def test_norms_train_with_tune_norms_and_the_save_reloads_bit_exactly(setup, tmp_path):
     root, model_dir, text, saved = setup
     out = tmp_path / "tuned"
@@ -298,7 +329,8 @@ def test_a_run_that_does_not_fit_is_refused_before_loading(setup, tmp_path, monk
     from baq.run import memory_estimate
 
     monkeypatch.setattr(memory_estimate, "available_memory", lambda: 600 * 2**20)
-    assert main(tune_argv(setup, tmp_path / "out", "--nsamples", "100000")) == 2
+    argv = tune_argv(setup, tmp_path / "out", "--nsamples", "100000", "--steps", "100000")
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tuning needs about" in err
 
@@ -313,6 +345,9 @@ def test_the_estimate_grows_with_the_teachers_record_and_the_windows(setup):
     small = estimate_memory(config, saved, TuneConfig(topk=16), **kw)
     large = estimate_memory(config, saved, TuneConfig(topk=16), **{**kw, "nsamples": 80})
     assert large.base_record == pytest.approx(10 * small.base_record, rel=0.01)
+    # the record holds the windows the steps read: 80 windows at 8 steps are 8 windows' worth
+    read = estimate_memory(config, saved, TuneConfig(topk=16, steps=8), **{**kw, "nsamples": 80})
+    assert read.base_record == pytest.approx(small.base_record, rel=0.01)
     assert small.tune > 9 * sum(r * c for r, c in [(64, 64)] * 2)  # at least the codes' terms
     assert math.isfinite(small.peak())
 

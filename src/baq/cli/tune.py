@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_TOPK
+from ..config import DEFAULT_TOPK, DEFAULT_TUNE_STEPS
 from .calibration import add_calib_args, calib_config, calib_windows
 from .common import (
     UsageError,
@@ -45,7 +45,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     d = t.add_argument_group("distillation")
-    d.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    d.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_TUNE_STEPS,
+        help=f"optimizer steps (default {DEFAULT_TUNE_STEPS})",
+    )
     d.add_argument("--lr", type=float, default=1e-3, help="Adam's peak learning rate (cosine)")
     d.add_argument("--batch", type=int, default=1, help="calibration windows per step")
     d.add_argument("--tune-norms", action="store_true", help="train the norm weights too")
@@ -261,4 +266,7 @@ def format_summary(rep: dict) -> str:
         )
     if "output" in rep:
         lines.append(f"saved {rep['output']}")
+    if rep.get("seconds"):
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in rep["seconds"].items())
+        lines.append(f"seconds: {stages}")
     return "\n".join(lines)

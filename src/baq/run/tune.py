@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from baq.config import DEFAULT_TOPK
+from baq.config import DEFAULT_TOPK, DEFAULT_TUNE_STEPS
 from baq.eval.divergence import BaseRecord, compact_kl, windows_digest
 from baq.eval.scoring import score_sets
 from baq.run.checkpoint import hold, partial_dir, tensor_digest
@@ -77,7 +77,7 @@ class TuneConfig:
             KL either way on the reference model (0.1997 bfloat16, 0.1989 float32, session 15).
     """
 
-    steps: int = 200
+    steps: int = DEFAULT_TUNE_STEPS
     lr: float = 1e-3
     batch: int = 1
     tune_norms: bool = False
