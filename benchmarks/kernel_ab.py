@@ -9,7 +9,11 @@ method once, in turn, so all of them see the same load; medians of wall and CPU 
 
 ``--baseline-source OLD.cpp`` also builds another version of lanes.cpp (say, ``git show
 HEAD~1:src/baq/kernels/lanes.cpp > OLD.cpp``) and times it in the same turns, and checks that
-both versions give the same bits: a kernel change A/B in one process. ``--compact`` instead
+both versions give the same bits: a kernel change A/B in one process. The baseline runs on the
+layout built with ``tails=False`` (each row's part-empty last block its own, as before shared
+tails, baq/kernels/lanes.py): lanes.cpp's ``struct Layout`` holds the tails last, so an older
+kernel reads its prefix, and the codes sit in the same chunks, summed in the same order, so the
+bits must agree. ``--compact`` instead
 times the same kernel on the compact layout (``build_lanes(radix=True)``, the ``"compact"``
 cache) as the "baseline" column, and checks the two agree to float32 rounding.
 """
@@ -53,7 +57,7 @@ def main() -> None:
         finally:
             native.SOURCE = source
 
-    def with_lib(lib):
+    def with_lib(lib, layout):
         def call(x):
             native._LIBS[False] = lib
             try:
@@ -70,12 +74,14 @@ def main() -> None:
     grid = fit_grid(W, group_size=None, sym=False)
     codes = (torch.rand(rows, cols, generator=gen) * levels).long()
     layout = build_lanes(codes, levels, None, False)
+    own = build_lanes(codes, levels, None, False, tails=False) if old_lib is not None else None
     fields = build_lanes(codes, levels, None, False, radix=True) if args.compact else None
     Wb = W.bfloat16()
     lo, hi = grid.lo.half().float(), grid.hi.half().float()
     print(
         f"{args.shape}, {args.bits} bits: layout {layout.nbytes() / 1e6:.1f} MB"
         + (f" (compact: {fields.nbytes() / 1e6:.1f} MB)" if fields is not None else "")
+        + (f" (without shared tails: {own.nbytes() / 1e6:.1f} MB)" if own is not None else "")
     )
     has_base = old_lib is not None or fields is not None
     base = " baseline us | baseline / native |" if has_base else ""
@@ -95,7 +101,7 @@ def main() -> None:
                 "native": lambda x=x: native.linear(layout, x, lo, hi),
             }
             if old_lib is not None:
-                fns["baseline"] = lambda x=x: with_lib(old_lib)(x)
+                fns["baseline"] = lambda x=x: with_lib(old_lib, own)(x)
                 same = torch.equal(fns["native"](), fns["baseline"]())
                 assert same, "the baseline source gives other bits than lanes.cpp"
             if fields is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from baq.kernels.lanes import build_lanes
+from baq.kernels.lanes import build_lanes, lanes_nbytes
 from baq.saved.packed_linear import PackedLinear
 from baq.saved.packing import packed_nbytes, unpack_sorted
 
@@ -63,10 +63,12 @@ def sampled_rows(histogram: dict[int, int], shapes: list[str], seed: int = 0) ->
                              for L in levels.unique())  # fmt: skip
         row = {"name": "sampled", "shape": [rows, cols], "stored": stored, "buffers": other}
         for key, radix in (("kernel", False), ("compact", True)):
-            # one row built: its tables are the layer's, its words one row's of ``rows``
+            # one row built: its tables are the layer's; the words and the tail blocks shared
+            # by rows (lanes.py) counted for ``rows``
             one = build_lanes(torch.zeros(1, cols, dtype=torch.int64), levels, None, False,
                               radix=radix)  # fmt: skip
-            row[key] = one.nbytes() + (rows - 1) * one.words.numel() * one.words.element_size()
+            tables = one.nbytes() - 4 * (one.words.numel() + one.tail.numel())
+            row[key] = tables + lanes_nbytes(rows, levels, radix=radix)
             row[f"{key}_over_stored"] = (row[key] + other) / stored
         out.append(row)
     return out

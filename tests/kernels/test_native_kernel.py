@@ -37,9 +37,10 @@ def lib(request):
     return lib
 
 
-def check(codes, levels, grid, tokens, lib, seed=1, max_tokens=native.MAX_KERNEL_TOKENS):
+def check(codes, levels, grid, tokens, lib, seed=1, max_tokens=native.MAX_KERNEL_TOKENS,
+          radix=False):  # fmt: skip
     rows, cols = codes.shape
-    layout = build_lanes(codes, levels, grid.group_size, grid.sym, grid.dim)
+    layout = build_lanes(codes, levels, grid.group_size, grid.sym, grid.dim, radix=radix)
     W = dequantize(codes, grid, levels).double()
     step, zero = column_params(grid, levels, rows=rows)
     magnitude = (codes.double() + zero.double()) * step.double().abs()
@@ -208,12 +209,13 @@ def test_layout_size_is_near_the_ceiling_width():
     codes = (torch.rand(50, 700, generator=gen) * levels).long()
     layout = build_lanes(codes, levels, None, False)
     ceiling = sum(50 * (int(L) - 1).bit_length() for L in levels) / 8
-    held = layout.words.numel() * 4
+    held = (layout.words.numel() + layout.tail.numel()) * 4  # a row's blocks and shared tails
     assert ceiling <= held <= ceiling * 32 / 28 + 50 * 8 * CHUNK * 4
     assert torch.equal(layout.unpack(), codes)
     levels = torch.randint(1, 257, (700,), generator=gen)
     codes = (torch.rand(50, 700, generator=gen) * levels).long()
-    held = build_lanes(codes, levels, None, False, radix=True).words.numel() * 4
+    compact = build_lanes(codes, levels, None, False, radix=True)
+    held = (compact.words.numel() + compact.tail.numel()) * 4
     ceiling = sum(50 * (int(L) - 1).bit_length() for L in levels) / 8
     assert held <= ceiling * 32 / 28 + 50 * 8 * CHUNK * 4
 
@@ -221,15 +223,19 @@ def test_layout_size_is_near_the_ceiling_width():
 @pytest.mark.parametrize("base,per_lane", [(3, 19), (5, 13), (6, 12), (9, 9), (11, 9)])
 def test_radix_runs_hold_their_digits_per_lane(base, per_lane):
     """One level count throughout: whole blocks of ``per_lane`` digits, and the chunks left
-    over in bit fields (``32 // width`` a block) unless they fill more than a block."""
+    over in bit fields (``32 // width`` a block) unless they fill more than a block; those
+    fields in the row's own block or in shared tail parts (lanes.py), all their bits."""
     width = (base - 1).bit_length()
     for extra in range(per_lane):
         chunks = 5 * per_lane + extra
         levels = torch.full((CHUNK * chunks,), base)
         codes = (torch.rand(2, levels.numel()) * base).long()
         layout = build_lanes(codes, levels, None, False, radix=True)
-        tail = 1 if extra * width > 32 else -(-extra // (32 // width))
-        assert layout.words.shape[1] == CHUNK * (5 + tail)
+        digits = extra * width > 32
+        parts = int(layout.tail_parts[:, 1].sum())
+        assert parts in (0, 0 if digits else extra * width)
+        own = 1 if digits or (extra and not parts) else 0
+        assert layout.words.shape[1] == CHUNK * (5 + own)
         assert torch.equal(layout.unpack(), codes)
 
 

@@ -6,7 +6,12 @@
 // Layout (lanes.py): the columns with L > 1, sorted by (column group, L), sit in "slots"; every
 // column group starts on a chunk of 16 slots (padding slots: no column, input 0). Chunk k of
 // width w is a w-bit field at bit shift[k] of the 16 uint32 lanes of the block at word word[k]
-// of a row, slot l in lane l. Runs are consecutive chunks of one width. The product (module
+// of a row, slot l in lane l. Runs are consecutive chunks of one width. The fields of the last
+// bit-field block of a row (the "tail" chunks: k >= ktail, bit fields) may instead sit in one or
+// two tail parts, a part of b <= 16 bits shared by P = 32 / b rows: row r's at bit (r % P) * b +
+// shift[k] of the lanes of tail block first + r / P (word[k] = 16 * part). The row's own blocks
+// keep one stride, rowwords, so rows i < NR of a register block sit at row + i * rowwords, and
+// only the tail chunks take a pointer and an offset per row and part. The product (module
 // docstring of native.py):
 //   per OC  y[r] = sum_g span[r,g] * (sum_s xs[s] q[r,s] - sum_{c in g} z(r,c) X[c])
 //   per IC  y[r] = sum_s xs_gr[s] q[r,s] - zterm[gr]
@@ -25,7 +30,11 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && !defined(BAQ_PORTABLE)
+#if defined(BAQ_EMULATED_AVX512)
+// the AVX512 loops on plain C++ stand-ins for the intrinsics, defined by the file including this
+// one (tests/kernels/lanes_emulated.cpp): machines without AVX512 test them too
+#define BAQ_AVX512 1
+#elif defined(__AVX512F__) && !defined(BAQ_PORTABLE)
 #include <immintrin.h>
 #define BAQ_AVX512 1
 #else
@@ -38,7 +47,7 @@ constexpr int CHUNK = 16;  // slots per chunk: one 512-bit vector of float32
 constexpr int TMAX = 8;    // tokens multiplied together (accumulators kept in registers)
 
 struct Layout {
-  const uint32_t* words;       // (rows, rowwords)
+  const uint32_t* words;       // (rows, rowwords): each row's own blocks
   const int32_t* chunk_word;   // (nchunks): first word of the chunk's block in a row
   const int32_t* chunk_shift;  // (nchunks): bit of the chunk's field in its lanes
   const int32_t* runs;         // (nruns, 4): first chunk, end chunk, width, base (0: bits)
@@ -49,7 +58,41 @@ struct Layout {
   const int32_t* gclass;       // (ngc + 1): first class of each column group
   int64_t rows, cols, rowwords, nslots, ngc, K;
   int64_t ic, sym, rsize, nrg;  // per IC: row group size (0: one group) and count
+  // the shared tails last: a kernel built before them reads this struct's prefix, so it runs
+  // a layout without tails unchanged (benchmarks/kernel_ab.py --baseline-source)
+  const uint32_t* tail;       // (ntail, 16): the shared tail blocks of every part
+  const int32_t* tail_parts;  // (nparts, 3): rows a block P, bits b, first block
+  int64_t ktail, nparts;      // first tail chunk (nchunks: none), tail parts (0 to 2)
 };
+
+constexpr int MAX_PARTS = 2;  // lanes.py _tail_parts
+
+// where rows r..r + NR - 1 read their tail chunks: of each part, the shared block and the bit
+// offset of every row
+template <int NR>
+struct Tails {
+  const uint32_t* blk[MAX_PARTS][NR] = {};
+  int off[MAX_PARTS][NR] = {};
+  Tails(const Layout& L, int64_t r) {
+    for (int p = 0; p < L.nparts; ++p) {
+      const int32_t P = L.tail_parts[3 * p], b = L.tail_parts[3 * p + 1];
+      for (int i = 0; i < NR; ++i) {
+        blk[p][i] = L.tail + (L.tail_parts[3 * p + 2] + (r + i) / P) * CHUNK;
+        off[p][i] = (int)((r + i) % P) * b;
+      }
+    }
+  }
+  // the lanes holding row i's field of tail chunk k, and the bit where it starts
+  const uint32_t* lanes(const Layout& L, int64_t k, int i) const {
+    return blk[L.chunk_word[k] / CHUNK][i];
+  }
+  int shift(const Layout& L, int64_t k, int i) const {
+    return L.chunk_shift[k] + off[L.chunk_word[k] / CHUNK][i];
+  }
+};
+
+// whether chunk k of a bit-field run is a tail chunk (radix chunks never are)
+inline bool in_tail(const Layout& L, int64_t k) { return k >= L.ktail; }
 
 // the zero point of quant/grid.py column_params, float32 as there (no fast-math in this file);
 // rint, not nearbyint: the same rounding (half to even), but gcc inlines and vectorises rint
@@ -138,21 +181,50 @@ inline void one_chunk(const Layout& L, const uint32_t* row, const float* xs, int
   }
 }
 
+// a tail chunk: each row's shared block and shift (a shift past the row's field drops the
+// fields of the rows below; the table or the mask drops those above)
+template <int W, int NR, int TT, int U>
+inline void tail_chunk(const Layout& L, const Tails<NR>& tails, const float* xs, int64_t ts,
+                       int64_t k, __m512 (&acc)[NR][TT][U]) {
+#pragma GCC unroll 4
+  for (int i = 0; i < NR; ++i) {
+    const __m512i v = _mm512_loadu_si512(tails.lanes(L, k, i));
+    const __m512 q = codes_of<W>(_mm512_srlv_epi32(v, _mm512_set1_epi32(tails.shift(L, k, i))));
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t)
+      acc[i][t][0] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xs + t * ts + k * CHUNK), acc[i][t][0]);
+  }
+}
+
+// a chunk outside the whole blocks: the row's own (one_chunk, as before tails) or a tail chunk
+template <int W, int NR, int TT, int U>
+inline void table_chunk(const Layout& L, const uint32_t* row, const Tails<NR>& tails,
+                        const float* xs, int64_t ts, int64_t k, __m512 (&acc)[NR][TT][U]) {
+  if (in_tail(L, k))
+    tail_chunk<W, NR, TT, U>(L, tails, xs, ts, k, acc);
+  else
+    one_chunk<W, NR, TT, U>(L, row, xs, ts, k, acc);
+}
+
 // acc[i][t][.] += codes of row i of the chunks [k0, k1) of width W times xs of token t. Inside
 // a run the chunks fill whole blocks, F = 32 / W fields at shifts 0, W, 2W...: one load a block
 // and shifts by immediates; only the chunks before the first whole block (in the block the run
-// shares with the one before) and after the last go through the tables. NR rows share each
-// load of xs: one row at a time read the whole scaled input (57 KB at 14336 columns, more than
-// L1) from L2 once per row
+// shares with the one before) and after the last, the tail chunks among them, go through the
+// tables. NR rows share each load of xs: one row at a time read the whole scaled input (57 KB at
+// 14336 columns, more than L1) from L2 once per row
 template <int W, int NR, int TT, int U>
-inline void run_chunks(const Layout& L, const uint32_t* row, const float* xs, int64_t ts,
-                       int64_t k0, int64_t k1, __m512 (&acc)[NR][TT][U]) {
+inline void run_chunks(const Layout& L, const uint32_t* row, const Tails<NR>& tails,
+                       const float* xs, int64_t ts, int64_t k0, int64_t k1,
+                       __m512 (&acc)[NR][TT][U]) {
   constexpr int F = 32 / W;
+  // whole blocks are a row's own (the chunks from ktail on are in the tail parts)
+  const int64_t kown = std::min<int64_t>(k1, L.ktail);
   int64_t k = k0;
-  for (; k < k1 && L.chunk_shift[k] != 0; ++k) one_chunk<W, NR, TT, U>(L, row, xs, ts, k, acc);
-  if (k + F <= k1) {
+  for (; k < k1 && L.chunk_shift[k] != 0; ++k)
+    table_chunk<W, NR, TT, U>(L, row, tails, xs, ts, k, acc);
+  if (k + F <= kown) {
     const uint32_t* blk = row + L.chunk_word[k];
-    for (; k + F <= k1; k += F, blk += CHUNK) {
+    for (; k + F <= kown; k += F, blk += CHUNK) {
       __m512i v[NR];
 #pragma GCC unroll 4
       for (int i = 0; i < NR; ++i) v[i] = _mm512_loadu_si512(blk + i * L.rowwords);
@@ -171,7 +243,7 @@ inline void run_chunks(const Layout& L, const uint32_t* row, const float* xs, in
       }
     }
   }
-  for (; k < k1; ++k) one_chunk<W, NR, TT, U>(L, row, xs, ts, k, acc);
+  for (; k < k1; ++k) table_chunk<W, NR, TT, U>(L, row, tails, xs, ts, k, acc);
 }
 
 // acc[i][t][.] += codes of row i of the radix chunks [k0, k1) of base B times xs of token t: a
@@ -232,11 +304,14 @@ inline void radix_chunks(const Layout& L, const uint32_t* row, const float* xs, 
   }
 }
 
-// dot[i * TT + t] = sum over the runs [r0, r1) of row i of xs[t] . codes, rows i < NR at
-// ``row + i * rowwords``; each row's sum in the order of one row alone (bit for bit)
+// dot[i * TT + t] = sum over the runs [r0, r1) of row row0 + i of xs[t] . codes, rows i < NR at
+// ``row + i * rowwords`` and their tails; each row's sum in the order of one row alone (bit for
+// bit)
 template <int NR, int TT>
-void group_dots(const Layout& L, const uint32_t* row, const float* xs, int64_t ts, int r0, int r1,
+void group_dots(const Layout& L, int64_t row0, const float* xs, int64_t ts, int r0, int r1,
                 float* dot) {
+  const uint32_t* row = L.words + row0 * L.rowwords;
+  const Tails<NR> tails(L, row0);
   constexpr int U = TT == 1 ? 4 : (TT == 2 ? 2 : 1);  // independent FMA chains per token
   __m512 acc[NR][TT][U];
   for (int i = 0; i < NR; ++i)
@@ -249,14 +324,14 @@ void group_dots(const Layout& L, const uint32_t* row, const float* xs, int64_t t
       continue;
     }
     switch (run[2]) {
-      case 1: run_chunks<1, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 2: run_chunks<2, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 3: run_chunks<3, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 4: run_chunks<4, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 5: run_chunks<5, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 6: run_chunks<6, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      case 7: run_chunks<7, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
-      default: run_chunks<8, NR, TT, U>(L, row, xs, ts, run[0], run[1], acc); break;
+      case 1: run_chunks<1, NR, TT, U>(L, row, tails, xs, ts, run[0], run[1], acc); break;
+      case 2: run_chunks<2, NR, TT, U>(L, row, tails, xs, ts, run[0], run[1], acc); break;
+      case 3: run_chunks<3, NR, TT, U>(L, row, tails, xs, ts, run[0], run[1], acc); break;
+      case 4: run_chunks<4, NR, TT, U>(L, row, tails, xs, ts, run[0], run[1], acc); break;
+      case 5: run_chunks<5, NR, TT, U>(L, row, tails, xs, ts, run[0], run[1], acc); break;
+      case 6: run_chunks<6, NR, TT, U>(L, row, tails, xs, ts, run[0], run[1], acc); break;
+      case 7: run_chunks<7, NR, TT, U>(L, row, tails, xs, ts, run[0], run[1], acc); break;
+      default: run_chunks<8, NR, TT, U>(L, row, tails, xs, ts, run[0], run[1], acc); break;
     }
   }
   for (int i = 0; i < NR; ++i)
@@ -270,16 +345,18 @@ void group_dots(const Layout& L, const uint32_t* row, const float* xs, int64_t t
 // portable: plain loops over the 16 lanes of a chunk, which the compiler vectorises for the
 // host (AVX2: 8 lanes; without vector units, scalar)
 template <int NR, int TT>
-void group_dots(const Layout& L, const uint32_t* row0, const float* xs, int64_t ts, int r0,
-                int r1, float* dot) {
+void group_dots(const Layout& L, int64_t row0, const float* xs, int64_t ts, int r0, int r1,
+                float* dot) {
+  const Tails<NR> tails(L, row0);
   for (int i = 0; i < NR; ++i) {
-    const uint32_t* row = row0 + i * L.rowwords;
+    const uint32_t* row = L.words + (row0 + i) * L.rowwords;
     float acc[TT][CHUNK] = {};
     for (int r = r0; r < r1; ++r) {
       const int32_t* run = L.runs + 4 * r;
       for (int64_t k = run[0]; k < run[1]; ++k) {
-        const uint32_t* v = row + L.chunk_word[k];
-        const FieldReader read(run[2], run[3], L.chunk_shift[k]);
+        const bool tail = run[3] == 0 && in_tail(L, k);
+        const uint32_t* v = tail ? tails.lanes(L, k, i) : row + L.chunk_word[k];
+        const FieldReader read(run[2], run[3], tail ? tails.shift(L, k, i) : L.chunk_shift[k]);
         float q[CHUNK];
         for (int l = 0; l < CHUNK; ++l) q[l] = (float)read(v[l]);
         const float* x = xs + k * CHUNK;
@@ -300,7 +377,7 @@ void group_dots(const Layout& L, const uint32_t* row0, const float* xs, int64_t 
 // (the accumulators, NR * tt * U <= 16, stay in registers)
 inline int rows_together(int tt) { return tt == 1 ? 4 : (tt <= 4 ? 2 : 1); }
 
-void dots(int nr, int tt, const Layout& L, const uint32_t* row, const float* xs, int64_t ts,
+void dots(int nr, int tt, const Layout& L, int64_t row, const float* xs, int64_t ts,
           int r0, int r1, float* dot) {
   if (nr == 4) {
     group_dots<4, 1>(L, row, xs, ts, r0, r1, dot);
@@ -421,8 +498,7 @@ int baq_lanes_linear(const Layout* Lp, const float* lo, const float* hi, const f
             }
           }
           for (int64_t g = 0; g < G; ++g) {
-            dots(nr, tt, L, L.words + r * L.rowwords, xr, S, L.grun[g], L.grun[g + 1],
-                 dot.data());
+            dots(nr, tt, L, r, xr, S, L.grun[g], L.grun[g + 1], dot.data());
             for (int i = 0; i < nr; ++i) {
               const float* d = dot.data() + i * tt;
               if (L.ic) {
@@ -469,12 +545,14 @@ void baq_lanes_dequantize(const Layout* Lp, const float* lo, const float* hi, in
     std::vector<float> q((size_t)S);
     for (int64_t r = a; r < b; ++r) {
       const uint32_t* row = L.words + r * L.rowwords;
+      const Tails<1> tails(L, r);
       const int64_t nruns = L.grun[L.ngc];
       for (int64_t ri = 0; ri < nruns; ++ri) {
         const int32_t* run = L.runs + 4 * ri;
         for (int64_t k = run[0]; k < run[1]; ++k) {
-          const uint32_t* v = row + L.chunk_word[k];
-          const FieldReader read(run[2], run[3], L.chunk_shift[k]);
+          const bool tail = run[3] == 0 && in_tail(L, k);
+          const uint32_t* v = tail ? tails.lanes(L, k, 0) : row + L.chunk_word[k];
+          const FieldReader read(run[2], run[3], tail ? tails.shift(L, k, 0) : L.chunk_shift[k]);
           for (int l = 0; l < CHUNK; ++l) q[k * CHUNK + l] = (float)read(v[l]);
         }
       }

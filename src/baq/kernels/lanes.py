@@ -20,7 +20,8 @@ issue 26, columns of equal width together with the input permuted to match:
   ``vpermps`` from a 16-entry table ``i & (2^w - 1)`` (the bits above the field are ignored by
   the table: no mask, no conversion), else a mask and a conversion: 16 codes as float32 in 2 or 3
   instructions for any width, then one FMA per token. The same per-chunk tables (block, shift)
-  serve every row: a row is ``rowwords`` uint32 and rows are independent (threads split them).
+  serve every row: a row is ``rowwords`` uint32 (and its share of the tail blocks, below) and
+  rows are independent (threads split them).
 * Radix blocks. A level count just above a power of two wastes most of a bit at its ceiling
   width (3 levels in 2 bits, 5 or 6 in 3, 9 to 11 in 4, 17 or 18 in 5, 33 to 38 in 6). A run of
   chunks whose widest column has such a count ``B`` (:func:`radix_digits`) is stored in base
@@ -36,11 +37,26 @@ issue 26, columns of equal width together with the input permuted to match:
 * Runs: consecutive chunks of one width and one base in one group, ``(first chunk, end chunk,
   width, base)`` with base 0 for bit fields; the kernel switches on them once a run. The radix
   runs' blocks follow all the bit fields' in a row, so no block is left part empty.
+* Shared tails. A row's last bit-field block is part empty: at 576 or 1536 columns a 3-bit row
+  needs about 3.4 blocks, and a whole fourth one made the held bytes 1.19 times the saved ones
+  (1.29 with free level counts). Its fields (the tail chunks: the bit-field chunks from
+  ``tail_chunk`` on) go instead into one or two *tail parts*: a part of ``b <= 16`` bits a lane
+  is shared by ``P = 32 // b`` rows, row ``r``'s at bit ``(r % P) * b`` of the lanes of block
+  ``r // P`` of the part, so a row holds ``1 / P`` of a block for it. Two parts, because one
+  alone is shared only where the block is at most half full: 18 bits (six 3-bit chunks) are 15
+  bits shared by 2 rows and 3 shared by 10, 0.6 of a block. The build picks the split (or one
+  part, or none: the block stays the row's) that holds least a row (:func:`_tail_parts`). The
+  row's own blocks keep one stride, ``rowwords``, so the kernel's rows read together stay
+  ``rowwords`` apart and its whole-block loop is unchanged; only the tail chunks, read through
+  the tables anyway, take a block and a shift per row and part. The radix blocks are whole
+  and stay the row's.
 
-Memory: ``rows * rowwords * 4`` bytes: each code at its chunk's width, plus the bits a block
-leaves unused (2 of 32 for 3, 5 and 6 bits, 4 for 7) and the padding of each group's last chunk.
-Tables: 8 bytes a column (original index, ``L - 1``), 8 a chunk, 16 a run, 16 a class.
-benchmarks/kernel_speed.py reports the bytes against the saved ones.
+Memory: ``rows * rowwords * 4`` bytes and the tail blocks, ``ceil(rows / P) * 64`` a part: each
+code at its chunk's width, plus the bits a block leaves unused (2 of 32 for 3, 5 and 6 bits, 4
+for 7; a tail part, ``32 - P b`` of ``P`` rows) and the padding of each group's last chunk.
+Tables: 8 bytes a column (original index, ``L - 1``), 8 a chunk, 16 a run, 16 a class, 12 a
+tail part. benchmarks/layout_bytes.py reports the bytes against the saved ones (on the s17
+folders 1.09 with power-of-two level counts, 1.21 with free ones, 1.17 compact).
 """
 
 from __future__ import annotations
@@ -69,10 +85,17 @@ class LaneLayout:
     Attributes:
         rows, cols: the weight's shape (out_features, in_features).
         dim, group_size, sym, ngroups: the grid's (quant/grid.py; ``ngroups`` range groups).
-        words: (rows, rowwords) int32, each row's blocks of 16 lanes (uint32 bits).
-        chunk_word: (nchunks,) int32 first word of each chunk's block in a row.
+        words: (rows, rowwords) int32, each row's own blocks of 16 lanes (uint32 bits).
+        tail: (ntail, 16) int32, the shared tail blocks of all parts ((0, 16) without a tail).
+        tail_chunk: the first tail chunk: the bit-field chunks from it on (not the radix ones)
+            are in the row's tail, no more in ``words`` (the chunk count without a tail).
+        tail_parts: (nparts, 3) int32 ``(rows a block P, bits b, first block)`` of each part of
+            the tail (0 to 2 parts): row ``r``'s part is the ``b`` bits at bit ``(r % P) * b``
+            of the lanes of tail block ``first + r // P``, ``P = 32 // b``.
+        chunk_word: (nchunks,) int32 first word of each chunk's block in a row (a tail chunk:
+            ``16 * part``, as if a row's parts followed its words).
         chunk_shift: (nchunks,) int32 bit of each chunk's field in its lanes (in a radix run:
-            its digit in the block).
+            its digit in the block; a tail chunk: its bit in its part's ``b``).
         runs: (nruns, 4) int32 ``(first chunk, end chunk, width, base)``, base 0 for bit
             fields.
         grun: (Gc + 1,) int32 first run of each column group (``Gc``: groups per OC, else 1).
@@ -89,6 +112,9 @@ class LaneLayout:
     sym: bool
     ngroups: int
     words: Tensor
+    tail: Tensor
+    tail_chunk: int
+    tail_parts: Tensor
     chunk_word: Tensor
     chunk_shift: Tensor
     runs: Tensor
@@ -99,12 +125,14 @@ class LaneLayout:
     gclass: Tensor
 
     def tensors(self) -> list[Tensor]:
-        """The tensors the kernel reads, in the order of lanes.cpp's ``struct Layout``."""
-        return [self.words, self.chunk_word, self.chunk_shift, self.runs, self.grun,
-                self.slot_col, self.slot_lm1, self.classes, self.gclass]  # fmt: skip
+        """The tensors the kernel reads: ``words``, ``tail``, ``tail_parts``, then the tables in
+        the order of lanes.cpp's ``struct Layout`` (which holds the two tail pointers last)."""
+        return [self.words, self.tail, self.tail_parts, self.chunk_word, self.chunk_shift,
+                self.runs, self.grun, self.slot_col, self.slot_lm1, self.classes,
+                self.gclass]  # fmt: skip
 
     def nbytes(self) -> int:
-        """Bytes held: words and tables."""
+        """Bytes held: words, tail blocks and tables."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @property
@@ -115,6 +143,22 @@ class LaneLayout:
         """(nchunks,) int64 width of every chunk."""
         r = self.runs.long()
         return torch.repeat_interleave(r[:, 2], r[:, 1] - r[:, 0])
+
+    def tail_chunks(self) -> Tensor:
+        """(nchunks,) bool: whether each chunk's field is in the row's tail."""
+        r = self.runs.long()
+        base = torch.repeat_interleave(r[:, 3], r[:, 1] - r[:, 0])
+        return (torch.arange(base.numel()) >= self.tail_chunk) & (base == 0)
+
+    def row_tails(self, r0: int, r1: int) -> Tensor:
+        """(r1 - r0, 16 * nparts) int64 the tail parts of rows ``[r0, r1)``, each at bit 0 of
+        its 16 lanes."""
+        r = torch.arange(r0, r1)
+        out = []
+        for P, b, first in self.tail_parts.tolist():
+            lanes = self.tail[first + r // P].long() & 0xFFFFFFFF
+            out.append((lanes >> ((r % P) * b).view(-1, 1)) & ((1 << b) - 1))
+        return torch.cat(out, 1) if out else torch.zeros(r.numel(), 0, dtype=torch.int64)
 
     def levels(self) -> Tensor:
         """(cols,) int64 level counts in the original column order (1 for omitted columns)."""
@@ -129,12 +173,16 @@ class LaneLayout:
         out = torch.zeros(self.rows, self.cols, dtype=torch.int64)
         real = self.slot_col >= 0
         cols = self.slot_col[real].long()
-        lanes = self.chunk_word.long().view(-1, 1) + torch.arange(CHUNK)  # (nchunks, 16)
+        # a row's words followed by its tail parts: a tail chunk reads rowwords + 16 part + lane
+        rowwords = self.words.shape[1]
+        start = self.chunk_word.long() + self.tail_chunks() * rowwords
+        lanes = start.view(-1, 1) + torch.arange(CHUNK)  # (nchunks, 16)
         shift, mask, div, base = (t.view(-1, 1) for t in _field_readers(
             self.runs.long(), self.chunk_shift.long()))  # fmt: skip
         step = max(1, _SCRATCH // max(1, lanes.numel()))
         for r0 in range(0, self.rows, step):
-            w = self.words[r0 : r0 + step].long() & 0xFFFFFFFF
+            r1 = min(r0 + step, self.rows)
+            w = torch.cat([self.words[r0:r1].long() & 0xFFFFFFFF, self.row_tails(r0, r1)], 1)
             codes = ((w[:, lanes] >> shift) & mask) // div % base  # (rb, nchunks, 16)
             out[r0 : r0 + step, cols] = codes.reshape(w.shape[0], -1)[:, real]
         return out
@@ -179,11 +227,14 @@ def _field_readers(runs: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor,
     return out_shift, mask, div, mod
 
 
-def _fields(runs: Tensor) -> tuple[Tensor, Tensor, int]:
+def _fields(runs: Tensor, tails: bool = True) -> tuple[Tensor, Tensor, int, int, list[int]]:
     """Block and bit (radix: digit) of every chunk's field; returns the first word of each
-    chunk's block, its shift, and the words of a row. The bit-field chunks fill blocks in chunk
-    order, skipping the radix runs (a run only reads its own chunks' blocks and shifts), and
-    the radix runs take whole blocks after them: no block is left part empty between the two."""
+    chunk's block (a tail chunk: ``16 * part``), its shift, the words of a row, the first tail
+    chunk and the bits of each tail part (:class:`LaneLayout`). The bit-field chunks fill
+    blocks in chunk order, skipping the radix runs (a run only reads its own chunks' blocks and
+    shifts), and the radix runs take whole blocks after them: no block is left part empty
+    between the two. The last bit-field block becomes the shared tail where that takes less
+    memory (:func:`_tail_parts`) and ``tails``; else it stays the row's, as every block."""
     n = int(runs[-1, 1]) if runs.numel() else 0
     word, shift = [0] * n, [0] * n
     block, bit = -1, LANE_BITS  # no block open yet
@@ -195,6 +246,18 @@ def _fields(runs: Tensor) -> tuple[Tensor, Tensor, int]:
                 block, bit = block + 1, 0
             word[k], shift[k] = block * CHUNK, bit
             bit += w
+    # the last block's chunks: a suffix of the bit-field chunks (radix chunks may sit between)
+    last = [k for k0, k1, _, base in runs.tolist() if not base for k in range(k0, k1)
+            if word[k] == block * CHUNK]  # fmt: skip
+    part = _tail_parts([int(runs[_run_of(runs, k), 2]) for k in last]) if tails else []
+    tail_chunk, bits = n, []
+    if part:
+        tail_chunk, bits = last[0], [0] * (max(part) + 1)
+        for k, p in zip(last, part):
+            width = int(runs[_run_of(runs, k), 2])
+            word[k], shift[k] = p * CHUNK, bits[p]
+            bits[p] += width
+        block -= 1
     for k0, k1, _, base in runs.tolist():
         if not base:
             continue
@@ -207,7 +270,47 @@ def _fields(runs: Tensor) -> tuple[Tensor, Tensor, int]:
         torch.tensor(word, dtype=torch.int64),
         torch.tensor(shift, dtype=torch.int64),
         (block + 1) * CHUNK,
+        tail_chunk,
+        bits,
     )
+
+
+def _run_of(runs: Tensor, k: int) -> int:
+    """The run holding chunk ``k``."""
+    return int(torch.searchsorted(runs[:, 1].contiguous(), k, right=True))
+
+
+def _tail_parts(widths: list[int]) -> list[int]:
+    """The part (0 or 1) of each field of a row's last block, or [] to keep the block the
+    row's own. A part of ``b <= 16`` bits is shared by ``32 // b`` rows, so a row holds
+    ``1 / (32 // b)`` of a block for it; the fields are split in the two parts (or left in one)
+    that hold the least, if that is under a whole block. Two parts because one alone is shared
+    only where the block is at most half full: a 3-bit row of 576 columns ends in 6 chunks, 18
+    bits, which stay a whole block alone but are 15 + 3 bits in parts shared by 2 and 10 rows
+    (0.6 of a block). Among equal costs the fewer parts (the fewer loads), then part 0 wider."""
+    total = sum(widths)
+    if total == 0:
+        return []
+
+    def cost(b: int) -> float:
+        return 0.0 if b == 0 else 1.0 / (LANE_BITS // b)
+
+    # subsets of the fields by their sum: the first found of each sum, a bit mask of fields
+    reach = {0: 0}
+    for i, w in enumerate(widths):
+        for a, m in list(reach.items()):
+            reach.setdefault(a + w, m | 1 << i)
+    best, pick = 1.0, None
+    for a, m in sorted(reach.items(), reverse=True):
+        b = total - a
+        if a > LANE_BITS // 2 or b > a:
+            continue  # part 0 the wider; a part over 16 bits is a whole block
+        c = cost(a) + cost(b)
+        if c < best - 1e-12:
+            best, pick = c, m
+    if pick is None:
+        return []
+    return [0 if pick >> i & 1 else 1 for i in range(len(widths))]
 
 
 def build_lanes(
@@ -218,6 +321,7 @@ def build_lanes(
     dim: str = "oc",
     ngroups: int | None = None,
     radix: bool = False,
+    tails: bool = True,
 ) -> LaneLayout:
     """Build the lane-field layout of one layer from its codes.
 
@@ -230,6 +334,9 @@ def build_lanes(
         ngroups: range groups (default: from the shape and ``group_size``).
         radix: store the level counts of :func:`radix_pays` as radix digits (the ``"compact"``
             cache: smaller, slower to decode); False, the default: bit fields only.
+        tails: share the rows' last bit-field blocks where that holds less (module docstring);
+            False: each row keeps its own, the layout before shared tails (the same codes in
+            the same chunks, so the kernel gives the same bits: tests, benchmarks/kernel_ab.py).
     Returns:
         The :class:`LaneLayout` (on the CPU).
     Raises:
@@ -278,7 +385,17 @@ def build_lanes(
     ).reshape(-1, 4)
     gclass = torch.cat([torch.zeros(1).long(), torch.cumsum(torch.bincount(
         classes[:, 0], minlength=gc), 0)])  # fmt: skip
-    chunk_word, chunk_shift, rowwords = _fields(runs)
+    chunk_word, chunk_shift, rowwords, tail_chunk, bits = _fields(runs, tails)
+    shared = torch.tensor([LANE_BITS // b for b in bits], dtype=torch.int64)
+    blocks = -(-rows // shared)
+    tail_parts = torch.stack([shared, torch.tensor(bits, dtype=torch.int64),
+                              torch.cumsum(blocks, 0) - blocks], 1).reshape(-1, 3)  # fmt: skip
+    base = torch.repeat_interleave(runs[:, 3], runs[:, 1] - runs[:, 0])
+    is_tail = (torch.arange(base.numel()) >= tail_chunk) & (base == 0)
+    words, tail = _pack_words(
+        codes, slot_col, chunk_word + is_tail * rowwords, _multipliers(runs, chunk_shift),
+        rowwords, tail_parts,
+    )  # fmt: skip
     return LaneLayout(
         rows=rows,
         cols=cols,
@@ -286,7 +403,10 @@ def build_lanes(
         group_size=group_size,
         sym=sym,
         ngroups=ngroups,
-        words=_pack_words(codes, slot_col, chunk_word, _multipliers(runs, chunk_shift), rowwords),
+        words=words,
+        tail=tail,
+        tail_chunk=tail_chunk,
+        tail_parts=tail_parts.to(torch.int32),
         chunk_word=chunk_word.to(torch.int32),
         chunk_shift=chunk_shift.to(torch.int32),
         runs=runs.to(torch.int32),
@@ -347,11 +467,14 @@ def _multipliers(runs: Tensor, shift: Tensor) -> Tensor:
 
 
 def _pack_words(
-    codes: Tensor, slot_col: Tensor, word: Tensor, factor: Tensor, rowwords: int
-) -> Tensor:
-    """(rows, rowwords) int32 words (uint32 bits) holding the codes in their lane fields."""
+    codes: Tensor, slot_col: Tensor, word: Tensor, factor: Tensor, rowwords: int, parts: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The codes in their lane fields: (rows, rowwords) int32 words (uint32 bits) and the
+    (ntail, 16) int32 shared tail blocks of the ``parts`` (``LaneLayout.tail_parts``).
+    ``word``: each chunk's first word in a row followed by its tail parts (a tail chunk's at
+    ``rowwords + 16 * part``)."""
     rows = codes.shape[0]
-    out = torch.zeros(rows, rowwords, dtype=torch.int64)
+    out = torch.zeros(rows, rowwords + CHUNK * parts.shape[0], dtype=torch.int64)
     src = slot_col.clamp(min=0)
     pad = slot_col < 0
     lanes = (word.view(-1, 1) + torch.arange(CHUNK)).reshape(-1)  # word of each slot
@@ -362,13 +485,28 @@ def _pack_words(
         C[:, pad] = 0
         # fields (digits) of one word never overlap: adding is or-ing
         out[r0 : r0 + step].index_add_(1, lanes, C * factors)
-    return (out - ((out >> 31) << 32)).to(torch.int32)
+    tail = [torch.zeros(0, CHUNK, dtype=torch.int64)]
+    for p, (P, b, _) in enumerate(parts.tolist()):
+        # row j of a group of P at bit j * b; a last group short of rows: zeros
+        groups = -(-rows // P)
+        own = torch.zeros(groups * P, CHUNK, dtype=torch.int64)
+        own[:rows] = out[:, rowwords + p * CHUNK : rowwords + (p + 1) * CHUNK]
+        at = (torch.arange(P) * b).view(1, -1, 1)
+        tail.append((own.view(groups, P, CHUNK) << at).sum(1))
+    return _as_int32(out[:, :rowwords]), _as_int32(torch.cat(tail))
+
+
+def _as_int32(v: Tensor) -> Tensor:
+    """int64 values in [0, 2^32) as int32 of the same bits."""
+    return (v - ((v >> 31) << 32)).to(torch.int32)
 
 
 def lanes_nbytes(
     rows: int, levels: Tensor, group_size: int | None = None, radix: bool = False
 ) -> int:
-    """Word bytes of a per-OC layer from its level counts alone (the tables left out)."""
+    """Word and tail bytes of a per-OC layer from its level counts alone (the tables left
+    out): the fields' places depend on the level counts only, so one row tells all."""
     zeros = torch.zeros(1, levels.numel(), dtype=torch.long)
     fake = build_lanes(zeros, levels, group_size, False, radix=radix)
-    return rows * fake.words.shape[1] * 4
+    tails = sum(-(-rows // P) for P in fake.tail_parts[:, 0].tolist())
+    return 4 * (rows * fake.words.shape[1] + tails * CHUNK)

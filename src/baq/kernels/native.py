@@ -69,6 +69,9 @@ class _Layout(ctypes.Structure):
            "classes", "gclass")),
         *((name, ctypes.c_int64) for name in
           ("rows", "cols", "rowwords", "nslots", "ngc", "K", "ic", "sym", "rsize", "nrg")),
+        # the shared tails last (lanes.cpp: older kernels read the prefix)
+        ("tail", ctypes.c_void_p), ("tail_parts", ctypes.c_void_p),
+        ("ktail", ctypes.c_int64), ("nparts", ctypes.c_int64),
     ]  # fmt: skip
 
 
@@ -87,13 +90,19 @@ def library(portable: bool = False) -> ctypes.CDLL | None:
 
 
 def _compile(portable: bool) -> ctypes.CDLL:
+    flags = FLAGS + (["-DBAQ_PORTABLE"] if portable else [])
+    return load_source(SOURCE, flags, SOURCE.read_bytes())
+
+
+def load_source(source: Path, flags: list[str], key: bytes) -> ctypes.CDLL:
+    """Compile ``source`` (lanes.cpp, or a file including it) once per ``key``, flags and
+    processor, and declare the C functions: the library :func:`library` returns."""
     from torch.utils.cpp_extension import load
 
-    flags = FLAGS + (["-DBAQ_PORTABLE"] if portable else [])
-    key = SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_signature().encode()
+    key += " ".join(flags).encode() + _cpu_signature().encode()
     name = "baq_lanes_" + hashlib.sha1(key).hexdigest()[:12]
     log.info("loading the native kernel %s (compiled once per machine: seconds)", name)
-    path = load(name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    path = load(name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                 is_python_module=False, verbose=False)  # fmt: skip
     lib = ctypes.CDLL(str(path))
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -122,11 +131,12 @@ def _struct(layout: LaneLayout) -> _Layout:
     if cached is None:
         ic = layout.dim == "ic"
         rsize = layout.group_size if (ic and layout.group_size is not None) else 0
-        ptrs = [t.data_ptr() for t in layout.tensors()]
+        words, tail, parts, *tables = (t.data_ptr() for t in layout.tensors())
         cached = _Layout(
-            *ptrs, layout.rows, layout.cols, int(layout.words.shape[1]),
+            words, *tables, layout.rows, layout.cols, int(layout.words.shape[1]),
             int(layout.slot_col.numel()), layout.col_groups, int(layout.classes.shape[0]),
             int(ic), int(layout.sym), rsize, layout.ngroups if ic else 1,
+            tail, parts, layout.tail_chunk, int(layout.tail_parts.shape[0]),
         )  # fmt: skip
         layout._c = cached
     return cached
