@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cpu_kernel import random_levels
-from test_native_kernel import check
+from test_native_kernel import check, outputs_at_thread_counts
 
 from baq.kernels import native
 from baq.kernels.lanes import CHUNK, LANE_BITS, build_lanes, lanes_nbytes
@@ -155,16 +155,8 @@ def test_one_and_two_threads_give_the_same_bits_with_shared_tails(lib):
     """Rows of one tail block split between threads: each row still summed alone."""
     codes, levels, grid = tail_layer("two-parts", None, "oc", False, rows=67)
     layout = build_lanes(codes, levels, None, False)
-    x = torch.randn(3, codes.shape[1])
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            outs.append(native.linear(layout, x, grid.lo, grid.hi, lib=lib))
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1])
+    one, two = outputs_at_thread_counts(layout, torch.randn(3, codes.shape[1]), grid, lib)
+    assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("kind", ["shared-by-2", "two-parts"])

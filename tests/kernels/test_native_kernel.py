@@ -177,16 +177,21 @@ def test_one_and_two_threads_give_the_same_bits(lib):
     """Each row is summed by one thread in a fixed order: the thread count changes nothing."""
     codes, levels, grid = random_layer(67, 290, None, False, "oc", "float16", seed=4)
     layout = build_lanes(codes, levels, grid.group_size, grid.sym, grid.dim)
-    x = torch.randn(3, 290)
+    one, two = outputs_at_thread_counts(layout, torch.randn(3, 290), grid, lib)
+    assert torch.equal(one, two)
+
+
+def outputs_at_thread_counts(layout, x, grid, lib, counts=(1, 2)) -> list[torch.Tensor]:
+    """The kernel's output for ``x`` with each of ``counts`` threads (the count restored)."""
     before = torch.get_num_threads()
     try:
         outs = []
-        for n in (1, 2):
+        for n in counts:
             torch.set_num_threads(n)
             outs.append(native.linear(layout, x, grid.lo, grid.hi, lib=lib))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1])
+    return outs
 
 
 @pytest.mark.parametrize("dim,group_size", [("oc", None), ("oc", 24), ("ic", 10), ("oc", 5)])
