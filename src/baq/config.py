@@ -52,6 +52,10 @@ DEFAULT_TOPK = 1024
 # model (KL 0.280 untuned, 0.240 at 100, 0.233 at 200; docs/RESULTS.md session 17) in half the time,
 # which brings the stage near the quantization pass's time
 DEFAULT_TUNE_STEPS = 100
+# tokens of a tuning window: 100 steps of 256 tokens keep 90 % of the gain of 100 steps of 512
+# (WikiText-2 26.62 against 26.43, untuned 28.34, 3 bits rotated) in half the time, which puts the
+# whole ``baq tune`` at 0.64x the whole ``baq quantize`` (docs/RESULTS.md session 18)
+DEFAULT_TUNE_SEQLEN = 256
 # calibration tokens of one batched block forward (run/walker.py), read by the memory estimate too
 BATCH_TOKENS = 4096
 

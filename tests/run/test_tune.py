@@ -471,3 +471,16 @@ def test_auto_train_dtype_follows_the_cpus_bfloat16_units(tmp_path, monkeypatch)
         with tune_mod.training_precision(cfg, cpu):
             y = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
         assert y.dtype == getattr(torch, want)
+
+
+def test_tuning_windows_are_shorter_than_the_quantization_windows_by_default():
+    """``baq tune`` draws DEFAULT_TUNE_SEQLEN-token windows (half the time of quantize's 512 for
+    90 % of the gain, docs/RESULTS.md session 18) unless --seqlen says otherwise."""
+    from baq.cli import build_parser
+    from baq.config import DEFAULT_TUNE_SEQLEN
+
+    parser = build_parser()
+    tune_args = parser.parse_args(["tune", "saved", "--output", "out"])
+    quantize_args = parser.parse_args(["quantize", "--output", "out"])
+    assert tune_args.seqlen == DEFAULT_TUNE_SEQLEN < quantize_args.seqlen
+    assert parser.parse_args(["tune", "saved", "--output", "o", "--seqlen", "64"]).seqlen == 64

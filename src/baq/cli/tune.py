@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_TOPK, DEFAULT_TUNE_STEPS
+from ..config import DEFAULT_TOPK, DEFAULT_TUNE_SEQLEN, DEFAULT_TUNE_STEPS
 from .calibration import add_calib_args, calib_config, calib_windows
 from .common import (
     UsageError,
@@ -70,6 +70,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "bfloat16 where the CPU or GPU has bfloat16 units, else float32)",
     )
     add_calib_args(t)
+    t.set_defaults(seqlen=DEFAULT_TUNE_SEQLEN)  # shorter than quantize's: see baq.config
     add_eval_args(t, default=["builtin"], windows=16)
     o = t.add_argument_group("output")
     o.add_argument("--output", type=Path, required=True, help="the tuned folder")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from baq.config import base_record_bytes
+from baq.config import DEFAULT_TUNE_SEQLEN, base_record_bytes
 from baq.run.memory_estimate import MemoryEstimate, model_shape, resident_bytes
 from baq.run.tune import TuneConfig, TuneResult, teacher_records, tune_model
 from baq.saved.packed_linear import PackedLinear
@@ -192,7 +192,7 @@ def tune(
     config: TuneConfig | None = None,
     calibration: Any = "builtin",
     nsamples: int = 128,
-    seqlen: int = 512,
+    seqlen: int = DEFAULT_TUNE_SEQLEN,
     seed: int = 0,
     evaluation: Any = None,
     eval_seqlen: int = 2048,
