@@ -45,10 +45,11 @@ issue 26, columns of equal width together with the input permuted to match:
   ``r // P`` of the part, so a row holds ``1 / P`` of a block for it. Two parts, because one
   alone is shared only where the block is at most half full: 18 bits (six 3-bit chunks) are 15
   bits shared by 2 rows and 3 shared by 10, 0.6 of a block. The build picks the split (or one
-  part, or none: the block stays the row's) that holds least a row (:func:`_tail_parts`). The
-  row's own blocks keep one stride, ``rowwords``, so the kernel's rows read together stay
-  ``rowwords`` apart and its whole-block loop is unchanged; only the tail chunks, read through
-  the tables anyway, take a block and a shift per row and part. The radix blocks are whole
+  part, or none: the block stays the row's) that holds least a row
+  (:func:`~baq.kernels.lane_tails.tail_parts`). The row's own blocks keep one stride,
+  ``rowwords``, so the kernel's rows read together stay ``rowwords`` apart and its whole-block
+  loop is unchanged; only the tail chunks, read through the tables anyway, take a block and a
+  shift per row and part. The radix blocks are whole
   and stay the row's.
 
 Memory: ``rows * rowwords * 4`` bytes and the tail blocks, ``ceil(rows / P) * 64`` a part: each
@@ -66,10 +67,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from baq.kernels.lane_tails import LANE_BITS
+from baq.kernels.lane_tails import tail_parts as _tail_parts
 from baq.kernels.layout import MAX_LEVELS, width_of
 
 CHUNK = 16  # slots a chunk: one 512-bit vector of float32, a field in each of 16 lanes
-LANE_BITS = 32
 # a radix lane: a low word of RADIX_LO_BITS (float32 peels its digits exactly, module docstring)
 # and a high word of the rest
 RADIX_LO_BITS = 21
@@ -234,7 +236,8 @@ def _fields(runs: Tensor, tails: bool = True) -> tuple[Tensor, Tensor, int, int,
     blocks in chunk order, skipping the radix runs (a run only reads its own chunks' blocks and
     shifts), and the radix runs take whole blocks after them: no block is left part empty
     between the two. The last bit-field block becomes the shared tail where that takes less
-    memory (:func:`_tail_parts`) and ``tails``; else it stays the row's, as every block."""
+    memory (:func:`~baq.kernels.lane_tails.tail_parts`) and ``tails``; else it stays the row's,
+    as every block."""
     n = int(runs[-1, 1]) if runs.numel() else 0
     word, shift = [0] * n, [0] * n
     block, bit = -1, LANE_BITS  # no block open yet
@@ -278,39 +281,6 @@ def _fields(runs: Tensor, tails: bool = True) -> tuple[Tensor, Tensor, int, int,
 def _run_of(runs: Tensor, k: int) -> int:
     """The run holding chunk ``k``."""
     return int(torch.searchsorted(runs[:, 1].contiguous(), k, right=True))
-
-
-def _tail_parts(widths: list[int]) -> list[int]:
-    """The part (0 or 1) of each field of a row's last block, or [] to keep the block the
-    row's own. A part of ``b <= 16`` bits is shared by ``32 // b`` rows, so a row holds
-    ``1 / (32 // b)`` of a block for it; the fields are split in the two parts (or left in one)
-    that hold the least, if that is under a whole block. Two parts because one alone is shared
-    only where the block is at most half full: a 3-bit row of 576 columns ends in 6 chunks, 18
-    bits, which stay a whole block alone but are 15 + 3 bits in parts shared by 2 and 10 rows
-    (0.6 of a block). Among equal costs the fewer parts (the fewer loads), then part 0 wider."""
-    total = sum(widths)
-    if total == 0:
-        return []
-
-    def cost(b: int) -> float:
-        return 0.0 if b == 0 else 1.0 / (LANE_BITS // b)
-
-    # subsets of the fields by their sum: the first found of each sum, a bit mask of fields
-    reach = {0: 0}
-    for i, w in enumerate(widths):
-        for a, m in list(reach.items()):
-            reach.setdefault(a + w, m | 1 << i)
-    best, pick = 1.0, None
-    for a, m in sorted(reach.items(), reverse=True):
-        b = total - a
-        if a > LANE_BITS // 2 or b > a:
-            continue  # part 0 the wider; a part over 16 bits is a whole block
-        c = cost(a) + cost(b)
-        if c < best - 1e-12:
-            best, pick = c, m
-    if pick is None:
-        return []
-    return [0 if pick >> i & 1 else 1 for i in range(len(widths))]
 
 
 def build_lanes(
