@@ -148,9 +148,7 @@ class LaneLayout:
 
     def tail_chunks(self) -> Tensor:
         """(nchunks,) bool: whether each chunk's field is in the row's tail."""
-        r = self.runs.long()
-        base = torch.repeat_interleave(r[:, 3], r[:, 1] - r[:, 0])
-        return (torch.arange(base.numel()) >= self.tail_chunk) & (base == 0)
+        return _tail_mask(self.runs.long(), self.tail_chunk)
 
     def row_tails(self, r0: int, r1: int) -> Tensor:
         """(r1 - r0, 16 * nparts) int64 the tail parts of rows ``[r0, r1)``, each at bit 0 of
@@ -278,6 +276,13 @@ def _fields(runs: Tensor, tails: bool = True) -> tuple[Tensor, Tensor, int, int,
     )
 
 
+def _tail_mask(runs: Tensor, tail_chunk: int) -> Tensor:
+    """(nchunks,) bool: the bit-field chunks from ``tail_chunk`` on (radix chunks never are
+    tail chunks)."""
+    base = torch.repeat_interleave(runs[:, 3], runs[:, 1] - runs[:, 0])
+    return (torch.arange(base.numel()) >= tail_chunk) & (base == 0)
+
+
 def _run_of(runs: Tensor, k: int) -> int:
     """The run holding chunk ``k``."""
     return int(torch.searchsorted(runs[:, 1].contiguous(), k, right=True))
@@ -360,8 +365,7 @@ def build_lanes(
     blocks = -(-rows // shared)
     tail_parts = torch.stack([shared, torch.tensor(bits, dtype=torch.int64),
                               torch.cumsum(blocks, 0) - blocks], 1).reshape(-1, 3)  # fmt: skip
-    base = torch.repeat_interleave(runs[:, 3], runs[:, 1] - runs[:, 0])
-    is_tail = (torch.arange(base.numel()) >= tail_chunk) & (base == 0)
+    is_tail = _tail_mask(runs, tail_chunk)
     words, tail = _pack_words(
         codes, slot_col, chunk_word + is_tail * rowwords, _multipliers(runs, chunk_shift),
         rowwords, tail_parts,
