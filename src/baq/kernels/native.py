@@ -24,8 +24,8 @@ times faster than float32 ``F.linear`` there in CPU time, and runs on torch's ow
 through ``at::parallel_for`` (so ``torch.set_num_threads`` applies and no second pool exists).
 With AVX2 and FMA but no AVX512 (most x86 CPUs, this project's session-18 machine among them)
 the same 16-lane loops run on pairs of 256-bit vectors (lanes.cpp maps each AVX512 intrinsic it
-calls onto two AVX2 ones; codes decode by a mask and a conversion): 10x faster than the
-plain loops there, 1.8x faster than float32 ``F.linear`` on 4096x14336 at one token. Without
+calls onto two AVX2 ones; codes decode by a mask and a conversion): 7 to 11x faster than
+the plain loops there, 1.8x faster than float32 ``F.linear`` on 4096x14336 at one token. Without
 either, the loops are plain C++ that the compiler vectorises as it can (``-DBAQ_PORTABLE``
 builds them everywhere, for the tests).
 
