@@ -76,6 +76,26 @@ def test_lora_trains_on_packed_linears_and_never_changes_a_code(folder, tmp_path
     assert not torch.allclose(base, want, atol=1e-4)
 
 
+def test_lora_trains_on_a_rotated_model_after_an_inference_forward(folder):
+    """The rotation's cached signs and Hadamard factors, first made under
+    ``torch.inference_mode()`` (generation, evaluation), must not reach autograd as inference
+    tensors when the adapters then train."""
+    from baq.quant import rotation
+
+    rotation._dense_factor.cache_clear()
+    rotation._paley_hadamard.cache_clear()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert any(m.rotation is not None for m in model.modules() if isinstance(m, PackedLinear))
+    x = ids(2, 16)
+    with torch.inference_mode():
+        model(input_ids=x)
+    peft_model = get_peft_model(model, lora_config(r=2, target_modules=["q_proj"]))
+    loss = peft_model(input_ids=x, labels=x).loss
+    loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def test_merging_into_packed_codes_is_refused(folder):
     model = AutoModelForCausalLM.from_pretrained(folder)
     peft_model = get_peft_model(model, lora_config(r=2, target_modules=["q_proj"]))

@@ -36,6 +36,26 @@ def folder(request, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("cache", ["kernel", "compact", "codes"])
+@pytest.mark.parametrize("tokens", [3, 300])  # the fused kernel, and the tile path past 128
+def test_gradients_flow_through_packed_layers_as_through_the_weight(folder, cache, tokens):
+    """Autograd through a packed linear (LoRA adapters before it, a loss after): the input's and
+    the embedding's gradients are those of ``cache="weight"``, and a kernel layer's backward never
+    builds the float weight whole (row tiles)."""
+    grads = {}
+    for name in (cache, "weight"):
+        model, _ = storage.load_quantized(folder, cache=name)
+        emb = model.get_input_embeddings().weight
+        emb.requires_grad_(True)
+        x = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(2))
+        model(x, labels=x).loss.backward()
+        grads[name] = emb.grad.clone()
+        assert all(m._layout is not None for m in packed_layers(model).values()) or name != "kernel"
+    scale = grads["weight"].abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(grads[cache], grads["weight"], rtol=0, atol=1e-4 * scale)
+
+
 def packed_layers(model) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 

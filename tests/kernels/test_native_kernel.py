@@ -277,3 +277,36 @@ def test_with_a_compiler_the_module_runs_the_native_layout():
     assert isinstance(layer._layout, LaneLayout)
     W = dequantize(codes, grid, levels)
     torch.testing.assert_close(y, F.linear(x, W), rtol=0, atol=1e-4 * float(y.abs().max()))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def test_the_build_reports_the_vector_loops_this_cpu_has():
+    """512 with AVX512F, 256 with AVX2 and FMA, 0 for the portable build (what the benchmarks
+    record and the plain-loop warning reads)."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags here")
+    expected = 512 if "avx512f" in flags else 256 if {"avx2", "fma"} <= flags else 0
+    assert native.vector_bits() == expected
+    assert native.vector_bits(native.library(portable=True)) == 0
+
+
+def test_plain_loops_warn_once_that_codes_is_faster(monkeypatch, caplog):
+    monkeypatch.setattr(native, "vector_bits", lambda lib=None: 0)
+    runtime._warn_plain_loops.cache_clear()
+    codes, levels, grid = random_layer(29, 203, 64, False, "oc", "float32")
+    with caplog.at_level(logging.WARNING, logger="baq.kernels.runtime"):
+        for _ in range(3):
+            layout = runtime.build(codes, levels, grid.group_size, grid.sym, grid.dim)
+    assert isinstance(layout, LaneLayout)  # still the packed layout: the user chose it
+    notes = [r for r in caplog.records if "--cache codes" in r.getMessage()]
+    assert len(notes) == 1
+    runtime._warn_plain_loops.cache_clear()

@@ -524,7 +524,15 @@ struct AlignedFloats {
 
 extern "C" {
 
-int baq_lanes_isa() { return BAQ_AVX512 ? 512 : 0; }
+// the vector loops this build runs: 512 (AVX512, or its emulation in the tests), 256 (AVX2 pairs),
+// 0 (the portable loops)
+int baq_lanes_isa() {
+#ifdef BAQ_AVX2_PAIRS
+  return 256;
+#else
+  return BAQ_AVX512 ? 512 : 0;
+#endif
+}
 
 // y (T, rows) = x (T, cols) W^T (+ bias); lo, hi: the float32 ranges ((rows, G) per OC, (G,
 // cols) per IC). Returns 0, or 1 when the scratch could not be allocated.

@@ -93,6 +93,13 @@ def library(portable: bool = False) -> ctypes.CDLL | None:
     return _LIBS[portable]
 
 
+def vector_bits(lib: ctypes.CDLL | None = None) -> int:
+    """The vector loops ``lib`` (default :func:`library`) runs: 512 (AVX512), 256 (AVX2 and FMA,
+    the 16-lane loops on pairs of 256-bit vectors) or 0 (the portable loops, or no library)."""
+    lib = library() if lib is None else lib
+    return int(lib.baq_lanes_isa()) if lib is not None else 0
+
+
 def _compile(portable: bool) -> ctypes.CDLL:
     flags = FLAGS + (["-DBAQ_PORTABLE"] if portable else [])
     return load_source(SOURCE, flags, SOURCE.read_bytes())

@@ -107,7 +107,13 @@ def small_hadamard(h: int) -> Tensor:
 @cache
 def _paley_hadamard(h: int) -> Tensor:
     """:func:`small_hadamard`, built once per order (every layer of a width shares it); callers
-    here only read it, the public function hands out copies."""
+    here only read it, the public function hands out copies. Built outside inference mode, as
+    :func:`_dense_factor` is."""
+    with torch.inference_mode(False):
+        return _build_paley(h)
+
+
+def _build_paley(h: int) -> Tensor:
     if h == 1:
         return torch.ones(1, 1, dtype=torch.float64)
     if h not in PALEY:
@@ -187,9 +193,11 @@ def fwht_blocked(x: Tensor, block: int | None = None) -> Tensor:
 
 @cache
 def _dense_factor(kind: str, f: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A Sylvester or Paley factor in a dtype on a device, made once (read-only to callers)."""
-    M = sylvester(f) if kind == "sylvester" else _paley_hadamard(f)
-    return M.to(device=device, dtype=dtype)
+    """A Sylvester or Paley factor in a dtype on a device, made once (read-only to callers), and
+    outside inference mode: a cached inference tensor would break a later autograd forward."""
+    with torch.inference_mode(False):
+        M = sylvester(f) if kind == "sylvester" else _paley_hadamard(f)
+        return M.to(device=device, dtype=dtype)
 
 
 def hadamard_transform(x: Tensor, transpose: bool = False, blocked: bool = False) -> Tensor:

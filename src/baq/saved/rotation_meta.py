@@ -76,7 +76,10 @@ class InputRotation:
         key = (x.device, work)
         signs = self._signs.get(key)
         if signs is None:
-            signs = self._signs[key] = self.rot.signs(x.device, work)
+            # kept across calls: made outside inference mode, or a first forward under
+            # torch.inference_mode() would hand later training (PEFT LoRA) an inference tensor
+            with torch.inference_mode(False):
+                signs = self._signs[key] = self.rot.signs(x.device, work)
         return self.rot.apply(x, signs, blocked=True)
 
     def nbytes(self) -> int:
