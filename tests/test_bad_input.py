@@ -353,7 +353,9 @@ def test_group_size_that_does_not_divide_the_columns(tiny_model_dir, text_file, 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     assert len(layers) == 14
     for name, layer in layers.items():
-        W = layer.dequantize()  # (rows, cols); cols 64 or 128: never a multiple of 48
+        # (rows, cols) in the codes' basis (rotated by default); cols 64 or 128: never a
+        # multiple of 48
+        W = layer.dequantize(rotated=True)
         cols = W.shape[1]
         starts = list(range(0, cols, 48))
         assert cols % 48 and layer.lo_bits.shape == (W.shape[0], len(starts)), name

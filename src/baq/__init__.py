@@ -108,10 +108,10 @@ def quantize(
 ) -> SessionResult:
     """Quantize ``model`` in place: the same run as ``baq quantize`` (:mod:`baq.run.session`).
 
-    With the default config that is BAQ at 3 bits with one budget for the whole model: a
-    measurement pass prices every layer, the closed form allocates every column, then the
-    sequential pass quantizes. A config asking for ``allocation="model"`` always gets its
-    measurement and plan.
+    With the default config that is BAQ at 3 bits with one budget for the whole model, clipped
+    and rotated (:class:`QuantConfig`): a measurement pass prices every layer, the closed form
+    allocates every column, then the sequential pass quantizes. A config asking for
+    ``allocation="model"`` always gets its measurement and plan.
 
     Args:
         model: a Hugging Face causal LM.

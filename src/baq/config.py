@@ -117,8 +117,11 @@ class QuantConfig:
     # 3 and 4 bits (BAQ) and 3 (GPTQ), on Gemma 3 270M at 3 bits (docs/RESULTS.md, session 14)
     clip: bool | None = None
     # incoherence processing: each linear quantized in the basis of a seeded randomized Hadamard
-    # transform of its inputs (quant/rotation.py); rotate_seed and the layer's name give its seed
-    rotate: bool = False
+    # transform of its inputs (quant/rotation.py); rotate_seed and the layer's name give its seed.
+    # None: on for BAQ and GPTQ (it wins at 2 to 4 bits on the reference model and at 3 and 4 on
+    # Gemma 3 270M, docs/RESULTS.md sessions 15-19), except with AdaDim's block criterion, which
+    # rounds the unrotated weights; off for RTN, the plain baseline
+    rotate: bool | None = None
     rotate_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -146,6 +149,9 @@ class QuantConfig:
             )
         if not 2 <= self.max_levels <= 65536:
             raise ValueError(f"max_levels={self.max_levels}: use a value in [2, 65536], e.g. 256")
+        if self.rotate is None:
+            block_adadim = self.dim == "auto" and self.adadim == "block"
+            object.__setattr__(self, "rotate", self.method != "rtn" and not block_adadim)
         if self.min_levels is None:
             object.__setattr__(self, "min_levels", 2 if self.rotate is True else 1)
         if not (
@@ -243,7 +249,7 @@ class QuantConfig:
         if self.rotate and self.dim == "auto" and self.adadim == "block":
             raise ValueError(
                 "adadim='block' rounds the unrotated weights, and --rotate quantizes rotated ones: "
-                "use --adadim proxy with --rotate, or drop --rotate"
+                "use --adadim proxy with --rotate, or --no-rotate"
             )
         if not isinstance(self.include_head, bool):
             raise ValueError(f"include_head={self.include_head!r}: use True or False")

@@ -138,7 +138,8 @@ def test_a_floor_keeps_every_column_of_every_layer_and_spends_the_budget():
 def test_rotation_floors_the_plan_at_two_levels_unless_told_otherwise():
     from baq.config import QuantConfig
 
-    assert QuantConfig(rotate=True).min_levels == 2 and QuantConfig().min_levels == 1
+    assert QuantConfig(rotate=True).min_levels == 2 and QuantConfig(rotate=False).min_levels == 1
+    assert QuantConfig().min_levels == 2  # rotated by default
     assert QuantConfig(rotate=True, min_levels=1).min_levels == 1
     with pytest.raises(ValueError, match="below the floor"):
         QuantConfig(bits=1.0, min_levels=4)

@@ -90,12 +90,15 @@ def test_methods_use_the_clipped_grid_and_ic_is_refused(monkeypatch):
     X = torch.randn(32, 200)
     H = 2 * X @ X.t() / 200
     for method in ("rtn", "gptq", "baq"):
+        # unrotated: the layer_grid below is fitted to the plain-basis weight
         plain = QuantConfig(
-            allocation="layer", method=method, bits=3, sensitivity="analytic", clip=False
-        )
+            allocation="layer", method=method, bits=3, sensitivity="analytic", clip=False,
+            rotate=False,
+        )  # fmt: skip
         clipped = QuantConfig(
-            allocation="layer", method=method, bits=3, sensitivity="analytic", clip=True
-        )
+            allocation="layer", method=method, bits=3, sensitivity="analytic", clip=True,
+            rotate=False,
+        )  # fmt: skip
         res_plain, _ = quantize_layer(W, H, plain)
         res, _ = quantize_layer(W, H, clipped)
         want = layer_grid(W.float(), None if method == "rtn" else H, clipped, "oc", res.levels)

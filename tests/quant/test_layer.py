@@ -45,9 +45,12 @@ def test_baq_record_is_consistent_with_its_result():
     assert rec.loss == pytest.approx(res.losses.double().sum().item())
     # every weight is one of its column's L_j grid points
     from baq.quant.grid import dequantize
+    from baq.quant.rotation import original_basis
 
     assert (res.codes < res.levels.unsqueeze(0)).all()
-    assert torch.equal(dequantize(res.codes, res.grid, res.levels), res.weight)
+    assert res.rotation is not None  # the default rotates; the weight is in the original basis
+    on_grid = dequantize(res.codes, res.grid, res.levels)
+    assert torch.equal(original_basis(on_grid, res.rotation), res.weight)
 
 
 def test_integer_bits_mode_uses_powers_of_two_and_beats_gptq():

@@ -76,7 +76,7 @@ def test_rotation_lowers_the_proxy_loss_of_outlier_columns():
     """The point of it (QuIP): GPTQ at 3 bits on a layer with outlier columns loses less in
     the rotated basis (the proxy loss ``tr(D H D^T)`` is the same quantity in both bases)."""
     W, H = layer(64, 64, seed=1)
-    plain, _ = quantize_layer(W, H, QuantConfig(method="gptq", bits=3.0), NAME)
+    plain, _ = quantize_layer(W, H, QuantConfig(method="gptq", bits=3.0, rotate=False), NAME)
     rotated, _ = quantize_layer(W, H, QuantConfig(method="gptq", bits=3.0, rotate=True), NAME)
 
     def loss(Q):
@@ -92,7 +92,8 @@ def test_seeds_follow_the_name_and_the_run_seed():
     assert a.seed == rot.layer_seed(0, "a.q_proj")
     assert layer_rotation(cfg, "a.k_proj", 64).seed != a.seed
     assert layer_rotation(QuantConfig(method="gptq", rotate=True, rotate_seed=1), "a.q_proj", 64)
-    assert layer_rotation(QuantConfig(method="gptq"), "a.q_proj", 64) is None
+    assert layer_rotation(QuantConfig(method="gptq", rotate=False), "a.q_proj", 64) is None
+    assert layer_rotation(QuantConfig(method="rtn"), "a.q_proj", 64) is None  # RTN: plain
 
 
 def test_a_width_without_a_transform_stays_unrotated():

@@ -17,6 +17,7 @@ from baq.cli import main
 from baq.config import QuantConfig
 from baq.model import blocks, loader
 from baq.quant.grid import dequantize
+from baq.quant.rotation import original_basis
 from baq.run import allocation, checkpoint, head, measure, memory_estimate
 from baq.run.quantization import quantize_model
 from baq.saved import storage
@@ -83,8 +84,10 @@ def test_head_is_quantized_after_the_last_block(build, cfg, monkeypatch):
     res, rec = run.results["lm_head"], run.records[-1]
     assert rec.shape == (VOCAB, 64)
     assert (res.codes >= 0).all() and (res.codes < res.levels.unsqueeze(0)).all()
-    W = dequantize(res.codes, res.grid, res.levels)
-    assert torch.equal(model.lm_head.weight, W)  # the model computes with the stored codes
+    # the model computes with the stored codes (in the original basis: rotated by default)
+    W = original_basis(dequantize(res.codes, res.grid, res.levels), res.rotation)
+    assert (res.rotation is not None) == (cfg.method != "rtn")
+    assert torch.equal(model.lm_head.weight, W)
     assert not torch.equal(W, original.lm_head.weight)
     bits = float(torch.log2(res.levels.double()).mean())
     assert rec.nominal_bits == pytest.approx(bits)

@@ -6,6 +6,7 @@ import torch
 from baq.config import QuantConfig
 from baq.model import blocks
 from baq.quant.grid import dequantize
+from baq.quant.rotation import original_basis
 from baq.run.quantization import is_skipped, quantize_model
 from baq.run.report import weighted_nominal_bits
 from helpers import ARCH_IDS, ARCHS, VOCAB, make_tiny_llama, tiny_model
@@ -55,9 +56,12 @@ def test_every_linear_is_quantized_onto_its_grid(build, cfg):
     for name, res in run.results.items():
         W = blocks.get_weight(mods[name]).float()
         assert not torch.equal(W, blocks.get_weight(before[name]).float()), name
-        # what the model computes with is exactly the stored codes on the stored grid
+        # what the model computes with is exactly the stored codes on the stored grid (taken
+        # back to the original basis for a rotated layer, the default of BAQ and GPTQ)
         assert (res.codes < res.levels.unsqueeze(0)).all()
-        assert torch.equal(W, dequantize(res.codes, res.grid, res.levels))
+        on_grid = dequantize(res.codes, res.grid, res.levels)
+        assert torch.equal(W, original_basis(on_grid, res.rotation))
+        assert (res.rotation is not None) == (cfg.method != "rtn"), name
         if cfg.method != "baq" or cfg.integer_bits:
             b = torch.log2(res.levels.double())
             assert torch.equal(b, b.round())

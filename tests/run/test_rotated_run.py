@@ -19,13 +19,14 @@ MODEL = dict(bits=3, allocation="model", sensitivity="analytic", clip=False)  # 
 
 def test_the_measurement_key_follows_rotate():
     calib = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
-    plain = measure.config_settings(QuantConfig(**MODEL))
+    plain = measure.config_settings(QuantConfig(**MODEL, rotate=False))
     rotated = measure.config_settings(QuantConfig(**MODEL, rotate=True))
     assert "rotate" not in plain and "rotate_seed" not in plain  # files from before still serve
     assert rotated["rotate"] is True
     assert rotated != plain
     # the seed enters with rotate only (without it no layer's seed is used)
-    assert "rotate_seed" not in measure.config_settings(QuantConfig(**MODEL, rotate_seed=5))
+    unrotated = QuantConfig(**MODEL, rotate=False, rotate_seed=5)
+    assert "rotate_seed" not in measure.config_settings(unrotated)
     seeded = measure.config_settings(QuantConfig(**MODEL, rotate=True, rotate_seed=5))
     assert seeded["rotate_seed"] == 5
 
@@ -34,13 +35,14 @@ def test_the_measurement_key_follows_rotate():
     meas.check(measure.settings_of("d", calib, QuantConfig(**MODEL, rotate=True)))
     meas.check(measure.settings_of("d", calib, QuantConfig(**{**MODEL, "bits": 4}, rotate=True)))
     with pytest.raises(ValueError, match="--rotate"):
-        meas.check(measure.settings_of("d", calib, QuantConfig(**MODEL)))
+        meas.check(measure.settings_of("d", calib, QuantConfig(**MODEL, rotate=False)))
     with pytest.raises(ValueError, match="rotate_seed"):
         meas.check(
             measure.settings_of("d", calib, QuantConfig(**MODEL, rotate=True, rotate_seed=1))
         )
     # the sensitivities are the rotated layers': other numbers than the plain measurement's
-    plain_meas = measure.measure_model(model, calib, QuantConfig(**MODEL), (), "cpu", "d")
+    plain_cfg = QuantConfig(**MODEL, rotate=False)
+    plain_meas = measure.measure_model(model, calib, plain_cfg, (), "cpu", "d")
     assert meas.names == plain_meas.names and meas.shapes == plain_meas.shapes
     assert all(not torch.allclose(meas.sens[n], plain_meas.sens[n]) for n in meas.names)
     # and the float model is untouched by measuring it
@@ -92,6 +94,33 @@ def test_model_allocation_with_rotation_saves_rotated_layers(whole):
     layers = {k.removesuffix(".level_classes") for k in tensors if k.endswith(".level_classes")}
     assert len(layers) == 4 * 7 + 1  # every decoder linear and the head
     assert all(f"{name}.rotation" in tensors for name in layers)
+
+
+def test_rotation_is_the_default_and_no_rotate_turns_it_off(setup, whole, tmp_path):
+    """Without the flag the run is the ``--rotate`` run, byte for byte; ``--no-rotate`` saves
+    no layer's seed (codes in the original basis) and quantizes other codes."""
+    from safetensors.torch import load_file
+
+    default = tmp_path / "default"
+    assert main([a for a in argv(setup, default) if a != "--rotate"]) == 0
+    assert folder_bytes(default) == folder_bytes(whole)
+    plain = tmp_path / "plain"
+    assert main([*(a for a in argv(setup, plain) if a != "--rotate"), "--no-rotate"]) == 0
+    tensors = load_file(plain / "quantized.safetensors")
+    assert not any(k.endswith(".rotation") for k in tensors)
+    assert report(plain)["quant"]["rotate"] is False
+    assert report(plain)["quant"]["min_levels"] == 1  # the unrotated floor: columns prunable
+
+
+def test_the_default_rotation_follows_the_method_and_the_adadim_criterion():
+    assert QuantConfig().rotate is True and QuantConfig(method="gptq").rotate is True
+    assert QuantConfig().min_levels == 2  # the rotated floor (DESIGN.md section 1)
+    assert QuantConfig(method="rtn").rotate is False  # the plain baseline
+    block = QuantConfig(dim="auto", adadim="block")
+    assert block.rotate is False and block.min_levels == 1
+    assert QuantConfig(dim="auto").rotate is True
+    with pytest.raises(ValueError, match="--no-rotate"):
+        QuantConfig(dim="auto", adadim="block", rotate=True)
 
 
 def test_lazy_rotated_run_gives_the_bytes_and_perplexity_of_a_whole_load(setup, whole, tmp_path):
@@ -178,11 +207,11 @@ def test_a_bad_rotate_seed_is_one_line(setup, tmp_path, capsys, extra, message):
     assert not (tmp_path / "x").exists()
 
 
-def test_a_rotate_seed_without_rotate_is_refused_before_loading(setup, tmp_path, capsys):
+def test_a_rotate_seed_with_no_rotate_is_refused_before_loading(setup, tmp_path, capsys):
     args = [a for a in argv(setup, tmp_path / "x", "--rotate-seed", "3") if a != "--rotate"]
-    assert main(args) == 2
+    assert main([*args, "--no-rotate"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "baq: error: --rotate-seed 3 has no effect without --rotate: add it"
+    assert err == "baq: error: --rotate-seed 3 has no effect with --no-rotate: drop one of them"
     assert not (tmp_path / "x").exists()
 
 

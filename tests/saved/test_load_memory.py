@@ -177,6 +177,7 @@ def test_the_estimate_is_what_a_loaded_model_holds(head_folder):
             held = sum(m._weight.numel() * m._weight.element_size() for m in layers)
         else:
             held = 0
+        held += sum(0 if m.rotation is None else m.rotation.nbytes() for m in layers)
         assert est.cache == held, cache
         assert est.transient == 40 * max(m.out_features * m.in_features for m in layers)
 

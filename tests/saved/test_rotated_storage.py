@@ -72,7 +72,7 @@ def test_packed_rotated_layer_against_the_dense_rotation(dim):
 def test_an_unrotated_layer_has_the_identity_transform():
     g = torch.Generator().manual_seed(1)
     W, X = torch.randn(8, 16, generator=g), torch.randn(16, 40, generator=g)
-    res, _ = quantize_layer(W, 2 * X @ X.T / 40, QuantConfig(method="gptq", bits=3))
+    res, _ = quantize_layer(W, 2 * X @ X.T / 40, QuantConfig(method="gptq", bits=3, rotate=False))
     layer = PackedLinear.from_quantized(res)
     x = torch.randn(2, 16)
     assert layer.rotation is None and layer.rotation_seed is None
@@ -153,7 +153,7 @@ def test_a_folder_without_rotation_tensors_reads_as_before(tmp_path):
     """What every folder written before rotation holds: no N.rotation, no transform."""
     model = make_tiny_llama()
     calib = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
-    cfg = QuantConfig(method="gptq", bits=3)
+    cfg = QuantConfig(method="gptq", bits=3, rotate=False)  # as before rotation existed
     run = quantize_model(model, calib, cfg, device="cpu", progress=False)
     out = storage.save_quantized(tmp_path / "q", model, make_tokenizer(), run.results, cfg)
     assert not any(k.endswith(".rotation") for k in load_file(out / "quantized.safetensors"))

@@ -190,26 +190,30 @@ def add_clip_arg(g: Any, bench: bool = False) -> None:
 
 def add_rotate_arg(g: Any, bench: bool = False) -> None:
     """``--rotate``, shared by ``baq quantize``, ``baq measure`` and ``baq bench``."""
+    if bench:
+        g.add_argument(
+            "--rotate",
+            action="store_true",
+            help="also run every variant rotated (-rot in the name)",
+        )
+        return
     g.add_argument(
         "--rotate",
-        action="store_true",
-        help=(
-            "also run every variant rotated (-rot in the name)"
-            if bench
-            else "quantize each linear in the basis of a seeded randomized Hadamard transform of "
-            "its inputs (incoherence processing, as QuIP#), applied again to the inputs at run "
-            "time; widths 2^k or 12/20/28/36 x 2^k (others stay unrotated)"
-        ),
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="quantize each linear in the basis of a seeded randomized Hadamard transform of its "
+        "inputs (incoherence processing, as QuIP#), applied again to the inputs at run time; "
+        "widths 2^k or 12/20/28/36 x 2^k (others stay unrotated). Default: on for baq and gptq "
+        "(not with --adadim block), off for rtn; --no-rotate: the plain basis",
     )
-    if not bench:
-        g.add_argument(
-            "--rotate-seed",
-            type=rotate_seed,
-            default=None,
-            metavar="N",
-            help="seed of the rotations with --rotate (default 0); each layer's transform is "
-            "drawn from it and the layer's name, and saved as that seed",
-        )
+    g.add_argument(
+        "--rotate-seed",
+        type=rotate_seed,
+        default=None,
+        metavar="N",
+        help="seed of the rotations (default 0); each layer's transform is drawn from it and "
+        "the layer's name, and saved as that seed",
+    )
 
 
 def rotate_seed(text: str) -> int:
@@ -225,9 +229,12 @@ def rotate_seed(text: str) -> int:
 
 def rotation_of(args: Any) -> dict[str, Any]:
     """``rotate`` and ``rotate_seed`` of a :class:`QuantConfig` from ``--rotate``,
-    ``--rotate-seed``; a seed without ``--rotate`` is a mistake said in one line."""
-    if args.rotate_seed is not None and not args.rotate:
-        raise UsageError(f"--rotate-seed {args.rotate_seed} has no effect without --rotate: add it")
+    ``--rotate-seed`` (``rotate`` None: the config's default); a seed with ``--no-rotate`` is a
+    mistake said in one line."""
+    if args.rotate_seed is not None and args.rotate is False:
+        raise UsageError(
+            f"--rotate-seed {args.rotate_seed} has no effect with --no-rotate: drop one of them"
+        )
     return {"rotate": args.rotate, "rotate_seed": args.rotate_seed or 0}
 
 

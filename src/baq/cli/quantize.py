@@ -96,7 +96,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--min-levels",
         type=int,
         default=None,
-        help="BAQ: floor on levels per column (default: 2 with --rotate, else 1: prunable)",
+        help="BAQ: floor on levels per column (default: 2 when rotated, the default; 1 with "
+        "--no-rotate: prunable)",
     )
     g.add_argument("--hessian-dtype", default="float32", choices=["float32", "float64"])
     g.add_argument(

@@ -41,9 +41,10 @@ class LoadEstimate:
 
     Attributes:
         dense: the unquantized tensors (stored bytes; plus their copy in ``dtype`` when cast).
-        packed: the packed layers' stored tensors.
+        packed: the packed layers' stored tensors (a rotation's seed aside: it is not kept).
         cache: what the layers' cache keeps once each has run (``"codes"``: a byte per weight,
-            two above 128 levels; ``"weight"``: the float weight; ``"kernel"``: the layout).
+            two above 128 levels; ``"weight"``: the float weight; ``"kernel"``: the layout),
+            and a rotated layer's float32 signs (every cache but ``"weight"``).
         tied: float weights of tensors tied to packed layers (a tied input embedding).
         transient: the largest layer while it is unpacked.
     """
@@ -106,7 +107,10 @@ def estimate_load(
     for name, m in layers.items():
         rows, cols = m["shape"]
         tensors = by_layer.get(name, {})
-        packed += sum(e[2] for e in tensors.values())
+        # the rotation's seed is read, not kept; the layer keeps its float32 signs instead once
+        # it has run (every cache but "weight", whose weight is in the original basis)
+        rotated = f"{name}.rotation" in tensors
+        packed += sum(e[2] for k, e in tensors.items() if k != f"{name}.rotation")
         code_bytes = sum(e[2] for k, e in tensors.items() if _CODES.match(k))
         top = max((int(_CODES.match(k).group(2)) for k in tensors if _CODES.match(k)), default=1)
         ranges = _numel(tensors.get(f"{name}.lo", ("F32", [0], 0))[1])
@@ -120,7 +124,7 @@ def estimate_load(
             else int(KERNEL_LAYOUT_RATIO * code_bytes) + 8 * cols,  # + the slot tables
         }
         per_cache["compact"] = per_cache["kernel"]  # at most the kernel's: an upper bound
-        cache_bytes += per_cache[cache]
+        cache_bytes += per_cache[cache] + (4 * cols if rotated and cache != "weight" else 0)
         transient = max(transient, rows * cols * TRANSIENT_BYTES_PER_WEIGHT)
     tied_bytes = 0
     for stored in tied.values():
