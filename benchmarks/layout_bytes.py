@@ -10,6 +10,16 @@ model. No timing: the layouts are built from the saved codes as a load does.
     python benchmarks/layout_bytes.py SAVED_FOLDER [--json out.json] [--top 10] \
         [--sample-shapes 4096x14336 14336x4096]
 
+``--bounds``: what any 32-bit lane layout could hold the same codes in, bits a weight over the
+model (codes only, no ranges or tables), to tell the layout's own waste from what the level
+counts cost in lanes: the file (log2 L a code, what the saved streams hold), fields of the
+ceiling width packed without gaps, each count at its best of a bit field and the compact
+layout's radix lane (``32 / digits``), and a mixed-radix lane per row (the columns of a row,
+any bases mixed, packed first-fit decreasing into lanes of a 21-bit and an 11-bit word, the
+words whose digits float32 peels exactly; lanes.py): what a layout with rows in the lanes and
+no padding would hold with that packing (on the rotated 3-bit reference model it loses to one
+base a lane: 3.28 against 3.17 bits, session 20).
+
 ``--sample-shapes``: also layers of those shapes whose columns' level counts are drawn from the
 folder's histogram (weighted by weights), to see the layout of a larger model at the same
 allocation (per-OC float16 ranges and an int16 order counted on both sides).
@@ -18,13 +28,14 @@ allocation (per-OC float16 ranges and an int16 order counted on both sides).
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-from baq.kernels.lanes import build_lanes, lanes_nbytes
+from baq.kernels.lanes import RADIX_HI_BITS, RADIX_LO_BITS, build_lanes, lanes_nbytes, radix_digits
 from baq.saved.packed_linear import PackedLinear
 from baq.saved.packing import packed_nbytes, unpack_sorted
 
@@ -74,12 +85,53 @@ def sampled_rows(histogram: dict[int, int], shapes: list[str], seed: int = 0) ->
     return out
 
 
+def mixed_radix_lanes(levels: list[int]) -> int:
+    """32-bit lanes that hold one digit of each count of ``levels`` (> 1), any bases mixed in a
+    word: first-fit decreasing into a 21-bit and an 11-bit word a lane (a word holds digits of
+    bases whose product is at most 2^bits)."""
+    lanes: list[list[int]] = []  # the products of each lane's low and high word
+    for base in sorted(levels, reverse=True):
+        for lane in lanes:
+            if lane[0] * base <= 1 << RADIX_LO_BITS:
+                lane[0] *= base
+                break
+            if lane[1] * base <= 1 << RADIX_HI_BITS:
+                lane[1] *= base
+                break
+        else:
+            lanes.append([base, 1])
+    return len(lanes)
+
+
+def packing_bounds(model) -> dict[str, float]:
+    """Bits a weight of the codes of every packed linear under the packings of ``--bounds``."""
+    bits = {"file": 0.0, "ceiling fields": 0.0, "best field or radix": 0.0, "mixed radix": 0.0}
+    weights = 0
+    for m in model.modules():
+        if not isinstance(m, PackedLinear):
+            continue
+        weights += m.out_features * m.in_features
+        levels = [L for L, n in m.level_classes.tolist() for _ in range(n) if L > 1]
+        ceil = [math.ceil(math.log2(L)) for L in levels]
+        best = [min(w, 32 / sum(radix_digits(L))) for L, w in zip(levels, ceil, strict=True)]
+        row = {
+            "file": sum(math.log2(L) for L in levels),
+            "ceiling fields": sum(ceil),
+            "best field or radix": sum(best),
+            "mixed radix": 32 * mixed_radix_lanes(levels),
+        }
+        for k, v in row.items():
+            bits[k] += v * m.out_features
+    return {k: v / weights for k, v in bits.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--top", type=int, default=8, help="layers printed (the largest)")
     ap.add_argument("--sample-shapes", nargs="*", default=[], metavar="ROWSxCOLS")
+    ap.add_argument("--bounds", action="store_true", help="codes' bits under other packings")
     args = ap.parse_args()
     for shape in args.sample_shapes:
         if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", shape):
@@ -115,8 +167,14 @@ def main() -> None:
         print(f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {r['stored']} | {r['kernel']} |"
               f" {r['compact']} | {r['buffers']} | {r['kernel_over_stored']:.3f} |"
               f" {r['compact_over_stored']:.3f} |")  # fmt: skip
+    bounds = packing_bounds(model) if args.bounds else {}
+    if bounds:
+        print("\n| codes held as | bits a weight | over the file |\n|---|---:|---:|")
+        for k, v in bounds.items():
+            print(f"| {k} | {v:.3f} | {v / bounds['file']:.3f} |")
     if args.json:
-        report = {"folder": str(args.folder), "layers": rows, "total": total, "sampled": sampled}
+        report = {"folder": str(args.folder), "layers": rows, "total": total, "sampled": sampled,
+                  "bounds": bounds}  # fmt: skip
         write_json(args.json, report, indent=1)
 
 
