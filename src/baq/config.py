@@ -124,6 +124,11 @@ class QuantConfig:
     rotate: bool | None = None
     rotate_seed: int = 0
 
+    @property
+    def _block_adadim(self) -> bool:
+        """AdaDim's block criterion: it rounds the unrotated weights, so it excludes rotation."""
+        return self.dim == "auto" and self.adadim == "block"
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: use one of {', '.join(METHODS)}")
@@ -150,8 +155,7 @@ class QuantConfig:
         if not 2 <= self.max_levels <= 65536:
             raise ValueError(f"max_levels={self.max_levels}: use a value in [2, 65536], e.g. 256")
         if self.rotate is None:
-            block_adadim = self.dim == "auto" and self.adadim == "block"
-            object.__setattr__(self, "rotate", self.method != "rtn" and not block_adadim)
+            object.__setattr__(self, "rotate", self.method != "rtn" and not self._block_adadim)
         if self.min_levels is None:
             object.__setattr__(self, "min_levels", 2 if self.rotate is True else 1)
         if not (
@@ -246,7 +250,7 @@ class QuantConfig:
             raise ValueError(
                 f"rotate_seed={self.rotate_seed!r}: use an integer in [0, 2^63), e.g. 0"
             )
-        if self.rotate and self.dim == "auto" and self.adadim == "block":
+        if self.rotate and self._block_adadim:
             raise ValueError(
                 "adadim='block' rounds the unrotated weights, and --rotate quantizes rotated ones: "
                 "use --adadim proxy with --rotate, or --no-rotate"
