@@ -144,7 +144,13 @@ static inline baq_m512i baq_srli_epi32(baq_m512i x, int n) {
 namespace {
 
 constexpr int CHUNK = 16;  // slots per chunk: one 512-bit vector of float32
-constexpr int TMAX = 8;    // tokens multiplied together (accumulators kept in registers)
+// tokens multiplied together (accumulators kept in registers; AVX2 has half the registers for
+// twice as many halves: 4, see group_dots)
+#ifdef BAQ_AVX2_PAIRS
+constexpr int TMAX = 4;
+#else
+constexpr int TMAX = 8;
+#endif
 
 struct Layout {
   const uint32_t* words;       // (rows, rowwords): each row's own blocks
@@ -421,7 +427,8 @@ void group_dots(const Layout& L, int64_t row0, const float* xs, int64_t ts, int 
   const Tails<NR> tails(L, row0);
   // independent FMA chains per token; AVX2 one: a 512-bit accumulator takes two of its 16
   // registers, and 4 chains of 4 rows spilled to the stack (one chain of 2 rows: 1.20x faster on
-  // 4096x14336 at one token, 1.47x on 576x1536, 1.32x on 1536x576, one thread, session 20)
+  // 4096x14336 at one token, 1.47x on 576x1536, 1.32x on 1536x576, one thread, session 20;
+  // rows_together)
   constexpr int U = AVX2_PAIRS ? 1 : (TT == 1 ? 4 : (TT == 2 ? 2 : 1));
   __m512 acc[NR][TT][U];
   for (int i = 0; i < NR; ++i)
@@ -483,14 +490,15 @@ void group_dots(const Layout& L, int64_t row0, const float* xs, int64_t ts, int 
 }
 #endif
 
-// rows sharing one pass over the scaled input at tt tokens: 4 at one token (AVX2: 2, group_dots),
-// 2 up to 4 tokens (the accumulators, NR * tt * U <= 16, stay in registers)
+// rows sharing one pass over the scaled input at tt tokens: 4 at one token, 2 up to 4 tokens
+// (the accumulators, NR * tt * U <= 16, stay in registers). AVX2: 2 rows up to 2 tokens, then
+// one (NR * tt <= 4 pairs of registers; 4 tokens a pass: against 8 tokens and 2 rows, 1.33x
+// faster at 4 tokens and 1.21x at 16 on 4096x14336, two threads, session 20)
 #ifdef BAQ_AVX2_PAIRS
-constexpr int ROWS_ONE_TOKEN = 2;
+inline int rows_together(int tt) { return tt <= 2 ? 2 : 1; }
 #else
-constexpr int ROWS_ONE_TOKEN = 4;
+inline int rows_together(int tt) { return tt == 1 ? 4 : (tt <= 4 ? 2 : 1); }
 #endif
-inline int rows_together(int tt) { return tt == 1 ? ROWS_ONE_TOKEN : (tt <= 4 ? 2 : 1); }
 
 void dots(int nr, int tt, const Layout& L, int64_t row, const float* xs, int64_t ts,
           int r0, int r1, float* dot) {
