@@ -122,6 +122,8 @@ def load_source(source: Path, flags: list[str], key: bytes) -> ctypes.CDLL:
     lib.baq_lanes_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     lib.baq_lanes_dequantize.restype = None
     lib.baq_lanes_isa.restype = ctypes.c_int
+    lib.baq_rotate.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr]
+    lib.baq_rotate.restype = None
     return lib
 
 
@@ -227,6 +229,25 @@ def linear(
         if rc != 0:
             raise MemoryError(f"native kernel: no memory for the {T}x{layout.cols} input")
     return y.reshape(*lead, layout.rows).to(x.dtype)
+
+
+def rotate(x: Tensor, signs: Tensor, hh: Tensor | None, lib: ctypes.CDLL | None = None) -> Tensor:
+    """``R x`` along the last dimension of a float32 CPU ``x`` for the rotation of
+    :class:`baq.quant.rotation.HadamardRotation` (``signs``: its float32 signs; ``hh``: its
+    float32 ``(h, h)`` Paley factor, None for a power of two), in one C call: torch's blocked
+    transform dispatches a dozen small operators a call, 87-193 us a token on the reference
+    model, more than the layer's product (session 20). Not differentiable: autograd's callers
+    take torch's transform."""
+    lib = lib or _require()
+    n = x.shape[-1]
+    h = 1 if hh is None else int(hh.shape[0])
+    x2 = x.reshape(-1, n).contiguous()
+    y = torch.empty_like(x2)
+    lib.baq_rotate(
+        x2.data_ptr(), x2.shape[0], n, h, signs.data_ptr(),
+        None if hh is None else hh.data_ptr(), y.data_ptr(),
+    )  # fmt: skip
+    return y.view(x.shape)
 
 
 def _require() -> ctypes.CDLL:

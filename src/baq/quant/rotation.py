@@ -200,6 +200,12 @@ def _dense_factor(kind: str, f: int, dtype: torch.dtype, device: torch.device) -
         return M.to(device=device, dtype=dtype)
 
 
+def paley_factor(h: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The ``(h, h)`` Paley factor of :func:`hadamard_transform` in a dtype on a device, made once
+    (read-only to callers)."""
+    return _dense_factor("paley", h, dtype, device)
+
+
 def hadamard_transform(x: Tensor, transpose: bool = False, blocked: bool = False) -> Tensor:
     """Unnormalised ``H_n x`` (or ``H_n^T x``) along the last dimension, ``H_n = H_h kron H_p``.
 

@@ -14,7 +14,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from baq.quant.rotation import SUPPORTED, HadamardRotation, supported
+from baq.quant.rotation import (
+    SUPPORTED,
+    HadamardRotation,
+    hadamard_factors,
+    paley_factor,
+    supported,
+)
+
+# tokens up to which a CPU forward rotates in one native call (baq.kernels.native.rotate): one
+# token 40 us against 99 (576 columns), 165 against 298 (14336), two threads, session 20; at 8
+# tokens torch's blocked transform, whose (h, h) products BLAS runs, is as fast or faster
+NATIVE_ROTATE_TOKENS = 4
 
 ROTATION_BYTES = 8  # the stored seed: one int64
 
@@ -80,6 +91,18 @@ class InputRotation:
             # torch.inference_mode() would hand later training (PEFT LoRA) an inference tensor
             with torch.inference_mode(False):
                 signs = self._signs[key] = self.rot.signs(x.device, work)
+        if (
+            work == torch.float32
+            and x.device.type == "cpu"
+            and x.numel() <= NATIVE_ROTATE_TOKENS * self.rot.n
+            and not (torch.is_grad_enabled() and x.requires_grad)  # LoRA: torch's, with grads
+        ):
+            from baq.kernels import native  # the compiled library, if this machine has one
+
+            if native.library() is not None:
+                h, _ = hadamard_factors(self.rot.n)
+                hh = None if h == 1 else paley_factor(h, work, x.device)
+                return native.rotate(x.to(work), signs, hh).to(x.dtype)
         return self.rot.apply(x, signs, blocked=True)
 
     def nbytes(self) -> int:
