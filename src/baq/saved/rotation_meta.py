@@ -74,6 +74,7 @@ class InputRotation:
     def __init__(self, cols: int, seed: int) -> None:
         self.rot = HadamardRotation(cols, seed)
         self._signs: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._factor: tuple[Tensor | None] | None = None  # float32 CPU Paley factor, native path
 
     @property
     def seed(self) -> int:
@@ -100,9 +101,10 @@ class InputRotation:
             from baq.kernels import native  # the compiled library, if this machine has one
 
             if native.library() is not None:
-                h, _ = hadamard_factors(self.rot.n)
-                hh = None if h == 1 else paley_factor(h, work, x.device)
-                return native.rotate(x.to(work), signs, hh).to(x.dtype)
+                if self._factor is None:
+                    h, _ = hadamard_factors(self.rot.n)
+                    self._factor = (paley_factor(h, work, x.device) if h > 1 else None,)
+                return native.rotate(x.to(work), signs, self._factor[0]).to(x.dtype)
         return self.rot.apply(x, signs, blocked=True)
 
     def nbytes(self) -> int:
