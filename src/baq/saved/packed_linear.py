@@ -125,6 +125,7 @@ class PackedLinear(nn.Module):
         # float32 copy, 3 % of a 3-bit layer of 576 columns)
         self._layout: runtime.RuntimeLayout | None = None
         self._fallback_logged = False
+        self._top_levels: tuple[tuple[int, int], int] | None = None  # _kernel_fits
         # float tensors elsewhere in the model that hold this layer's dequantized weight (the
         # input embedding tied to a packed head): a save stores them once, as this layer
         self.aliases: list[str] = []
@@ -144,7 +145,7 @@ class PackedLinear(nn.Module):
         The top count kept per version of ``level_classes`` (a load may copy into it): taking it
         each forward cost about 8 us a call, a twentieth of a small layer's forward."""
         key = (self.level_classes.data_ptr(), self.level_classes._version)
-        if getattr(self, "_top_levels", (None, 0))[0] != key:
+        if self._top_levels is None or self._top_levels[0] != key:
             self._top_levels = (key, int(self.level_classes[:, 0].max()))
         top = self._top_levels[1]
         if top <= KERNEL_MAX_LEVELS:
