@@ -16,7 +16,8 @@ tails, baq/kernels/lanes.py): lanes.cpp's ``struct Layout`` holds the tails last
 kernel reads its prefix, and the codes sit in the same chunks, summed in the same order, so the
 bits must agree. ``--compact`` instead
 times the same kernel on the compact layout (``build_lanes(radix=True)``, the ``"compact"``
-cache) as the "baseline" column, and checks the two agree to float32 rounding.
+cache) as the "baseline" column, and checks the two agree to float32 rounding; ``--rows`` the
+same with the row-lane layout (baq/kernels/row_lanes.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from kernel_speed import sample_levels
 
 from baq.kernels import native
 from baq.kernels.lanes import build_lanes
+from baq.kernels.row_lanes import build_row_lanes
 from baq.quant.grid import fit_grid
 
 
@@ -52,6 +54,9 @@ def main() -> None:
         "--compact",
         action="store_true",
         help="baseline column: this kernel on the compact (radix) layout",
+    )
+    ap.add_argument(
+        "--rows", action="store_true", help="baseline column: the row-lane layout's kernel"
     )
     args = ap.parse_args()
     new_lib = native.library()
@@ -82,11 +87,13 @@ def main() -> None:
     layout = build_lanes(codes, levels, None, False)
     own = build_lanes(codes, levels, None, False, tails=False) if old_lib is not None else None
     fields = build_lanes(codes, levels, None, False, radix=True) if args.compact else None
+    if args.rows:
+        fields = build_row_lanes(codes, levels, None, False)
     Wb = W.bfloat16()
     lo, hi = grid.lo.half().float(), grid.hi.half().float()
     print(
         f"{args.shape}, {args.bits} bits: layout {layout.nbytes() / 1e6:.1f} MB"
-        + (f" (compact: {fields.nbytes() / 1e6:.1f} MB)" if fields is not None else "")
+        + (f" (baseline: {fields.nbytes() / 1e6:.1f} MB)" if fields is not None else "")
         + (f" (without shared tails: {own.nbytes() / 1e6:.1f} MB)" if own is not None else "")
     )
     has_base = old_lib is not None or fields is not None
@@ -118,7 +125,7 @@ def main() -> None:
                 fns["baseline"] = lambda x=x: native.linear(fields, x, lo, hi)
                 a, b = fns["native"](), fns["baseline"]()
                 tol = 1e-5 * F.linear(x.abs(), W.abs()).max()
-                assert float((a - b).abs().max()) <= tol, "radix and fields layouts disagree"
+                assert float((a - b).abs().max()) <= tol, "the two layouts disagree"
             wall = {k: [] for k in fns}
             cpu = {k: [] for k in fns}
             for fn in fns.values():

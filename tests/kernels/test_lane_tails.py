@@ -28,15 +28,23 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason="no C++ compile
 EMULATED = Path(__file__).with_name("lanes_emulated.cpp")
 
 
-@pytest.fixture(scope="module", params=["native", "portable", "emulated"])
+BUILDS = ["native", "portable", "emulated"]
+
+
+@pytest.fixture(scope="module", params=BUILDS)
 def lib(request):
-    if request.param == "emulated":
+    return kernel_library(request.param)
+
+
+def kernel_library(build: str):
+    """This machine's build, the portable loops, or the AVX512 loops on C++ stand-ins."""
+    if build == "emulated":
         key = EMULATED.read_bytes() + native.SOURCE.read_bytes()
         # -O0: the loops' unroll pragmas over 16-float structs took gcc -O3 over 15 minutes
         lib = native.load_source(EMULATED, ["-O0", "-fopenmp"], key)
         assert native.vector_bits(lib) == 512  # the AVX512 loops, whatever this machine has
         return lib
-    lib = native.library(portable=request.param == "portable")
+    lib = native.library(portable=build == "portable")
     assert lib is not None
     return lib
 

@@ -39,8 +39,15 @@ def lib(request):
 
 def check(codes, levels, grid, tokens, lib, seed=1, max_tokens=native.MAX_KERNEL_TOKENS,
           radix=False):  # fmt: skip
-    rows, cols = codes.shape
     layout = build_lanes(codes, levels, grid.group_size, grid.sym, grid.dim, radix=radix)
+    check_layout(layout, codes, levels, grid, tokens, lib, seed, max_tokens)
+
+
+def check_layout(layout, codes, levels, grid, tokens, lib, seed=1,
+                 max_tokens=native.MAX_KERNEL_TOKENS):  # fmt: skip
+    """The kernel's product by ``layout`` against the float64 product of the dequantized codes,
+    to float32 rounding of the magnitudes summed (module docstring)."""
+    rows, cols = codes.shape
     W = dequantize(codes, grid, levels).double()
     step, zero = column_params(grid, levels, rows=rows)
     magnitude = (codes.double() + zero.double()) * step.double().abs()

@@ -536,6 +536,210 @@ struct AlignedFloats {
   ~AlignedFloats() { std::free(p); }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Row lanes (baq/kernels/row_lanes.py): the 16 lanes of a block are 16 rows, a lane word holds
+// one row's codes as segments of d base-B digits (value sum_i q_i B^i < 2^21 at bit ``shift``
+// of word ``word``), the same place in every row. A block's product walks the segments in slot
+// order: one load, shift, mask and conversion a segment, then per digit its quotient
+// q_p = floor((f + 1/2) / B^p) (exact, lanes.py) and q_p - B q_{p+1}: three instructions, and one
+// FMA a token into the block's 16 rows. No horizontal sums.
+
+struct RowLayout {
+  const uint32_t* words;   // (nblocks, nwords, 16): lane l of block b is row 16 b + l
+  const int16_t* segs;     // (nseg, 4): word, base, shift, digits, in slot order
+  const int32_t* gseg;     // (ngc + 1): first segment of each column group
+  const void* slot_col;    // (nslots): original column, int16 (col16) or int32
+  const int32_t* classes;  // (K, 4): column group, L, first slot, end slot
+  const int32_t* gclass;   // (ngc + 1): first class of each column group
+  int64_t rows, cols, nwords, nslots, nseg, ngc, K, ic, sym, rsize, nrg, col16;
+};
+
+constexpr int ROW_LANES = 16;
+constexpr int MAX_DIGITS = 21;  // base 2 in 21 bits
+constexpr int MAX_ROW_LEVELS = 256;
+
+inline int64_t slot_column(const RowLayout& L, int64_t s) {
+  return L.col16 ? (int64_t) static_cast<const int16_t*>(L.slot_col)[s]
+                 : (int64_t) static_cast<const int32_t*>(L.slot_col)[s];
+}
+
+// one segment's decoding constants, made once a call
+struct Segment {
+  int32_t word, shift, digits, first;  // first: its first slot
+  uint32_t mask, base;
+  const float* inv;   // inv[p] = 1 / B^p
+  const float* half;  // half[p] = 1 / (2 B^p)
+};
+
+// the segments of a layout with their constants; ``powers`` holds 1 / B^p and 1 / (2 B^p) of
+// every base used (computed in double, rounded once)
+inline std::vector<Segment> segments_of(const RowLayout& L, std::vector<float>& powers) {
+  std::vector<Segment> out((size_t)L.nseg);
+  std::vector<int> at(MAX_ROW_LEVELS + 1, -1);
+  powers.clear();
+  powers.reserve((size_t)2 * (MAX_DIGITS + 1) * 8);
+  for (int64_t k = 0; k < L.nseg; ++k) {
+    const int B = L.segs[4 * k + 1];
+    if (at[B] < 0) {
+      at[B] = (int)powers.size();
+      double pw = 1.0;
+      for (int p = 0; p <= MAX_DIGITS; ++p, pw *= B) powers.push_back((float)(1.0 / pw));
+      pw = 1.0;
+      for (int p = 0; p <= MAX_DIGITS; ++p, pw *= B) powers.push_back((float)(0.5 / pw));
+    }
+  }
+  int32_t first = 0;
+  for (int64_t k = 0; k < L.nseg; ++k) {
+    const int16_t* s = L.segs + 4 * k;
+    const int B = s[1], d = s[3];
+    int64_t top = 1;
+    for (int i = 0; i < d; ++i) top *= B;
+    int bits = 0;
+    while ((int64_t(1) << bits) < top) ++bits;
+    Segment& g = out[(size_t)k];
+    g.word = s[0], g.shift = s[2], g.digits = d, g.first = first;
+    g.mask = bits >= 32 ? ~0u : (1u << bits) - 1, g.base = (uint32_t)B;
+    first += d;
+  }
+  // pointers into powers are taken after its last push_back (no reallocation past here)
+  for (int64_t k = 0; k < L.nseg; ++k) {
+    const int B = L.segs[4 * k + 1];
+    out[(size_t)k].inv = powers.data() + at[B];
+    out[(size_t)k].half = out[(size_t)k].inv + MAX_DIGITS + 1;
+  }
+  return out;
+}
+
+// runs of consecutive segments of one digit count inside one column group: the kernel's loop
+// over a run is unrolled for its count (a count changing every few segments, in a loop whose
+// trip count changed with it, mispredicted a branch a segment: 1.9x slower at one token)
+struct SegmentRun {
+  int64_t k0, k1;
+  int digits;
+};
+
+inline std::vector<SegmentRun> segment_runs(const RowLayout& L, const std::vector<Segment>& sg,
+                                            std::vector<int64_t>& group_run) {
+  std::vector<SegmentRun> runs;
+  group_run.assign((size_t)L.ngc + 1, 0);
+  for (int64_t g = 0; g < L.ngc; ++g) {
+    group_run[g] = (int64_t)runs.size();
+    for (int64_t k = L.gseg[g]; k < L.gseg[g + 1]; ++k) {
+      if (runs.size() > (size_t)group_run[g] && runs.back().digits == sg[k].digits &&
+          runs.back().k1 == k)
+        ++runs.back().k1;
+      else
+        runs.push_back({k, k + 1, sg[k].digits});
+    }
+  }
+  group_run[L.ngc] = (int64_t)runs.size();
+  return runs;
+}
+
+#if BAQ_AVX512
+// acc[t][.] += the codes of the segments [k0, k1) (each of D digits) of the 16 rows of ``blk``
+// times xs of token t
+template <int D, int TT, int U>
+inline void row_run(const Segment* sg, int64_t k0, int64_t k1, const uint32_t* blk,
+                    const float* xs, int64_t ts, __m512 (&acc)[TT][U]) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const Segment& s = sg[k];
+    const __m512i v = _mm512_loadu_si512(blk + (int64_t)s.word * ROW_LANES);
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_and_si512(
+        _mm512_srlv_epi32(v, _mm512_set1_epi32(s.shift)), _mm512_set1_epi32((int)s.mask)));
+    const float* x = xs + s.first;
+    const __m512 vb = _mm512_set1_ps((float)s.base);
+    __m512 cur = f;
+#pragma GCC unroll 21
+    for (int p = 0; p < D; ++p) {
+      __m512 d = cur;
+      if (p + 1 < D) {
+        const __m512 next = _mm512_roundscale_ps(
+            _mm512_fmadd_ps(f, _mm512_set1_ps(s.inv[p + 1]), _mm512_set1_ps(s.half[p + 1])),
+            _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        d = _mm512_fnmadd_ps(next, vb, cur);
+        cur = next;
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t)
+        acc[t][p % U] = _mm512_fmadd_ps(d, _mm512_set1_ps(x[t * ts + p]), acc[t][p % U]);
+    }
+  }
+}
+
+// dot[t * 16 + l] = sum over the runs [r0, r1) of row l of block ``blk`` of xs[t] . codes
+template <int TT>
+void row_block_dots(const Segment* sg, const SegmentRun* runs, int64_t r0, int64_t r1,
+                    const uint32_t* blk, const float* xs, int64_t ts, float* dot) {
+  // independent FMA chains at few tokens (a digit's FMA waits on the last one of its chain)
+  constexpr int U = AVX2_PAIRS ? (TT == 1 ? 2 : 1) : (TT == 1 ? 4 : (TT == 2 ? 2 : 1));
+  __m512 acc[TT][U];
+  for (int t = 0; t < TT; ++t)
+    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+  for (int64_t r = r0; r < r1; ++r) {
+    const SegmentRun& run = runs[r];
+#define BAQ_ROW_RUN(D) \
+  case D: row_run<D, TT, U>(sg, run.k0, run.k1, blk, xs, ts, acc); break;
+    switch (run.digits) {
+      BAQ_ROW_RUN(1) BAQ_ROW_RUN(2) BAQ_ROW_RUN(3) BAQ_ROW_RUN(4) BAQ_ROW_RUN(5) BAQ_ROW_RUN(6)
+      BAQ_ROW_RUN(7) BAQ_ROW_RUN(8) BAQ_ROW_RUN(9) BAQ_ROW_RUN(10) BAQ_ROW_RUN(11)
+      BAQ_ROW_RUN(12) BAQ_ROW_RUN(13) BAQ_ROW_RUN(14) BAQ_ROW_RUN(15) BAQ_ROW_RUN(16)
+      BAQ_ROW_RUN(17) BAQ_ROW_RUN(18) BAQ_ROW_RUN(19) BAQ_ROW_RUN(20) BAQ_ROW_RUN(21)
+      default: break;
+    }
+#undef BAQ_ROW_RUN
+  }
+  for (int t = 0; t < TT; ++t) {
+    __m512 sum = acc[t][0];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[t][u]);
+    _mm512_storeu_ps(dot + t * ROW_LANES, sum);
+  }
+}
+#else
+template <int TT>
+void row_block_dots(const Segment* sg, const SegmentRun* runs, int64_t r0, int64_t r1,
+                    const uint32_t* blk, const float* xs, int64_t ts, float* dot) {
+  float acc[TT][ROW_LANES] = {};
+  for (int64_t r = r0; r < r1; ++r)
+  for (int64_t k = runs[r].k0; k < runs[r].k1; ++k) {
+    const Segment& s = sg[k];
+    uint32_t f[ROW_LANES];
+    for (int l = 0; l < ROW_LANES; ++l) f[l] = (blk[s.word * ROW_LANES + l] >> s.shift) & s.mask;
+    for (int p = 0; p < s.digits; ++p) {
+      float d[ROW_LANES];
+      for (int l = 0; l < ROW_LANES; ++l) {
+        d[l] = (float)(f[l] % s.base);
+        f[l] /= s.base;
+      }
+      for (int t = 0; t < TT; ++t) {
+        const float xv = xs[t * ts + s.first + p];
+        for (int l = 0; l < ROW_LANES; ++l) acc[t][l] += d[l] * xv;
+      }
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int l = 0; l < ROW_LANES; ++l) dot[t * ROW_LANES + l] = acc[t][l];
+}
+#endif
+
+void row_dots(int tt, const Segment* sg, const SegmentRun* runs, int64_t r0, int64_t r1,
+              const uint32_t* blk, const float* xs, int64_t ts, float* dot) {
+  switch (tt) {
+    case 1: row_block_dots<1>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+    case 2: row_block_dots<2>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+    case 3: row_block_dots<3>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+#ifndef BAQ_AVX2_PAIRS
+    case 4: row_block_dots<4>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+    case 5: row_block_dots<5>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+    case 6: row_block_dots<6>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+    case 7: row_block_dots<7>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+    default: row_block_dots<8>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+#else
+    default: row_block_dots<4>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+#endif
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -746,6 +950,150 @@ void baq_rotate(const float* x, int64_t T, int64_t n, int64_t h, const float* si
           for (int64_t c = 0; c < p; ++c) o[c] += a * v[c];
         }
         for (int64_t c = 0; c < p; ++c) o[c] /= root;
+      }
+    }
+  });
+}
+
+// y (T, rows) = x (T, cols) W^T (+ bias) for a row-lane layout; lo, hi as baq_lanes_linear.
+// Returns 0, or 1 when the scratch could not be allocated.
+int baq_rows_linear(const RowLayout* Lp, const float* lo, const float* hi, const float* x,
+                    int64_t T, const float* bias, float* y) {
+  const RowLayout& L = *Lp;
+  const int64_t S = L.nslots, R = L.ic ? L.nrg : 1, G = L.ngc;  // per IC: ngc = 1
+  AlignedFloats xs_buf((size_t)(R * T * S));
+  if (!xs_buf.p) return 1;
+  float* xs = xs_buf.p;
+  std::vector<double> X((size_t)(T * L.K)), zterm((size_t)(R * T));
+  std::vector<float> clm1((size_t)L.K + 1);
+  for (int64_t c = 0; c < L.K; ++c) clm1[c] = (float)(L.classes[4 * c + 1] - 1);
+  for (int64_t gr = 0; gr < R; ++gr)
+    for (int64_t c = 0; c < L.K; ++c) {
+      const float lm1 = clm1[c];
+      for (int64_t s = L.classes[4 * c + 2]; s < L.classes[4 * c + 3]; ++s) {
+        const int64_t j = slot_column(L, s);
+        float step = 0.0f, z = 0.0f;
+        if (L.ic) {
+          const float l = lo[gr * L.cols + j], span = hi[gr * L.cols + j] - l;
+          step = span / lm1;
+          z = zero_point(l, span, lm1, L.sym);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          const float v = L.ic ? x[t * L.cols + j] * step : x[t * L.cols + j] / lm1;
+          xs[(gr * T + t) * S + s] = v;
+          if (L.ic) zterm[gr * T + t] += (double)v * (double)z;
+        }
+      }
+    }
+  if (!L.ic)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < L.K; ++c) {
+        double sum = 0.0;
+        for (int64_t s = L.classes[4 * c + 2]; s < L.classes[4 * c + 3]; ++s) sum += xs[t * S + s];
+        X[t * L.K + c] = sum;
+      }
+  std::vector<float> powers;
+  const std::vector<Segment> sg = segments_of(L, powers);
+  std::vector<int64_t> group_run;
+  const std::vector<SegmentRun> runs = segment_runs(L, sg, group_run);
+  const int64_t nblocks = (L.rows + ROW_LANES - 1) / ROW_LANES;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<double> zt((size_t)(ROW_LANES * G * TMAX));
+    std::vector<float> z((size_t)L.K + 1), dot(ROW_LANES * TMAX);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row0 = b * ROW_LANES, nr = std::min<int64_t>(ROW_LANES, L.rows - row0);
+      const int64_t gr = (L.ic && L.rsize > 0) ? row0 / L.rsize : 0;
+      const uint32_t* blk = L.words + b * L.nwords * ROW_LANES;
+      for (int64_t t0 = 0; t0 < T; t0 += TMAX) {
+        const int tt = (int)std::min<int64_t>(TMAX, T - t0);
+        const float* xr = xs + (gr * T + t0) * S;
+        double out[ROW_LANES][TMAX] = {};
+        for (int64_t i = 0; i < nr && !L.ic; ++i) {  // zero points of the classes, their sums
+          const int64_t ri = row0 + i;
+          for (int64_t g = 0; g < G; ++g) {
+            const float l = lo[ri * L.ngc + g], span = hi[ri * L.ngc + g] - l;
+            const int64_t c0 = L.gclass[g], c1 = L.gclass[g + 1];
+            if (L.sym)
+              for (int64_t c = c0; c < c1; ++c) z[c] = std::floor((clm1[c] + 1.0f) * 0.5f);
+            else
+              zero_points(l, span, clm1.data(), z.data(), c0, c1);
+            for (int t = 0; t < tt; ++t) {
+              double part[8] = {};
+              const double* Xt = X.data() + (t0 + t) * L.K;
+              int64_t c = c0;
+              for (; c + 8 <= c1; c += 8)
+                for (int k = 0; k < 8; ++k) part[k] += (double)z[c + k] * Xt[c + k];
+              for (; c < c1; ++c) part[0] += (double)z[c] * Xt[c];
+              zt[(i * G + g) * TMAX + t] = ((part[0] + part[1]) + (part[2] + part[3])) +
+                                           ((part[4] + part[5]) + (part[6] + part[7]));
+            }
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          row_dots(tt, sg.data(), runs.data(), group_run[g], group_run[g + 1], blk, xr, S,
+                   dot.data());
+          for (int64_t i = 0; i < nr; ++i) {
+            const int64_t ri = row0 + i;
+            const double span = L.ic ? 1.0 : (double)(hi[ri * L.ngc + g] - lo[ri * L.ngc + g]);
+            for (int t = 0; t < tt; ++t) {
+              const double d = (double)dot[t * ROW_LANES + i];
+              out[i][t] += L.ic ? d : span * (d - zt[(i * G + g) * TMAX + t]);
+            }
+          }
+        }
+        for (int64_t i = 0; i < nr; ++i)
+          for (int t = 0; t < tt; ++t) {
+            double v = out[i][t] - (L.ic ? zterm[gr * T + t0 + t] : 0.0);
+            if (bias) v += (double)bias[row0 + i];
+            y[(t0 + t) * L.rows + row0 + i] = (float)v;
+          }
+      }
+    }
+  });
+  return 0;
+}
+
+// rows [r0, r1) of W in the original column order, float32, bit for bit the weights of
+// quant/grid.py dequantize_codes (as baq_lanes_dequantize); out (r1 - r0, cols) zeroed.
+void baq_rows_dequantize(const RowLayout* Lp, const float* lo, const float* hi, int64_t r0,
+                         int64_t r1, float* out) {
+  const RowLayout& L = *Lp;
+  const int64_t S = L.nslots, R = L.ic ? L.nrg : 1;
+  std::vector<float> powers;
+  const std::vector<Segment> sg = segments_of(L, powers);
+  std::vector<float> step_ic(L.ic ? (size_t)(R * S) : 0), zero_ic(L.ic ? (size_t)(R * S) : 0);
+  for (int64_t gr = 0; L.ic && gr < R; ++gr)
+    for (int64_t c = 0; c < L.K; ++c) {
+      const float lm1 = (float)(L.classes[4 * c + 1] - 1);
+      for (int64_t s = L.classes[4 * c + 2]; s < L.classes[4 * c + 3]; ++s) {
+        const int64_t j = slot_column(L, s);
+        const float l = lo[gr * L.cols + j], span = hi[gr * L.cols + j] - l;
+        step_ic[gr * S + s] = span / lm1;
+        zero_ic[gr * S + s] = zero_point(l, span, lm1, L.sym);
+      }
+    }
+  at::parallel_for(r0, r1, ROW_LANES, [&](int64_t a, int64_t b) {
+    std::vector<float> q((size_t)S);
+    for (int64_t r = a; r < b; ++r) {
+      const uint32_t* blk = L.words + (r / ROW_LANES) * L.nwords * ROW_LANES + r % ROW_LANES;
+      for (const Segment& s : sg) {
+        uint32_t f = (blk[(int64_t)s.word * ROW_LANES] >> s.shift) & s.mask;
+        for (int p = 0; p < s.digits; ++p, f /= s.base) q[s.first + p] = (float)(f % s.base);
+      }
+      float* o = out + (r - r0) * L.cols;
+      if (L.ic) {
+        const int64_t gr = L.rsize > 0 ? r / L.rsize : 0;
+        const float *st = step_ic.data() + gr * S, *ze = zero_ic.data() + gr * S;
+        for (int64_t s = 0; s < S; ++s) o[slot_column(L, s)] = (q[s] - ze[s]) * st[s];
+        continue;
+      }
+      for (int64_t c = 0; c < L.K; ++c) {
+        const int64_t g = L.classes[4 * c];
+        const float l = lo[r * L.ngc + g], span = hi[r * L.ngc + g] - l;
+        const float lm1 = (float)(L.classes[4 * c + 1] - 1);
+        const float st = span / lm1, ze = zero_point(l, span, lm1, L.sym);
+        for (int64_t s = L.classes[4 * c + 2]; s < L.classes[4 * c + 3]; ++s)
+          o[slot_column(L, s)] = (q[s] - ze) * st;
       }
     }
   });

@@ -49,6 +49,9 @@ import torch
 from torch import Tensor
 
 from baq.kernels.lanes import LaneLayout
+from baq.kernels.row_lanes import RowLaneLayout
+
+NativeLayout = LaneLayout | RowLaneLayout
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,18 @@ class _Layout(ctypes.Structure):
         # the shared tails last (lanes.cpp: older kernels read the prefix)
         ("tail", ctypes.c_void_p), ("tail_parts", ctypes.c_void_p),
         ("ktail", ctypes.c_int64), ("nparts", ctypes.c_int64),
+    ]  # fmt: skip
+
+
+class _RowLayout(ctypes.Structure):
+    """lanes.cpp's ``struct RowLayout``: pointers into a RowLaneLayout's tensors and its sizes."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in
+          ("words", "segs", "gseg", "slot_col", "classes", "gclass")),
+        *((name, ctypes.c_int64) for name in
+          ("rows", "cols", "nwords", "nslots", "nseg", "ngc", "K", "ic", "sym", "rsize", "nrg",
+           "col16")),
     ]  # fmt: skip
 
 
@@ -122,6 +137,10 @@ def load_source(source: Path, flags: list[str], key: bytes) -> ctypes.CDLL:
     lib.baq_lanes_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     lib.baq_lanes_dequantize.restype = None
     lib.baq_lanes_isa.restype = ctypes.c_int
+    lib.baq_rows_linear.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.baq_rows_linear.restype = ctypes.c_int
+    lib.baq_rows_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.baq_rows_dequantize.restype = None
     lib.baq_rotate.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr]
     lib.baq_rotate.restype = None
     return lib
@@ -138,12 +157,20 @@ def _cpu_signature() -> str:
         return platform.machine() + platform.processor()
 
 
-def _struct(layout: LaneLayout) -> _Layout:
+def _struct(layout: NativeLayout) -> _Layout | _RowLayout:
     """The C view of a layout, made once and kept on it (its tensors stay alive with it)."""
     cached = getattr(layout, "_c", None)
+    ic = layout.dim == "ic"
+    rsize = layout.group_size if (ic and layout.group_size is not None) else 0
+    if cached is None and isinstance(layout, RowLaneLayout):
+        cached = _RowLayout(
+            *(t.data_ptr() for t in layout.tensors()), layout.rows, layout.cols,
+            int(layout.words.shape[1]), int(layout.slot_col.numel()), int(layout.segs.shape[0]),
+            layout.col_groups, int(layout.classes.shape[0]), int(ic), int(layout.sym), rsize,
+            layout.ngroups if ic else 1, int(layout.slot_col.dtype == torch.int16),
+        )  # fmt: skip
+        layout._c = cached
     if cached is None:
-        ic = layout.dim == "ic"
-        rsize = layout.group_size if (ic and layout.group_size is not None) else 0
         words, tail, parts, *tables = (t.data_ptr() for t in layout.tensors())
         cached = _Layout(
             words, *tables, layout.rows, layout.cols, int(layout.words.shape[1]),
@@ -155,7 +182,7 @@ def _struct(layout: LaneLayout) -> _Layout:
     return cached
 
 
-def _ranges(layout: LaneLayout, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+def _ranges(layout: NativeLayout, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     want = (layout.rows, layout.ngroups) if layout.dim == "oc" else (layout.ngroups, layout.cols)
     if tuple(lo.shape) != want or tuple(hi.shape) != want:
         raise ValueError(f"ranges of shape {tuple(lo.shape)}: expected {want}")
@@ -163,20 +190,21 @@ def _ranges(layout: LaneLayout, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]
 
 
 def dequantize_rows(
-    layout: LaneLayout, lo: Tensor, hi: Tensor, r0: int, r1: int, lib: ctypes.CDLL | None = None
+    layout: NativeLayout, lo: Tensor, hi: Tensor, r0: int, r1: int, lib: ctypes.CDLL | None = None
 ) -> Tensor:
     """(r1 - r0, cols) float32 rows of ``W``, bitwise the weights of docs/FORMAT.md section 8."""
     lib = lib or _require()
     lo, hi = _ranges(layout, lo, hi)
     out = torch.zeros(r1 - r0, layout.cols)
-    lib.baq_lanes_dequantize(
+    rows = isinstance(layout, RowLaneLayout)
+    (lib.baq_rows_dequantize if rows else lib.baq_lanes_dequantize)(
         ctypes.byref(_struct(layout)), lo.data_ptr(), hi.data_ptr(), r0, r1, out.data_ptr()
     )
     return out
 
 
 def linear(
-    layout: LaneLayout,
+    layout: NativeLayout,
     x: Tensor,
     lo: Tensor,
     hi: Tensor,
@@ -187,7 +215,8 @@ def linear(
     """``F.linear(x, W, bias)`` for the layer of ``layout`` with ranges ``lo``, ``hi``.
 
     Args:
-        layout: the codes (:func:`baq.kernels.lanes.build_lanes`).
+        layout: the codes (:func:`baq.kernels.lanes.build_lanes` or
+            :func:`baq.kernels.row_lanes.build_row_lanes`).
         x: (..., cols) input on the CPU, any float dtype (computed in float32; past
             ``max_tokens`` a bfloat16 or float16 input multiplies the rounded weight in its
             own dtype, as ``F.linear`` with ``cache="weight"``).
@@ -222,7 +251,8 @@ def linear(
         x2 = x.detach().reshape(-1, layout.cols).to(torch.float32).contiguous()
         lo, hi = _ranges(layout, lo, hi)
         y = torch.empty(T, layout.rows)
-        rc = lib.baq_lanes_linear(
+        rows = isinstance(layout, RowLaneLayout)
+        rc = (lib.baq_rows_linear if rows else lib.baq_lanes_linear)(
             ctypes.byref(_struct(layout)), lo.data_ptr(), hi.data_ptr(), x2.data_ptr(), T,
             None if b is None else b.data_ptr(), y.data_ptr(),
         )  # fmt: skip
