@@ -555,7 +555,7 @@ struct RowLayout {
 };
 
 constexpr int ROW_LANES = 16;
-constexpr int MAX_DIGITS = 21;  // base 2 in 21 bits
+constexpr int MAX_DIGITS = 32;  // 1-bit fields in a word (radix digits: 21 at most, base 2)
 constexpr int MAX_ROW_LEVELS = 256;
 
 inline int64_t slot_column(const RowLayout& L, int64_t s) {
@@ -563,99 +563,108 @@ inline int64_t slot_column(const RowLayout& L, int64_t s) {
                  : (int64_t) static_cast<const int32_t*>(L.slot_col)[s];
 }
 
-// one segment's decoding constants, made once a call
-struct Segment {
-  int32_t word, shift, digits, first;  // first: its first slot
-  uint32_t mask, base;
-  const float* inv;   // inv[p] = 1 / B^p
-  const float* half;  // half[p] = 1 / (2 B^p)
+// the decoding constants of one base, made once a call: the mask of a segment of d digits, and
+// 1 / B^p and 1 / (2 B^p) (computed in double, rounded once)
+struct BaseConsts {
+  float base;
+  int width;  // log2 B for a power of two: its digits are bit fields; else 0
+  uint32_t mask[MAX_DIGITS + 1];
+  float inv[MAX_DIGITS + 1], half[MAX_DIGITS + 1];
 };
 
-// the segments of a layout with their constants; ``powers`` holds 1 / B^p and 1 / (2 B^p) of
-// every base used (computed in double, rounded once)
-inline std::vector<Segment> segments_of(const RowLayout& L, std::vector<float>& powers) {
-  std::vector<Segment> out((size_t)L.nseg);
-  std::vector<int> at(MAX_ROW_LEVELS + 1, -1);
-  powers.clear();
-  powers.reserve((size_t)2 * (MAX_DIGITS + 1) * 8);
-  for (int64_t k = 0; k < L.nseg; ++k) {
-    const int B = L.segs[4 * k + 1];
-    if (at[B] < 0) {
-      at[B] = (int)powers.size();
-      double pw = 1.0;
-      for (int p = 0; p <= MAX_DIGITS; ++p, pw *= B) powers.push_back((float)(1.0 / pw));
-      pw = 1.0;
-      for (int p = 0; p <= MAX_DIGITS; ++p, pw *= B) powers.push_back((float)(0.5 / pw));
-    }
-  }
-  int32_t first = 0;
-  for (int64_t k = 0; k < L.nseg; ++k) {
-    const int16_t* s = L.segs + 4 * k;
-    const int B = s[1], d = s[3];
-    int64_t top = 1;
-    for (int i = 0; i < d; ++i) top *= B;
-    int bits = 0;
-    while ((int64_t(1) << bits) < top) ++bits;
-    Segment& g = out[(size_t)k];
-    g.word = s[0], g.shift = s[2], g.digits = d, g.first = first;
-    g.mask = bits >= 32 ? ~0u : (1u << bits) - 1, g.base = (uint32_t)B;
-    first += d;
-  }
-  // pointers into powers are taken after its last push_back (no reallocation past here)
-  for (int64_t k = 0; k < L.nseg; ++k) {
-    const int B = L.segs[4 * k + 1];
-    out[(size_t)k].inv = powers.data() + at[B];
-    out[(size_t)k].half = out[(size_t)k].inv + MAX_DIGITS + 1;
-  }
-  return out;
-}
+// one segment in 8 bytes: a block's product reads the whole list (3426 segments on a
+// 14336-column row; 32-byte entries took 110 KB beside the block's codes and inputs)
+struct Segment {
+  int32_t lane;  // its word's first lane in a block: word * 16
+  uint8_t shift, digits;
+  uint16_t base;  // its BaseConsts
+};
 
 // runs of consecutive segments of one digit count inside one column group: the kernel's loop
 // over a run is unrolled for its count (a count changing every few segments, in a loop whose
 // trip count changed with it, mispredicted a branch a segment: 1.9x slower at one token)
 struct SegmentRun {
-  int64_t k0, k1;
+  int64_t k0, k1, first;  // first: the first slot of segment k0
   int digits;
+  bool fields;  // bit fields (a power-of-two base): up to 32 digits
 };
 
-inline std::vector<SegmentRun> segment_runs(const RowLayout& L, const std::vector<Segment>& sg,
-                                            std::vector<int64_t>& group_run) {
+struct Segments {
+  int64_t ahead = 0;  // words a block: its next block's lanes are this far on
+  std::vector<Segment> seg;
+  std::vector<BaseConsts> bases;
   std::vector<SegmentRun> runs;
-  group_run.assign((size_t)L.ngc + 1, 0);
+  std::vector<int64_t> group_run;  // (ngc + 1): first run of each column group
+};
+
+inline Segments segments_of(const RowLayout& L) {
+  Segments out;
+  out.ahead = L.nwords * ROW_LANES;
+  out.seg.resize((size_t)L.nseg);
+  std::vector<int> at(MAX_ROW_LEVELS + 1, -1);
+  for (int64_t k = 0; k < L.nseg; ++k) {
+    const int16_t* s = L.segs + 4 * k;
+    const int B = s[1];
+    if (at[B] < 0) {
+      at[B] = (int)out.bases.size();
+      BaseConsts c{};
+      c.base = (float)B;
+      c.width = (B & (B - 1)) == 0 ? __builtin_ctz((unsigned)B) : 0;
+      double pw = 1.0;
+      uint64_t top = 1;  // B^p while under 2^32 (segments hold under 2^21)
+      for (int p = 0; p <= MAX_DIGITS; ++p, pw *= B) {
+        c.inv[p] = (float)(1.0 / pw), c.half[p] = (float)(0.5 / pw);
+        // the bits of values under B^p: the bit length of B^p - 1
+        c.mask[p] = top > (uint64_t(1) << 32) ? ~0u
+                    : top == 1                ? 0u
+                                              : (uint32_t)((~uint64_t(0)) >> __builtin_clzll(top - 1));
+        if (top <= (uint64_t(1) << 32)) top *= (uint64_t)B;
+      }
+      out.bases.push_back(c);
+    }
+    out.seg[(size_t)k] = {s[0] * ROW_LANES, (uint8_t)s[2], (uint8_t)s[3], (uint16_t)at[B]};
+  }
+  out.group_run.assign((size_t)L.ngc + 1, 0);
+  int64_t first = 0;
   for (int64_t g = 0; g < L.ngc; ++g) {
-    group_run[g] = (int64_t)runs.size();
+    out.group_run[g] = (int64_t)out.runs.size();
     for (int64_t k = L.gseg[g]; k < L.gseg[g + 1]; ++k) {
-      if (runs.size() > (size_t)group_run[g] && runs.back().digits == sg[k].digits &&
-          runs.back().k1 == k)
-        ++runs.back().k1;
+      const int d = out.seg[(size_t)k].digits;
+      const bool fields = out.bases[out.seg[(size_t)k].base].width > 0;
+      if (out.runs.size() > (size_t)out.group_run[g] && out.runs.back().digits == d &&
+          out.runs.back().fields == fields)
+        ++out.runs.back().k1;
       else
-        runs.push_back({k, k + 1, sg[k].digits});
+        out.runs.push_back({k, k + 1, first, d, fields});
+      first += d;
     }
   }
-  group_run[L.ngc] = (int64_t)runs.size();
-  return runs;
+  out.group_run[L.ngc] = (int64_t)out.runs.size();
+  return out;
 }
 
 #if BAQ_AVX512
-// acc[t][.] += the codes of the segments [k0, k1) (each of D digits) of the 16 rows of ``blk``
+// acc[t][.] += the codes of the segments of ``run`` (each of D digits) of the 16 rows of ``blk``
 // times xs of token t
 template <int D, int TT, int U>
-inline void row_run(const Segment* sg, int64_t k0, int64_t k1, const uint32_t* blk,
+inline void row_run(const Segments& S, const SegmentRun& run, const uint32_t* blk,
                     const float* xs, int64_t ts, __m512 (&acc)[TT][U]) {
-  for (int64_t k = k0; k < k1; ++k) {
-    const Segment& s = sg[k];
-    const __m512i v = _mm512_loadu_si512(blk + (int64_t)s.word * ROW_LANES);
+  const float* x = xs + run.first;
+  for (int64_t k = run.k0; k < run.k1; ++k, x += D) {
+    const Segment s = S.seg[(size_t)k];
+    const BaseConsts& c = S.bases[s.base];
+    __builtin_prefetch(blk + s.lane + S.ahead, 0, 2);  // the next block's word, into L2
+    const __m512i v = _mm512_loadu_si512(blk + s.lane);
     const __m512 f = _mm512_cvtepi32_ps(_mm512_and_si512(
-        _mm512_srlv_epi32(v, _mm512_set1_epi32(s.shift)), _mm512_set1_epi32((int)s.mask)));
-    const float* x = xs + s.first;
-    const __m512 vb = _mm512_set1_ps((float)s.base);
+        _mm512_srlv_epi32(v, _mm512_set1_epi32(s.shift)), _mm512_set1_epi32((int)c.mask[D])));
+    const __m512 vb = _mm512_set1_ps(c.base);
     __m512 cur = f;
 #pragma GCC unroll 21
     for (int p = 0; p < D; ++p) {
       __m512 d = cur;
       if (p + 1 < D) {
         const __m512 next = _mm512_roundscale_ps(
-            _mm512_fmadd_ps(f, _mm512_set1_ps(s.inv[p + 1]), _mm512_set1_ps(s.half[p + 1])),
+            _mm512_fmadd_ps(f, _mm512_set1_ps(c.inv[p + 1]), _mm512_set1_ps(c.half[p + 1])),
             _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
         d = _mm512_fnmadd_ps(next, vb, cur);
         cur = next;
@@ -667,19 +676,62 @@ inline void row_run(const Segment* sg, int64_t k0, int64_t k1, const uint32_t* b
   }
 }
 
+// the same for segments of D bit fields of the base's width: a shift, a mask and a conversion a
+// code, none on the multiply units (which the radix digits' peeling loads)
+template <int D, int TT, int U>
+inline void field_run(const Segments& S, const SegmentRun& run, const uint32_t* blk,
+                      const float* xs, int64_t ts, __m512 (&acc)[TT][U]) {
+  const float* x = xs + run.first;
+  for (int64_t k = run.k0; k < run.k1; ++k, x += D) {
+    const Segment s = S.seg[(size_t)k];
+    const int w = S.bases[s.base].width;
+    const __m512i mask = _mm512_set1_epi32((int)((1u << w) - 1)), step = _mm512_set1_epi32(w);
+    __builtin_prefetch(blk + s.lane + S.ahead, 0, 2);  // the next block's word, into L2
+    __m512i v = _mm512_srlv_epi32(_mm512_loadu_si512(blk + s.lane), _mm512_set1_epi32(s.shift));
+#pragma GCC unroll 32
+    for (int p = 0; p < D; ++p) {
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask));
+      if (p + 1 < D) v = _mm512_srlv_epi32(v, step);
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t)
+        acc[t][p % U] = _mm512_fmadd_ps(d, _mm512_set1_ps(x[t * ts + p]), acc[t][p % U]);
+    }
+  }
+}
+
 // dot[t * 16 + l] = sum over the runs [r0, r1) of row l of block ``blk`` of xs[t] . codes
 template <int TT>
-void row_block_dots(const Segment* sg, const SegmentRun* runs, int64_t r0, int64_t r1,
-                    const uint32_t* blk, const float* xs, int64_t ts, float* dot) {
+void row_block_dots(const Segments& S, int64_t r0, int64_t r1, const uint32_t* blk,
+                    const float* xs, int64_t ts, float* dot) {
   // independent FMA chains at few tokens (a digit's FMA waits on the last one of its chain)
-  constexpr int U = AVX2_PAIRS ? (TT == 1 ? 2 : 1) : (TT == 1 ? 4 : (TT == 2 ? 2 : 1));
+#ifndef BAQ_ROWS_U1
+#define BAQ_ROWS_U1 (AVX2_PAIRS ? 2 : 4)
+#endif
+  constexpr int U = TT == 1 ? BAQ_ROWS_U1 : (AVX2_PAIRS ? 1 : (TT == 2 ? 2 : 1));
   __m512 acc[TT][U];
   for (int t = 0; t < TT; ++t)
     for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
   for (int64_t r = r0; r < r1; ++r) {
-    const SegmentRun& run = runs[r];
+    const SegmentRun& run = S.runs[(size_t)r];
+    if (run.fields) {
+#define BAQ_FIELD_RUN(D) \
+  case D: field_run<D, TT, U>(S, run, blk, xs, ts, acc); break;
+      switch (run.digits) {
+        BAQ_FIELD_RUN(1) BAQ_FIELD_RUN(2) BAQ_FIELD_RUN(3) BAQ_FIELD_RUN(4) BAQ_FIELD_RUN(5)
+        BAQ_FIELD_RUN(6) BAQ_FIELD_RUN(7) BAQ_FIELD_RUN(8) BAQ_FIELD_RUN(9) BAQ_FIELD_RUN(10)
+        BAQ_FIELD_RUN(11) BAQ_FIELD_RUN(12) BAQ_FIELD_RUN(13) BAQ_FIELD_RUN(14)
+        BAQ_FIELD_RUN(15) BAQ_FIELD_RUN(16) BAQ_FIELD_RUN(17) BAQ_FIELD_RUN(18)
+        BAQ_FIELD_RUN(19) BAQ_FIELD_RUN(20) BAQ_FIELD_RUN(21) BAQ_FIELD_RUN(22)
+        BAQ_FIELD_RUN(23) BAQ_FIELD_RUN(24) BAQ_FIELD_RUN(25) BAQ_FIELD_RUN(26)
+        BAQ_FIELD_RUN(27) BAQ_FIELD_RUN(28) BAQ_FIELD_RUN(29) BAQ_FIELD_RUN(30)
+        BAQ_FIELD_RUN(31) BAQ_FIELD_RUN(32)
+        default: break;
+      }
+#undef BAQ_FIELD_RUN
+      continue;
+    }
 #define BAQ_ROW_RUN(D) \
-  case D: row_run<D, TT, U>(sg, run.k0, run.k1, blk, xs, ts, acc); break;
+  case D: row_run<D, TT, U>(S, run, blk, xs, ts, acc); break;
     switch (run.digits) {
       BAQ_ROW_RUN(1) BAQ_ROW_RUN(2) BAQ_ROW_RUN(3) BAQ_ROW_RUN(4) BAQ_ROW_RUN(5) BAQ_ROW_RUN(6)
       BAQ_ROW_RUN(7) BAQ_ROW_RUN(8) BAQ_ROW_RUN(9) BAQ_ROW_RUN(10) BAQ_ROW_RUN(11)
@@ -697,23 +749,28 @@ void row_block_dots(const Segment* sg, const SegmentRun* runs, int64_t r0, int64
 }
 #else
 template <int TT>
-void row_block_dots(const Segment* sg, const SegmentRun* runs, int64_t r0, int64_t r1,
-                    const uint32_t* blk, const float* xs, int64_t ts, float* dot) {
+void row_block_dots(const Segments& S, int64_t r0, int64_t r1, const uint32_t* blk,
+                    const float* xs, int64_t ts, float* dot) {
   float acc[TT][ROW_LANES] = {};
-  for (int64_t r = r0; r < r1; ++r)
-  for (int64_t k = runs[r].k0; k < runs[r].k1; ++k) {
-    const Segment& s = sg[k];
-    uint32_t f[ROW_LANES];
-    for (int l = 0; l < ROW_LANES; ++l) f[l] = (blk[s.word * ROW_LANES + l] >> s.shift) & s.mask;
-    for (int p = 0; p < s.digits; ++p) {
-      float d[ROW_LANES];
-      for (int l = 0; l < ROW_LANES; ++l) {
-        d[l] = (float)(f[l] % s.base);
-        f[l] /= s.base;
-      }
-      for (int t = 0; t < TT; ++t) {
-        const float xv = xs[t * ts + s.first + p];
-        for (int l = 0; l < ROW_LANES; ++l) acc[t][l] += d[l] * xv;
+  for (int64_t r = r0; r < r1; ++r) {
+    const SegmentRun& run = S.runs[(size_t)r];
+    const float* x = xs + run.first;
+    for (int64_t k = run.k0; k < run.k1; ++k, x += run.digits) {
+      const Segment s = S.seg[(size_t)k];
+      const BaseConsts& c = S.bases[s.base];
+      const uint32_t base = (uint32_t)c.base;
+      uint32_t f[ROW_LANES];
+      for (int l = 0; l < ROW_LANES; ++l) f[l] = (blk[s.lane + l] >> s.shift) & c.mask[s.digits];
+      for (int p = 0; p < s.digits; ++p) {
+        float d[ROW_LANES];
+        for (int l = 0; l < ROW_LANES; ++l) {
+          d[l] = (float)(f[l] % base);
+          f[l] /= base;
+        }
+        for (int t = 0; t < TT; ++t) {
+          const float xv = x[t * ts + p];
+          for (int l = 0; l < ROW_LANES; ++l) acc[t][l] += d[l] * xv;
+        }
       }
     }
   }
@@ -722,20 +779,20 @@ void row_block_dots(const Segment* sg, const SegmentRun* runs, int64_t r0, int64
 }
 #endif
 
-void row_dots(int tt, const Segment* sg, const SegmentRun* runs, int64_t r0, int64_t r1,
-              const uint32_t* blk, const float* xs, int64_t ts, float* dot) {
+void row_dots(int tt, const Segments& S, int64_t r0, int64_t r1, const uint32_t* blk,
+              const float* xs, int64_t ts, float* dot) {
   switch (tt) {
-    case 1: row_block_dots<1>(sg, runs, r0, r1, blk, xs, ts, dot); break;
-    case 2: row_block_dots<2>(sg, runs, r0, r1, blk, xs, ts, dot); break;
-    case 3: row_block_dots<3>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+    case 1: row_block_dots<1>(S, r0, r1, blk, xs, ts, dot); break;
+    case 2: row_block_dots<2>(S, r0, r1, blk, xs, ts, dot); break;
+    case 3: row_block_dots<3>(S, r0, r1, blk, xs, ts, dot); break;
 #ifndef BAQ_AVX2_PAIRS
-    case 4: row_block_dots<4>(sg, runs, r0, r1, blk, xs, ts, dot); break;
-    case 5: row_block_dots<5>(sg, runs, r0, r1, blk, xs, ts, dot); break;
-    case 6: row_block_dots<6>(sg, runs, r0, r1, blk, xs, ts, dot); break;
-    case 7: row_block_dots<7>(sg, runs, r0, r1, blk, xs, ts, dot); break;
-    default: row_block_dots<8>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+    case 4: row_block_dots<4>(S, r0, r1, blk, xs, ts, dot); break;
+    case 5: row_block_dots<5>(S, r0, r1, blk, xs, ts, dot); break;
+    case 6: row_block_dots<6>(S, r0, r1, blk, xs, ts, dot); break;
+    case 7: row_block_dots<7>(S, r0, r1, blk, xs, ts, dot); break;
+    default: row_block_dots<8>(S, r0, r1, blk, xs, ts, dot); break;
 #else
-    default: row_block_dots<4>(sg, runs, r0, r1, blk, xs, ts, dot); break;
+    default: row_block_dots<4>(S, r0, r1, blk, xs, ts, dot); break;
 #endif
   }
 }
@@ -992,10 +1049,7 @@ int baq_rows_linear(const RowLayout* Lp, const float* lo, const float* hi, const
         for (int64_t s = L.classes[4 * c + 2]; s < L.classes[4 * c + 3]; ++s) sum += xs[t * S + s];
         X[t * L.K + c] = sum;
       }
-  std::vector<float> powers;
-  const std::vector<Segment> sg = segments_of(L, powers);
-  std::vector<int64_t> group_run;
-  const std::vector<SegmentRun> runs = segment_runs(L, sg, group_run);
+  const Segments segs = segments_of(L);
   const int64_t nblocks = (L.rows + ROW_LANES - 1) / ROW_LANES;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<double> zt((size_t)(ROW_LANES * G * TMAX));
@@ -1030,8 +1084,7 @@ int baq_rows_linear(const RowLayout* Lp, const float* lo, const float* hi, const
           }
         }
         for (int64_t g = 0; g < G; ++g) {
-          row_dots(tt, sg.data(), runs.data(), group_run[g], group_run[g + 1], blk, xr, S,
-                   dot.data());
+          row_dots(tt, segs, segs.group_run[g], segs.group_run[g + 1], blk, xr, S, dot.data());
           for (int64_t i = 0; i < nr; ++i) {
             const int64_t ri = row0 + i;
             const double span = L.ic ? 1.0 : (double)(hi[ri * L.ngc + g] - lo[ri * L.ngc + g]);
@@ -1059,8 +1112,7 @@ void baq_rows_dequantize(const RowLayout* Lp, const float* lo, const float* hi, 
                          int64_t r1, float* out) {
   const RowLayout& L = *Lp;
   const int64_t S = L.nslots, R = L.ic ? L.nrg : 1;
-  std::vector<float> powers;
-  const std::vector<Segment> sg = segments_of(L, powers);
+  const Segments segs = segments_of(L);
   std::vector<float> step_ic(L.ic ? (size_t)(R * S) : 0), zero_ic(L.ic ? (size_t)(R * S) : 0);
   for (int64_t gr = 0; L.ic && gr < R; ++gr)
     for (int64_t c = 0; c < L.K; ++c) {
@@ -1076,9 +1128,13 @@ void baq_rows_dequantize(const RowLayout* Lp, const float* lo, const float* hi, 
     std::vector<float> q((size_t)S);
     for (int64_t r = a; r < b; ++r) {
       const uint32_t* blk = L.words + (r / ROW_LANES) * L.nwords * ROW_LANES + r % ROW_LANES;
-      for (const Segment& s : sg) {
-        uint32_t f = (blk[(int64_t)s.word * ROW_LANES] >> s.shift) & s.mask;
-        for (int p = 0; p < s.digits; ++p, f /= s.base) q[s.first + p] = (float)(f % s.base);
+      int64_t first = 0;
+      for (const Segment& s : segs.seg) {
+        const BaseConsts& c = segs.bases[s.base];
+        const uint32_t base = (uint32_t)c.base;
+        uint32_t f = (blk[s.lane] >> s.shift) & c.mask[s.digits];
+        for (int p = 0; p < s.digits; ++p, f /= base) q[first + p] = (float)(f % base);
+        first += s.digits;
       }
       float* o = out + (r - r0) * L.cols;
       if (L.ic) {

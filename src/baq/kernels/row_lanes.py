@@ -54,6 +54,9 @@ from baq.kernels.layout import MAX_LEVELS
 LANES = 16  # rows a block: one 512-bit vector of float32 (two 256-bit ones on AVX2)
 WORD_BITS = 32
 SEGMENT_BITS = 21  # a segment's value under 2^21: float32 peels its digits exactly
+# bits a code a class may give up to be stored as bit fields rather than radix digits
+# (segment_base): they decode off the multiply units, which the radix digits load
+FIELD_SLACK = 0.0
 # rows packed or unpacked together: bounds the scratch to about 2^22 numbers a step
 _SCRATCH = 2**22
 
@@ -130,16 +133,38 @@ def segment_bits(base: int, digits: int) -> int:
     return (base**digits - 1).bit_length()
 
 
+def is_field_base(base: int) -> bool:
+    """A power of two: the kernel decodes its digits as bit fields (shift, mask, conversion; no
+    float32 peeling), so its segments may fill a whole word."""
+    return base & (base - 1) == 0
+
+
 def most_digits(base: int, room: int) -> int:
-    """The most base-``base`` digits a segment holds in ``room`` bits (and under 2^21)."""
-    cap = 1 << min(room, SEGMENT_BITS)
+    """The most base-``base`` digits a segment holds in ``room`` bits (under 2^21 unless the
+    digits are bit fields)."""
+    cap = 1 << min(room, WORD_BITS if is_field_base(base) else SEGMENT_BITS)
     d, p = 0, base
     while p <= cap:
         d, p = d + 1, p * base
     return d
 
 
-def plan_segments(classes: list[tuple[int, int, int, int]]) -> tuple[list[list[int]], int]:
+def segment_base(levels: int, slack: float | None = None) -> int:
+    """The base a class of ``levels`` levels is stored in: ``levels`` itself (radix digits,
+    peeled in float32: three instructions on the multiply units a code), or the power of two
+    above it where its bit fields cost at most ``slack`` bits a code more than its longest radix
+    segment (7 levels: 3 bits against 20 / 7 = 2.86; decoded by a shift, a mask and a conversion, which
+    leave the multiply units to the products)."""
+    slack = FIELD_SLACK if slack is None else slack
+    width = (levels - 1).bit_length()
+    full = most_digits(levels, SEGMENT_BITS)
+    radix = segment_bits(levels, full) / full  # a segment of the most digits, in its bits
+    return 1 << width if width - radix <= slack else levels
+
+
+def plan_segments(
+    classes: list[tuple[int, int, int, int]], slack: float | None = None
+) -> tuple[list[list[int]], int]:
     """Segments ``[word, base, shift, digits]`` in slot order for ``classes`` (``(group, L,
     first slot, end slot)``, slots consecutive), and the words a row takes (module docstring:
     largest counts first, best fit of a whole segment, else the largest gap filled). Within a
@@ -148,7 +173,8 @@ def plan_segments(classes: list[tuple[int, int, int, int]]) -> tuple[list[list[i
     gaps: list[list[int]] = [[] for _ in range(WORD_BITS + 1)]  # gaps[g]: words with g bits free
     nwords = 0
     placed: list[tuple[int, list[list[int]]]] = []  # (first slot of the class, its segments)
-    for _, base, s0, s1 in sorted(classes, key=lambda c: (-c[1], c[2])):
+    for _, levels, s0, s1 in sorted(classes, key=lambda c: (-c[1], c[2])):
+        base = segment_base(levels, slack)
         one = segment_bits(base, 1)
         full = most_digits(base, WORD_BITS)
         segs, s = [], s0
@@ -230,13 +256,16 @@ def build_row_lanes(
     per_oc_groups = dim == "oc" and group_size is not None
     colgroup = torch.arange(cols) // group_size if per_oc_groups else torch.zeros(cols).long()
     gc = ngroups if per_oc_groups else 1
-    key = colgroup * (MAX_LEVELS + 1) + levels
+    # classes in order of decreasing L (the order segments are placed in words): the walk meets
+    # the large classes' words one after another and the gap fills last
+    key = colgroup * (MAX_LEVELS + 1) + (MAX_LEVELS - levels)
     order = torch.argsort(key, stable=True)
     order = order[levels[order] > 1]
     runs_key, run_len = torch.unique_consecutive(key[order], return_counts=True)
     start = torch.cumsum(run_len, 0) - run_len
     classes = torch.stack(
-        [runs_key // (MAX_LEVELS + 1), runs_key % (MAX_LEVELS + 1), start, start + run_len], 1
+        [runs_key // (MAX_LEVELS + 1), MAX_LEVELS - runs_key % (MAX_LEVELS + 1), start,
+         start + run_len], 1
     ).reshape(-1, 4)
     gclass = torch.cat([torch.zeros(1).long(), torch.cumsum(torch.bincount(
         classes[:, 0], minlength=gc), 0)])  # fmt: skip
