@@ -1,8 +1,9 @@
 """Resident bytes of the kernel layout of every layer of a saved folder (issue 26).
 
 For each packed linear of a saved folder: its stored bytes (codes, ranges, tables: what the file
-holds for it), the bytes of the native kernel's lane layout with bit fields only (the
-``"kernel"`` cache, the default) and with radix runs (``"compact"``, baq/kernels/lanes.py), and
+holds for it), the bytes of the native kernel's row-lane layout (the ``"kernel"`` cache, the
+default, baq/kernels/row_lanes.py), its lane layout with bit fields only (``"lanes"``) and with
+radix runs (``"compact"``, baq/kernels/lanes.py), and
 the ratios of what the layer then holds (the layout and its other buffers: ranges, level table,
 order; the kernel widens float16 ranges at each call) to the stored bytes; then the sums over the
 model. No timing: the layouts are built from the saved codes as a load does.
@@ -36,10 +37,11 @@ from pathlib import Path
 import torch
 
 from baq.kernels.lanes import RADIX_HI_BITS, RADIX_LO_BITS, build_lanes, lanes_nbytes, radix_digits
+from baq.kernels.row_lanes import build_row_lanes, row_lanes_nbytes
 from baq.saved.packed_linear import PackedLinear
 from baq.saved.packing import packed_nbytes, unpack_sorted
 
-CACHES = ("kernel", "compact")
+CACHES = ("kernel", "lanes", "compact")
 
 
 def layer_row(name: str, m: PackedLinear) -> dict:
@@ -47,10 +49,16 @@ def layer_row(name: str, m: PackedLinear) -> dict:
     codes = packed.unsort(unpack_sorted(packed)).cpu()
     levels = packed.levels().cpu()
     out = {"name": name, "shape": [m.out_features, m.in_features], "stored": m.storage_nbytes}
-    for key, radix in (("kernel", False), ("compact", True)):
+    for key, radix in (("lanes", False), ("compact", True)):
         lanes = build_lanes(codes, levels, m.group_size, m.sym, m.dim, radix=radix)
         assert torch.equal(lanes.unpack(), codes * (levels > 1)), name
         out[key] = lanes.nbytes()
+    try:
+        rows = build_row_lanes(codes, levels, m.group_size, m.sym, m.dim)
+        assert torch.equal(rows.unpack(), codes * (levels > 1)), name
+        out["kernel"] = rows.nbytes()
+    except ValueError:  # per IC groups that split a 16-row block: the lane layout
+        out["kernel"] = out["lanes"]
     out["buffers"] = sum(b.numel() * b.element_size() for n, b in m.named_buffers()
                          if not n.startswith("codes_"))  # fmt: skip
     for key in CACHES:
@@ -73,7 +81,10 @@ def sampled_rows(histogram: dict[int, int], shapes: list[str], seed: int = 0) ->
         stored = other + sum(packed_nbytes(int(L), int((levels == L).sum()) * rows)
                              for L in levels.unique())  # fmt: skip
         row = {"name": "sampled", "shape": [rows, cols], "stored": stored, "buffers": other}
-        for key, radix in (("kernel", False), ("compact", True)):
+        one = build_row_lanes(torch.zeros(1, cols, dtype=torch.int64), levels, None, False)
+        row["kernel"] = one.nbytes() - one.words.numel() * 4 + row_lanes_nbytes(rows, levels)
+        row["kernel_over_stored"] = (row["kernel"] + other) / stored
+        for key, radix in (("lanes", False), ("compact", True)):
             # one row built: its tables are the layer's; the words and the tail blocks shared
             # by rows (lanes.py) counted for ``rows``
             one = build_lanes(torch.zeros(1, cols, dtype=torch.int64), levels, None, False,
@@ -153,9 +164,9 @@ def main() -> None:
     extra = total["buffers"]
     total.update({f"{k}_over_stored": (total[k] + extra) / total["stored"] for k in CACHES})
     total.update(name="all", shape=["", ""])
-    print("| layer | shape | stored B | kernel layout B | compact layout B | other buffers B |"
-          " held / stored, kernel | compact |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| layer | shape | stored B | kernel layout B | lanes layout B | compact layout B |"
+          " other buffers B | held / stored, kernel | lanes | compact |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     largest = sorted(rows, key=lambda r: -r["stored"])[: args.top]
     histogram: dict[int, int] = {}
     for m in model.modules():
@@ -165,8 +176,9 @@ def main() -> None:
     sampled = sampled_rows(histogram, args.sample_shapes)
     for r in largest + [total] + sampled:
         print(f"| {r['name']} | {r['shape'][0]}x{r['shape'][1]} | {r['stored']} | {r['kernel']} |"
+              f" {r['lanes']} |"
               f" {r['compact']} | {r['buffers']} | {r['kernel_over_stored']:.3f} |"
-              f" {r['compact_over_stored']:.3f} |")  # fmt: skip
+              f" {r['lanes_over_stored']:.3f} | {r['compact_over_stored']:.3f} |")  # fmt: skip
     bounds = packing_bounds(model) if args.bounds else {}
     if bounds:
         print("\n| codes held as | bits a weight | over the file |\n|---|---:|---:|")

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("kernel", "compact", "codes", "weight", "float")
+MODES = ("kernel", "lanes", "compact", "codes", "weight", "float")
 FORWARDED = ("new_tokens", "gen_prompt", "prompt_tokens", "repeat", "threads", "text")
 FORWARDED += ("float_model",)
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"

@@ -35,11 +35,16 @@ TEXT_SOURCES: tuple[str, ...] = ("builtin", *HUB_TEXT_SOURCES)
 TEXT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl")
 # What a loaded quantized linear keeps between forwards (packed_linear.py): nothing (packed codes
 # only, dequantized in every forward), the integer codes minus zero points (one byte per weight),
-# the dequantized weight (the float model's memory and speed), or the kernel layout in place of
-# the packed codes (about their size; the fused CPU kernel of baq/kernels multiplies by it), or
-# that layout with level counts such as 3, 5, 6 and 9 to 11 as radix digits ("compact": 4 to 8 %
-# smaller on large layers, about 0.7x the kernel's speed at one token: docs/RESULTS.md).
-WEIGHT_CACHES: tuple[str, ...] = ("none", "codes", "weight", "kernel", "compact")
+# the dequantized weight (the float model's memory and speed), or a layout of the codes that a
+# fused CPU kernel (baq/kernels) multiplies by in place of the packed codes: "kernel", 16 rows in
+# the lanes and the level counts as mixed-radix segments (row_lanes.py: 1.08 times the stored
+# bytes on the rotated 3-bit reference model, and its fastest mode there); "lanes", 16 columns in
+# the lanes as bit fields (lanes.py: 1.21 times, up to 1.3x faster at one token on
+# 14336-column layers); "compact", that layout with counts such as 3, 5, 6 and 9 to 11 as radix
+# digits (docs/RESULTS.md).
+WEIGHT_CACHES: tuple[str, ...] = ("none", "codes", "weight", "kernel", "lanes", "compact")
+# the caches that run the native (or numba) kernel on the CPU, each on its own layout
+KERNEL_CACHES: tuple[str, ...] = ("kernel", "lanes", "compact")
 # the cache of baq.load, baq generate/eval, from_pretrained and pipeline: the kernel layout, faster
 # than "codes" end to end on the reference model at a third of its memory (issue 26,
 # docs/results/kernel-s13.md); a GPU input runs a kernel layer as "codes"

@@ -36,7 +36,7 @@ def folder(request, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("cache", ["kernel", "compact", "codes"])
+@pytest.mark.parametrize("cache", ["kernel", "lanes", "compact", "codes"])
 @pytest.mark.parametrize("tokens", [3, 300])  # the fused kernel, and the tile path past 128
 def test_gradients_flow_through_packed_layers_as_through_the_weight(folder, cache, tokens):
     """Autograd through a packed linear (LoRA adapters before it, a loss after): the input's and
@@ -60,7 +60,7 @@ def packed_layers(model) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
-@pytest.mark.parametrize("cache", ["kernel", "compact"])
+@pytest.mark.parametrize("cache", ["kernel", "lanes", "compact"])
 def test_kernel_generates_the_weight_cache_tokens(folder, cache):
     kernel, _ = storage.load_quantized(folder, cache=cache)
     weight, _ = storage.load_quantized(folder, cache="weight")
@@ -128,8 +128,8 @@ def test_set_cache_switches_to_and_from_the_kernel(folder):
 
 def test_compact_holds_radix_digits_in_less_memory_and_saves_the_same_codes():
     """``cache="compact"``: columns of 3, 5 and 10 levels as radix digits, the layer's memory
-    below the "kernel" layout's, the same product to float32 rounding, and the saved codes back
-    bitwise when the cache is switched."""
+    below the "lanes" layout's, the same product to float32 rounding, and the saved codes back
+    bitwise when the cache is switched; "kernel" (row lanes) below both."""
     gen = torch.Generator().manual_seed(7)
     levels = torch.tensor([3] * 400 + [5] * 300 + [10] * 200 + [16] * 50)
     levels = levels[torch.randperm(levels.numel(), generator=gen)]
@@ -137,19 +137,21 @@ def test_compact_holds_radix_digits_in_less_memory_and_saves_the_same_codes():
     streams = {n: b.clone() for n, b in layer.named_buffers() if n.startswith("codes_")}
     x = torch.randn(2, levels.numel(), generator=gen)
     held = {}
-    for cache in ("kernel", "compact"):
+    for cache in ("lanes", "compact", "kernel"):
         layer.set_cache(cache)
         with torch.inference_mode():
             y = layer(x)
         held[cache] = layer.resident_nbytes()
         assert layer._layout is not None
-        radix = set(layer._layout.runs[:, 3].tolist()) - {0}
-        assert radix == ({3, 5, 10} if cache == "compact" else set())
+        if cache != "kernel":
+            radix = set(layer._layout.runs[:, 3].tolist()) - {0}
+            assert radix == ({3, 5, 10} if cache == "compact" else set())
         ref = torch.nn.functional.linear(x.double(), layer.dequantize().double())
         torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
     # 3, 5 and 10 levels: 19, 13 and 9 codes a lane against 16, 10 and 8 (the kernel layout's
     # part-empty last block shared by two rows, lanes.py: 0.92 here)
-    assert held["compact"] < 0.93 * held["kernel"]
+    assert held["compact"] < 0.93 * held["lanes"]
+    assert held["kernel"] < held["compact"]
     layer.set_cache("codes")
     for n, b in layer.named_buffers():
         if n.startswith("codes_"):

@@ -23,6 +23,7 @@ from test_cpu_kernel import CASES, EPS32, random_layer
 from baq.kernels import native, runtime
 from baq.kernels.lanes import CHUNK, LaneLayout, build_lanes, radix_digits, radix_pays
 from baq.kernels.layout import KernelLayout
+from baq.kernels.row_lanes import RowLaneLayout
 from baq.quant.grid import column_params, dequantize, fit_grid, quantize
 from baq.saved.packed_linear import PackedLinear
 from baq.saved.packing import pack_columns
@@ -275,13 +276,14 @@ def test_without_a_compiler_the_numba_kernel_runs(monkeypatch, caplog):
     torch.testing.assert_close(y, F.linear(x, W), rtol=0, atol=1e-4 * float(y.abs().max()))
 
 
-def test_with_a_compiler_the_module_runs_the_native_layout():
+@pytest.mark.parametrize("cache,kind", [("kernel", RowLaneLayout), ("lanes", LaneLayout)])
+def test_with_a_compiler_the_module_runs_the_native_layout(cache, kind):
     codes, levels, grid = random_layer(29, 203, 64, False, "oc", "float32")
-    layer = PackedLinear(pack_columns(codes, levels), grid.lo, grid.hi, 64, False, cache="kernel")
+    layer = PackedLinear(pack_columns(codes, levels), grid.lo, grid.hi, 64, False, cache=cache)
     x = torch.randn(2, 203)
     with torch.inference_mode():
         y = layer(x)
-    assert isinstance(layer._layout, LaneLayout)
+    assert isinstance(layer._layout, kind)
     W = dequantize(codes, grid, levels)
     torch.testing.assert_close(y, F.linear(x, W), rtol=0, atol=1e-4 * float(y.abs().max()))
 

@@ -64,8 +64,9 @@ def add_cache_arg(p: argparse.ArgumentParser) -> None:
         choices=WEIGHT_CACHES,
         default=DEFAULT_CACHE,
         help="what a saved model's quantized linears keep between forwards: kernel (default: "
-        "about the packed size, fused CPU kernel; codes on a GPU), compact (the kernel on radix "
-        "digits: smaller, slower), codes (one byte per weight), "
+        "about the packed size, fused CPU kernel on row lanes; codes on a GPU), lanes (the "
+        "kernel on column lanes: larger, faster at one token on wide layers), compact (lanes "
+        "with radix digits), codes (one byte per weight), "
         "weight (float-model memory and speed) or none (least memory, slowest)",
     )
 

@@ -644,78 +644,108 @@ inline Segments segments_of(const RowLayout& L) {
 }
 
 #if BAQ_AVX512
-// acc[t][.] += the codes of the segments of ``run`` (each of D digits) of the 16 rows of ``blk``
-// times xs of token t
-template <int D, int TT, int U>
+// acc[b][t][.] += the codes of the segments of ``run`` (each of D digits) of the 16 rows of
+// block b (at ``blk + b * S.ahead``) times xs of token t: NB blocks share each segment's
+// constants and each input's broadcast
+template <int D, int NB, int TT, int U>
 inline void row_run(const Segments& S, const SegmentRun& run, const uint32_t* blk,
-                    const float* xs, int64_t ts, __m512 (&acc)[TT][U]) {
+                    const float* xs, int64_t ts, __m512 (&acc)[NB][TT][U]) {
   const float* x = xs + run.first;
   for (int64_t k = run.k0; k < run.k1; ++k, x += D) {
     const Segment s = S.seg[(size_t)k];
     const BaseConsts& c = S.bases[s.base];
-    __builtin_prefetch(blk + s.lane + S.ahead, 0, 2);  // the next block's word, into L2
-    const __m512i v = _mm512_loadu_si512(blk + s.lane);
-    const __m512 f = _mm512_cvtepi32_ps(_mm512_and_si512(
-        _mm512_srlv_epi32(v, _mm512_set1_epi32(s.shift)), _mm512_set1_epi32((int)c.mask[D])));
+    const __m512i sh = _mm512_set1_epi32(s.shift), mask = _mm512_set1_epi32((int)c.mask[D]);
+    __m512 f[NB], cur[NB];
+#pragma GCC unroll 2
+    for (int b = 0; b < NB; ++b) {
+      const uint32_t* lanes = blk + b * S.ahead + s.lane;
+      __builtin_prefetch(lanes + NB * S.ahead, 0, 2);  // the next pass's word, into L2
+      f[b] = _mm512_cvtepi32_ps(_mm512_and_si512(
+          _mm512_srlv_epi32(_mm512_loadu_si512(lanes), sh), mask));
+      cur[b] = f[b];
+    }
     const __m512 vb = _mm512_set1_ps(c.base);
-    __m512 cur = f;
 #pragma GCC unroll 21
     for (int p = 0; p < D; ++p) {
-      __m512 d = cur;
-      if (p + 1 < D) {
-        const __m512 next = _mm512_roundscale_ps(
-            _mm512_fmadd_ps(f, _mm512_set1_ps(c.inv[p + 1]), _mm512_set1_ps(c.half[p + 1])),
-            _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-        d = _mm512_fnmadd_ps(next, vb, cur);
-        cur = next;
+      __m512 d[NB];
+#pragma GCC unroll 2
+      for (int b = 0; b < NB; ++b) {
+        d[b] = cur[b];
+        if (p + 1 < D) {
+          const __m512 next = _mm512_roundscale_ps(
+              _mm512_fmadd_ps(f[b], _mm512_set1_ps(c.inv[p + 1]), _mm512_set1_ps(c.half[p + 1])),
+              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+          d[b] = _mm512_fnmadd_ps(next, vb, cur[b]);
+          cur[b] = next;
+        }
       }
 #pragma GCC unroll 8
-      for (int t = 0; t < TT; ++t)
-        acc[t][p % U] = _mm512_fmadd_ps(d, _mm512_set1_ps(x[t * ts + p]), acc[t][p % U]);
+      for (int t = 0; t < TT; ++t) {
+        const __m512 xv = _mm512_set1_ps(x[t * ts + p]);
+#pragma GCC unroll 2
+        for (int b = 0; b < NB; ++b)
+          acc[b][t][p % U] = _mm512_fmadd_ps(d[b], xv, acc[b][t][p % U]);
+      }
     }
   }
 }
 
 // the same for segments of D bit fields of the base's width: a shift, a mask and a conversion a
 // code, none on the multiply units (which the radix digits' peeling loads)
-template <int D, int TT, int U>
+template <int D, int NB, int TT, int U>
 inline void field_run(const Segments& S, const SegmentRun& run, const uint32_t* blk,
-                      const float* xs, int64_t ts, __m512 (&acc)[TT][U]) {
+                      const float* xs, int64_t ts, __m512 (&acc)[NB][TT][U]) {
   const float* x = xs + run.first;
   for (int64_t k = run.k0; k < run.k1; ++k, x += D) {
     const Segment s = S.seg[(size_t)k];
     const int w = S.bases[s.base].width;
     const __m512i mask = _mm512_set1_epi32((int)((1u << w) - 1)), step = _mm512_set1_epi32(w);
-    __builtin_prefetch(blk + s.lane + S.ahead, 0, 2);  // the next block's word, into L2
-    __m512i v = _mm512_srlv_epi32(_mm512_loadu_si512(blk + s.lane), _mm512_set1_epi32(s.shift));
+    const __m512i sh = _mm512_set1_epi32(s.shift);
+    __m512i v[NB];
+#pragma GCC unroll 2
+    for (int b = 0; b < NB; ++b) {
+      const uint32_t* lanes = blk + b * S.ahead + s.lane;
+      __builtin_prefetch(lanes + NB * S.ahead, 0, 2);  // the next pass's word, into L2
+      v[b] = _mm512_srlv_epi32(_mm512_loadu_si512(lanes), sh);
+    }
 #pragma GCC unroll 32
     for (int p = 0; p < D; ++p) {
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask));
-      if (p + 1 < D) v = _mm512_srlv_epi32(v, step);
+      __m512 d[NB];
+#pragma GCC unroll 2
+      for (int b = 0; b < NB; ++b) {
+        d[b] = _mm512_cvtepi32_ps(_mm512_and_si512(v[b], mask));
+        if (p + 1 < D) v[b] = _mm512_srlv_epi32(v[b], step);
+      }
 #pragma GCC unroll 8
-      for (int t = 0; t < TT; ++t)
-        acc[t][p % U] = _mm512_fmadd_ps(d, _mm512_set1_ps(x[t * ts + p]), acc[t][p % U]);
+      for (int t = 0; t < TT; ++t) {
+        const __m512 xv = _mm512_set1_ps(x[t * ts + p]);
+#pragma GCC unroll 2
+        for (int b = 0; b < NB; ++b)
+          acc[b][t][p % U] = _mm512_fmadd_ps(d[b], xv, acc[b][t][p % U]);
+      }
     }
   }
 }
 
-// dot[t * 16 + l] = sum over the runs [r0, r1) of row l of block ``blk`` of xs[t] . codes
-template <int TT>
+// dot[(b * TT + t) * 16 + l] = sum over the runs [r0, r1) of row l of block b (at ``blk + b *
+// S.ahead``) of xs[t] . codes
+template <int NB, int TT>
 void row_block_dots(const Segments& S, int64_t r0, int64_t r1, const uint32_t* blk,
                     const float* xs, int64_t ts, float* dot) {
   // independent FMA chains at few tokens (a digit's FMA waits on the last one of its chain)
-#ifndef BAQ_ROWS_U1
-#define BAQ_ROWS_U1 (AVX2_PAIRS ? 2 : 4)
+#ifndef BAQ_ROWS_CHAINS
+#define BAQ_ROWS_CHAINS 4
 #endif
-  constexpr int U = TT == 1 ? BAQ_ROWS_U1 : (AVX2_PAIRS ? 1 : (TT == 2 ? 2 : 1));
-  __m512 acc[TT][U];
-  for (int t = 0; t < TT; ++t)
-    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+  constexpr int U = NB * TT >= BAQ_ROWS_CHAINS ? 1 : BAQ_ROWS_CHAINS / (NB * TT);
+  __m512 acc[NB][TT][U];
+  for (int b = 0; b < NB; ++b)
+    for (int t = 0; t < TT; ++t)
+      for (int u = 0; u < U; ++u) acc[b][t][u] = _mm512_setzero_ps();
   for (int64_t r = r0; r < r1; ++r) {
     const SegmentRun& run = S.runs[(size_t)r];
     if (run.fields) {
 #define BAQ_FIELD_RUN(D) \
-  case D: field_run<D, TT, U>(S, run, blk, xs, ts, acc); break;
+  case D: field_run<D, NB, TT, U>(S, run, blk, xs, ts, acc); break;
       switch (run.digits) {
         BAQ_FIELD_RUN(1) BAQ_FIELD_RUN(2) BAQ_FIELD_RUN(3) BAQ_FIELD_RUN(4) BAQ_FIELD_RUN(5)
         BAQ_FIELD_RUN(6) BAQ_FIELD_RUN(7) BAQ_FIELD_RUN(8) BAQ_FIELD_RUN(9) BAQ_FIELD_RUN(10)
@@ -731,7 +761,7 @@ void row_block_dots(const Segments& S, int64_t r0, int64_t r1, const uint32_t* b
       continue;
     }
 #define BAQ_ROW_RUN(D) \
-  case D: row_run<D, TT, U>(S, run, blk, xs, ts, acc); break;
+  case D: row_run<D, NB, TT, U>(S, run, blk, xs, ts, acc); break;
     switch (run.digits) {
       BAQ_ROW_RUN(1) BAQ_ROW_RUN(2) BAQ_ROW_RUN(3) BAQ_ROW_RUN(4) BAQ_ROW_RUN(5) BAQ_ROW_RUN(6)
       BAQ_ROW_RUN(7) BAQ_ROW_RUN(8) BAQ_ROW_RUN(9) BAQ_ROW_RUN(10) BAQ_ROW_RUN(11)
@@ -741,58 +771,78 @@ void row_block_dots(const Segments& S, int64_t r0, int64_t r1, const uint32_t* b
     }
 #undef BAQ_ROW_RUN
   }
-  for (int t = 0; t < TT; ++t) {
-    __m512 sum = acc[t][0];
-    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[t][u]);
-    _mm512_storeu_ps(dot + t * ROW_LANES, sum);
-  }
+  for (int b = 0; b < NB; ++b)
+    for (int t = 0; t < TT; ++t) {
+      __m512 sum = acc[b][t][0];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[b][t][u]);
+      _mm512_storeu_ps(dot + (b * TT + t) * ROW_LANES, sum);
+    }
 }
 #else
-template <int TT>
+template <int NB, int TT>
 void row_block_dots(const Segments& S, int64_t r0, int64_t r1, const uint32_t* blk,
                     const float* xs, int64_t ts, float* dot) {
-  float acc[TT][ROW_LANES] = {};
-  for (int64_t r = r0; r < r1; ++r) {
-    const SegmentRun& run = S.runs[(size_t)r];
-    const float* x = xs + run.first;
-    for (int64_t k = run.k0; k < run.k1; ++k, x += run.digits) {
-      const Segment s = S.seg[(size_t)k];
-      const BaseConsts& c = S.bases[s.base];
-      const uint32_t base = (uint32_t)c.base;
-      uint32_t f[ROW_LANES];
-      for (int l = 0; l < ROW_LANES; ++l) f[l] = (blk[s.lane + l] >> s.shift) & c.mask[s.digits];
-      for (int p = 0; p < s.digits; ++p) {
-        float d[ROW_LANES];
-        for (int l = 0; l < ROW_LANES; ++l) {
-          d[l] = (float)(f[l] % base);
-          f[l] /= base;
-        }
-        for (int t = 0; t < TT; ++t) {
-          const float xv = x[t * ts + p];
-          for (int l = 0; l < ROW_LANES; ++l) acc[t][l] += d[l] * xv;
+  for (int b = 0; b < NB; ++b) {
+    float acc[TT][ROW_LANES] = {};
+    const uint32_t* bb = blk + b * S.ahead;
+    for (int64_t r = r0; r < r1; ++r) {
+      const SegmentRun& run = S.runs[(size_t)r];
+      const float* x = xs + run.first;
+      for (int64_t k = run.k0; k < run.k1; ++k, x += run.digits) {
+        const Segment s = S.seg[(size_t)k];
+        const BaseConsts& c = S.bases[s.base];
+        const uint32_t base = (uint32_t)c.base;
+        uint32_t f[ROW_LANES];
+        for (int l = 0; l < ROW_LANES; ++l) f[l] = (bb[s.lane + l] >> s.shift) & c.mask[s.digits];
+        for (int p = 0; p < s.digits; ++p) {
+          float d[ROW_LANES];
+          for (int l = 0; l < ROW_LANES; ++l) {
+            d[l] = (float)(f[l] % base);
+            f[l] /= base;
+          }
+          for (int t = 0; t < TT; ++t) {
+            const float xv = x[t * ts + p];
+            for (int l = 0; l < ROW_LANES; ++l) acc[t][l] += d[l] * xv;
+          }
         }
       }
     }
+    for (int t = 0; t < TT; ++t)
+      for (int l = 0; l < ROW_LANES; ++l) dot[(b * TT + t) * ROW_LANES + l] = acc[t][l];
   }
-  for (int t = 0; t < TT; ++t)
-    for (int l = 0; l < ROW_LANES; ++l) dot[t * ROW_LANES + l] = acc[t][l];
 }
 #endif
 
-void row_dots(int tt, const Segments& S, int64_t r0, int64_t r1, const uint32_t* blk,
+// blocks that share a pass over the segments: two at one token where a block's words are at most
+// 48 KiB (they share the segments' constants and the inputs' broadcasts: 1.11x faster on
+// 4096x4096, 1.23x on 1536x576, AVX2, one thread), else one (two 92 KiB blocks and their
+// prefetched successors crowd L2: 1.10x slower on 4096x14336; at two tokens the accumulators
+// spill: 1.2-1.4x slower), session 21
+#ifndef BAQ_ROWS_NB
+#define BAQ_ROWS_NB 2
+#endif
+inline int blocks_together(int tt, int64_t nwords) {
+  return tt == 1 && nwords * ROW_LANES * 4 <= 48 * 1024 ? BAQ_ROWS_NB : 1;
+}
+
+void row_dots(int nb, int tt, const Segments& S, int64_t r0, int64_t r1, const uint32_t* blk,
               const float* xs, int64_t ts, float* dot) {
+  if (nb == 2) {
+    row_block_dots<2, 1>(S, r0, r1, blk, xs, ts, dot);
+    return;
+  }
   switch (tt) {
-    case 1: row_block_dots<1>(S, r0, r1, blk, xs, ts, dot); break;
-    case 2: row_block_dots<2>(S, r0, r1, blk, xs, ts, dot); break;
-    case 3: row_block_dots<3>(S, r0, r1, blk, xs, ts, dot); break;
+    case 1: row_block_dots<1, 1>(S, r0, r1, blk, xs, ts, dot); break;
+    case 2: row_block_dots<1, 2>(S, r0, r1, blk, xs, ts, dot); break;
+    case 3: row_block_dots<1, 3>(S, r0, r1, blk, xs, ts, dot); break;
 #ifndef BAQ_AVX2_PAIRS
-    case 4: row_block_dots<4>(S, r0, r1, blk, xs, ts, dot); break;
-    case 5: row_block_dots<5>(S, r0, r1, blk, xs, ts, dot); break;
-    case 6: row_block_dots<6>(S, r0, r1, blk, xs, ts, dot); break;
-    case 7: row_block_dots<7>(S, r0, r1, blk, xs, ts, dot); break;
-    default: row_block_dots<8>(S, r0, r1, blk, xs, ts, dot); break;
+    case 4: row_block_dots<1, 4>(S, r0, r1, blk, xs, ts, dot); break;
+    case 5: row_block_dots<1, 5>(S, r0, r1, blk, xs, ts, dot); break;
+    case 6: row_block_dots<1, 6>(S, r0, r1, blk, xs, ts, dot); break;
+    case 7: row_block_dots<1, 7>(S, r0, r1, blk, xs, ts, dot); break;
+    default: row_block_dots<1, 8>(S, r0, r1, blk, xs, ts, dot); break;
 #else
-    default: row_block_dots<4>(S, r0, r1, blk, xs, ts, dot); break;
+    default: row_block_dots<1, 4>(S, r0, r1, blk, xs, ts, dot); break;
 #endif
   }
 }
@@ -1051,17 +1101,23 @@ int baq_rows_linear(const RowLayout* Lp, const float* lo, const float* hi, const
       }
   const Segments segs = segments_of(L);
   const int64_t nblocks = (L.rows + ROW_LANES - 1) / ROW_LANES;
+  constexpr int NBMAX = 2, PASS = NBMAX * ROW_LANES;  // blocks, rows a pass at most
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<double> zt((size_t)(ROW_LANES * G * TMAX));
-    std::vector<float> z((size_t)L.K + 1), dot(ROW_LANES * TMAX);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t row0 = b * ROW_LANES, nr = std::min<int64_t>(ROW_LANES, L.rows - row0);
+    std::vector<double> zt((size_t)(PASS * G * TMAX));
+    std::vector<float> z((size_t)L.K + 1), dot(PASS * TMAX);
+    for (int64_t b = b0; b < b1;) {
+      const int64_t row0 = b * ROW_LANES;
       const int64_t gr = (L.ic && L.rsize > 0) ? row0 / L.rsize : 0;
+      // blocks of a pass share the scaled input (per IC: one row group)
+      int nb = (int)std::min<int64_t>(blocks_together((int)std::min<int64_t>(T, TMAX), L.nwords),
+                                      b1 - b);
+      if (nb > 1 && L.ic && L.rsize > 0 && (row0 + ROW_LANES) / L.rsize != gr) nb = 1;
+      const int64_t nr = std::min<int64_t>(nb * ROW_LANES, L.rows - row0);
       const uint32_t* blk = L.words + b * L.nwords * ROW_LANES;
       for (int64_t t0 = 0; t0 < T; t0 += TMAX) {
         const int tt = (int)std::min<int64_t>(TMAX, T - t0);
         const float* xr = xs + (gr * T + t0) * S;
-        double out[ROW_LANES][TMAX] = {};
+        double out[PASS][TMAX] = {};
         for (int64_t i = 0; i < nr && !L.ic; ++i) {  // zero points of the classes, their sums
           const int64_t ri = row0 + i;
           for (int64_t g = 0; g < G; ++g) {
@@ -1084,13 +1140,16 @@ int baq_rows_linear(const RowLayout* Lp, const float* lo, const float* hi, const
           }
         }
         for (int64_t g = 0; g < G; ++g) {
-          row_dots(tt, segs, segs.group_run[g], segs.group_run[g + 1], blk, xr, S, dot.data());
+          row_dots(nb, tt, segs, segs.group_run[g], segs.group_run[g + 1], blk, xr, S,
+                   dot.data());
           for (int64_t i = 0; i < nr; ++i) {
             const int64_t ri = row0 + i;
             const double span = L.ic ? 1.0 : (double)(hi[ri * L.ngc + g] - lo[ri * L.ngc + g]);
+            // dot holds block i / 16's tokens one after another, 16 rows each
+            const float* d = dot.data() + (i / ROW_LANES) * tt * ROW_LANES + i % ROW_LANES;
             for (int t = 0; t < tt; ++t) {
-              const double d = (double)dot[t * ROW_LANES + i];
-              out[i][t] += L.ic ? d : span * (d - zt[(i * G + g) * TMAX + t]);
+              const double v = (double)d[t * ROW_LANES];
+              out[i][t] += L.ic ? v : span * (v - zt[(i * G + g) * TMAX + t]);
             }
           }
         }
@@ -1101,6 +1160,7 @@ int baq_rows_linear(const RowLayout* Lp, const float* lo, const float* hi, const
             y[(t0 + t) * L.rows + row0 + i] = (float)v;
           }
       }
+      b += nb;
     }
   });
   return 0;

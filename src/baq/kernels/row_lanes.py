@@ -1,5 +1,5 @@
 """The row-lane runtime layout of a packed layer: each lane a row, codes as mixed-radix segments
-(issue 26, the memory target).
+(issue 26; the default layout of ``cache="kernel"``).
 
 The lane layout (:mod:`baq.kernels.lanes`) puts 16 *columns* of one row in the 16 lanes of a
 block, so every chunk of 16 columns takes its widest code's width, every column group ends in a
@@ -9,33 +9,37 @@ same level counts, and the per-slot tables 0.10 more (session 20): 1.21 times th
 Here the 16 lanes of a block are 16 *rows* and a lane word holds codes of one row, so the place
 of a code is a property of its column alone, the same in every row:
 
-* Slots. The columns with ``L > 1`` sorted by (column group, L, index), as the lane layout
-  (a class (group, L) is a run of slots), but with no padding. One-level columns hold only 0
-  codes and drop out of the product.
-* Segments. The slots of a class are cut into *segments* of ``d`` consecutive slots, one base
-  ``B = L``: the segment's value is ``sum_i q_i B^i`` (digit ``i`` = slot ``first + i``), held in
-  ``bits = ceil(log2 B^d)`` bits at bit ``shift`` of word ``word`` of every row's lane, with
-  ``B^d <= 2^21`` so that the kernel peels its digits in float32 exactly (the argument of
-  :mod:`baq.kernels.lanes`: ``q_p = floor((f + 1/2) / B^p)`` is exact for ``f < 2^21``; digit
-  ``p`` is ``q_p - B q_{p+1}``). A power of two is the same arithmetic on a bit field. So a
-  count costs ``log2 L`` bits plus under one bit a segment: 7 levels, 7 digits in 20 bits
-  (2.86 bits a code against 3 for a field); 5 levels, 9 in 21 (2.33 against 3).
+* Slots. The columns with ``L > 1`` sorted by (column group, decreasing L, index): a class
+  (group, L) is a run of slots, with no padding. One-level columns hold only 0 codes and drop
+  out of the product.
+* Segments. The slots of a class are cut into *segments* of ``d`` consecutive slots of one base
+  ``B``: the segment's value is ``sum_i q_i B^i`` (digit ``i`` = slot ``first + i``), held in
+  ``bits = ceil(log2 B^d)`` bits at bit ``shift`` of word ``word`` of every row's lane. ``B``
+  is ``L`` (radix digits) with ``B^d <= 2^21``, so that the kernel peels the digits in float32
+  exactly (the argument of :mod:`baq.kernels.lanes`: ``q_p = floor((f + 1/2) / B^p)`` is exact
+  for ``f < 2^21``; digit ``p`` is ``q_p - B q_{p+1}``), or the power of two above ``L`` where
+  that costs no more (:func:`segment_base`: 4, 8, 15 or 16 levels; bit fields, any number to a
+  word, decoded by shifts). So a count costs about ``log2 L`` bits plus under one bit a segment:
+  7 levels, 7 digits in 20 bits (2.86 bits a code against 3 for a field); 5 levels, 9 in 21
+  (2.33 against 3).
 * Words. A row is ``nwords`` uint32 words; segments of any classes and groups share a word
   (each has its own shift). Placement fills gaps: the classes, largest ``L`` first, put a
   segment of the most digits that fit in the best-fitting open gap, else as many digits as fit
   in the largest gap, else open a word; so the small counts fill what the large ones leave.
   Words are stored by block of 16 rows: ``words[block, word, lane]``, row ``16 block + lane``
   (rows past the layer's are zero codes).
-* The kernel walks the segments in slot order (one column group's after another's; within a
+* The kernel walks the segments in slot order (one column group's after another's; the classes
+  by decreasing L, the order their words were filled in, so the walk mostly streams; within a
   class by decreasing digits, so runs of one digit count meet a loop unrolled for it): per
   segment one load of 16 lanes, a shift, a mask and a conversion, then ``d`` digits of three
-  vector instructions each, every digit multiplied into the 16 rows' accumulator of each token
-  by its scaled input ``xs[slot]`` (one broadcast). No horizontal sums: a block's 16 rows end
-  in one vector per token.
+  vector instructions each (a bit field: a shift, a mask, a conversion), every digit multiplied
+  into the 16 rows' accumulator of each token by its scaled input ``xs[slot]`` (one broadcast).
+  No horizontal sums: a block's 16 rows end in one vector per token.
 
 Memory: ``ceil(rows / 16) * 16 * nwords * 4`` bytes of words; tables 8 bytes a segment, 2 a
 column (4 past 32767 columns), 16 a class. On the rotated 3-bit reference model 3.21 bits a
-weight of words and 0.04 of tables against the file's 3.00 (the lane layout: 3.55 and 0.10).
+weight of words and 0.04 of tables against the file's 3.00 (the lane layout: 3.55 and 0.10):
+1.081 times the stored bytes with the ranges, against 1.210 (benchmarks/layout_bytes.py).
 
 Per IC grids need each block's 16 rows in one row group (a group size that is a multiple of
 16, or none): :func:`build_row_lanes` raises ``ValueError`` otherwise and the caller keeps the
@@ -55,7 +59,8 @@ LANES = 16  # rows a block: one 512-bit vector of float32 (two 256-bit ones on A
 WORD_BITS = 32
 SEGMENT_BITS = 21  # a segment's value under 2^21: float32 peels its digits exactly
 # bits a code a class may give up to be stored as bit fields rather than radix digits
-# (segment_base): they decode off the multiply units, which the radix digits load
+# (segment_base). 0: only where fields cost nothing (a quarter of the reference model's codes);
+# 0.15 would add 7 levels (46 %) for 0.06 bits a weight, and measured no faster (session 21)
 FIELD_SLACK = 0.0
 # rows packed or unpacked together: bounds the scratch to about 2^22 numbers a step
 _SCRATCH = 2**22
@@ -151,10 +156,10 @@ def most_digits(base: int, room: int) -> int:
 
 def segment_base(levels: int, slack: float | None = None) -> int:
     """The base a class of ``levels`` levels is stored in: ``levels`` itself (radix digits,
-    peeled in float32: three instructions on the multiply units a code), or the power of two
-    above it where its bit fields cost at most ``slack`` bits a code more than its longest radix
-    segment (7 levels: 3 bits against 20 / 7 = 2.86; decoded by a shift, a mask and a conversion, which
-    leave the multiply units to the products)."""
+    peeled in float32), or the power of two above it where its bit fields cost at most
+    ``slack`` (default :data:`FIELD_SLACK`) bits a code more than its longest radix segment
+    (4, 8, 15, 16 levels at no cost; 7 levels: 3 bits against 20 / 7 = 2.86). Bit fields fill
+    a whole word and decode by a shift, a mask and a conversion a code."""
     slack = FIELD_SLACK if slack is None else slack
     width = (levels - 1).bit_length()
     full = most_digits(levels, SEGMENT_BITS)
@@ -264,8 +269,13 @@ def build_row_lanes(
     runs_key, run_len = torch.unique_consecutive(key[order], return_counts=True)
     start = torch.cumsum(run_len, 0) - run_len
     classes = torch.stack(
-        [runs_key // (MAX_LEVELS + 1), MAX_LEVELS - runs_key % (MAX_LEVELS + 1), start,
-         start + run_len], 1
+        [
+            runs_key // (MAX_LEVELS + 1),
+            MAX_LEVELS - runs_key % (MAX_LEVELS + 1),
+            start,
+            start + run_len,
+        ],
+        1,
     ).reshape(-1, 4)
     gclass = torch.cat([torch.zeros(1).long(), torch.cumsum(torch.bincount(
         classes[:, 0], minlength=gc), 0)])  # fmt: skip

@@ -20,8 +20,9 @@ from torch import Tensor
 from baq.kernels import native
 from baq.kernels.lanes import LaneLayout, build_lanes
 from baq.kernels.layout import KernelLayout, build_layout
+from baq.kernels.row_lanes import RowLaneLayout, build_row_lanes
 
-RuntimeLayout = LaneLayout | KernelLayout
+RuntimeLayout = LaneLayout | RowLaneLayout | KernelLayout
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,21 @@ def build(
     sym: bool,
     dim: str = "oc",
     radix: bool = False,
+    rows: bool = False,
 ) -> RuntimeLayout:
     """The runtime layout of one layer for the kernel this machine runs (arguments as
-    :func:`baq.kernels.lanes.build_lanes`; ``radix``: the compact lane layout, ignored by the
-    numba fallback, which has none)."""
+    :func:`baq.kernels.lanes.build_lanes`; ``radix``: the compact lane layout; ``rows``: the
+    row-lane layout of :mod:`baq.kernels.row_lanes`, or the lane layout where it does not take
+    the layer (per IC groups that split its 16-row blocks); both ignored by the numba fallback,
+    which has neither)."""
     if native.library() is not None:
         if native.vector_bits() == 0:
             _warn_plain_loops()
+        if rows:
+            try:
+                return build_row_lanes(codes, levels, group_size, sym, dim)
+            except ValueError as err:
+                log.info("row lanes do not take this layer (%s): lane layout", err)
         return build_lanes(codes, levels, group_size, sym, dim, radix=radix)
     return build_layout(codes, levels, group_size, sym, dim)
 
@@ -73,7 +82,7 @@ def linear(
 def _forward(
     layout: RuntimeLayout, x: Tensor, lo: Tensor, hi: Tensor, bias: Tensor | None
 ) -> Tensor:
-    if isinstance(layout, LaneLayout):
+    if isinstance(layout, (LaneLayout, RowLaneLayout)):
         return native.linear(layout, x, lo, hi, bias)
     from baq.kernels import cpu  # numba, imported only where the fallback runs
 
@@ -82,7 +91,7 @@ def _forward(
 
 def dequantize_rows(layout: RuntimeLayout, lo: Tensor, hi: Tensor, r0: int, r1: int) -> Tensor:
     """(r1 - r0, cols) float32 rows of ``W`` from either kernel's layout."""
-    if isinstance(layout, LaneLayout):
+    if isinstance(layout, (LaneLayout, RowLaneLayout)):
         return native.dequantize_rows(layout, lo, hi, r0, r1)
     from baq.kernels import cpu
 

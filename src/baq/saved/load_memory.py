@@ -123,7 +123,8 @@ def estimate_load(
             if top > KERNEL_LEVELS
             else int(KERNEL_LAYOUT_RATIO * code_bytes) + 8 * cols,  # + the slot tables
         }
-        per_cache["compact"] = per_cache["kernel"]  # at most the kernel's: an upper bound
+        # at most the kernel's: an upper bound
+        per_cache["compact"] = per_cache["lanes"] = per_cache["kernel"]
         cache_bytes += per_cache[cache] + (4 * cols if rotated and cache != "weight" else 0)
         transient = max(transient, rows * cols * TRANSIENT_BYTES_PER_WEIGHT)
     tied_bytes = 0

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from baq.config import WEIGHT_CACHES
+from baq.config import KERNEL_CACHES, WEIGHT_CACHES
 from baq.kernels import runtime
 from baq.kernels.layout import MAX_LEVELS as KERNEL_MAX_LEVELS
 from baq.quant.gptq import QuantResult
@@ -64,14 +64,17 @@ class PackedLinear(nn.Module):
       memory and speed, bitwise the solver's weight;
     * ``"kernel"`` (the default of loads, :data:`baq.config.DEFAULT_CACHE`): at the first
       forward on the CPU the packed codes are rebuilt as the runtime layout of
-      :func:`baq.kernels.runtime.build` (the native kernel's lane fields, or the numba kernel's
-      part streams where nothing compiles) and the ``codes_<L>`` buffers emptied, so the layer
-      holds about its packed size (1.1 to 1.5 times the saved codes, the small layers the most:
-      docs/results/kernel-s13.md), and :func:`baq.kernels.runtime.linear` multiplies by it
+      :func:`baq.kernels.runtime.build` (the native kernel's row lanes,
+      :mod:`baq.kernels.row_lanes`, or the numba kernel's part streams where nothing compiles)
+      and the ``codes_<L>`` buffers emptied, so the layer holds about its packed size (1.08
+      times the stored bytes on the rotated 3-bit reference model, 1.04 on 7B-sized layers:
+      docs/RESULTS.md, session 21), and :func:`baq.kernels.runtime.linear` multiplies by it
       without a float weight (equal to the dequantized forward up to float32 rounding).
-      ``"compact"``: the same kernel on a layout that stores the level counts a 32-bit lane
-      holds more of as radix digits than as bit fields (3, 5, 6, 9-11, 17, 18, 33-38:
-      :func:`baq.kernels.lanes.radix_pays`): less memory, slower decoding (docs/RESULTS.md).
+      ``"lanes"``: the same kernel on the column-lane layout of :mod:`baq.kernels.lanes` (1.21
+      times there; up to 1.3x faster at one token on 4096- and 14336-column layers).
+      ``"compact"``: that layout with the level counts a 32-bit lane holds more of as radix
+      digits than as bit fields (3, 5, 6, 9-11, 17, 18, 33-38:
+      :func:`baq.kernels.lanes.radix_pays`).
       Whatever reads the codes (``packed``, ``state_dict``, :meth:`file_tensors`,
       :meth:`dequantize`) gets them repacked from the layout, byte for byte the saved streams.
       A layer with more than 256 levels in a column, or an input on another device than the
@@ -84,7 +87,8 @@ class PackedLinear(nn.Module):
         group_size: columns (per IC: rows) per range group, or None.
         sym: symmetric grid (zero point L // 2).
         bias: (rows,) or None.
-        cache: ``"none"``, ``"codes"``, ``"weight"``, ``"kernel"`` or ``"compact"`` (above).
+        cache: ``"none"``, ``"codes"``, ``"weight"``, ``"kernel"``, ``"lanes"`` or
+            ``"compact"`` (above).
         dim: ``"oc"`` (ranges per row) or ``"ic"`` (per column; quant/grid.py).
     """
 
@@ -164,8 +168,10 @@ class PackedLinear(nn.Module):
         layout replaces them (issue 26: resident memory at about the packed size)."""
         packed = self.packed
         codes = packed.unsort(unpack_sorted(packed)).cpu()
-        layout = runtime.build(codes, packed.levels().cpu(), self.group_size, self.sym, self.dim,
-                               radix=self.cache == "compact")  # fmt: skip
+        layout = runtime.build(
+            codes, packed.levels().cpu(), self.group_size, self.sym, self.dim,
+            radix=self.cache == "compact", rows=self.cache == "kernel",
+        )  # fmt: skip
         del codes
         for L, stream in packed.streams.items():
             setattr(self, f"codes_{L}", stream.new_empty(0))
@@ -319,7 +325,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        kernel = self.cache in ("kernel", "compact") and x.device.type == "cpu"
+        kernel = self.cache in KERNEL_CACHES and x.device.type == "cpu"
         kernel = kernel and self._kernel_fits()
         if kernel:
             layout = self._layout
@@ -328,7 +334,7 @@ class PackedLinear(nn.Module):
                     layout = self._build_layout()
             grid = self.grid  # float32: views of float32 buffers, widened float16 ones
             return runtime.linear(layout, self.transform_input(x), grid.lo, grid.hi, bias)
-        if self.cache in ("codes", "kernel", "compact"):
+        if self.cache == "codes" or self.cache in KERNEL_CACHES:
             offsets = self._offsets
             if offsets is None or offsets.offsets.device != x.device:
                 with torch.inference_mode(False), torch.no_grad():
