@@ -732,9 +732,10 @@ inline void field_run(const Segments& S, const SegmentRun& run, const uint32_t* 
 template <int NB, int TT>
 void row_block_dots(const Segments& S, int64_t r0, int64_t r1, const uint32_t* blk,
                     const float* xs, int64_t ts, float* dot) {
-  // independent FMA chains at few tokens (a digit's FMA waits on the last one of its chain)
+  // independent FMA chains (a digit's FMA waits on the last one of its chain): with AVX2 two
+  // (each of two halves), 1.05-1.2x faster than four (spills), session 21
 #ifndef BAQ_ROWS_CHAINS
-#define BAQ_ROWS_CHAINS 4
+#define BAQ_ROWS_CHAINS (AVX2_PAIRS ? 2 : 4)
 #endif
   constexpr int U = NB * TT >= BAQ_ROWS_CHAINS ? 1 : BAQ_ROWS_CHAINS / (NB * TT);
   __m512 acc[NB][TT][U];
@@ -813,17 +814,13 @@ void row_block_dots(const Segments& S, int64_t r0, int64_t r1, const uint32_t* b
 }
 #endif
 
-// blocks that share a pass over the segments: two at one token where a block's words are at most
-// 48 KiB (they share the segments' constants and the inputs' broadcasts: 1.11x faster on
-// 4096x4096, 1.23x on 1536x576, AVX2, one thread), else one (two 92 KiB blocks and their
-// prefetched successors crowd L2: 1.10x slower on 4096x14336; at two tokens the accumulators
-// spill: 1.2-1.4x slower), session 21
+// blocks that share a pass over the segments: two at one token (they share the segments'
+// constants and the inputs' broadcasts: 1.04-1.12x faster on 576x1536 to 4096x14336, AVX2, one
+// thread), else one (at two tokens the accumulators spill), session 21
 #ifndef BAQ_ROWS_NB
 #define BAQ_ROWS_NB 2
 #endif
-inline int blocks_together(int tt, int64_t nwords) {
-  return tt == 1 && nwords * ROW_LANES * 4 <= 48 * 1024 ? BAQ_ROWS_NB : 1;
-}
+inline int blocks_together(int tt) { return tt == 1 ? BAQ_ROWS_NB : 1; }
 
 void row_dots(int nb, int tt, const Segments& S, int64_t r0, int64_t r1, const uint32_t* blk,
               const float* xs, int64_t ts, float* dot) {
@@ -1109,8 +1106,7 @@ int baq_rows_linear(const RowLayout* Lp, const float* lo, const float* hi, const
       const int64_t row0 = b * ROW_LANES;
       const int64_t gr = (L.ic && L.rsize > 0) ? row0 / L.rsize : 0;
       // blocks of a pass share the scaled input (per IC: one row group)
-      int nb = (int)std::min<int64_t>(blocks_together((int)std::min<int64_t>(T, TMAX), L.nwords),
-                                      b1 - b);
+      int nb = (int)std::min<int64_t>(blocks_together((int)std::min<int64_t>(T, TMAX)), b1 - b);
       if (nb > 1 && L.ic && L.rsize > 0 && (row0 + ROW_LANES) / L.rsize != gr) nb = 1;
       const int64_t nr = std::min<int64_t>(nb * ROW_LANES, L.rows - row0);
       const uint32_t* blk = L.words + b * L.nwords * ROW_LANES;
