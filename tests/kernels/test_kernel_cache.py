@@ -198,3 +198,22 @@ def _layer(rows: int, cols: int, levels: torch.Tensor, gen: torch.Generator) -> 
     codes = (torch.rand(rows, cols, generator=gen) * levels).long()
     res = QuantResult(weight=None, codes=codes, grid=grid, levels=levels, losses=torch.zeros(cols))
     return PackedLinear.from_quantized(res)
+
+
+@pytest.mark.parametrize("cache", ["kernel", "codes"])
+def test_building_a_cache_returns_the_freed_unpacked_codes(monkeypatch, cache):
+    """The build unpacks int64 codes and frees them; the layer asks the C library to give the
+    freed pages back (glibc keeps them otherwise: 918 against 649 MB of RSS on the reference
+    model, session 21), once per build."""
+    from baq.saved import load_memory
+
+    calls = []
+    monkeypatch.setattr(load_memory, "_malloc_trim", lambda: lambda pad: calls.append(pad))
+    gen = torch.Generator().manual_seed(5)
+    levels = torch.randint(2, 20, (40,), generator=gen)
+    layer = _layer(32, 40, levels, gen)
+    layer.set_cache(cache)
+    with torch.inference_mode():
+        layer(torch.randn(2, 40, generator=gen))
+        layer(torch.randn(2, 40, generator=gen))
+    assert calls == [0]

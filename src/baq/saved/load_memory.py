@@ -13,6 +13,9 @@ vocabulary and hidden size are what the header shapes say.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -175,3 +178,28 @@ def admit_load(root: Path, estimates: dict[str, LoadEstimate], cache: str) -> No
         f"{root}: loading with cache {cache!r} needs about {need.total / GIB:.2f} GiB "
         f"({need.describe()}), {available / GIB:.2f} GiB is available: {fix}"
     )
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library, another system)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def return_freed_memory() -> None:
+    """Give the heap's freed pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Building a layer's run-time cache unpacks its codes to int64 (8 bytes a weight) and frees
+    them; glibc keeps such freed blocks in the process (its mmap threshold grows after the first
+    large free, so later ones come from the heap), and the loaded 3-bit reference model stayed at
+    918 MB of RSS after its first forward where 649 MB were live (session 21). Called after each
+    build: 0.3 ms when there is nothing to return."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

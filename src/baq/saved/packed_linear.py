@@ -20,6 +20,7 @@ from baq.kernels.layout import MAX_LEVELS as KERNEL_MAX_LEVELS
 from baq.quant.gptq import QuantResult
 from baq.quant.grid import Grid, column_params, dequantize_codes
 from baq.quant.rotation import original_basis
+from baq.saved.load_memory import return_freed_memory
 from baq.saved.packing import (
     PackedCodes,
     layer_tensors,
@@ -176,6 +177,7 @@ class PackedLinear(nn.Module):
         for L, stream in packed.streams.items():
             setattr(self, f"codes_{L}", stream.new_empty(0))
         self._layout = layout
+        return_freed_memory()  # the int64 codes of the build
         return layout
 
     def _repacked(self) -> dict[int, Tensor]:
@@ -339,6 +341,7 @@ class PackedLinear(nn.Module):
             if offsets is None or offsets.offsets.device != x.device:
                 with torch.inference_mode(False), torch.no_grad():
                     offsets = self.offset_codes().to(x.device)
+                    return_freed_memory()
                 self._offsets = offsets
             return offsets.linear(self.transform_input(x), bias)
         # "none": the codes' basis, x rotated (cheaper than unrotating W every forward);
