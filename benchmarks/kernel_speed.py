@@ -8,7 +8,9 @@ For every shape (rows x cols = out x in), nominal bits and token count: the medi
   ranges, as PackedLinear keeps them), with ``--numba`` only: once numba's thread pool exists, the
   threads of every later product in the process wait on it on a loaded machine (measured: 576x1536
   float32 ``F.linear`` 125 us before, 20 ms after), so it is best measured in a process of its own;
-* ``native``: ``baq.kernels.native.linear`` on the lane-field layout (the C++ kernel, session 13);
+* ``native``: ``baq.kernels.native.linear`` on the row-lane layout (the C++ kernel's default
+  layout since session 21, baq/kernels/row_lanes.py); ``lanes``: on the column-lane layout
+  (``cache="lanes"``, the default of sessions 13-20);
 * ``module``: ``PackedLinear(cache="kernel")``, the kernel this machine runs through the module's
   forward;
 
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 from baq.kernels import native
 from baq.kernels.lanes import build_lanes
 from baq.kernels.layout import build_layout
+from baq.kernels.row_lanes import build_row_lanes
 from baq.quant.grid import fit_grid
 from baq.saved.packed_linear import PackedLinear
 from baq.saved.packing import layer_nbytes, pack_columns
@@ -135,6 +138,7 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
     layer = PackedLinear(packed, grid.lo, grid.hi, grid.group_size, False, cache="codes")
     layout = build_layout(codes, levels, grid.group_size, False) if args.numba else None
     lanes = build_lanes(codes, levels, grid.group_size, False)
+    rowl = build_row_lanes(codes, levels, grid.group_size, False)
     lo16, hi16 = grid.lo.half(), grid.hi.half()
     lo32, hi32 = lo16.float(), hi16.float()  # the float16 ranges of a save, as the module keeps
     klayer = PackedLinear(packed, lo16, hi16, grid.group_size, False, cache="kernel")
@@ -156,7 +160,8 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
                 "bf16": lambda xb=xb: F.linear(xb, Wb),
                 "codes": lambda x=x: layer(x),
                 "numba": lambda x=x: _numba_linear(layout, x, lo32, hi32),
-                "native": lambda x=x: native.linear(lanes, x, lo32, hi32),
+                "native": lambda x=x: native.linear(rowl, x, lo32, hi32),
+                "lanes": lambda x=x: native.linear(lanes, x, lo32, hi32),
                 "module": lambda x=x: klayer(x),
             }
             if layout is None:
@@ -175,11 +180,13 @@ def bench_layer(rows, cols, bits, tokens_list, args, gen) -> list[dict]:
                 "fp32": Wf.nbytes,
                 "bf16": Wb.nbytes,
                 "codes": layer._offsets.nbytes(),
-                "native": lanes.nbytes() + 2 * lo16.nbytes,
+                "native": rowl.nbytes() + 2 * lo16.nbytes,
+                "lanes": lanes.nbytes() + 2 * lo16.nbytes,
                 "module": klayer.resident_nbytes(),
                 "saved": saved,
             },
-            "layout_over_saved": (lanes.nbytes() + 2 * lo16.nbytes) / saved,
+            "layout_over_saved": (rowl.nbytes() + 2 * lo16.nbytes) / saved,
+            "lanes_over_saved": (lanes.nbytes() + 2 * lo16.nbytes) / saved,
             "ceiling_codes_over_saved": (ceiling + 2 * lo16.nbytes) / saved,
         }
         if layout is not None:
@@ -205,7 +212,7 @@ def _line(row, llama) -> str:
         str(row["bits"]),
         str(row["tokens"]),
         *(f"{t[k] * 1e6:.0f}" if k in t else "-" for k in
-          ("fp32", "bf16", "codes", "numba", "native", "module")),
+          ("fp32", "bf16", "codes", "numba", "native", "lanes", "module")),
         f"{t['fp32'] / t['native']:.2f}",
         f"{c['fp32'] / c['native']:.2f}",
         f"{t['codes'] / t['module']:.2f}",
@@ -220,8 +227,8 @@ def _line(row, llama) -> str:
 
 HEADER = (
     "| layer (out x in) | bits | tokens | fp32 us | bf16 us | codes us | numba us | native us | "
-    "module us | fp32 / native | same, CPU time | codes / module | native GB/s | layout / saved "
-    "| llama Q2_K us | Q3_K us | Q4_K us | Q4_0 us |\n|" + "---|" * 18
+    "lanes us | module us | fp32 / native | same, CPU time | codes / module | native GB/s | "
+    "layout / saved | llama Q2_K us | Q3_K us | Q4_K us | Q4_0 us |\n|" + "---|" * 19
 )
 
 
