@@ -537,12 +537,14 @@ struct AlignedFloats {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Row lanes (baq/kernels/row_lanes.py): the 16 lanes of a block are 16 rows, a lane word holds
-// one row's codes as segments of d base-B digits (value sum_i q_i B^i < 2^21 at bit ``shift``
-// of word ``word``), the same place in every row. A block's product walks the segments in slot
-// order: one load, shift, mask and conversion a segment, then per digit its quotient
-// q_p = floor((f + 1/2) / B^p) (exact, lanes.py) and q_p - B q_{p+1}: three instructions, and one
-// FMA a token into the block's 16 rows. No horizontal sums.
+// Row lanes (baq/kernels/row_lanes.py, the layout of cache="kernel"): the 16 lanes of a block
+// are 16 rows, a lane word holds one row's codes as segments of d base-B digits (value
+// sum_i q_i B^i at bit ``shift`` of word ``word``: under 2^21 for radix digits, any width for
+// bit fields, B a power of two), the same place in every row. A block's product walks the
+// segments in slot order: one load, shift, mask and conversion a segment, then per digit its
+// quotient q_p = floor((f + 1/2) / B^p) (exact, lanes.py) and q_p - B q_{p+1} (a bit field: a
+// shift, a mask, a conversion), and one FMA a token into the block's 16 rows. No horizontal
+// sums; the tuning macros (BAQ_ROWS_*) exist for A/B builds of compile-time variants.
 
 struct RowLayout {
   const uint32_t* words;   // (nblocks, nwords, 16): lane l of block b is row 16 b + l
