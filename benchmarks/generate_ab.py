@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--caches", nargs="+", default=["kernel", "lanes", "codes"])
     ap.add_argument("--float", action="store_true", help="the float model too")
     ap.add_argument("--float-model", default=None, help="the float model (default: reference)")
+    ap.add_argument(
+        "--float-dtype", default="auto", help="the float model's dtype (default: its file's)"
+    )
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=9)
@@ -44,7 +47,8 @@ def main() -> None:
         name = cache if cache not in models else f"{cache} (again)"
         models[name], tok = baq.load(args.folder, cache=cache)
     if args.float:
-        models["float"] = baq.load_model(args.float_model)[0]  # None: the reference model
+        # float_model None: the reference model
+        models["float"] = baq.load_model(args.float_model, dtype=args.float_dtype)[0]
     ids = tok(args.text.read_text()[:20000], return_tensors="pt").input_ids[:, : args.prompt_tokens]
     seconds: dict[str, list[float]] = {k: [] for k in models}
     outputs = {}
