@@ -158,10 +158,14 @@ def test_compact_holds_radix_digits_in_less_memory_and_saves_the_same_codes():
             assert torch.equal(b, streams[n])
 
 
-def test_load_state_dict_into_a_kernel_layer():
+@pytest.mark.parametrize("range_dtype", ["float16", "float32"])
+def test_load_state_dict_into_a_kernel_layer(range_dtype):
+    """New codes and ranges copied into a layer that ran: the kernel reads the new ones (the
+    layer keeps views of its range buffers between forwards)."""
     gen = torch.Generator().manual_seed(4)
-    layer = _layer(9, 40, torch.randint(2, 17, (40,), generator=gen), gen)
-    other = _layer(9, 40, layer.packed.levels(), torch.Generator().manual_seed(5))
+    layer = _layer(9, 40, torch.randint(2, 17, (40,), generator=gen), gen, range_dtype)
+    other = _layer(9, 40, layer.packed.levels(), torch.Generator().manual_seed(5), range_dtype)
+    assert not torch.equal(layer.lo_bits, other.lo_bits)
     layer.set_cache("kernel")
     x = torch.randn(3, 40, generator=gen)
     layer(x)
@@ -192,9 +196,10 @@ def test_more_than_256_levels_and_non_cpu_inputs_run_as_codes(caplog):
         assert small._layout is None and small._offsets is not None
 
 
-def _layer(rows: int, cols: int, levels: torch.Tensor, gen: torch.Generator) -> PackedLinear:
+def _layer(rows: int, cols: int, levels: torch.Tensor, gen: torch.Generator,
+           range_dtype: str = "float16") -> PackedLinear:  # fmt: skip
     W = torch.randn(rows, cols, generator=gen)
-    grid = fit_grid(W, group_size=None, sym=False)
+    grid = fit_grid(W, group_size=None, sym=False, range_dtype=range_dtype)
     codes = (torch.rand(rows, cols, generator=gen) * levels).long()
     res = QuantResult(weight=None, codes=codes, grid=grid, levels=levels, losses=torch.zeros(cols))
     return PackedLinear.from_quantized(res)

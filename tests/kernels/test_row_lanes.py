@@ -13,6 +13,7 @@ from test_lane_tails import BUILDS, kernel_library
 from test_native_kernel import check_layout
 
 from baq.kernels import native
+from baq.kernels.lanes import build_lanes
 from baq.kernels.row_lanes import (
     LANES,
     SEGMENT_BITS,
@@ -131,3 +132,22 @@ def test_segments_do_not_overlap_and_hold_their_digits(seed, slack):
     # segment's rounding up and of a word's end
     ideal = sum(math.log2(segment_base(L, slack)) * (e - b) for _, L, b, e in classes)
     assert nwords * WORD_BITS <= ideal + len(segs) + WORD_BITS * (1 + len(classes))
+
+
+@pytest.mark.parametrize("layout_kind", ["rows", "lanes"])
+@pytest.mark.parametrize("dim,group_size", [("oc", None), ("oc", 24), ("ic", 16), ("ic", None)])
+def test_float16_ranges_are_read_as_their_float32_values(lib, layout_kind, dim, group_size):
+    """A layer saved with float16 ranges hands them to the kernel as they are (the kernel widens
+    them): the product is bit for bit the one with the same ranges widened by torch, for
+    subnormal and signed-zero ends as well."""
+    codes, levels, grid = random_layer(48, 70, group_size, False, dim, "float16", seed=7)
+    lo, hi = grid.lo.half(), grid.hi.half()
+    lo.view(-1)[:3] = torch.tensor([-6e-8, -0.0, -3.0e-5])  # subnormals, -0
+    hi.view(-1)[:3] = torch.tensor([5.9e-8, 1.0, 6.1e-5])  # a subnormal, the smallest normal
+    build = build_row_lanes if layout_kind == "rows" else build_lanes
+    layout = build(codes, levels, grid.group_size, grid.sym, grid.dim)
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(1))
+    for tokens in (1, 3):
+        widened = native.linear(layout, x[:tokens], lo.float(), hi.float(), lib=lib)
+        as_kept = native.linear(layout, x[:tokens], lo, hi, lib=lib)
+        assert torch.equal(as_kept, widened) and bool(widened.isfinite().all())

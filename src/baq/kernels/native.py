@@ -132,12 +132,12 @@ def load_source(source: Path, flags: list[str], key: bytes) -> ctypes.CDLL:
                 is_python_module=False, verbose=False)  # fmt: skip
     lib = ctypes.CDLL(str(path))
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.baq_lanes_linear.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.baq_lanes_linear.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, ptr]
     lib.baq_lanes_linear.restype = ctypes.c_int
     lib.baq_lanes_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     lib.baq_lanes_dequantize.restype = None
     lib.baq_lanes_isa.restype = ctypes.c_int
-    lib.baq_rows_linear.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.baq_rows_linear.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, ptr]
     lib.baq_rows_linear.restype = ctypes.c_int
     lib.baq_rows_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     lib.baq_rows_dequantize.restype = None
@@ -182,11 +182,25 @@ def _struct(layout: NativeLayout) -> _Layout | _RowLayout:
     return cached
 
 
-def _ranges(layout: NativeLayout, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+def _ranges_shape(layout: NativeLayout, lo: Tensor, hi: Tensor) -> bool:
+    """True, or a ValueError naming the shapes the layer's ranges must have."""
     want = (layout.rows, layout.ngroups) if layout.dim == "oc" else (layout.ngroups, layout.cols)
     if tuple(lo.shape) != want or tuple(hi.shape) != want:
         raise ValueError(f"ranges of shape {tuple(lo.shape)}: expected {want}")
+    return True
+
+
+def _ranges(layout: NativeLayout, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """The ranges as the C functions read them: float32, CPU, contiguous."""
+    _ranges_shape(layout, lo, hi)
+    if _ready(lo) and _ready(hi):  # the usual case, without four dispatches a tensor
+        return lo, hi
     return tuple(t.detach().to("cpu", torch.float32).contiguous() for t in (lo, hi))
+
+
+def _ready(t: Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    """``t`` is what the C functions read as it is: ``dtype``, on the CPU, contiguous."""
+    return t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
 
 
 def dequantize_rows(
@@ -220,7 +234,8 @@ def linear(
         x: (..., cols) input on the CPU, any float dtype (computed in float32; past
             ``max_tokens`` a bfloat16 or float16 input multiplies the rounded weight in its
             own dtype, as ``F.linear`` with ``cache="weight"``).
-        lo, hi: the grid ranges, (rows, G) per OC, (G, cols) per IC.
+        lo, hi: the grid ranges, (rows, G) per OC, (G, cols) per IC; float16 ones on the CPU
+            are read as they are (widened in the kernel), others converted to float32.
         bias: (rows,) or None.
         max_tokens: up to this many tokens the fused kernel runs; beyond, row tiles of ``W``
             are dequantized and multiplied by torch.
@@ -248,17 +263,27 @@ def linear(
         if b is not None:
             y += b.to(wide)
     else:
-        x2 = x.detach().reshape(-1, layout.cols).to(torch.float32).contiguous()
-        lo, hi = _ranges(layout, lo, hi)
+        x2 = x.reshape(-1, layout.cols)
+        if not _ready(x2):
+            x2 = x2.detach().to("cpu", torch.float32).contiguous()
+        # float16 ranges (a layer saved so) go as they are: the kernel widens them
+        half = (
+            _ready(lo, torch.float16)
+            and _ready(hi, torch.float16)
+            and _ranges_shape(layout, lo, hi)
+        )
+        if not half:
+            lo, hi = _ranges(layout, lo, hi)
         y = torch.empty(T, layout.rows)
         rows = isinstance(layout, RowLaneLayout)
         rc = (lib.baq_rows_linear if rows else lib.baq_lanes_linear)(
-            ctypes.byref(_struct(layout)), lo.data_ptr(), hi.data_ptr(), x2.data_ptr(), T,
-            None if b is None else b.data_ptr(), y.data_ptr(),
+            ctypes.byref(_struct(layout)), lo.data_ptr(), hi.data_ptr(), int(half),
+            x2.data_ptr(), T, None if b is None else b.data_ptr(), y.data_ptr(),
         )  # fmt: skip
         if rc != 0:
             raise MemoryError(f"native kernel: no memory for the {T}x{layout.cols} input")
-    return y.reshape(*lead, layout.rows).to(x.dtype)
+    y = y.view(*lead, layout.rows)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def rotate(x: Tensor, signs: Tensor, hh: Tensor | None, lib: ctypes.CDLL | None = None) -> Tensor:

@@ -126,11 +126,13 @@ class PackedLinear(nn.Module):
         self._weight: Tensor | None = None  # cache == "weight"
         self._offsets: OffsetCodes | None = None  # cache == "codes"
         # cache == "kernel": the layout (in place of the codes_<L> buffers); the ranges stay in
-        # their buffers (float16 ones are widened at each call: a few KB, against holding a
-        # float32 copy, 3 % of a 3-bit layer of 576 columns)
+        # their buffers, float16 ones too (the kernel widens them: a float32 copy would hold 3 %
+        # of a 3-bit layer of 576 columns)
         self._layout: runtime.RuntimeLayout | None = None
         self._fallback_logged = False
         self._top_levels: tuple[tuple[int, int], int] | None = None  # _kernel_fits
+        # _kernel_ranges: the range buffers, and their float views
+        self._range_views: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
         # float tensors elsewhere in the model that hold this layer's dequantized weight (the
         # input embedding tied to a packed head): a save stores them once, as this layer
         self.aliases: list[str] = []
@@ -163,6 +165,22 @@ class PackedLinear(nn.Module):
                 self.out_features, self.in_features, top, KERNEL_MAX_LEVELS,
             )  # fmt: skip
         return False
+
+    def _kernel_ranges(self) -> tuple[Tensor, Tensor]:
+        """The ranges as the kernel reads them: float16 or float32 views of the range buffers
+        (the kernel widens float16 ones itself), kept while the buffers are the same tensors.
+        ``grid`` made them anew and widened float16 ones each call: 13 us, a tenth of a
+        576x1536 layer's forward at one token; a kept float32 copy would hold 3 % more than
+        the stored bytes of the reference model's layers."""
+        lo, hi = self._buffers["lo_bits"], self._buffers["hi_bits"]
+        kept = self._range_views
+        if kept is None or kept[0][0] is not lo or kept[0][1] is not hi:
+            dtype = torch.float16 if lo.dtype == torch.int16 else torch.float32
+            # made outside inference mode: a first forward under torch.inference_mode() would
+            # hand later training (PEFT LoRA saves them for its backward) inference tensors
+            with torch.inference_mode(False):
+                kept = self._range_views = ((lo, hi), (lo.view(dtype), hi.view(dtype)))
+        return kept[1]
 
     def _build_layout(self) -> runtime.RuntimeLayout:
         """Rebuild the codes as the kernel layout and empty the ``codes_<L>`` buffers: the
@@ -334,8 +352,8 @@ class PackedLinear(nn.Module):
             if layout is None:
                 with torch.inference_mode(False), torch.no_grad():
                     layout = self._build_layout()
-            grid = self.grid  # float32: views of float32 buffers, widened float16 ones
-            return runtime.linear(layout, self.transform_input(x), grid.lo, grid.hi, bias)
+            lo, hi = self._kernel_ranges()
+            return runtime.linear(layout, self.transform_input(x), lo, hi, bias)
         if self.cache == "codes" or self.cache in KERNEL_CACHES:
             offsets = self._offsets
             if offsets is None or offsets.offsets.device != x.device:
