@@ -29,6 +29,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+#if defined(__F16C__) && !defined(BAQ_PORTABLE)
+#include <immintrin.h>  // _mm256_cvtph_ps (the ranges of float16 layers)
+#endif
 
 #if defined(BAQ_EMULATED_AVX512)
 // the AVX512 loops on plain C++ stand-ins for the intrinsics, defined by the file including this
@@ -917,8 +920,21 @@ inline float half_to_float(uint16_t h) {
   return out;
 }
 
+// out[i] = the float16 in[i], i < n: eight an instruction where the processor converts them
+// (F16C; the portable build keeps the scalar conversion, so the tests check both)
+inline void widen_halves(const uint16_t* in, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && !defined(BAQ_PORTABLE)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(in + i))));
+#endif
+  for (; i < n; ++i) out[i] = half_to_float(in[i]);
+}
+
 // a layer's ranges as float32: the caller's arrays (half = 0) or their widened copy (half = 1,
-// uint16 float16 bits); n entries each
+// uint16 float16 bits); n entries each. Per IC with row groups n is rows / group x cols (3.7 M
+// on a 4096x14336 layer in groups of 16 rows): widened in parallel, by F16C where it exists,
+// a scalar loop made its call 1.4x slower than with ranges widened by torch (session 22)
 struct Ranges {
   std::vector<float> buf;
   const float *lo, *hi;
@@ -929,8 +945,12 @@ struct Ranges {
     }
     buf.resize((size_t)(2 * n));
     const uint16_t *l = static_cast<const uint16_t*>(lo_p), *h = static_cast<const uint16_t*>(hi_p);
-    for (int64_t i = 0; i < n; ++i) buf[i] = half_to_float(l[i]), buf[n + i] = half_to_float(h[i]);
-    lo = buf.data(), hi = buf.data() + n;
+    float* out = buf.data();
+    at::parallel_for(0, n, 1 << 15, [&](int64_t a, int64_t b) {
+      widen_halves(l + a, out + a, b - a);
+      widen_halves(h + a, out + n + a, b - a);
+    });
+    lo = out, hi = out + n;
   }
 };
 
