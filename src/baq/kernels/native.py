@@ -182,19 +182,16 @@ def _struct(layout: NativeLayout) -> _Layout | _RowLayout:
     return cached
 
 
-def _ranges_shape(layout: NativeLayout, lo: Tensor, hi: Tensor) -> bool:
-    """True, or a ValueError naming the shapes the layer's ranges must have."""
+def _ranges(
+    layout: NativeLayout, lo: Tensor, hi: Tensor, kept: tuple[torch.dtype, ...] = (torch.float32,)
+) -> tuple[Tensor, Tensor]:
+    """The ranges as the C functions read them: CPU, contiguous, in a dtype of ``kept`` as they
+    are (both the same), else converted to float32."""
     want = (layout.rows, layout.ngroups) if layout.dim == "oc" else (layout.ngroups, layout.cols)
     if tuple(lo.shape) != want or tuple(hi.shape) != want:
         raise ValueError(f"ranges of shape {tuple(lo.shape)}: expected {want}")
-    return True
-
-
-def _ranges(layout: NativeLayout, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """The ranges as the C functions read them: float32, CPU, contiguous."""
-    _ranges_shape(layout, lo, hi)
-    if _ready(lo) and _ready(hi):  # the usual case, without four dispatches a tensor
-        return lo, hi
+    if lo.dtype in kept and _ready(lo, lo.dtype) and _ready(hi, lo.dtype):  # the usual case
+        return lo, hi  # without four dispatches a tensor
     return tuple(t.detach().to("cpu", torch.float32).contiguous() for t in (lo, hi))
 
 
@@ -267,13 +264,8 @@ def linear(
         if not _ready(x2):
             x2 = x2.detach().to("cpu", torch.float32).contiguous()
         # float16 ranges (a layer saved so) go as they are: the kernel widens them
-        half = (
-            _ready(lo, torch.float16)
-            and _ready(hi, torch.float16)
-            and _ranges_shape(layout, lo, hi)
-        )
-        if not half:
-            lo, hi = _ranges(layout, lo, hi)
+        lo, hi = _ranges(layout, lo, hi, kept=(torch.float32, torch.float16))
+        half = lo.dtype == torch.float16
         y = torch.empty(T, layout.rows)
         rows = isinstance(layout, RowLaneLayout)
         rc = (lib.baq_rows_linear if rows else lib.baq_lanes_linear)(

@@ -167,15 +167,13 @@ class PackedLinear(nn.Module):
         return False
 
     def _kernel_ranges(self) -> tuple[Tensor, Tensor]:
-        """The ranges as the kernel reads them: float16 or float32 views of the range buffers
-        (the kernel widens float16 ones itself), kept while the buffers are the same tensors.
-        ``grid`` made them anew and widened float16 ones each call: 13 us, a tenth of a
-        576x1536 layer's forward at one token; a kept float32 copy would hold 3 % more than
-        the stored bytes of the reference model's layers."""
+        """Float16 or float32 views of the range buffers (the kernel widens float16), kept while
+        the buffers are the same tensors: ``grid`` made and widened them each call, 13 us, a
+        tenth of a 576x1536 layer's forward at one token (a float32 copy: 3 % more memory)."""
         lo, hi = self._buffers["lo_bits"], self._buffers["hi_bits"]
         kept = self._range_views
         if kept is None or kept[0][0] is not lo or kept[0][1] is not hi:
-            dtype = torch.float16 if lo.dtype == torch.int16 else torch.float32
+            dtype = self._range_dtype
             # made outside inference mode: a first forward under torch.inference_mode() would
             # hand later training (PEFT LoRA saves them for its backward) inference tensors
             with torch.inference_mode(False):
@@ -267,8 +265,13 @@ class PackedLinear(nn.Module):
         )
 
     @property
+    def _range_dtype(self) -> torch.dtype:
+        """The float dtype whose bits the range buffers hold (int16: float16, int32: float32)."""
+        return torch.float16 if self.lo_bits.dtype == torch.int16 else torch.float32
+
+    @property
     def grid(self) -> Grid:
-        dtype = torch.float16 if self.lo_bits.dtype == torch.int16 else torch.float32
+        dtype = self._range_dtype
         lo = self.lo_bits.view(dtype).float()
         hi = self.hi_bits.view(dtype).float()
         return Grid(lo=lo, hi=hi, group_size=self.group_size, sym=self.sym, dim=self.dim)

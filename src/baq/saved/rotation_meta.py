@@ -76,8 +76,8 @@ class InputRotation:
     def __init__(self, cols: int, seed: int) -> None:
         self.rot = HadamardRotation(cols, seed)
         self._signs: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        self._factor: tuple[Tensor | None] | None = None  # float32 CPU Paley factor, native path
-        # the native path's function, float32 CPU signs and factor, once it has run
+        # the native path's function, float32 CPU signs and Paley factor (None for a power of
+        # two), made at its first call
         self._native: tuple[Callable, Tensor, Tensor | None] | None = None
 
     @property
@@ -86,40 +86,48 @@ class InputRotation:
 
     def __call__(self, x: Tensor) -> Tensor:
         """``R x`` along the last dimension, in ``x``'s dtype (computed in float32 for half
-        types, as :class:`~baq.quant.rotation.HadamardRotation` does), by the blocked transform
+        types, as :class:`~baq.quant.rotation.HadamardRotation` does): a few tokens on the CPU
+        by one native call, else by the blocked transform
         (:func:`~baq.quant.rotation.fwht_blocked`: a few dense products per call)."""
-        fast = self._native
-        if (
-            fast is not None
-            and x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and x.numel() <= NATIVE_ROTATE_TOKENS * self.rot.n
-            and not (torch.is_grad_enabled() and x.requires_grad)
-        ):  # the checks below, once made: 7 us a call less (a tenth of a small layer's forward)
-            return fast[0](x, fast[1], fast[2])
         work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        key = (x.device, work)
-        signs = self._signs.get(key)
-        if signs is None:
-            # kept across calls: made outside inference mode, or a first forward under
-            # torch.inference_mode() would hand later training (PEFT LoRA) an inference tensor
-            with torch.inference_mode(False):
-                signs = self._signs[key] = self.rot.signs(x.device, work)
         if (
             work == torch.float32
             and x.device.type == "cpu"
             and x.numel() <= NATIVE_ROTATE_TOKENS * self.rot.n
             and not (torch.is_grad_enabled() and x.requires_grad)  # LoRA: torch's, with grads
         ):
+            # kept from the first call: looking up each part costs more than the transform
+            native = self._native_parts()
+            if native is not None:
+                rotate, signs, factor = native
+                y = rotate(x if x.dtype == work else x.to(work), signs, factor)
+                return y if y.dtype == x.dtype else y.to(x.dtype)
+        return self.rot.apply(x, self._signs_for(x.device, work), blocked=True)
+
+    def _signs_for(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The random signs on ``device`` in ``dtype``, drawn once."""
+        key = (device, dtype)
+        signs = self._signs.get(key)
+        if signs is None:
+            # kept across calls: made outside inference mode, or a first forward under
+            # torch.inference_mode() would hand later training (PEFT LoRA) an inference tensor
+            with torch.inference_mode(False):
+                signs = self._signs[key] = self.rot.signs(device, dtype)
+        return signs
+
+    def _native_parts(self) -> tuple[Callable, Tensor, Tensor | None] | None:
+        """What the native transform takes (:attr:`_native`), made at the first call; None
+        where this machine has no compiled library."""
+        if self._native is None:
             from baq.kernels import native  # the compiled library, if this machine has one
 
             if native.library() is not None:
-                if self._factor is None:
-                    h, _ = hadamard_factors(self.rot.n)
-                    self._factor = (paley_factor(h, work, x.device) if h > 1 else None,)
-                    self._native = (native.rotate, signs, self._factor[0])
-                return native.rotate(x.to(work), signs, self._factor[0]).to(x.dtype)
-        return self.rot.apply(x, signs, blocked=True)
+                cpu, work = torch.device("cpu"), torch.float32
+                h, _ = hadamard_factors(self.rot.n)
+                with torch.inference_mode(False):
+                    factor = paley_factor(h, work, cpu) if h > 1 else None
+                self._native = (native.rotate, self._signs_for(cpu, work), factor)
+        return self._native
 
     def nbytes(self) -> int:
         """Bytes of the signs kept."""
